@@ -1,0 +1,26 @@
+"""lorakit: LoRA fine-tuning, portable adapters (PEFT layout) and multi-adapter serving."""
+__version__ = "0.1.0"
+
+from .config import LoraConfig, ServeConfig, TrainConfig  # noqa: E402
+from .lora import (  # noqa: E402
+    LoraLinear,
+    active_adapters,
+    add_adapter,
+    adapter_names,
+    count_params,
+    delete_adapter,
+    disabled,
+    merge,
+    set_active,
+    trainable_report,
+    unload,
+    unmerge,
+)
+from .adapter import fingerprint, load_adapter, read_adapter, save_adapter  # noqa: E402
+from .models import load_base  # noqa: E402
+
+__all__ = [
+    "LoraConfig", "TrainConfig", "ServeConfig", "LoraLinear", "add_adapter", "adapter_names", "active_adapters",
+    "set_active", "disabled", "delete_adapter", "merge", "unmerge", "unload", "count_params", "trainable_report",
+    "save_adapter", "load_adapter", "read_adapter", "fingerprint", "load_base",
+]

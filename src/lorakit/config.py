@@ -1,0 +1,189 @@
+"""Configuration dataclasses. Plain data only: no behaviour beyond validation and (de)serialisation.
+
+Unknown keys are errors everywhere: a typo in a config must never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ALL_LINEAR = "all-linear"
+# Preset target sets a user can name instead of listing modules.
+TARGET_PRESETS = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qv": ["q_proj", "v_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    ALL_LINEAR: ALL_LINEAR,
+}
+
+
+def _check_keys(cls, data: dict, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; expected some of {sorted(known)}")
+
+
+@dataclass
+class LoraConfig:
+    """One adapter's shape. `targets` is a list of module names (suffix match), a regex string
+    (full match on the module path), or "all-linear" (every nn.Linear except the output head)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    init_lora_weights: bool = True  # False: B random too (a test helper: makes a fresh adapter non-trivial)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got r={self.r!r}")
+        for k, v in self.rank_pattern.items():
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+            raise ValueError(f"alpha must be a number, got alpha={self.alpha!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = TARGET_PRESETS.get(self.targets, self.targets)
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = list(self.targets)
+            if not self.targets:
+                raise ValueError("targets is empty; name at least one module, a regex, or 'all-linear'")
+
+    # ---- PEFT adapter_config.json ----
+    def to_peft(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """The adapter_config.json PEFT reads. Only PEFT's own keys: lorakit metadata lives elsewhere."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.targets,
+            "bias": "none",
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": True,
+            "modules_to_save": self.modules_to_save or None,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "fan_in_fan_out": False,
+            "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft(cls, d: dict[str, Any]) -> "LoraConfig":
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"peft_type {d.get('peft_type')!r} is not supported; expected 'LORA'")
+        if d.get("bias", "none") != "none":
+            raise ValueError(f"bias={d.get('bias')!r} adapters are not supported; expected 'none'")
+        if d.get("fan_in_fan_out"):
+            raise ValueError("fan_in_fan_out=True (GPT-2 Conv1D) adapters are not supported")
+        targets = d.get("target_modules")
+        if targets is None:
+            raise ValueError("adapter_config.json has no target_modules")
+        return cls(
+            r=int(d.get("r", 8)),
+            alpha=d.get("lora_alpha", 8),
+            dropout=float(d.get("lora_dropout", 0.0) or 0.0),
+            targets=targets if isinstance(targets, str) else list(targets),
+            use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            modules_to_save=list(d.get("modules_to_save") or []),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        _check_keys(cls, d, "LoraConfig")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0  # >0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    max_len: int = 512
+    seed: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 1
+    full: bool = False  # full fine-tuning instead of LoRA
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        _check_keys(cls, d, "TrainConfig")
+        return cls(**d)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    registry: str = "lorakit-registry.sqlite"
+    max_slots: int = 16  # adapters resident at once (LRU)
+    max_batch: int = 16  # rows decoded together
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ServeConfig":
+        _check_keys(cls, d, "ServeConfig")
+        return cls(**d)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """YAML or JSON file -> dict (sections 'lora', 'train', 'serve')."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    _unknown = sorted(set(data) - {"lora", "train", "serve"})
+    if _unknown:
+        raise ValueError(f"unknown config section(s) {_unknown} in {str(path)!r}; expected lora, train, serve")
+    return data

@@ -1,0 +1,380 @@
+"""LoRA layers and the functions that put them into (and take them out of) a model.
+
+y = W x + b + sum_k w_k * s_k * B_k A_k dropout(x)       s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+`LoraLinear` is composition around a frozen nn.Linear: it takes over the linear's own `weight` and
+`bias` Parameters, so the model's state-dict names for the base weights do not change. Each layer
+can hold several named adapters; a model-level set of *active* adapters (with weights) decides
+which ones run. DoRA (magnitude vector + direction) is a per-adapter option.
+
+A model-level `routing` hook lets serving (per-row adapter index) and mixtures of LoRAs (per-token
+gates) replace the sum above without touching the layer code; see `lorakit.kernels`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ALL_LINEAR, LoraConfig
+
+# A routing hook: (layer, x) -> delta to add to the base output (same shape as the output).
+Routing = Callable[["LoraLinear", torch.Tensor], torch.Tensor]
+
+
+class LoraPair(nn.Module):
+    """One adapter on one linear layer: A (r, in), B (out, r), optional DoRA magnitude (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 use_rslora: bool = False, init_b_zero: bool = True, dtype=None, device=None):
+        super().__init__()
+        self.r, self.alpha = r, float(alpha)
+        self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear (and PEFT) use for A
+        if not init_b_zero:
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, weight: float = 1.0) -> torch.Tensor:
+        """The full weight change s*w*B@A in float32, (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * (self.scale * weight)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus any number of named low-rank adapters."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # same Parameter objects: names and sharing unchanged
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self.active: dict[str, float] = {}  # name -> weight; insertion order is application order
+        self.merged: list[tuple[str, float, torch.Tensor | None]] = []  # (name, weight, dora norm) LIFO
+        self.routing: Routing | None = None
+
+    # ---- base path (a quantized base overrides these two) ----
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def base_weight(self) -> torch.Tensor:
+        """The (dequantized) base weight, (out, in)."""
+        return self.weight
+
+    # ---- adapters ----
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
+            init_b_zero: bool = True, dtype=None) -> LoraPair:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        w = self.base_weight()
+        pair = LoraPair(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init_b_zero,
+                        dtype=dtype or (w.dtype if w.is_floating_point() else torch.float32), device=w.device)
+        if use_dora:
+            with torch.no_grad():
+                norm = self._dora_norm(w, pair.delta())
+            pair.lora_magnitude_vector = nn.Parameter(norm.to(pair.lora_A.dtype))
+        self.adapters[name] = pair
+        return pair
+
+    def _dora_norm(self, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(w.float() + delta, dim=1)  # (out,) row norms of W + dW
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if self.routing is not None:
+            return y + self.routing(self, x)
+        merged = {m[0] for m in self.merged}
+        for name, w in self.active.items():
+            if name in merged or name not in self.adapters:
+                continue
+            p = self.adapters[name]
+            xd = p.dropout(x).to(p.lora_A.dtype)
+            lora = F.linear(F.linear(xd, p.lora_A), p.lora_B) * (p.scale * w)  # (..., out)
+            if p.lora_magnitude_vector is None:
+                y = y + lora.to(y.dtype)
+            else:
+                y = y + self._dora_extra(p, w, x, xd, y, lora).to(y.dtype)
+        return y
+
+    def _dora_extra(self, p: LoraPair, w: float, x, xd, y, lora) -> torch.Tensor:
+        """DoRA: W' = m * (W + dW) / ||W + dW||_row, the norm detached (DoRA paper, section 4.3).
+        Returned as the extra over the base output: (g - 1) * W xd + g * dW xd, g = m / norm."""
+        weight = self.base_weight()
+        with torch.no_grad():
+            norm = self._dora_norm(weight, p.delta(w))
+        g = (p.lora_magnitude_vector / norm.to(p.lora_magnitude_vector.dtype))  # (out,)
+        if isinstance(p.dropout, nn.Identity):
+            base = y if self.bias is None else y - self.bias
+        else:
+            base = F.linear(xd.to(weight.dtype), weight)
+        return (g - 1) * base.to(g.dtype) + g * lora
+
+    # ---- merge / unmerge ----
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold active adapters (or `names`) into the base weight. Idempotent."""
+        done = {m[0] for m in self.merged}
+        for name in names if names is not None else list(self.active):
+            if name in done or name not in self.adapters:
+                continue
+            w = self.active.get(name, 1.0)
+            p = self.adapters[name]
+            W = self.weight
+            new = W.float() + p.delta(w)
+            norm = None
+            if p.lora_magnitude_vector is not None:
+                norm = new.norm(dim=1)  # (out,)
+                new = new * (p.lora_magnitude_vector.float() / norm)[:, None]
+            W.data.copy_(new.to(W.dtype))
+            self.merged.append((name, w, norm))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last first: exact up to the weight dtype's rounding."""
+        while self.merged:
+            name, w, norm = self.merged.pop()
+            p = self.adapters[name]
+            W = self.weight.float()
+            if norm is not None:
+                W = W / (p.lora_magnitude_vector.float() / norm)[:, None]
+            self.weight.data.copy_((W - p.delta(w)).to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = {n: p.r for n, p in self.adapters.items()}
+        return f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active}"
+
+
+# ----------------------------------------------------------------------------------------------
+# model-level functions
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for path, mod in model.named_modules():
+        if isinstance(mod, LoraLinear):
+            yield path, mod
+
+
+def _output_head_paths(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {p for p, m in model.named_modules() if head is not None and m is head}
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Module paths a target spec selects (PEFT's matching rules). Unknown names are errors."""
+    linear_like = (nn.Linear, LoraLinear)
+    cands = [p for p, m in model.named_modules() if isinstance(m, linear_like)]
+    if targets == ALL_LINEAR:
+        heads = _output_head_paths(model)
+        found = [p for p in cands if p not in heads]
+    elif isinstance(targets, str):
+        found = [p for p in cands if re.fullmatch(targets, p)]
+        if not found:
+            raise ValueError(f"target regex {targets!r} matches no linear module; "
+                             f"linear modules look like {cands[:3]}")
+    else:
+        found = []
+        suffixes = sorted({p.rsplit(".", 1)[-1] for p in cands})
+        for t in targets:
+            hit = [p for p in cands if p == t or p.endswith("." + t)]
+            if not hit:
+                raise ValueError(f"unknown target module {t!r}: no linear module of that name; "
+                                 f"the model's linear modules are {suffixes}")
+            found += hit
+        found = sorted(set(found), key=cands.index)
+    if not found:
+        raise ValueError(f"targets {targets!r} select no module")
+    return found
+
+
+def _pattern(patterns: dict, path: str, default):
+    for key, val in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return val
+    return default
+
+
+def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, activate: bool = True,
+                dtype: torch.dtype | None = None) -> list[str]:
+    """Insert adapter `name` on the modules `config.targets` selects. Freezes the base; the new
+    adapter's A/B are the only trainable tensors afterwards. Returns the targeted module paths."""
+    config.validate()
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+    configs = adapter_configs(model)
+    if name in configs:
+        raise ValueError(f"adapter {name!r} already exists on this model; delete it first")
+    if config.modules_to_save:
+        raise ValueError(f"modules_to_save={config.modules_to_save} is not supported by lorakit yet")
+    paths = find_targets(model, config.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in paths:
+        mod = model.get_submodule(path)
+        if not isinstance(mod, LoraLinear):
+            parent, child = _get_parent(model, path)
+            mod = LoraLinear(mod)
+            setattr(parent, child, mod)
+        mod.add(name, _pattern(config.rank_pattern, path, config.r), _pattern(config.alpha_pattern, path, config.alpha),
+                config.dropout, config.use_rslora, config.use_dora, config.init_lora_weights, dtype=dtype)
+    configs[name] = config
+    if activate:
+        set_active(model, name)
+    mark_trainable(model, name)
+    return paths
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    if not hasattr(model, "_lorakit_configs"):
+        model._lorakit_configs = {}
+    return model._lorakit_configs
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(adapter_configs(model))
+
+
+def _check_names(model: nn.Module, names) -> None:
+    known = adapter_configs(model)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"unknown adapter {n!r}; this model has {sorted(known)}")
+
+
+def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float] | None) -> None:
+    """Which adapters run, and with what weight: a name, a list (weight 1 each), a {name: weight}
+    dict (a weighted stack), or None (base only)."""
+    if adapters is None:
+        active = {}
+    elif isinstance(adapters, str):
+        active = {adapters: 1.0}
+    elif isinstance(adapters, dict):
+        active = {}
+        for n, w in adapters.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"weight for adapter {n!r} must be a finite number, got {w!r}")
+            active[n] = float(w)
+    else:
+        active = {n: 1.0 for n in adapters}
+    _check_names(model, active)
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            raise ValueError("unmerge before changing the active adapters")
+        layer.active = {n: w for n, w in active.items() if n in layer.adapters}
+    model._lorakit_active = dict(active)
+
+
+def active_adapters(model: nn.Module) -> dict[str, float]:
+    return dict(getattr(model, "_lorakit_active", {}))
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the base model alone inside the block (adapters kept, not merged)."""
+    before = active_adapters(model)
+    set_active(model, None)
+    try:
+        yield model
+    finally:
+        set_active(model, before)
+
+
+def mark_trainable(model: nn.Module, name: str | None) -> None:
+    """Only adapter `name`'s tensors train (None: nothing trains)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name is None:
+        return
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            for p in layer.adapters[name].parameters():
+                p.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    _check_names(model, [name])
+    for _, layer in lora_layers(model):
+        if any(m[0] == name for m in layer.merged):
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        if name in layer.adapters:
+            del layer.adapters[name]
+            layer.active.pop(name, None)
+    del adapter_configs(model)[name]
+    model._lorakit_active = {n: w for n, w in active_adapters(model).items() if n != name}
+
+
+def merge(model: nn.Module, names: list[str] | None = None) -> None:
+    """Fold the active adapters (with their weights) into the base weights."""
+    if names is not None:
+        _check_names(model, names)
+    for _, layer in lora_layers(model):
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
+    """Put plain nn.Linear modules back (after merging the active adapters if asked)."""
+    if merge_active:
+        merge(model)
+    for path, layer in list(lora_layers(model)):
+        if layer.merged and not merge_active:
+            layer.unmerge()
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device="meta")
+        lin.weight = layer.weight
+        lin.bias = layer.bias
+        parent, child = _get_parent(model, path)
+        setattr(parent, child, lin)
+    adapter_configs(model).clear()
+    model._lorakit_active = {}
+    return model
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    t, n = count_params(model)
+    return f"trainable params: {t:,} of {n:,} ({100.0 * t / max(n, 1):.4f}%)"
+
+
+def set_routing(model: nn.Module, routing: Routing | None) -> None:
+    for _, layer in lora_layers(model):
+        layer.routing = routing
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, routing: Routing):
+    set_routing(model, routing)
+    try:
+        yield model
+    finally:
+        set_routing(model, None)

