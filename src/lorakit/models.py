@@ -62,6 +62,9 @@ def embedded_dir() -> Path:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF metadata names <|im_start|> as EOS; SmolLM2-Instruct ends a turn with <|im_end|>
+    # (its generation config says so too). Use the original model card's special tokens.
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|im_end|>"
     _save_hf_dir(model, tok, target)
     return target
 

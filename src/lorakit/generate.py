@@ -1,0 +1,89 @@
+"""Offline text generation (greedy by default), the reference the server must match token for token."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def chat_prompt(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render chat messages with the model's own chat template (plain 'role: text' lines if it has none)."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
+
+
+def stop_ids(model, tok) -> set[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids = set()
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]) + [tok.eos_token_id]:
+        if e is not None:
+            ids.add(int(e))
+    return ids
+
+
+def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
+    """Prompt text (or chat messages) -> token ids, without adding special tokens twice."""
+    text = chat_prompt(tok, prompt) if isinstance(prompt, list) else prompt
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_ids(model, tok, prompts: Sequence[list[int]], max_new_tokens: int = 64,
+                 batch_size: int = 8, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Generate for token-id prompts; returns only the new ids (stopping at EOS, which is dropped)."""
+    device = next(model.parameters()).device
+    stops = stop_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(stops, default=0)
+    out: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(chunk):  # left padding: every row's last prompt token is at the end
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        new = [[] for _ in chunk]
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        past = None
+        cur_ids, cur_pos = ids, pos
+        for _ in range(max_new_tokens):
+            o = model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past,
+                      use_cache=True)
+            past = o.past_key_values
+            logits = o.logits[:, -1, :].float()  # (b, vocab)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            else:
+                nxt = logits.argmax(-1).cpu()
+            for r in range(len(chunk)):
+                if not done[r]:
+                    if int(nxt[r]) in stops:
+                        done[r] = True
+                    else:
+                        new[r].append(int(nxt[r]))
+            if bool(done.all()):
+                break
+            cur_ids = nxt.to(device)[:, None]
+            cur_pos = cur_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=mask.dtype, device=device)], dim=1)
+        out.extend(new)
+    model.train(was_training)
+    return out
+
+
+def generate(model, tok, prompts: Sequence[str | list[dict]], max_new_tokens: int = 64, batch_size: int = 8,
+             temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Prompts (text or chat messages) -> completions (text)."""
+    ids = [encode_prompt(tok, p) for p in prompts]
+    outs = generate_ids(model, tok, ids, max_new_tokens, batch_size, temperature, seed)
+    return [tok.decode(o, skip_special_tokens=True) for o in outs]
