@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import LoraConfig
+from .files import atomic_write_dir, atomic_write_file, atomic_write_json
 from .lora import LoraLinear, _pattern, adapter_configs, add_adapter, lora_layers, mark_trainable, set_active
 
 CONFIG_NAME = "adapter_config.json"
@@ -89,25 +87,6 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def _atomic_dir_write(path: Path, write) -> None:
-    """Write a directory via a temp sibling and a rename: a reader never sees a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
                  base_name: str | None = None, metadata: dict | None = None,
                  dtype: torch.dtype | None = None) -> Path:
@@ -129,12 +108,19 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
     }
     peft_cfg = cfg.to_peft(base_name)
 
-    def write(tmp: Path):
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2))
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=header)
+    path = Path(path)
+    if path.is_dir():
+        # an existing directory (e.g. a training run's output, with metrics beside the adapter):
+        # replace the two files, each atomically, weights first
+        atomic_write_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=header))
+        atomic_write_json(path / CONFIG_NAME, peft_cfg)
+    else:
+        def write(tmp: Path):
+            (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2))
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=header)
 
-    _atomic_dir_write(Path(path), write)
-    return Path(path)
+        atomic_write_dir(path, write)
+    return path
 
 
 # ---------------------------------------------------------------- read / load

@@ -142,7 +142,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: i
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+                      max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, initializer_range=0.2,
                       bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     for p in model.parameters():

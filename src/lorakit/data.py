@@ -1,0 +1,229 @@
+"""Training data: JSONL (or CSV) rows -> token ids with labels on completion tokens only.
+
+Row formats (one per file, detected from the first row's keys):
+  prompt/completion  {"prompt": str, "completion": str}
+  messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  alpaca             {"instruction": str, "input": str (optional), "output": str}
+  text               {"text": str}                      (loss on every token)
+With `template="chat"` (the default when the tokenizer has a chat template), prompt/completion and alpaca rows
+are rendered as a user turn and an assistant turn; loss falls on the assistant's tokens and its end-of-turn token.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .generate import chat_prompt
+
+IGNORE = -100
+FORMATS = {
+    "prompt/completion": ({"prompt", "completion"}, set()),
+    "messages": ({"messages"}, set()),
+    "alpaca": ({"instruction", "output"}, {"input"}),
+    "text": ({"text"}, set()),
+}
+ROLES = {"system", "user", "assistant"}
+
+
+def _detect(row: dict, where: str) -> str:
+    for name, (required, _) in FORMATS.items():
+        if required <= set(row):
+            return name
+    expected = "; ".join(f"{n}: {sorted(r | o)}" for n, (r, o) in FORMATS.items())
+    raise ValueError(f"{where}: row has keys {sorted(row)}, which match no format; expected one of {expected}")
+
+
+def _check_row(row, fmt: str, where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    required, optional = FORMATS[fmt]
+    missing = required - set(row)
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {sorted(missing)} for the {fmt} format (file's first row)")
+    extra = set(row) - required - optional
+    if extra:
+        raise ValueError(f"{where}: unexpected key(s) {sorted(extra)} for the {fmt} format; "
+                         f"expected {sorted(required | optional)}")
+    if fmt == "messages":
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {sorted(ROLES)}, "
+                                 f"'content': str}}, got {m!r}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{where}: messages has no assistant turn to learn from")
+        return
+    for k in required | (optional & set(row)):
+        if not isinstance(row[k], str):
+            raise ValueError(f"{where}: {k!r} must be a string, got {type(row[k]).__name__}")
+    if fmt == "text" and not row["text"].strip():
+        raise ValueError(f"{where}: 'text' is empty")
+    if fmt == "prompt/completion" and not row["completion"]:
+        raise ValueError(f"{where}: 'completion' is empty")
+
+
+def load_rows(path: str | Path) -> tuple[list[dict], str]:
+    """Read and validate a data file -> (rows, format). Errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    rows: list[tuple[int, dict]] = []
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            for i, r in enumerate(csv.DictReader(f), start=2):
+                rows.append((i, {k: v for k, v in r.items() if k is not None and v is not None}))
+    else:
+        with path.open() as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") \
+                        from None
+    if not rows:
+        raise ValueError(f"data file {str(path)!r} is empty; expected rows in one of the formats "
+                         f"{list(FORMATS)}")
+    first_line, first = rows[0]
+    if not isinstance(first, dict):
+        raise ValueError(f"{path}:{first_line}: expected a JSON object, got {type(first).__name__}")
+    fmt = _detect(first, f"{path}:{first_line}")
+    for line, row in rows:
+        _check_row(row, fmt, f"{path}:{line}")
+    return [r for _, r in rows], fmt
+
+
+def row_format(row: dict) -> str:
+    return _detect(row, "row")
+
+
+def resolve_template(tok, template: str = "auto") -> str:
+    if template not in ("auto", "chat", "plain"):
+        raise ValueError(f"template {template!r} unknown; expected auto, chat or plain")
+    if template == "auto":
+        return "chat" if getattr(tok, "chat_template", None) else "plain"
+    return template
+
+
+def prompt_and_answer(row: dict) -> tuple[str | list[dict], str]:
+    """A completion-style row -> (prompt, reference answer). Messages: all turns before the last
+    assistant turn form the prompt."""
+    fmt = row_format(row)
+    if fmt == "prompt/completion":
+        return row["prompt"], row["completion"]
+    if fmt == "alpaca":
+        inp = row.get("input") or ""
+        return row["instruction"] + (f"\n\n{inp}" if inp else ""), row["output"]
+    if fmt == "messages":
+        msgs = row["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs[last]["content"]
+    raise ValueError("text rows have no prompt/answer split; use prompt/completion, messages or alpaca rows")
+
+
+def render_prompt(tok, prompt: str | list[dict], template: str) -> str:
+    """The exact text the model sees before its answer (shared by training, eval and generation)."""
+    if isinstance(prompt, list):
+        return chat_prompt(tok, prompt)
+    if template == "chat":
+        return chat_prompt(tok, [{"role": "user", "content": prompt}])
+    return prompt
+
+
+def _segments(tok, row: dict, template: str) -> list[tuple[str, bool]]:
+    """A row -> [(text, is_target)] in order."""
+    fmt = row_format(row)
+    if fmt == "text":
+        return [(row["text"], True)]
+    if fmt == "messages" or template == "chat":
+        if fmt == "messages":
+            msgs = row["messages"]
+        else:
+            prompt, answer = prompt_and_answer(row)
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        segs, done = [], ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            head = chat_prompt(tok, msgs[:i], add_generation_prompt=True) if i else ""
+            full = chat_prompt(tok, msgs[:i + 1], add_generation_prompt=False)
+            if not head.startswith(done) or not full.startswith(head):
+                raise ValueError("the chat template does not render turns as a growing prefix; use plain text rows")
+            segs.append((head[len(done):], False))
+            answer = full[len(head):]
+            # learn the answer and the end-of-turn marker, not the whitespace after it
+            stripped = answer.rstrip()
+            segs += [(stripped, True), (answer[len(stripped):], False)]
+            done = full
+        return segs
+    prompt, answer = prompt_and_answer(row)
+    return [(prompt, False), (answer, True)]
+
+
+def tokenize_row(tok, row: dict, template: str, max_len: int) -> tuple[list[int], list[int]]:
+    """-> (input_ids, labels), labels = IGNORE outside the target text. Truncated to max_len."""
+    ids: list[int] = []
+    labels: list[int] = []
+    if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+        ids.append(tok.bos_token_id)
+        labels.append(IGNORE)
+    for text, target in _segments(tok, row, template):
+        if not text:
+            continue
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += t if target else [IGNORE] * len(t)
+    if template == "plain" and row_format(row) != "messages" and tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+        labels.append(tok.eos_token_id)
+    return ids[:max_len], labels[:max_len]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build_examples(tok, rows: list[dict], template: str = "auto", max_len: int = 512) -> list[Example]:
+    template = resolve_template(tok, template)
+    out = []
+    for i, row in enumerate(rows):
+        ids, labels = tokenize_row(tok, row, template, max_len)
+        if all(lab == IGNORE for lab in labels):
+            raise ValueError(f"row {i + 1}: no target tokens left after truncation to max_len={max_len}")
+        out.append(Example(ids, labels))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad_id: int,
+            shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Deterministic per (seed, epoch): a resumed run sees exactly the batches it would have seen."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
