@@ -1,0 +1,357 @@
+"""GPU training throughput and memory: lorakit's fast path against HF PEFT, same process, same data.
+
+    PYTHONPATH=src python bench/gpu_train.py --out results_dir [--runs SPEC ...] [--deadline S]
+
+Models are random-weight Llama shapes (built on the meta device, materialised on the GPU, normal(0,
+0.02) weights, norms around 1), bf16 weights, LoRA r=16 alpha=32 dropout 0 on every linear layer but
+the head, AdamW (fused) on the trainable tensors, fixed-length random tokens (no padding), labels =
+inputs. Each run: `--warmup` steps (the first includes compilation), then `--steps` timed steps;
+step time is the median. One JSON line per run on stdout (and in OUT/gpu_train.jsonl), a table last.
+
+FLOPs per token (model FLOPs, recomputation not counted): LoRA 4N + 6N_lora + 6 L s h_attn, full
+fine-tuning 6N + 6 L s h_attn, where N counts every matmul weight (lm_head included), N_lora the
+adapters' A and B, and 6 L s h_attn is causal attention (QK^T and PV, forward 2 L s h_attn, backward
+twice that). mfu = FLOPs/token x tokens/s / 989e12 (H100 SXM dense bf16); mfu_vs_gemm divides by the
+bf16 matmul rate measured in the same run instead.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "llama-1b": dict(hidden=2048, mlp=8192, layers=16, heads=32, kv=8, vocab=128256, tie=True),
+    "llama-8b": dict(hidden=4096, mlp=14336, layers=32, heads=32, kv=8, vocab=128256, tie=False),
+    "tiny": dict(hidden=64, mlp=128, layers=2, heads=4, kv=2, vocab=512, tie=True),  # CPU dry run
+}
+CASES = {  # name: (shape, batch, seq, mode, checkpointing in the HF run)
+    "1b": ("llama-1b", 8, 2048, "lora", False),
+    "1b-ckpt": ("llama-1b", 8, 2048, "lora", True),
+    "1b-full-ckpt": ("llama-1b", 8, 2048, "full", True),
+    "8b-ckpt": ("llama-8b", 4, 2048, "lora", True),
+    "tiny": ("tiny", 2, 64, "lora", False),
+    "tiny-full-ckpt": ("tiny", 2, 64, "full", True),
+}
+DEFAULT_RUNS = [
+    "1b/peft", "1b/lorakit/prof=1", "8b-ckpt/peft", "8b-ckpt/lorakit", "1b-ckpt/peft", "1b-full-ckpt/peft",
+    "1b/lorakit/compile=0", "1b/lorakit/fuse=0", "1b-ckpt/lorakit/rec=all", "1b-full-ckpt/lorakit/rec=all",
+    "8b-ckpt/lorakit/rec=match",
+]
+PEAK_BF16 = 989e12
+R, ALPHA = 16, 32
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def mem(kind: str) -> int:
+    if DEV != "cuda":
+        return 0
+    return torch.cuda.memory_allocated() if kind == "now" else torch.cuda.max_memory_allocated()
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- models
+def build(shape: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape]
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["kv"], max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, tie_word_embeddings=s["tie"], attn_implementation="sdpa",
+                      use_cache=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.bfloat16 if DEV == "cuda" else torch.float32).to_empty(device=DEV)
+    model.tie_weights()
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.normal_(1.0, 0.02, generator=g)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(DEV)  # fp32 inv_freq
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def flops_per_token(shape: str, seq: int, mode: str) -> float:
+    s = SHAPES[shape]
+    h, hd = s["hidden"], s["hidden"] // s["heads"]
+    q, kv = s["heads"] * hd, s["kv"] * hd
+    per_layer = [(h, q), (h, kv), (h, kv), (q, h), (h, s["mlp"]), (h, s["mlp"]), (s["mlp"], h)]
+    n = s["layers"] * sum(i * o for i, o in per_layer) + s["vocab"] * h
+    attn = 6 * s["layers"] * seq * q
+    if mode == "full":
+        return 6 * n + attn
+    n_lora = s["layers"] * sum(R * (i + o) for i, o in per_layer)
+    return 4 * n + 6 * n_lora + attn
+
+
+# ---------------------------------------------------------------- the two tools
+def setup_peft(model, mode: str, ckpt: bool, variant: dict):
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4 if mode == "lora" else 1e-5, fused=DEV == "cuda")
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    return model, opt, loss_fn, {}
+
+
+def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
+    from lorakit import LoraConfig, add_adapter, fast
+
+    if mode == "lora":
+        add_adapter(model, LoraConfig(r=R, alpha=ALPHA, dropout=0.0, targets="all-linear"))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n_layers = len(model.model.layers)
+    rec = variant.get("rec", "0")
+    rec = n_layers if rec == "all" else int(rec)
+    backends = tuple(b for b in variant.get("attn", "").split("+") if b)
+    fm = fast.prepare(model, compile=variant.get("compile", "1") == "1", recompute_layers=rec,
+                      fuse=variant.get("fuse", "1") == "1", attn_backends=backends)
+    fm.train()
+    opt = fast.adamw(fm, lr=1e-4 if mode == "lora" else 1e-5)
+    return fm, opt, fm, {"recompute_layers": rec, "gqa": fm.spec.gqa, "chunk": fm.chunk}
+
+
+# ---------------------------------------------------------------- one run
+def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> dict:
+    shape, batch, seq, mode, ckpt = CASES[case]
+    if variant.get("rec") == "match":
+        variant = dict(variant, rec=str(match_recompute(case, results)))
+    torch.manual_seed(0)
+    model = build(shape)
+    ids = torch.randint(0, SHAPES[shape]["vocab"], (batch, seq), device=DEV,
+                        generator=torch.Generator(device=DEV).manual_seed(1))
+    setup = setup_peft if tool == "peft" else setup_lorakit
+    model, opt, loss_fn, extra = setup(model, mode, ckpt, variant)
+    static = mem("now")
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))  # syncs
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = mem("peak")
+    step = statistics.median(times[args.warmup:])
+    tok_s = batch * seq / step
+    fpt = flops_per_token(shape, seq, mode)
+    res = dict(tool=tool, case=case, variant=variant, shape=shape, mode=mode, batch=batch, seq=seq,
+               hf_gradient_checkpointing=ckpt if tool == "peft" else None,
+               tokens_per_s=round(tok_s, 1), step_ms=round(step * 1e3, 2),
+               step_ms_all=[round(t * 1e3, 2) for t in times[args.warmup:]], first_step_s=round(times[0], 2),
+               peak_gib=round(peak / 2**30, 3), static_gib=round(static / 2**30, 3),
+               flops_per_token=fpt, mfu=round(fpt * tok_s / PEAK_BF16, 4),
+               mfu_vs_gemm=round(fpt * tok_s / env["gemm_flops"], 4) if env.get("gemm_flops") else None,
+               loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5), **extra, **env["ids"])
+    if variant.get("prof") == "1":
+        res["profile"] = profile_step(loss_fn, opt, ids, os.path.join(args.out, f"profile_{case}_{tool}.txt"))
+    del model, opt, loss_fn, loss
+    return res
+
+
+def match_recompute(case: str, results: list) -> int:
+    """Layers to recompute so that lorakit's peak fits under PEFT's for this case, estimated from
+    the lorakit run without recomputation (per-layer saved bytes = (peak - static) / layers)."""
+    shape, batch, seq = CASES[case][:3]
+    prev = [r for r in results if r.get("case") == case and "peak_gib" in r]
+    peft = next((r for r in prev if r["tool"] == "peft"), None)
+    mine = next((r for r in prev if r["tool"] == "lorakit" and r.get("recompute_layers") == 0), None)
+    n = SHAPES[shape]["layers"]
+    if peft is None or mine is None:
+        return n
+    per_layer = (mine["peak_gib"] - mine["static_gib"]) / n
+    kept = batch * seq * SHAPES[shape]["hidden"] * 2 / 2**30  # a recomputed layer keeps its input
+    over = mine["peak_gib"] - 0.97 * peft["peak_gib"]
+    return max(0, min(n, math.ceil(over / max(per_layer - kept, 1e-6))))
+
+
+def profile_step(loss_fn, opt, ids, path: str) -> dict:
+    """Device time of one step by kernel family; the full table goes to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
+        loss_fn(ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+    fam: dict[str, float] = {}
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t <= 0 or ev.key.startswith(("ProfilerStep", "aten::", "cuda")):
+            continue
+        k = ev.key.lower()
+        f = ("attention" if any(w in k for w in ("flash", "fmha", "attention", "sdpa", "cudnn")) else
+             "matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90", "xmma", "matmul")) else
+             "fused-elementwise (triton)" if k.startswith("triton") else "other")
+        fam[f] = fam.get(f, 0.0) + t / 1e3
+        rows.append((t / 1e3, ev.count, ev.key[:120], f))
+    rows.sort(reverse=True)
+    with open(path, "w") as fh:
+        fh.write(f"{'ms':>9} {'calls':>6}  family / kernel\n")
+        for t, c, key, f in rows:
+            fh.write(f"{t:9.3f} {c:6d}  {f:28s} {key}\n")
+    return {k: round(v, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
+
+
+# ---------------------------------------------------------------- ceilings
+def micro() -> dict:
+    """Measured bf16 matmul rate, copy bandwidth, and SDPA forward+backward by backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def bench(fn, n=10):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(ts)
+
+    out = {}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out["gemm_8192_tflops"] = round(2 * 8192**3 / bench(lambda: a @ a) / 1e12, 1)
+    x, w = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16), a[:, :2048]
+    out["gemm_16384x2048x8192_tflops"] = round(2 * 16384 * 2048 * 8192 / bench(lambda: x @ w.t()) / 1e12, 1)
+    buf = torch.empty(2**30, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(buf)
+    out["copy_gbs"] = round(2 * 2**30 / bench(lambda: dst.copy_(buf)) / 1e9, 1)
+    del a, x, w, buf, dst
+    for name, (b, hq, hkv, d) in {"1b": (8, 32, 8, 64), "8b": (4, 32, 8, 128)}.items():
+        s = 2048
+        q = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        fl = 3 * 2 * b * hq * s * s * d  # causal fwd 2*b*h*s^2*d, bwd twice that
+        for be in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            for gqa in ("native", "expand"):
+                def step():
+                    k = kv if gqa == "native" else kv.repeat_interleave(hq // hkv, 1)
+                    with sdpa_kernel([getattr(SDPBackend, be)]):
+                        o = torch.nn.functional.scaled_dot_product_attention(
+                            q, k, k, is_causal=True, enable_gqa=gqa == "native")
+                    o.backward(torch.ones_like(o))
+                try:
+                    out[f"sdpa_{name}_{be.split('_')[0].lower()}_{gqa}_tflops"] = round(fl / bench(step, 5) / 1e12, 1)
+                except RuntimeError as e:
+                    out[f"sdpa_{name}_{be.split('_')[0].lower()}_{gqa}_tflops"] = f"n/a: {str(e)[:80]}"
+    return out
+
+
+def parse_run(spec: str) -> tuple[str, str, dict]:
+    parts = spec.split("/")
+    if len(parts) < 2 or parts[0] not in CASES or parts[1] not in ("peft", "lorakit"):
+        raise ValueError(f"run spec {spec!r}: expected CASE/TOOL[/k=v,...], CASE in {list(CASES)}")
+    variant = dict(kv.split("=", 1) for kv in parts[2].split(",")) if len(parts) > 2 and parts[2] else {}
+    return parts[0], parts[1], variant
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--deadline", type=float, default=480.0, help="seconds; later runs are skipped")
+    ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the tiny cases")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    t_start = time.time()
+    runs = [parse_run(s) for s in args.runs]
+    os.makedirs(args.out, exist_ok=True)
+    import transformers
+
+    try:
+        import peft
+        peft_v = peft.__version__
+    except ImportError:
+        peft_v = None
+    dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    env = {"ids": dict(device=dev, torch=torch.__version__, transformers=transformers.__version__, peft=peft_v,
+                       date=time.strftime("%Y-%m-%d"))}
+    if not args.no_micro and DEV == "cuda":
+        m = micro()
+        env["gemm_flops"] = m["gemm_8192_tflops"] * 1e12
+        print(json.dumps({"micro": m, **env["ids"]}), flush=True)
+    results: list = []
+    path = os.path.join(args.out, "gpu_train.jsonl")
+    for case, tool, variant in runs:
+        if time.time() - t_start > args.deadline:
+            res = dict(tool=tool, case=case, variant=variant, skipped="deadline")
+        else:
+            log(f"== {case} {tool} {variant}")
+            try:
+                res = run(case, tool, variant, args, env, results)
+            except Exception as e:  # OOM or a failure in one run must not lose the others
+                res = dict(tool=tool, case=case, variant=variant, error=f"{type(e).__name__}: {str(e)[:400]}")
+            gc.collect()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+    table(results)
+
+
+def table(results: list) -> None:
+    peft = {r["case"]: r for r in results if r.get("tool") == "peft" and "tokens_per_s" in r}
+    print(f"\n{'case':13s} {'tool':8s} {'variant':22s} {'tok/s':>9s} {'x PEFT':>7s} {'peak GiB':>9s} "
+          f"{'MFU':>6s} {'step ms':>8s} {'loss0':>7s}")
+    for r in results:
+        v = ",".join(f"{k}={x}" for k, x in r.get("variant", {}).items() if k != "prof")
+        if "tokens_per_s" not in r:
+            print(f"{r['case']:13s} {r['tool']:8s} {v:22s} {r.get('error') or r.get('skipped')}"[:160])
+            continue
+        ref = peft.get(r["case"])
+        x = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
+        print(f"{r['case']:13s} {r['tool']:8s} {v:22s} {r['tokens_per_s']:9.0f} {x:>7s} {r['peak_gib']:9.2f} "
+              f"{r['mfu']:6.3f} {r['step_ms']:8.1f} {r['loss_first']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

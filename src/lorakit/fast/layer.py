@@ -1,0 +1,144 @@
+"""One Llama decoder layer as a pure function of tensors (what `torch.compile` sees).
+
+The function reads the same Parameters the Hugging Face model holds (frozen base weights, the active
+adapter's A/B), so the fast path and the plain path (HF model + `LoraLinear`) train the same tensors.
+Numerics follow HF's Llama exactly: RMSNorm in float32 cast back before the weight multiply, RoPE on
+(b, h, s, d) with rotate-half, causal SDPA, SiLU-gated MLP, LoRA delta s * B A dropout(x).
+
+Why a function and not modules: one compiled graph serves every layer (guards are on shapes and
+dtypes, not on which layer's Parameters come in), and AOTAutograd's partitioner then decides what to
+save for backward: matmul and attention outputs are kept, cheap elementwise work (norms, RoPE, SiLU,
+the LoRA adds) is recomputed inside the fused backward kernels. Frozen weights get no gradient at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Lora(NamedTuple):
+    """One adapter on one projection: A (r, in), B (out, r) (any dtype: cast to x's), scale, dropout p."""
+    A: Tensor
+    B: Tensor
+    scale: float
+    dropout: float
+
+
+class Proj(NamedTuple):
+    """Projections that read the same input (q/k/v; gate/up; o or down alone). `weights` holds either
+    one stacked (sum(sizes), in) weight, split after a single matmul, or one weight per part (one
+    matmul each). Each part gets its own LoRA delta."""
+    weights: tuple                 # (out_i, in) per part, or one (sum(sizes), in)
+    biases: tuple                  # matching `weights`: tensor or None each
+    loras: tuple                   # one Lora or None per part
+    sizes: tuple                   # output sizes of the parts
+
+
+class LayerParams(NamedTuple):
+    ln_in: Tensor                  # (hidden,) input RMSNorm weight
+    qkv: Proj
+    o: Proj
+    ln_post: Tensor                # (hidden,) post-attention RMSNorm weight
+    gate_up: Proj
+    down: Proj
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static facts about the layer (constants to the compiler)."""
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    gqa: str = "native"            # "native": SDPA enable_gqa; "expand": repeat k/v to n_heads
+    attn_backends: tuple = ()      # SDPBackend names in priority order; () = torch's own choice
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def lora_deltas(x: Tensor, loras: Sequence, training: bool) -> list:
+    """Each part's s * B A drop(x), or None. With no dropout the parts share one A matmul:
+    x is read once for all of q/k/v (or gate/up)."""
+    live = [(i, lo) for i, lo in enumerate(loras) if lo is not None]
+    out: list = [None] * len(loras)
+    if not live:
+        return out
+    dt = x.dtype
+    if not training or all(lo.dropout == 0.0 for _, lo in live):
+        a_all = torch.cat([lo.A for _, lo in live]).to(dt) if len(live) > 1 else live[0][1].A.to(dt)
+        xa_all = F.linear(x, a_all)                                  # (b, s, sum r)
+        xas = xa_all.split([lo.A.shape[0] for _, lo in live], dim=-1)
+    else:  # independent dropout masks per projection, in the order HF calls them
+        xas = [F.linear(F.dropout(x, lo.dropout, True), lo.A.to(dt)) for _, lo in live]
+    for (i, lo), xa in zip(live, xas):
+        out[i] = F.linear(xa * lo.scale, lo.B.to(dt))                 # (b, s, out_i)
+    return out
+
+
+def project(x: Tensor, p: Proj, training: bool) -> list:
+    """The parts of x W^T + b, each with its LoRA delta added."""
+    if len(p.weights) == len(p.sizes):
+        parts = [F.linear(x, w, b) for w, b in zip(p.weights, p.biases)]  # (b, s, out_i) each
+    else:
+        y = F.linear(x, p.weights[0], p.biases[0])                      # (b, s, sum(sizes))
+        parts = y.split(list(p.sizes), dim=-1)
+    deltas = lora_deltas(x, p.loras, training)
+    return [part if d is None else part + d for part, d in zip(parts, deltas)]
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE, rotate-half convention. x (b, h, s, d); cos/sin (s, d)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec) -> Tensor:
+    """Causal attention, no mask tensor. q (b, h, s, d), k/v (b, kvh, s, d) -> (b, h, s, d)."""
+    gqa = spec.n_kv_heads != spec.n_heads
+    if gqa and spec.gqa == "expand":
+        rep = spec.n_heads // spec.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    kw = dict(is_causal=True, scale=spec.head_dim ** -0.5, enable_gqa=gqa)
+    if not spec.attn_backends:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, name) for name in spec.attn_backends]
+    with sdpa_kernel(backends, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def decoder_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: LayerSpec,
+                  training: bool) -> Tensor:
+    """x (b, s, hidden) -> (b, s, hidden)."""
+    b, s, _ = x.shape
+    h = rms_norm(x, p.ln_in, spec.eps)
+    q, k, v = project(h, p.qkv, training)                              # (b, s, h*d), (b, s, kvh*d) x2
+    q = q.view(b, s, spec.n_heads, spec.head_dim).transpose(1, 2)       # (b, h, s, d)
+    k = k.view(b, s, spec.n_kv_heads, spec.head_dim).transpose(1, 2)    # (b, kvh, s, d)
+    v = v.view(b, s, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    o = attention(q, k, v, spec).transpose(1, 2).reshape(b, s, spec.n_heads * spec.head_dim)
+    x = x + project(o, p.o, training)[0]
+    h = rms_norm(x, p.ln_post, spec.eps)
+    gate, up = project(h, p.gate_up, training)                          # (b, s, mlp) x2
+    return x + project(F.silu(gate) * up, p.down, training)[0]
+
+
+def checkpointed_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: LayerSpec,
+                       training: bool) -> Tensor:
+    """The same layer, its activations recomputed in backward (only x is kept)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(decoder_layer, x, cos, sin, p, spec, training, use_reentrant=False)

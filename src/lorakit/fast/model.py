@@ -1,0 +1,238 @@
+"""The fast training path: `prepare(model)` wraps a Hugging Face Llama (with lorakit adapters, or
+with trainable base weights for full fine-tuning) into a module whose forward returns the loss.
+
+What it does differently from calling the HF model (see docs/gpu.md for the measurements):
+- one compiled graph per decoder layer (layer.py), shared by all layers: fused norms, RoPE, SiLU and
+  LoRA adds; the compiler's partitioner keeps matmul/attention outputs and recomputes the cheap rest;
+- frozen weights never get gradients; adapter A/B are float32 parameters (optimizer maths in fp32)
+  cast to the compute dtype inside the graph, so the activations stay bf16;
+- q/k/v and gate/up run as one matmul each (fuse.py), and the LoRA A of q/k/v (gate/up) reads x once;
+- causal SDPA with no mask tensor (flash/cuDNN kernels) and native grouped-query attention;
+- the loss never materialises (tokens x vocab) logits (loss.py);
+- optional full recomputation of the first `recompute_layers` layers, to trade speed for memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..lora import LoraLinear
+from .fuse import GROUPS, fuse_projections, stacked
+from .layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
+from .loss import IGNORE_INDEX, chunk_loss_and_grad, default_chunk, linear_cross_entropy, shift_targets
+
+SUPPORTED = ("llama",)
+
+
+def _lora_of(mod: nn.Module, path: str) -> Lora | None:
+    """The active adapter of a projection as a `Lora`, None for a plain linear; errors otherwise."""
+    if isinstance(mod, LoraLinear):
+        if mod.merged:
+            raise ValueError(f"{path}: adapters are merged; unmerge before using the fast path")
+        if mod.routing is not None:
+            raise ValueError(f"{path}: a routing hook is set; the fast path trains one adapter")
+        active = [(n, w) for n, w in mod.active.items() if n in mod.adapters]
+        if len(active) > 1:
+            raise ValueError(f"{path}: {len(active)} active adapters {[n for n, _ in active]}; "
+                             "the fast path trains exactly one (set_active(model, name))")
+        if not active:
+            return None
+        name, w = active[0]
+        p = mod.adapters[name]
+        if p.lora_magnitude_vector is not None:
+            raise ValueError(f"{path}: adapter {name!r} is DoRA; the fast path supports plain LoRA")
+        drop = p.dropout.p if isinstance(p.dropout, nn.Dropout) else 0.0
+        return Lora(p.lora_A, p.lora_B, float(p.scale * w), float(drop))
+    if type(mod) is not nn.Linear:
+        raise ValueError(f"{path}: {type(mod).__name__} is not supported by the fast path "
+                         "(expected nn.Linear or lorakit LoraLinear)")
+    return None
+
+
+def _check_model(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        raise ValueError(f"the fast path supports model types {SUPPORTED}, got {kind!r}")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (expected 'silu')")
+    if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) != 0.0:
+        raise ValueError(f"attention_dropout={cfg.attention_dropout} is not supported (expected 0.0)")
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise ValueError("an lm_head with a bias is not supported")
+
+
+def _probe_gqa(head_dim: int, dtype: torch.dtype, device: torch.device) -> str:
+    """'native' if a fused SDPA kernel takes grouped-query attention as is, else 'expand'."""
+    if device.type != "cuda":
+        return "native"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 4, 16, head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                          SDPBackend.EFFICIENT_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        return "native"
+    except RuntimeError:
+        return "expand"
+
+
+class FastLlama(nn.Module):
+    """forward(input_ids, labels=None, attention_mask=None) -> mean token loss (HF's definition)."""
+
+    def __init__(self, model: nn.Module, *, compile: bool, recompute_layers: int, chunk: int,
+                 fuse: bool, gqa: str, attn_backends: tuple):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        n_layers = len(model.model.layers)
+        if not isinstance(recompute_layers, int) or not 0 <= recompute_layers <= n_layers:
+            raise ValueError(f"recompute_layers must be an integer in [0, {n_layers}], got {recompute_layers!r}")
+        self.recompute_layers, self.chunk, self.fuse = recompute_layers, chunk, fuse
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w = model.lm_head.weight
+        if gqa == "auto":
+            gqa = _probe_gqa(head_dim, w.dtype, w.device)
+        self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                              float(cfg.rms_norm_eps), gqa, tuple(attn_backends))
+        self.compiled = compile
+        if compile:
+            _raise_recompile_limit()
+            self._layer = torch.compile(decoder_layer, dynamic=False)
+            self._ckpt_layer = torch.compile(checkpointed_layer, dynamic=False)
+            self._norm = torch.compile(rms_norm, dynamic=False)
+            self._chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False)
+        else:
+            self._layer, self._ckpt_layer = decoder_layer, checkpointed_layer
+            self._norm, self._chunk_fn = rms_norm, chunk_loss_and_grad
+        self.layer_params()  # validate every projection now, not at the first step
+
+    # ---- parameters, gathered each step (adapters may be swapped between steps) ----
+    def _proj(self, parent: nn.Module, names: tuple, path: str) -> Proj:
+        mods = [getattr(parent, n) for n in names]
+        loras = tuple(_lora_of(m, f"{path}.{n}") for m, n in zip(mods, names))
+        sizes = tuple(m.out_features for m in mods)
+        both = stacked(mods) if (self.fuse and len(mods) > 1) else None
+        if both is not None:
+            return Proj((both[0],), (both[1],), loras, sizes)
+        return Proj(tuple(m.weight for m in mods), tuple(getattr(m, "bias", None) for m in mods), loras, sizes)
+
+    def layer_params(self) -> list[LayerParams]:
+        out = []
+        for i, layer in enumerate(self.model.model.layers):
+            path = f"model.layers.{i}"
+            attn, mlp = layer.self_attn, layer.mlp
+            if hasattr(attn, "q_norm"):
+                raise ValueError(f"{path}: attention with q/k norms is not supported")
+            out.append(LayerParams(
+                layer.input_layernorm.weight,
+                self._proj(attn, GROUPS[0][1], f"{path}.self_attn"),
+                self._proj(attn, ("o_proj",), f"{path}.self_attn"),
+                layer.post_attention_layernorm.weight,
+                self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
+                self._proj(mlp, ("down_proj",), f"{path}.mlp")))
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    # ---- forward ----
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        labels = input_ids if labels is None else labels
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            labels = _mask_right_padding(labels, attention_mask)
+        base = self.model.model
+        b, s = input_ids.shape
+        x = base.embed_tokens(input_ids)                                    # (b, s, hidden)
+        pos = torch.arange(s, device=input_ids.device)[None]                # (1, s)
+        cos, sin = base.rotary_emb(x, pos)                                  # (1, s, d) each
+        cos, sin = cos[0], sin[0]                                           # (s, d)
+        for i, p in enumerate(self.layer_params()):
+            fn = self._ckpt_layer if i < self.recompute_layers else self._layer
+            x = fn(x, cos, sin, p, self.spec, self.training)
+        x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
+        targets = shift_targets(labels)                                     # (b * s,)
+        return linear_cross_entropy(x.view(b * s, -1), self.model.lm_head.weight, targets,
+                                    chunk=self.chunk, chunk_fn=self._chunk_fn)
+
+
+def _mask_right_padding(labels: Tensor, mask: Tensor) -> Tensor:
+    """With right padding (ones then zeros per row) causal attention never lets a real token see a
+    pad, so the mask only has to keep pads out of the loss. Left padding would need the mask."""
+    if mask.shape != labels.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(labels.shape)}")
+    m = mask.bool()
+    if bool((m[:, 1:] & ~m[:, :-1]).any()):
+        raise ValueError("attention_mask must be right-padded (ones, then zeros, per row) for the fast "
+                         "path; pack sequences or pad on the right")
+    return labels.masked_fill(~m, IGNORE_INDEX)
+
+
+def _raise_recompile_limit(n: int = 64) -> None:
+    """One graph per (shape, first-layer) pair; several models in one process need more than 8."""
+    import torch._dynamo.config as dc
+
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, key) and getattr(dc, key) < n:
+            setattr(dc, key, n)
+
+
+def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: int = 0,
+            chunk: int | None = None, fuse: bool = True, adapter_dtype: torch.dtype | None = torch.float32,
+            gqa: str = "auto", attn_backends: tuple = ()) -> FastLlama:
+    """Wrap a HF Llama for fast training. Trains what requires grad: the active lorakit adapter
+    (after `add_adapter`), or the base weights for full fine-tuning.
+
+    compile: torch.compile the layer/loss graphs (default: on CUDA). recompute_layers: how many layers
+    (from the first) keep only their input and recompute the rest in backward. chunk: tokens per
+    loss chunk (default: ~2^28 logits). fuse: stack frozen q/k/v and gate/up weights (fuse.py).
+    adapter_dtype: dtype for the trainable adapter tensors (float32: the optimizer's update is not lost
+    to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
+    """
+    _check_model(model)
+    if gqa not in ("auto", "native", "expand"):
+        raise ValueError(f"gqa must be 'auto', 'native' or 'expand', got {gqa!r}")
+    if adapter_dtype is not None:
+        for _, layer in _lora_modules(model):
+            for p in layer.parameters(recurse=True):
+                if p.requires_grad and p.dtype != adapter_dtype and p.is_floating_point():
+                    p.data = p.data.to(adapter_dtype)
+    if fuse:
+        fuse_projections(model)
+    dev = model.lm_head.weight.device
+    if compile is None:
+        compile = dev.type == "cuda"
+    if chunk is None:
+        chunk = default_chunk(model.lm_head.weight.shape[0])
+    return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
+                     gqa=gqa, attn_backends=tuple(attn_backends))
+
+
+def _lora_modules(model: nn.Module):
+    for path, mod in model.named_modules():
+        if isinstance(mod, LoraLinear):
+            yield path, mod.adapters
+
+
+def adamw(fast: FastLlama | nn.Module, lr: float = 1e-4, **kw) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors only; fused kernel on CUDA."""
+    params = fast.trainable_parameters() if isinstance(fast, FastLlama) else \
+        [p for p in fast.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad (add an adapter first)")
+    if "fused" not in kw:
+        kw["fused"] = params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, **kw)
