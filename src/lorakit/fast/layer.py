@@ -36,6 +36,7 @@ class Proj(NamedTuple):
     biases: tuple                  # matching `weights`: tensor or None each
     loras: tuple                   # one Lora or None per part
     sizes: tuple                   # output sizes of the parts
+    wide: bool = False             # one stacked frozen weight, LoRA on every part: `project_wide`
 
 
 class LayerParams(NamedTuple):
@@ -84,8 +85,45 @@ def lora_deltas(x: Tensor, loras: Sequence, training: bool) -> list:
     return out
 
 
+class _WideMatmul(torch.autograd.Function):
+    """y = [x | s xA] @ [W | B]^T + b: the base matmul and the LoRA up-projection as ONE matmul
+    with K = in + R, so the (tokens x out) LoRA delta is never written, read back and added.
+    Backward: d[x | s xA] = dy @ [W | B] (one matmul), dB = dy^T (s xA); W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, hx: Tensor, weight: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+        # hx (..., in + R), weight (out, in) frozen, b (out, R) block-diagonal over the parts
+        ctx.save_for_backward(hx, weight, b)
+        return F.linear(hx, torch.cat([weight, b.to(weight.dtype)], dim=1), bias)   # (..., out)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        hx, weight, b = ctx.saved_tensors
+        d_hx = dy @ torch.cat([weight, b.to(weight.dtype)], dim=1)                  # (..., in + R)
+        r = b.shape[1]
+        d_b = dy.reshape(-1, dy.shape[-1]).t() @ hx[..., -r:].reshape(-1, r)        # (out, R)
+        return d_hx, None, d_b.to(b.dtype), None
+
+
+def project_wide(x: Tensor, p: Proj, training: bool) -> list:
+    """`project` for a stacked weight whose parts all carry LoRA, through `_WideMatmul`."""
+    dt = x.dtype
+    los = p.loras
+    if not training or all(lo.dropout == 0.0 for lo in los):
+        xa = F.linear(x, torch.cat([lo.A for lo in los]).to(dt))                   # (b, s, R)
+        xas = list(xa.split([lo.A.shape[0] for lo in los], dim=-1))
+    else:
+        xas = [F.linear(F.dropout(x, lo.dropout, True), lo.A.to(dt)) for lo in los]
+    hx = torch.cat([x] + [xa_i * lo.scale for xa_i, lo in zip(xas, los)], dim=-1)  # (b, s, in + R)
+    b_bd = torch.block_diag(*[lo.B for lo in los])                                  # (sum out, R)
+    y = _WideMatmul.apply(hx, p.weights[0], b_bd, p.biases[0])                      # (b, s, sum out)
+    return list(y.split(list(p.sizes), dim=-1))
+
+
 def project(x: Tensor, p: Proj, training: bool) -> list:
     """The parts of x W^T + b, each with its LoRA delta added."""
+    if p.wide:
+        return project_wide(x, p, training)
     if len(p.weights) == len(p.sizes):
         parts = [F.linear(x, w, b) for w, b in zip(p.weights, p.biases)]  # (b, s, out_i) each
     else:

@@ -84,14 +84,14 @@ class FastLlama(nn.Module):
     """forward(input_ids, labels=None, attention_mask=None) -> mean token loss (HF's definition)."""
 
     def __init__(self, model: nn.Module, *, compile: bool, recompute_layers: int, chunk: int,
-                 fuse: bool, gqa: str, attn_backends: tuple):
+                 fuse: bool, gqa: str, attn_backends: tuple, wide: bool = True):
         super().__init__()
         self.model = model
         cfg = model.config
         n_layers = len(model.model.layers)
         if not isinstance(recompute_layers, int) or not 0 <= recompute_layers <= n_layers:
             raise ValueError(f"recompute_layers must be an integer in [0, {n_layers}], got {recompute_layers!r}")
-        self.recompute_layers, self.chunk, self.fuse = recompute_layers, chunk, fuse
+        self.recompute_layers, self.chunk, self.fuse, self.wide = recompute_layers, chunk, fuse, wide
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         w = model.lm_head.weight
         if gqa == "auto":
@@ -117,7 +117,8 @@ class FastLlama(nn.Module):
         sizes = tuple(m.out_features for m in mods)
         both = stacked(mods) if (self.fuse and len(mods) > 1) else None
         if both is not None:
-            return Proj((both[0],), (both[1],), loras, sizes)
+            wide = self.wide and all(lo is not None for lo in loras)
+            return Proj((both[0],), (both[1],), loras, sizes, wide)
         return Proj(tuple(m.weight for m in mods), tuple(getattr(m, "bias", None) for m in mods), loras, sizes)
 
     def layer_params(self) -> list[LayerParams]:
@@ -192,13 +193,14 @@ def _raise_recompile_limit(n: int = 64) -> None:
 
 def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: int = 0,
             chunk: int | None = None, fuse: bool = True, adapter_dtype: torch.dtype | None = torch.float32,
-            gqa: str = "auto", attn_backends: tuple = ()) -> FastLlama:
+            gqa: str = "auto", attn_backends: tuple = (), wide: bool = True) -> FastLlama:
     """Wrap a HF Llama for fast training. Trains what requires grad: the active lorakit adapter
     (after `add_adapter`), or the base weights for full fine-tuning.
 
     compile: torch.compile the layer/loss graphs (default: on CUDA). recompute_layers: how many layers
     (from the first) keep only their input and recompute the rest in backward. chunk: tokens per
     loss chunk (default: ~2^28 logits). fuse: stack frozen q/k/v and gate/up weights (fuse.py).
+    wide: on stacked projections, fold the LoRA up-projection into the base matmul (layer.py).
     adapter_dtype: dtype for the trainable adapter tensors (float32: the optimizer's update is not lost
     to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
     """
@@ -218,7 +220,7 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     if chunk is None:
         chunk = default_chunk(model.lm_head.weight.shape[0])
     return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
-                     gqa=gqa, attn_backends=tuple(attn_backends))
+                     gqa=gqa, attn_backends=tuple(attn_backends), wide=wide)
 
 
 def _lora_modules(model: nn.Module):
