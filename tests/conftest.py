@@ -27,3 +27,22 @@ def embedded():
     from lorakit.models import load_base
 
     return load_base("embedded", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face model dir, with the embedded model's tokenizer
+    (vocab 49152, chat template), so the CLI can load it like any local model."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import embedded_dir, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir())
+    model = tiny_llama(vocab_size=len(tok))
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

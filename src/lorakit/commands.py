@@ -1,0 +1,256 @@
+"""The core subcommands: train, eval, generate, merge, inspect, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded",
+                   help="'embedded' (SmolLM2-135M-Instruct, the default), a local HF model dir, or a .gguf file")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def _adapter_spec(spec: str) -> tuple[str, float]:
+    """'path' or 'path:weight' -> (path, weight)."""
+    path, sep, w = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(w)
+        except ValueError:
+            raise ValueError(f"adapter weight {w!r} in {spec!r} is not a number") from None
+    return spec, 1.0
+
+
+def _load(args, adapters: list[str] | None = None, trainable: bool = False):
+    from .adapter import load_adapter
+    from .lora import set_active
+    from .models import load_base
+
+    model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
+    weights = {}
+    for i, spec in enumerate(adapters or []):
+        path, w = _adapter_spec(spec)
+        name = f"a{i}" if len(adapters) > 1 else "default"
+        load_adapter(model, path, name, trainable=trainable, activate=False)
+        weights[name] = w
+    if weights:
+        set_active(model, weights)
+    return model, tok
+
+
+def _split_targets(s: str):
+    return s if "," not in s and (s in ("all-linear", "attn", "mlp", "qv") or any(c in s for c in "*().|\\[")) \
+        else [t.strip() for t in s.split(",") if t.strip()]
+
+
+# ------------------------------------------------------------------ train
+def cmd_train(args) -> int:
+    from .config import LoraConfig, TrainConfig, load_config_file
+    from .data import build_examples, load_rows
+    from .evaluate import evaluate, format_report
+    from .models import model_name
+    from .train import train
+
+    file_cfg = load_config_file(args.config) if args.config else {}
+    lora_kw = dict(file_cfg.get("lora", {}))
+    train_kw = dict(file_cfg.get("train", {}))
+    for k, v in (("r", args.r), ("alpha", args.alpha), ("dropout", args.dropout), ("use_rslora", args.rslora or None),
+                 ("use_dora", args.dora or None)):
+        if v is not None:
+            lora_kw[k] = v
+    if args.targets is not None:
+        lora_kw["targets"] = _split_targets(args.targets)
+    for k in ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_len", "seed", "eval_every",
+              "save_every", "warmup_ratio", "weight_decay", "max_grad_norm"):
+        v = getattr(args, k)
+        if v is not None:
+            train_kw[k] = v
+    if args.full:
+        train_kw["full"] = True
+    lora_cfg = LoraConfig.from_dict(lora_kw)
+    train_cfg = TrainConfig.from_dict(train_kw)
+    rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
+    eval_rows = load_rows(args.eval_data)[0] if args.eval_data else None
+    model, tok = _load(args)
+    examples = build_examples(tok, rows, args.template, train_cfg.max_len)
+    eval_examples = build_examples(tok, eval_rows, args.template, train_cfg.max_len) if eval_rows else None
+    print(f"data: {len(rows)} {fmt} rows from {args.data}" + (f", {len(eval_rows)} eval rows" if eval_rows else ""))
+    res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=eval_examples,
+                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model),
+                metadata={"data": str(args.data), "rows": len(rows)})
+    print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
+          f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
+    if eval_rows and args.compare and not train_cfg.full:
+        rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens)
+        print(format_report(rep))
+        (Path(args.output) / "eval.json").write_text(json.dumps(rep.to_dict(), indent=2))
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with LoRA (or --full) on a JSONL/CSV data file")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="JSONL/CSV: prompt/completion, messages, alpaca or text rows")
+    p.add_argument("--eval-data", help="held-out rows for periodic eval loss (and before/after with --compare)")
+    p.add_argument("-o", "--output", required=True, help="output dir: adapter files, metrics.jsonl, checkpoints")
+    p.add_argument("--config", help="YAML/JSON with 'lora' and 'train' sections (flags override it)")
+    p.add_argument("--r", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--targets", help="comma list (q_proj,v_proj), a regex, or all-linear / attn / mlp / qv")
+    p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude vector too")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (every weight), for comparison")
+    for k, t in (("lr", float), ("epochs", float), ("max-steps", int), ("batch-size", int), ("grad-accum", int),
+                 ("max-len", int), ("seed", int), ("eval-every", int), ("save-every", int),
+                 ("warmup-ratio", float), ("weight-decay", float), ("max-grad-norm", float)):
+        p.add_argument(f"--{k}", type=t)
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="how prompt/completion rows are rendered (auto: the chat template if the model has one)")
+    p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
+    p.add_argument("--compare", action="store_true", help="after training, evaluate before/after on --eval-data")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+# ------------------------------------------------------------------ eval
+def cmd_eval(args) -> int:
+    from .data import load_rows
+    from .evaluate import evaluate, format_report
+    from .models import load_base
+
+    rows, _ = load_rows(args.data)
+    if args.limit:
+        rows = rows[:args.limit]
+    model, tok = _load(args, args.adapter)
+    base = None
+    if args.base_model:
+        base, _ = load_base(args.base_model, dtype=args.dtype, device=args.device)
+    elif not args.adapter:
+        base = None
+    rep = evaluate(model, tok, rows, args.template, args.max_new_tokens, args.batch_size, base_model=base,
+                   compare=bool(args.adapter or base is not None))
+    print(format_report(rep, n_examples=args.examples))
+    if args.json:
+        from .files import atomic_write_json
+
+        atomic_write_json(args.json, rep.to_dict())
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity, exact match; before/after and behaviour change")
+    _model_args(p)
+    p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight)")
+    p.add_argument("--base-model", help="compare against this model instead of the adapter-free base "
+                                        "(e.g. the original model when --model is a full fine-tune)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
+    p.add_argument("--examples", type=int, default=5, help="example answers to print")
+    p.add_argument("--json", help="write the full report (metrics and every answer) here")
+    p.set_defaults(func=cmd_eval)
+
+
+# ------------------------------------------------------------------ generate
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    model, tok = _load(args, args.adapter)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt or lines on stdin")
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    outs = generate(model, tok, inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    seed=args.seed)
+    for o in outs:
+        print(o if not args.json else json.dumps({"text": o}))
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the base or with adapters")
+    _model_args(p)
+    p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: stdin lines)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per output line")
+    p.set_defaults(func=cmd_generate)
+
+
+# ------------------------------------------------------------------ merge
+def cmd_merge(args) -> int:
+    from .lora import unload
+    from .models import _save_hf_dir
+
+    model, tok = _load(args, args.adapter)
+    unload(model, merge_active=True)
+    if args.save_dtype:
+        from .models import resolve_dtype
+
+        model.to(resolve_dtype(args.save_dtype, next(model.parameters()).device))
+    _save_hf_dir(model, tok, Path(args.output))
+    print(f"wrote merged model to {args.output} (loads with transformers alone)")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="fold adapters into the base and export a Hugging Face model dir")
+    _model_args(p)
+    p.add_argument("--adapter", action="append", required=True, help="adapter dir ('dir:weight'; repeat to stack)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--save-dtype", help="dtype of the saved weights (default: the load dtype)")
+    p.set_defaults(func=cmd_merge)
+
+
+# ------------------------------------------------------------------ inspect
+def inspect_adapter(path: str) -> dict:
+    from .adapter import read_adapter
+
+    af = read_adapter(path)
+    mods = af.modules()
+    ranks = sorted({t["lora_A"].shape[0] for t in mods.values()})
+    fp = af.fingerprint or {}
+    cfg = af.config
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name.startswith("adapter_"))
+    return {
+        "path": str(path), "r": cfg.r, "ranks": ranks, "alpha": cfg.alpha, "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora, "dropout": cfg.dropout, "targets": cfg.targets,
+        "modules": len(mods), "module_names": sorted({p.rsplit(".", 1)[-1] for p in mods}),
+        "params": af.num_params(), "bytes": size,
+        "base": af.peft_config.get("base_model_name_or_path"),
+        "base_architecture": fp.get("architecture"), "base_shape_hash": fp.get("shape_hash"),
+        "lorakit_version": af.header.get("lorakit.version"), "metadata": af.metadata,
+    }
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        print(f"{k:<18} {v}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="an adapter's ranks, targets, parameter count and base fingerprint")
+    p.add_argument("adapter")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+
+def register(sub) -> None:
+    for add in (_add_train, _add_eval, _add_generate, _add_merge, _add_inspect):
+        add(sub)

@@ -1,0 +1,139 @@
+"""Evaluation: loss/perplexity, exact-match accuracy (greedy), and the behaviour change against the base:
+the share of answers that changed and the KL divergence from the base's next-token distributions."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
+from .generate import generate_ids
+from .lora import active_adapters, disabled
+from .train import evaluate_loss
+
+
+def normalize(text: str) -> str:
+    """Answers compare after trimming whitespace and collapsing inner runs of it."""
+    return " ".join(text.split())
+
+
+def greedy_answers(model, tok, rows: list[dict], template: str = "auto", max_new_tokens: int = 32,
+                   batch_size: int = 16) -> list[str]:
+    template = resolve_template(tok, template)
+    prompts = [tok(render_prompt(tok, prompt_and_answer(r)[0], template), add_special_tokens=False)["input_ids"]
+               for r in rows]
+    outs = generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def accuracy(preds: list[str], refs: list[str]) -> float:
+    return sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / max(len(refs), 1)
+
+
+@torch.no_grad()
+def kl_to_base(model, examples, pad_id: int, base_model=None, batch_size: int = 8) -> float:
+    """Mean KL(p_model || p_base) per target token, over the held-out examples' target positions.
+    The base is `base_model`, or `model` with its adapters disabled."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        sel = b["labels"][:, 1:] != IGNORE  # positions that predict a target token
+        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        logp = F.log_softmax(model(**kw).logits[:, :-1][sel].float(), -1)  # (n, vocab)
+        with (disabled(model) if base_model is None else contextlib.nullcontext()):
+            logq = F.log_softmax((base_model or model)(**kw).logits[:, :-1][sel].float(), -1)
+        total += float((logp.exp() * (logp - logq)).sum())
+        count += int(sel.sum())
+    return total / max(count, 1)
+
+
+@dataclass
+class Report:
+    n: int
+    before: dict = field(default_factory=dict)  # loss, ppl, accuracy
+    after: dict = field(default_factory=dict)
+    changed: float | None = None  # share of answers that differ from the base's
+    kl: float | None = None
+    examples: list[dict] = field(default_factory=list)  # prompt, reference, before, after
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "before": self.before, "after": self.after, "answers_changed": self.changed,
+                "kl_to_base": self.kl, "examples": self.examples}
+
+
+def evaluate(model, tok, rows: list[dict], template: str = "auto", max_new_tokens: int = 32,
+             batch_size: int = 16, base_model=None, compare: bool = True, max_len: int = 512) -> Report:
+    """Loss, perplexity and (for completion-style rows) greedy exact-match, for the model as it is and,
+    with `compare`, for the base (adapters disabled, or `base_model`), plus the behaviour change."""
+    if not rows:
+        raise ValueError("no evaluation rows")
+    template = resolve_template(tok, template)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    examples = build_examples(tok, rows, template, max_len)
+    completion_style = row_format(rows[0]) != "text"
+    rep = Report(n=len(rows))
+    if compare and base_model is None and not active_adapters(model):
+        raise ValueError("nothing to compare: the model has no active adapter (pass base_model or compare=False)")
+
+    def measure(m, ctx) -> tuple[dict, list[str]]:
+        with ctx:
+            res = {k: v for k, v in evaluate_loss(m, examples, pad, batch_size).items() if k != "tokens"}
+            preds = greedy_answers(m, tok, rows, template, max_new_tokens, batch_size) if completion_style else []
+        if completion_style:
+            res["accuracy"] = accuracy(preds, [prompt_and_answer(r)[1] for r in rows])
+        return res, preds
+
+    rep.after, after = measure(model, contextlib.nullcontext())
+    if compare:
+        base, ctx = (model, disabled(model)) if base_model is None else (base_model, contextlib.nullcontext())
+        rep.before, before = measure(base, ctx)
+        rep.kl = kl_to_base(model, examples, pad, base_model, batch_size)
+        if completion_style:
+            rep.changed = sum(normalize(a) != normalize(b) for a, b in zip(after, before)) / len(rows)
+    else:
+        before = [None] * len(after)
+    if completion_style:
+        for r, a, b in zip(rows, after, before):
+            p, ref = prompt_and_answer(r)
+            rep.examples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "reference": ref,
+                                 "before": b, "after": a})
+    return rep
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def format_report(rep: Report, n_examples: int = 5, width: int = 38) -> str:
+    lines = [f"evaluated on {rep.n} rows", "", f"{'metric':<12}{'base':>12}{'adapter':>12}"]
+    keys = [k for k in ("loss", "ppl", "accuracy") if k in rep.after]
+    for k in keys:
+        lines.append(f"{k:<12}{_fmt(rep.before.get(k)):>12}{_fmt(rep.after.get(k)):>12}")
+    if rep.changed is not None:
+        lines.append(f"answers changed vs base: {100 * rep.changed:.1f}%")
+    if rep.kl is not None:
+        lines.append(f"KL(adapter || base) per target token: {rep.kl:.4f} nats")
+
+    def cut(s):
+        s = "-" if s is None else s.replace("\n", " ")
+        return s if len(s) <= width else s[:width - 1] + "…"
+
+    if rep.examples and n_examples:
+        lines += ["", f"{'prompt':<{width}} | {'reference':<16} | {'base':<{width // 2 + 8}} | adapter"]
+        for e in rep.examples[:n_examples]:
+            lines.append(f"{cut(e['prompt']):<{width}} | {cut(e['reference'])[:16]:<16} | "
+                         f"{cut(e['before'])[:width // 2 + 8]:<{width // 2 + 8}} | {cut(e['after'])}")
+    return "\n".join(lines)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,140 @@
+"""The CLI end to end on a tiny local model: train -> inspect -> eval -> generate -> merge, and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lorakit(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lorakit {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"Say the word {w}.", "completion": w} for w in
+            ["apple", "river", "stone", "cloud", "maple", "ember", "frost", "delta"] * 4]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ad"
+    p = lorakit("train", "--model", tiny_dir, "--data", data / "train.jsonl", "--eval-data", data / "test.jsonl",
+                "--r", 8, "--alpha", 16, "--targets", "all-linear", "--lr", 5e-3, "--max-steps", 30,
+                "--batch-size", 8, "--quiet", "-o", out)
+    assert "done: 30 steps" in p.stdout
+    return out
+
+
+def test_train_writes_peft_adapter_and_loss_falls(trained):
+    cfg = json.loads((trained / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["target_modules"] == "all-linear"
+    losses = [json.loads(line)["loss"] for line in (trained / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_inspect(trained):
+    info = json.loads(lorakit("inspect", trained, "--json").stdout)
+    assert info["ranks"] == [8] and info["modules"] == 14 and info["base_architecture"] == "LlamaForCausalLM"
+    assert info["params"] == sum(8 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128),
+                                                        (64, 128), (128, 64)]) * 2
+
+
+def test_eval_reports_before_after_and_behaviour_change(tiny_dir, trained, data, tmp_path):
+    lorakit("eval", "--model", tiny_dir, "--adapter", trained, "--data", data / "test.jsonl", "--json",
+            tmp_path / "r.json", "--max-new-tokens", 4)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["after"]["loss"] < rep["before"]["loss"]
+    assert rep["after"]["accuracy"] > rep["before"]["accuracy"]
+    assert rep["kl_to_base"] > 0 and 0 < rep["answers_changed"] <= 1
+
+
+def test_generate_with_and_without_adapter(tiny_dir, trained):
+    with_ad = lorakit("generate", "--model", tiny_dir, "--adapter", trained, "--chat", "--prompt",
+                      "Say the word maple.", "--max-new-tokens", 4).stdout.strip()
+    base = lorakit("generate", "--model", tiny_dir, "--chat", "--prompt", "Say the word maple.",
+                   "--max-new-tokens", 4).stdout.strip()
+    assert base != with_ad
+    from lorakit import load_adapter, load_base
+    from lorakit.generate import generate
+
+    model, tok = load_base(str(tiny_dir), device="cpu")
+    load_adapter(model, trained)
+    assert with_ad == generate(model, tok, [[{"role": "user", "content": "Say the word maple."}]], 4)[0].strip()
+
+
+def test_merge_exports_a_model_transformers_loads_alone(tiny_dir, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import load_adapter, load_base
+
+    lorakit("merge", "--model", tiny_dir, "--adapter", trained, "-o", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k or "adapters" in k for k in merged.state_dict())
+    model, _ = load_base(str(tiny_dir), device="cpu")
+    load_adapter(model, trained)
+    ids = torch.tensor([[5, 60, 700, 9000, 33]])
+    assert (merged(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_curve(tiny_dir, data, tmp_path):
+    import signal
+    import time
+
+    args = ["train", "--model", tiny_dir, "--data", data / "train.jsonl", "--max-steps", 40, "--batch-size", 4,
+            "--dropout", 0.1, "--save-every", 5, "--quiet"]
+    lorakit(*args, "-o", tmp_path / "ref")
+    ref = [json.loads(x)["loss"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *map(str, args), "-o", str(tmp_path / "cut")],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "cut" / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 10):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "cut" / "train_done.json").exists()
+    lorakit(*args, "-o", tmp_path / "cut", "--resume")
+    got = [json.loads(x)["loss"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
+    assert lorakit(*args, "-o", tmp_path / "cut", "--resume", check=False).returncode == 2  # finished: nothing to do
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--r", 0], "r=0"),
+    (["--targets", "nope_proj"], "unknown target module 'nope_proj'"),
+    (["--data", "missing.jsonl"], "missing.jsonl"),
+])
+def test_bad_input_clear_errors_and_nothing_written(tiny_dir, data, tmp_path, args, msg):
+    base = {"--data": data / "train.jsonl", "--r": 4, "--targets": "q_proj"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    p = lorakit("train", "--model", tiny_dir, *flat, "--max-steps", 2, "--quiet", "-o", tmp_path / "out", check=False)
+    assert p.returncode == 2 and msg in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_base_is_refused(trained, tmp_path):
+    p = lorakit("eval", "--model", "embedded", "--adapter", trained, "--data", "x.jsonl", check=False)
+    assert p.returncode == 2
+    # the data file is checked first; with real data the base mismatch names module and shapes
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    p = lorakit("generate", "--model", "embedded", "--adapter", trained, "--prompt", "hi", check=False)
+    assert p.returncode == 2 and "another base" in p.stderr and "(64, 64)" in p.stderr and "(576, 576)" in p.stderr
