@@ -24,7 +24,7 @@ def chunk_loss_and_grad(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_i
                         ) -> tuple[Tensor, Tensor]:
     """logits (c, V) model dtype, targets (c,) -> (summed loss over valid rows (fp32 scalar),
     d(mean loss)/d logits (c, V) in the logits' dtype)."""
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))           # fp32 (fp64 stays)
     lse = torch.logsumexp(x, dim=-1)                                       # (c,)
     valid = targets != ignore_index                                         # (c,)
     t = torch.where(valid, targets, 0)                                      # (c,) safe to gather
@@ -42,11 +42,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 chunk_fn) -> Tensor:
         # h (T, d), weight (V, d), targets (T,)
         ctx.weight_dtype = weight.dtype
+        acc = torch.promote_types(h.dtype, torch.float32)
         n = (targets != ignore_index).sum()
-        inv_n = 1.0 / n.to(torch.float32)  # 0 valid targets: inf, and the loss is nan as in HF
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        inv_n = 1.0 / n.to(acc)  # 0 valid targets: inf, and the loss is nan as in HF
+        total = torch.zeros((), dtype=acc, device=h.device)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[0], chunk):
             hc = h[i:i + chunk]                                              # (c, d)
@@ -57,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 torch.mm(g, weight, out=dh[i:i + chunk])                     # (c, d)
             if dw is not None:
-                dw += (g.t() @ hc).float()                                   # (V, d)
+                dw += (g.t() @ hc).to(acc)                                   # (V, d)
         ctx.save_for_backward(dh, dw)
         return total * inv_n
 
