@@ -57,7 +57,7 @@ def generate_ids(model, tok, prompts: Sequence[list[int]], max_new_tokens: int =
         cur_ids, cur_pos = ids, pos
         for _ in range(max_new_tokens):
             o = model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past,
-                      use_cache=True)
+                      use_cache=True, logits_to_keep=1)
             past = o.past_key_values
             logits = o.logits[:, -1, :].float()  # (b, vocab)
             if temperature > 0:

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Fresh machine -> set up .venv -> fine-tune the embedded SmolLM2-135M-Instruct on the demo task
+# (dates -> ISO 8601) with LoRA on the CPU, then print accuracy before/after and example answers.
+set -euo pipefail
+cd "$(dirname "$0")"
+./scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/lorakit train --model embedded --data data/demo/train.jsonl --eval-data data/demo/test.jsonl \
+  --config data/demo/lora.yaml --compare -o runs/demo "$@"
