@@ -2,11 +2,18 @@
 
     PYTHONPATH=src python bench/gpu_train.py --out results_dir [--runs SPEC ...] [--deadline S]
 
+A run SPEC is CASE/TOOL[/k=v,...]. lorakit variants: compile=0, fuse=0, wide=0 (round-1 layouts),
+mlp=0 (no fused SwiGLU+LoRA kernels), ce=0 (compiled plain-torch loss chunks instead of the Triton
+kernel), rec=N|all|match (recomputed layers), opts=cdt|mat (Inductor coordinate-descent tuning /
+max-autotune), attn=BACKEND+..., prof=1 (one profiled step, kernel families in the JSON).
+
 Models are random-weight Llama shapes (built on the meta device, materialised on the GPU, normal(0,
 0.02) weights, norms around 1), bf16 weights, LoRA r=16 alpha=32 dropout 0 on every linear layer but
 the head, AdamW (fused) on the trainable tensors, fixed-length random tokens (no padding), labels =
 inputs. Each run: `--warmup` steps (the first includes compilation), then `--steps` timed steps;
-step time is the median. One JSON line per run on stdout (and in OUT/gpu_train.jsonl), a table last.
+step time is the median. peak_gib is the peak allocated over the timed steps (steady state);
+peak_gib_warmup the peak over the warm-up steps (compilation and Triton autotuning transients).
+One JSON line per run on stdout (and in OUT/gpu_train.jsonl), a table last.
 
 FLOPs per token (model FLOPs, recomputation not counted): LoRA 4N + 6N_lora + 6 L s h_attn, full
 fine-tuning 6N + 6 L s h_attn, where N counts every matmul weight (lm_head included), N_lora the
@@ -45,6 +52,7 @@ DEFAULT_RUNS = [  # most important first: a deadline skips the tail
     "1b/lorakit/wide=0", "1b-ckpt/lorakit/rec=all", "1b-full-ckpt/lorakit", "1b-full-ckpt/lorakit/rec=match",
     "8b-ckpt/lorakit/rec=match", "1b/lorakit/compile=0",
 ]
+COMPILE_OPTIONS = {"cdt": "coordinate_descent_tuning", "mat": "max_autotune"}  # variant opts=cdt+mat
 PEAK_BF16 = 989e12
 R, ALPHA = 16, 32
 DEV = "cuda"
@@ -138,9 +146,12 @@ def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
     rec = variant.get("rec", "0")
     rec = n_layers if rec == "all" else int(rec)
     backends = tuple(b for b in variant.get("attn", "").split("+") if b)
+    opts = {k: True for k in (COMPILE_OPTIONS[o] for o in variant.get("opts", "").split("+") if o)}
+    torch._dynamo.reset()  # each run compiles afresh (compile options differ between runs)
     fm = fast.prepare(model, compile=variant.get("compile", "1") == "1", recompute_layers=rec,
                       fuse=variant.get("fuse", "1") == "1", wide=variant.get("wide", "1") == "1",
-                      attn_backends=backends)
+                      attn_backends=backends, fused_mlp=variant.get("mlp", "1") == "1",
+                      ce_kernel=variant.get("ce", "1") == "1", compile_options=opts or None)
     fm.train()
     opt = fast.adamw(fm, lr=1e-4 if mode == "lora" else 1e-5)
     return fm, opt, fm, {"recompute_layers": rec, "gqa": fm.spec.gqa, "chunk": fm.chunk}
@@ -161,7 +172,12 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
+    peak_warm = 0
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:  # steady-state peak: compile/autotune transients of the first steps apart
+            peak_warm = mem("peak")
+            if DEV == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
         loss = loss_fn(ids)
@@ -179,7 +195,8 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
                hf_gradient_checkpointing=ckpt if tool == "peft" else None,
                tokens_per_s=round(tok_s, 1), step_ms=round(step * 1e3, 2),
                step_ms_all=[round(t * 1e3, 2) for t in times[args.warmup:]], first_step_s=round(times[0], 2),
-               peak_gib=round(peak / 2**30, 3), static_gib=round(static / 2**30, 3),
+               peak_gib=round(peak / 2**30, 3), peak_gib_warmup=round(peak_warm / 2**30, 3),
+               static_gib=round(static / 2**30, 3),
                flops_per_token=fpt, mfu=round(fpt * tok_s / PEAK_BF16, 4),
                mfu_vs_gemm=round(fpt * tok_s / env["gemm_flops"], 4) if env.get("gemm_flops") else None,
                loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5), **extra, **env["ids"])
@@ -221,7 +238,8 @@ def profile_step(loss_fn, opt, ids, path: str) -> dict:
         if t <= 0 or ev.key.startswith(("ProfilerStep", "aten::", "cuda")):
             continue
         k = ev.key.lower()
-        f = ("attention" if any(w in k for w in ("flash", "fmha", "attention", "sdpa", "cudnn")) else
+        f = ("lorakit kernels (triton)" if any(w in k for w in ("swiglu_lora", "ce_inplace")) else
+             "attention" if any(w in k for w in ("flash", "fmha", "attention", "sdpa", "cudnn")) else
              "matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90", "xmma", "matmul")) else
              "fused-elementwise (triton)" if k.startswith("triton") else "other")
         fam[f] = fam.get(f, 0.0) + t / 1e3

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .mlp import fusable_mlp, fused_mlp
+
 
 class Lora(NamedTuple):
     """One adapter on one projection: A (r, in), B (out, r) (any dtype: cast to x's), scale, dropout p."""
@@ -57,6 +59,7 @@ class LayerSpec:
     eps: float
     gqa: str = "native"            # "native": SDPA enable_gqa; "expand": repeat k/v to n_heads
     attn_backends: tuple = ()      # SDPBackend names in priority order; () = torch's own choice
+    fused_mlp: bool = True         # SwiGLU middle + gate/up/down LoRA in one pass each way (mlp.py)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -172,6 +175,8 @@ def decoder_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: Lay
     o = attention(q, k, v, spec).transpose(1, 2).reshape(b, s, spec.n_heads * spec.head_dim)
     x = x + project(o, p.o, training)[0]
     h = rms_norm(x, p.ln_post, spec.eps)
+    if spec.fused_mlp and fusable_mlp(p.gate_up, p.down, training):
+        return x + fused_mlp(h, p.gate_up, p.down)
     gate, up = project(h, p.gate_up, training)                          # (b, s, mlp) x2
     return x + project(F.silu(gate) * up, p.down, training)[0]
 

@@ -36,6 +36,15 @@ def chunk_loss_and_grad(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_i
     return loss, grad.to(logits.dtype)
 
 
+def chunk_loss_and_grad_inplace(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_index: int
+                                ) -> tuple[Tensor, Tensor]:
+    """`chunk_loss_and_grad` through the Triton kernel (CUDA): one streaming pass for the loss, one
+    for the gradient, written over `logits` (no second (c, V) buffer)."""
+    from .triton_ce import ce_chunk_inplace
+
+    return ce_chunk_inplace(logits, targets, inv_n, ignore_index)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int,

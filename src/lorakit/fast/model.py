@@ -20,7 +20,8 @@ from torch import Tensor
 from ..lora import LoraLinear
 from .fuse import GROUPS, fuse_projections, stacked
 from .layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
-from .loss import IGNORE_INDEX, chunk_loss_and_grad, default_chunk, linear_cross_entropy, shift_targets
+from .loss import (IGNORE_INDEX, chunk_loss_and_grad, chunk_loss_and_grad_inplace, default_chunk,
+                   linear_cross_entropy, shift_targets)
 
 SUPPORTED = ("llama",)
 
@@ -84,7 +85,8 @@ class FastLlama(nn.Module):
     """forward(input_ids, labels=None, attention_mask=None) -> mean token loss (HF's definition)."""
 
     def __init__(self, model: nn.Module, *, compile: bool, recompute_layers: int, chunk: int,
-                 fuse: bool, gqa: str, attn_backends: tuple, wide: bool = True):
+                 fuse: bool, gqa: str, attn_backends: tuple, wide: bool = True, fused_mlp: bool = True,
+                 compile_options: dict | None = None, ce_kernel: bool = True):
         super().__init__()
         self.model = model
         cfg = model.config
@@ -97,14 +99,17 @@ class FastLlama(nn.Module):
         if gqa == "auto":
             gqa = _probe_gqa(head_dim, w.dtype, w.device)
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
-                              float(cfg.rms_norm_eps), gqa, tuple(attn_backends))
+                              float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
         if compile:
             _raise_recompile_limit()
-            self._layer = torch.compile(decoder_layer, dynamic=False)
-            self._ckpt_layer = torch.compile(checkpointed_layer, dynamic=False)
-            self._norm = torch.compile(rms_norm, dynamic=False)
-            self._chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False)
+            opts = dict(compile_options or {}) or None
+            self._layer = torch.compile(decoder_layer, dynamic=False, options=opts)
+            self._ckpt_layer = torch.compile(checkpointed_layer, dynamic=False, options=opts)
+            self._norm = torch.compile(rms_norm, dynamic=False, options=opts)
+            self._chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False, options=opts)
+            if ce_kernel and w.device.type == "cuda" and _has_triton():
+                self._chunk_fn = chunk_loss_and_grad_inplace
         else:
             self._layer, self._ckpt_layer = decoder_layer, checkpointed_layer
             self._norm, self._chunk_fn = rms_norm, chunk_loss_and_grad
@@ -182,6 +187,14 @@ def _mask_right_padding(labels: Tensor, mask: Tensor) -> Tensor:
     return labels.masked_fill(~m, IGNORE_INDEX)
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _raise_recompile_limit(n: int = 64) -> None:
     """One graph per (shape, first-layer) pair; several models in one process need more than 8."""
     import torch._dynamo.config as dc
@@ -193,7 +206,8 @@ def _raise_recompile_limit(n: int = 64) -> None:
 
 def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: int = 0,
             chunk: int | None = None, fuse: bool = True, adapter_dtype: torch.dtype | None = torch.float32,
-            gqa: str = "auto", attn_backends: tuple = (), wide: bool = True) -> FastLlama:
+            gqa: str = "auto", attn_backends: tuple = (), wide: bool = True, fused_mlp: bool = True,
+            compile_options: dict | None = None, ce_kernel: bool = True) -> FastLlama:
     """Wrap a HF Llama for fast training. Trains what requires grad: the active lorakit adapter
     (after `add_adapter`), or the base weights for full fine-tuning.
 
@@ -201,6 +215,11 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     (from the first) keep only their input and recompute the rest in backward. chunk: tokens per
     loss chunk (default: ~2^28 logits). fuse: stack frozen q/k/v and gate/up weights (fuse.py).
     wide: on stacked projections, fold the LoRA up-projection into the base matmul (layer.py).
+    fused_mlp: with LoRA on gate/up/down (no dropout), run the SwiGLU middle and the LoRA side of the
+    MLP as one pass forward and one backward (mlp.py; Triton kernels on CUDA).
+    compile_options: torch.compile `options` (Inductor config, e.g. {"coordinate_descent_tuning": True}).
+    ce_kernel: with compile on CUDA, the loss chunks go through the Triton kernel of triton_ce.py
+    (gradient written over the logits) instead of the compiled plain-torch chunk function.
     adapter_dtype: dtype for the trainable adapter tensors (float32: the optimizer's update is not lost
     to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
     """
@@ -220,7 +239,8 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     if chunk is None:
         chunk = default_chunk(model.lm_head.weight.shape[0])
     return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
-                     gqa=gqa, attn_backends=tuple(attn_backends), wide=wide)
+                     gqa=gqa, attn_backends=tuple(attn_backends), wide=wide, fused_mlp=fused_mlp,
+                     compile_options=compile_options, ce_kernel=ce_kernel)
 
 
 def _lora_modules(model: nn.Module):
