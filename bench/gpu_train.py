@@ -3,8 +3,8 @@
     PYTHONPATH=src python bench/gpu_train.py --out results_dir [--runs SPEC ...] [--deadline S]
 
 A run SPEC is CASE/TOOL[/k=v,...]. lorakit variants: compile=0, fuse=0, wide=0 (round-1 layouts),
-mlp=0 (no fused SwiGLU+LoRA kernels), ce=0 (compiled plain-torch loss chunks instead of the Triton
-kernel), rec=N|all|match (recomputed layers), opts=cdt|mat (Inductor coordinate-descent tuning /
+mlp=1 (fused SwiGLU+LoRA MLP kernels: less memory, slower on H100), ce=0 (compiled plain-torch loss
+chunks instead of the Triton kernel), rec=N|all|match (recomputed layers), opts=cdt|mat (Inductor coordinate-descent tuning /
 max-autotune), attn=BACKEND+..., prof=1 (one profiled step, kernel families in the JSON).
 
 Models are random-weight Llama shapes (built on the meta device, materialised on the GPU, normal(0,
@@ -150,11 +150,12 @@ def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
     torch._dynamo.reset()  # each run compiles afresh (compile options differ between runs)
     fm = fast.prepare(model, compile=variant.get("compile", "1") == "1", recompute_layers=rec,
                       fuse=variant.get("fuse", "1") == "1", wide=variant.get("wide", "1") == "1",
-                      attn_backends=backends, fused_mlp=variant.get("mlp", "1") == "1",
+                      attn_backends=backends, fused_mlp=variant.get("mlp", "0") == "1",
                       ce_kernel=variant.get("ce", "1") == "1", compile_options=opts or None)
     fm.train()
     opt = fast.adamw(fm, lr=1e-4 if mode == "lora" else 1e-5)
-    return fm, opt, fm, {"recompute_layers": rec, "gqa": fm.spec.gqa, "chunk": fm.chunk}
+    return fm, opt, fm, {"recompute_layers": rec, "gqa": fm.spec.gqa, "chunk": fm.chunk,
+                         "fused_mlp": fm.spec.fused_mlp, "ce_kernel": variant.get("ce", "1") == "1"}
 
 
 # ---------------------------------------------------------------- one run

@@ -49,11 +49,12 @@ def batches(n=4, b=4, s=256):
     return [torch.randint(0, VOCAB, (b, s), device="cuda", generator=g) for _ in range(n)]
 
 
-def test_fast_path_loss_curve_matches_plain_path_bf16():
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_fast_path_loss_curve_matches_plain_path_bf16(fused_mlp):
     from lorakit import fast
 
     plain = with_adapter().train()
-    fm = fast.prepare(copy.deepcopy(plain), compile=True).train()
+    fm = fast.prepare(copy.deepcopy(plain), compile=True, fused_mlp=fused_mlp).train()
     opt_plain = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3, fused=True)
     opt_fast = fast.adamw(fm, lr=1e-3)
     data = batches()
@@ -69,7 +70,8 @@ def test_fast_path_loss_curve_matches_plain_path_bf16():
             curves[name].append(float(loss))
     gaps = [abs(a - b) for a, b in zip(curves["plain"], curves["fast"])]
     if os.environ.get("LORAKIT_GPU_TEST_OUT"):
-        with open(os.path.join(os.environ["LORAKIT_GPU_TEST_OUT"], "gpu_test_curves.json"), "w") as fh:
+        name = "gpu_test_curves_fused_mlp.json" if fused_mlp else "gpu_test_curves.json"
+        with open(os.path.join(os.environ["LORAKIT_GPU_TEST_OUT"], name), "w") as fh:
             json.dump({**curves, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps)}, fh)
     drop_p = curves["plain"][0] - min(curves["plain"][-5:])
     drop_f = curves["fast"][0] - min(curves["fast"][-5:])

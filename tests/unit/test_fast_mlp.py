@@ -27,7 +27,7 @@ def uneven_model():
 
 def test_fused_mlp_matches_plain_path_with_uneven_ranks():
     plain = uneven_model()
-    fm = fast.prepare(copy.deepcopy(plain), compile=False).train()
+    fm = fast.prepare(copy.deepcopy(plain), compile=False, fused_mlp=True).train()
     p = fm.layer_params()[0]
     assert fm.spec.fused_mlp and fusable_mlp(p.gate_up, p.down, training=True)
     x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -45,7 +45,7 @@ def test_fused_mlp_matches_plain_path_with_uneven_ranks():
 def test_dropout_on_the_mlp_falls_back_to_the_unfused_path():
     model = tiny_llama(0)
     add_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear"))
-    fm = fast.prepare(model, compile=False)
+    fm = fast.prepare(model, compile=False, fused_mlp=True)
     p = fm.layer_params()[0]
     assert not fusable_mlp(p.gate_up, p.down, training=True)
     assert fusable_mlp(p.gate_up, p.down, training=False)
@@ -87,6 +87,19 @@ KERNEL_CHECK = textwrap.dedent("""
     l, g = ce_chunk_inplace(buf, t, inv, -100, block=256)
     out.update(ce_loss=abs(l.item() - l_ref.item()) / l_ref.item(), ce_grad=rel(g, g_ref),
                ce_inplace=float(g.data_ptr() == buf.data_ptr()), ce_ignored=float(g[2].abs().max()))
+    # the custom ops' Triton branch (padding, slicing, torch.library's no-aliasing rule), rank 16
+    import functools
+    import lorakit.fast.mlp as mlp
+    import lorakit.fast.triton_mlp as tm
+    mlp._triton_ok = lambda t: True
+    tm.swiglu_lora_fwd = functools.partial(tm.swiglu_lora_fwd, block=(32, 32), cols=64)
+    tm.swiglu_lora_bwd = functools.partial(tm.swiglu_lora_bwd, block=(32, 32), toks=64, cols=64)
+    a16 = torch.randn(16, F)
+    o, r = mlp.swiglu_lora_fwd(y, a16), swiglu_lora_fwd_ref(y, a16)
+    out["op_fwd"] = max(rel(o[0], r[0]), rel(o[1], r[1]))
+    args = (y, dhb, torch.randn(T, 16), a16, torch.randn(T, 16), torch.randn(T, 16), torch.randn(F, 16),
+            torch.randn(F, 16))
+    out["op_bwd"] = max(rel(o, r) for o, r in zip(mlp.swiglu_lora_bwd(*args), swiglu_lora_bwd_ref(*args)))
     print(json.dumps(out))
 """)
 
@@ -100,7 +113,7 @@ def test_triton_kernels_match_reference_in_interpreter():
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    for key in ("h", "ha", "dy", "dsxa", "dbg", "dbu", "da", "ce_loss", "ce_grad"):
+    for key in ("h", "ha", "dy", "dsxa", "dbg", "dbu", "da", "ce_loss", "ce_grad", "op_fwd", "op_bwd"):
         assert out[key] < 1e-5, (key, out)
     assert out["ha_pad"] == 0.0 and out["pad"] == 0.0, out     # padded rank stays zero
     assert out["ce_inplace"] == 1.0 and out["ce_ignored"] == 0.0, out

@@ -41,7 +41,8 @@ def compare(plain, fm, x, labels=None, mask=None, seed=0):
         assert float((a.grad - b.grad).abs().max()) <= 1e-5 * float(a.grad.abs().max()) + 1e-8
 
 
-@pytest.mark.parametrize("kw", [{}, {"wide": False}, {"fuse": False}, {"recompute_layers": 1}])
+@pytest.mark.parametrize("kw", [{}, {"wide": False}, {"fuse": False}, {"recompute_layers": 1},
+                                {"fused_mlp": True}, {"fused_mlp": True, "recompute_layers": 1}])
 def test_loss_and_adapter_grads_match_plain_path(kw):
     plain = lora_model().train()
     fm = fast.prepare(copy.deepcopy(plain), compile=False, **kw).train()

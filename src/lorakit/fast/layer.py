@@ -59,7 +59,7 @@ class LayerSpec:
     eps: float
     gqa: str = "native"            # "native": SDPA enable_gqa; "expand": repeat k/v to n_heads
     attn_backends: tuple = ()      # SDPBackend names in priority order; () = torch's own choice
-    fused_mlp: bool = True         # SwiGLU middle + gate/up/down LoRA in one pass each way (mlp.py)
+    fused_mlp: bool = False        # SwiGLU middle + gate/up/down LoRA in one pass each way (mlp.py)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -84,7 +84,7 @@ def swiglu_lora_fwd(y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 
     r = a.shape[0]
     h, ha = kernel(y.contiguous(), _pad_rows(a.to(y.dtype), padded_rank(r)).contiguous())
-    return h, ha[:, :r].contiguous()
+    return h, ha[:, :r].clone()
 
 
 @swiglu_lora_fwd.register_fake
@@ -107,7 +107,8 @@ def swiglu_lora_bwd(y: Tensor, dhb: Tensor, dsha: Tensor, a: Tensor, sxa_g: Tens
                                 _pad_rows(a.to(dt), R).contiguous(), sxa,
                                 _pad_cols(bg.to(dt), R), _pad_cols(bu.to(dt), R))
     d_sxa = torch.cat([d_sxa[:, :rg], d_sxa[:, R:R + ru]], dim=-1)
-    return dy, d_sxa, db[0, :, :rg].contiguous(), db[1, :, :ru].contiguous(), dat[:, :rd].t().contiguous()
+    # clones: outputs of a custom op may not alias each other (db[0] and db[1] share db's storage)
+    return dy, d_sxa, db[0, :, :rg].clone(), db[1, :, :ru].clone(), dat[:, :rd].t().contiguous()
 
 
 @swiglu_lora_bwd.register_fake
