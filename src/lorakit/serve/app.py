@@ -138,7 +138,7 @@ async def complete(state: ServerState, request: Request, kind: str):
     ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
         else encode_prompt(state.tok, p.prompt)
     max_tokens = P.check_lengths(len(ids), p.max_tokens, kind, state.limits)
-    req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed)
+    req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos)
     stream = P.TextStream(state.tok, p.stop)
     rid = P.new_id(kind)
     evs = events(state, req)

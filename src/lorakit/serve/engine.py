@@ -47,6 +47,7 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens
     sink: Callable[[tuple], None] = lambda ev: None
     cancelled: bool = False
 
@@ -243,7 +244,7 @@ class Engine:
                 r.finished = "cancelled"
                 continue
             tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
-            if tok in self.stops:
+            if tok in self.stops and not r.req.ignore_eos:
                 r.finished = "stop"
                 continue
             r.req.sink(("token", tok))

@@ -62,6 +62,7 @@ class Parsed:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
+    ignore_eos: bool = False
 
 
 def parse_json(raw: bytes) -> dict:
@@ -183,7 +184,7 @@ def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> 
                   top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
                   seed=_number(body, "seed", None, -(2 ** 63), 2 ** 63 - 1, integer=True),
                   stop=stop, stream=stream, include_usage=bool(opts.get("include_usage")),
-                  return_token_ids=bool(body.get("return_token_ids")))
+                  return_token_ids=bool(body.get("return_token_ids")), ignore_eos=bool(body.get("ignore_eos")))
 
 
 def check_lengths(n_prompt: int, max_tokens: int | None, kind: str, limits: Limits) -> int:
