@@ -215,3 +215,43 @@ def test_corrupt_adapter_file_fails_only_its_requests(env):
     assert [v.name for v in reg.list()] == ["a", "b", "c"]
     assert httpx.get(env["url"] + "/health").json()["status"] == "ok"
     assert stored.read_bytes() == b"\x00garbage" * 10  # a failed load changes nothing on disk
+
+
+def test_lorakit_serve_command(env, tmp_path):
+    """`python -m lorakit serve` end to end: registers an adapters dir at start, answers the openai client."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    adapters = tmp_path / "adapters"
+    for n in ("a", "b"):
+        shutil.copytree(env["root"] / n, adapters / n)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(env["root"] / "base"), "--registry",
+           str(tmp_path / "r.sqlite"), "--adapters", str(adapters), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": src, "LORAKIT_API_KEYS": "cli-key"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="b", messages=MSGS, max_tokens=6, temperature=0,
+                                           extra_body={"return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == offline(env, "b", n=6)
+        assert httpx.get(url + "/admin/adapters").status_code == 403  # no --admin-key: admin API off
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "adapters: a@1, b@1" in out
