@@ -62,7 +62,8 @@ def test_slot_bank_rows_match_per_adapter_forward(tmp_path):
     """A batch whose rows use different adapters (and a stack) == each row run with that adapter active."""
     src = tiny_llama()
     cfgs = {"a": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init_lora_weights=False),
-            "b": LoraConfig(r=8, alpha=4, targets="all-linear", init_lora_weights=False, use_rslora=True)}
+            "b": LoraConfig(r=8, alpha=4, targets="all-linear", init_lora_weights=False, use_rslora=True,
+                            rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 7.0})}  # per-layer scales
     for name, cfg in cfgs.items():
         add_adapter(src, cfg, name)
         save_adapter(src, tmp_path / name, name)

@@ -182,7 +182,7 @@ def cmd_serve(args) -> int:
     state = make_state(model, tok, reg, cfg, name)
     print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {cfg.registry})", file=sys.stderr)
     try:
-        uvicorn.run(build_app(state), host=cfg.host, port=cfg.port, log_level="info")
+        uvicorn.run(build_app(state), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
     finally:
         state.engine.stop()
         reg.close()

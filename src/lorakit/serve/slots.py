@@ -2,7 +2,10 @@
 
 For every linear layer that some resident adapter targets:
 
-    A (S, r_max, in)   B (S, out, r_max)   scale (S,)      S = 1 + max_slots; slot 0 = no adapter (zeros)
+    A (S, r_max, in)   B (S, out, r_max)        S = 1 + max_slots; slot 0 = no adapter (zeros)
+
+and one scale per slot (alpha / r of the adapter); the rare adapter whose scale differs between
+layers (alpha_pattern / rank_pattern) has the ratio folded into those layers' B.
 
 Ranks are zero-padded to the largest resident rank (zero rows of A / columns of B add exactly
 nothing). Loading an adapter writes its tensors into a free slot (evicting the least recently
@@ -27,8 +30,7 @@ from ..lora import LoraLinear, _get_parent, _pattern
 @dataclass
 class LayerSlots:
     A: torch.Tensor  # (S, r, in)
-    B: torch.Tensor  # (S, out, r)
-    scale: torch.Tensor  # (S,)
+    B: torch.Tensor  # (S, out, r), times scale_here / slot_scale where an adapter's scale varies by layer
 
 
 class NoFreeSlot(RuntimeError):
@@ -65,8 +67,9 @@ class SlotBank:
         self.r_max = 0
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recent first
         self.pins = [0] * (max_slots + 1)
+        self.slot_scale = torch.zeros(max_slots + 1, dtype=torch.float32)
         self.idx: torch.Tensor | None = None  # (b, k) of the batch being run
-        self.coef: torch.Tensor | None = None  # (b, k)
+        self.coef: torch.Tensor | None = None  # (b, k): stack weight x the slot's scale
         self._routing_on = False
 
     # ---------------------------------------------------------------- residency
@@ -128,8 +131,7 @@ class SlotBank:
                 setattr(parent, child, mod)
             S, r = self.max_slots + 1, max(self.r_max, 1)
             ls = LayerSlots(torch.zeros(S, r, mod.in_features, dtype=self.dtype, device=self.device),
-                            torch.zeros(S, mod.out_features, r, dtype=self.dtype, device=self.device),
-                            torch.zeros(S, dtype=torch.float32, device=self.device))
+                            torch.zeros(S, mod.out_features, r, dtype=self.dtype, device=self.device))
             self.layers[path], self._by_module[mod] = ls, ls
             mod.routing = self._route if self._routing_on else None
         return self.layers[path]
@@ -150,18 +152,20 @@ class SlotBank:
         if r > self.r_max:
             self._grow_rank(r)
         self._zero(slot)
+        scales = [s for _, _, s in mods.values()]
+        common = max(set(scales), key=scales.count)
         for path, (A, B, scale) in mods.items():
             ls, r = self.layers[path], A.shape[0]
             ls.A[slot, :r].copy_(A)
-            ls.B[slot, :, :r].copy_(B)
-            ls.scale[slot] = scale
+            ls.B[slot, :, :r].copy_(B if scale == common else B.float() * (scale / common))
+        self.slot_scale[slot] = common
 
     @torch.no_grad()
     def _zero(self, slot: int) -> None:
         for ls in self.layers.values():
             ls.A[slot].zero_()
             ls.B[slot].zero_()
-            ls.scale[slot] = 0.0
+        self.slot_scale[slot] = 0.0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ls in self.layers.values() for t in (ls.A, ls.B))
@@ -169,7 +173,8 @@ class SlotBank:
     # ---------------------------------------------------------------- per-batch routing
     def set_batch(self, idx: torch.Tensor, coef: torch.Tensor) -> None:
         """idx (b, k) slot per row (0 = base), coef (b, k) stack weights. Rows of slot 0 only: no routing."""
-        self.idx, self.coef = idx.to(self.device), coef.to(self.device, torch.float32)
+        coef = coef.float() * self.slot_scale[idx]  # (b, k), once per step for every layer
+        self.idx, self.coef = idx.to(self.device), coef.to(self.device)
         on = bool((idx != 0).any())
         if on != self._routing_on:
             for mod in self._by_module:
@@ -179,6 +184,5 @@ class SlotBank:
     def _route(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)
-        coef = self.coef * ls.scale[self.idx]  # (b, k): stack weight x the adapter's alpha/r on this layer
-        delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, coef)  # (b, s, out)
+        delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, self.coef)  # (b, s, out)
         return delta if x.dim() == 3 else delta.squeeze(1)
