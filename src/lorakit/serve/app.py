@@ -113,6 +113,8 @@ async def events(state: ServerState, req: GenRequest) -> AsyncIterator[tuple]:
     req.sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
     try:
         state.engine.submit(req)
+    except ValueError as e:
+        raise P.bad(str(e), "model") from None
     except RuntimeError as e:
         raise P.APIError(503, str(e), "shutting_down") from None
     try:

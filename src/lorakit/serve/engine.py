@@ -3,7 +3,8 @@
 Each turn of the loop
   1. runs queued commands (e.g. unload an adapter),
   2. admits waiting requests into free rows: their adapters are made resident in memory slots
-     (LRU; loading from disk if needed) and their prompts prefilled together,
+     (LRU; the files are read from disk by a loader thread while others decode) and their
+     prompts prefilled together,
   3. runs ONE decode step for every running row together, whatever adapter (or stack) each row
      uses: the per-row slot index goes to `lorakit.kernels.lora_delta` through LoraLinear.routing,
   4. streams each row's new token to its request and retires finished rows.
@@ -18,7 +19,7 @@ import logging
 import random
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -80,6 +81,9 @@ class Engine:
         self.waiting: deque[GenRequest] = deque()
         self._commands: deque[tuple[Callable, Future]] = deque()
         self._cv = threading.Condition()
+        self._wake = False  # something changed that may let a waiting request in
+        self._prefetch: dict[str, Future] = {}  # adapter key -> AdapterFile being read from disk
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-adapter-load")
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "adapter_loads": 0,
@@ -97,20 +101,42 @@ class Engine:
             self._cv.notify_all()
         if self._thread:
             self._thread.join(timeout=30)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, req: GenRequest) -> GenRequest:
+        keys = {a.key for a in req.adapters}
+        if len(keys) > self.bank.max_slots:
+            raise ValueError(f"the request stacks {len(keys)} adapters; this server holds at most "
+                             f"{self.bank.max_slots} in memory (--max-slots)")
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
+            for a in req.adapters:
+                self._ensure_prefetch(a)
             self.waiting.append(req)
+            self._wake = True
             self._cv.notify_all()
         return req
+
+    def _ensure_prefetch(self, a: AdapterUse) -> None:
+        """Start reading adapter `a` from disk on the loader thread unless resident or under way (holds _cv)."""
+        if a.key in self.bank.resident or a.key in self._prefetch:
+            return
+        fut = self._loader.submit(a.load)
+        self._prefetch[a.key] = fut
+        fut.add_done_callback(lambda _: self._poke())
+
+    def _poke(self) -> None:
+        with self._cv:
+            self._wake = True
+            self._cv.notify_all()
 
     def call(self, fn: Callable) -> Future:
         """Run fn() on the engine thread between steps (e.g. unload an adapter)."""
         fut: Future = Future()
         with self._cv:
             self._commands.append((fn, fut))
+            self._wake = True
             self._cv.notify_all()
         return fut
 
@@ -129,10 +155,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self.waiting or self.running or self._commands):
+                while not (self._stopping or self.running or self._wake):
                     self._cv.wait()
                 if self._stopping:
                     break
+                self._wake = False
                 commands = list(self._commands)
                 self._commands.clear()
             for fn, fut in commands:
@@ -177,7 +204,7 @@ class Engine:
                 want = [a.key for a in req.adapters]
                 fits = (len(self.running) + len(taken) < self.max_batch
                         and (not taken or tokens + len(req.prompt) <= self.max_prefill_tokens)
-                        and self.bank.can_acquire(keys + want))
+                        and self._files_ready(req) and self.bank.can_acquire(keys + want))
                 if fits:
                     taken.append(req)
                     tokens += len(req.prompt)
@@ -187,6 +214,23 @@ class Engine:
             self.waiting = keep
         return taken
 
+    def _files_ready(self, req: GenRequest) -> bool:
+        """All of req's adapters are resident or read from disk (holds _cv). Starts reads still missing."""
+        ready = True
+        for a in req.adapters:
+            if a.key in self.bank.resident:
+                continue
+            self._ensure_prefetch(a)  # e.g. evicted since the request was submitted
+            ready = ready and self._prefetch[a.key].done()
+        return ready
+
+    def _file(self, key: str, load: Callable[[], AdapterFile]) -> Callable[[], AdapterFile]:
+        def get():
+            with self._cv:
+                fut = self._prefetch.pop(key, None)
+            return fut.result() if fut is not None else load()
+        return get
+
     def _admit(self) -> None:
         rows: list[_Row] = []
         for req in self._take_admissible():
@@ -194,7 +238,7 @@ class Engine:
             try:
                 for a in req.adapters:
                     loaded = a.key in self.bank.resident
-                    slots.append(self.bank.acquire(a.key, a.load))
+                    slots.append(self.bank.acquire(a.key, self._file(a.key, a.load)))
                     self.stats["adapter_loads"] += not loaded
             except Exception as e:  # noqa: BLE001 - a broken adapter file fails this request only
                 for s in slots:
@@ -263,6 +307,7 @@ class Engine:
             r.req.sink(("done", r.finished))
             for s in r.slots:
                 self.bank.release(s)
+            self._wake = True  # a row and maybe a slot are free
             last = len(self.running) - 1
             if i != last:  # compact: the last row moves into the freed row
                 self.cache.move(last, i)
