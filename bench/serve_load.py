@@ -11,7 +11,11 @@ Cases, all in this one run:
   mixed-M          request j of client i names adapter (i + j) % M; all M resident (warmed up first)
   churn-M-S        M adapters through S < M memory slots: the LRU reloads adapters from disk
   one-at-a-time-M  the peer: the same server with --max-batch 1 (no batching), mixed-M traffic
-One JSON line per case on stdout (and appended to --out); `vs_base` = tokens/s over the base case's.
+One JSON line per case on stdout (and appended to --out); `vs_base` = tokens/s over the base case's
+(of the same round; churn and peer compare with the last round's base), `vs_base_cpu` the same
+for CPU time per token (base's over the case's: > 1 is cheaper). `server_cpu_ms_per_token`
+(the server process's CPU time per generated token) is the figure to trust on a shared machine,
+where wall-clock rates move with other programs' load (`loadavg_1m` is recorded per case).
 """
 from __future__ import annotations
 
@@ -84,6 +88,12 @@ class Server:
                 raise RuntimeError(f"server did not start; see {self.log.name}")
             time.sleep(0.5)
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the server process has used: unlike wall time,
+        barely moved by other programs competing for the cores."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stats(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()["engine"]
 
@@ -124,20 +134,24 @@ async def load(url: str, models: list[str], clients: int, requests: int, max_tok
             "latency_p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3)}
 
 
-def run_case(server: Server, case: str, models: list[str], args, warm: list[str], base_tps: float | None) -> dict:
+def run_case(server: Server, case: str, models: list[str], args, warm: list[str], base: dict | None,
+             rnd: int = 0) -> dict:
     for m in warm:  # resident before timing (not for the churn case)
         asyncio.run(load(server.url, [m], 1, 1, 2))
-    before = server.stats()
+    before, cpu0 = server.stats(), server.cpu_s()
     res = asyncio.run(load(server.url, models, args.clients, args.requests, args.max_tokens))
-    after = server.stats()
+    after, cpu = server.stats(), server.cpu_s() - cpu0
     steps = after["decode_steps"] - before["decode_steps"]
-    row = {"bench": "serve_load", "case": case, "machine": machine(), "device": args.device, "model": args.model,
+    row = {"bench": "serve_load", "case": case, "round": rnd, "machine": machine(), "device": args.device, "model": args.model,
            "clients": args.clients, "adapters": len([m for m in models if m != "base"]), "rank": args.rank,
            "targets": args.targets, "max_tokens": args.max_tokens, "max_batch": after["max_batch"],
            "max_slots": after["max_slots"], **res,
            "mean_batch_rows": round((after["decode_rows"] - before["decode_rows"]) / max(steps, 1), 2),
            "adapter_loads": after["adapter_loads"] - before["adapter_loads"],
-           "vs_base": round(res["tokens_per_s"] / base_tps, 3) if base_tps else 1.0,
+           "server_cpu_s": round(cpu, 2), "server_cpu_ms_per_token": round(1000 * cpu / res["completion_tokens"], 2),
+           "vs_base": round(res["tokens_per_s"] / base["tokens_per_s"], 3) if base else 1.0,
+           "vs_base_cpu": round(base["server_cpu_ms_per_token"] / (1000 * cpu / res["completion_tokens"]), 3)
+           if base else 1.0,
            "server_threads": args.threads or "default", "loadavg_1m": round(os.getloadavg()[0], 2), "torch": _torch_version(),
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(row), flush=True)
@@ -163,6 +177,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat base + mixed cases (alternating)")
     ap.add_argument("--churn-slots", type=int, default=4, help="slots for the churn case (0: skip)")
     ap.add_argument("--no-peer", action="store_true", help="skip the one-at-a-time peer")
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: torch's default)")
@@ -175,22 +190,23 @@ def main() -> None:
         names = [f"ad{i:02d}" for i in range(max(ms))]
         server = Server(args, work, max_batch=args.clients, max_slots=max(ms))
         try:
-            base = run_case(server, "base", ["base"], args, ["base"], None)
-            for m in ms:
-                run_case(server, f"mixed-{m}", names[:m], args, names[:m], base["tokens_per_s"])
+            for rnd in range(args.rounds):  # alternate, so drifting machine load hits every case alike
+                base = run_case(server, "base", ["base"], args, ["base"], None, rnd)
+                for m in ms:
+                    run_case(server, f"mixed-{m}", names[:m], args, names[:m], base, rnd)
         finally:
             server.stop()
         if args.churn_slots and max(ms) > args.churn_slots:
             server = Server(args, work, max_batch=args.clients, max_slots=args.churn_slots)
             try:
-                run_case(server, f"churn-{max(ms)}-{args.churn_slots}", names, args, [], base["tokens_per_s"])
+                run_case(server, f"churn-{max(ms)}-{args.churn_slots}", names, args, [], base)
             finally:
                 server.stop()
         if not args.no_peer:
             server = Server(args, work, max_batch=1, max_slots=max(ms))
             try:
                 m = ms[0]
-                run_case(server, f"one-at-a-time-{m}", names[:m], args, names[:m], base["tokens_per_s"])
+                run_case(server, f"one-at-a-time-{m}", names[:m], args, names[:m], base)
             finally:
                 server.stop()
 

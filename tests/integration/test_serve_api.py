@@ -196,6 +196,10 @@ def test_errors_are_reported_and_server_keeps_serving(env):
         env["client"].completions.create(model="a", prompt="word " * 150, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         chat(env, "a", n=65)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        env["client"].completions.create(model="a", prompt=[5, 49152], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="at most 2 in memory"):
+        chat(env, "a+b+c")
     with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
         env["client"].chat.completions.create(model="a", messages=MSGS, n=2)
     with pytest.raises(openai.BadRequestError, match="messages"):

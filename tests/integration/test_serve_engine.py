@@ -91,7 +91,7 @@ def test_waits_for_a_slot_then_runs_and_cancel_frees_it(adapters):
         eng.stop()
 
 
-def test_broken_adapter_fails_its_request_only(adapters, tmp_path):
+def test_broken_adapter_or_prompt_fails_its_request_only(adapters, tmp_path):
     root, ref = adapters
     (tmp_path / "adapter_config.json").write_text((root / "a" / "adapter_config.json").read_text())
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
@@ -103,6 +103,15 @@ def test_broken_adapter_fails_its_request_only(adapters, tmp_path):
         assert bad.done.wait(30) and bad.end[0] == "error" and "not a readable safetensors" in bad.end[1]
         assert good.done.wait(30) and good.tokens == offline(ref, "c", [5, 6], 4)
         assert "broken@1" not in eng.bank.resident
+        # a prompt the model cannot embed, admitted together with a good one: only it fails
+        gate = threading.Event()
+        eng.call(gate.wait)
+        bad, good = Collect(), Collect()
+        eng.submit(GenRequest([5, 999], [], 4, sink=bad))
+        eng.submit(GenRequest([7, 8, 9], [use(root, "c")], 4, sink=good))
+        gate.set()
+        assert bad.done.wait(30) and bad.end[0] == "error" and "prefill failed" in bad.end[1]
+        assert good.done.wait(30) and good.tokens == offline(ref, "c", [7, 8, 9], 4)
     finally:
         eng.stop()
 

@@ -139,7 +139,7 @@ async def complete(state: ServerState, request: Request, kind: str):
     uses = resolve_stack(state, p.stack)
     ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
         else encode_prompt(state.tok, p.prompt)
-    max_tokens = P.check_lengths(len(ids), p.max_tokens, kind, state.limits)
+    max_tokens = P.check_prompt(list(ids), p.max_tokens, kind, state.limits)
     req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos)
     stream = P.TextStream(state.tok, p.stop)
     rid = P.new_id(kind)
@@ -319,7 +319,8 @@ def make_state(model, tok, registry: Registry, cfg, base_name: str, max_prefill_
     """Engine (started) + registry + limits from a ServeConfig."""
     engine = Engine(model, tok, max_slots=cfg.max_slots, max_batch=cfg.max_batch,
                     max_prefill_tokens=max_prefill_tokens, base_fp=registry.base_fp).start()
-    limits = P.Limits(cfg.max_prompt_tokens, cfg.max_new_tokens, engine.max_len)
+    limits = P.Limits(cfg.max_prompt_tokens, cfg.max_new_tokens, engine.max_len,
+                      int(getattr(model.config, "vocab_size", 0) or 0))
     return ServerState(engine, registry, tok, base_name, list(cfg.api_keys), cfg.admin_key, limits,
                        cfg.max_body_bytes)
 

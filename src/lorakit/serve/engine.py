@@ -249,15 +249,31 @@ class Engine:
             seed = req.seed if req.seed is not None else random.getrandbits(63)
             gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
             rows.append(_Row(req, slots, len(req.prompt), gen=gen))
-        if not rows:
-            return
+        if rows:
+            self._prefill(rows)
+            self._retire()
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Prefill new rows together; if that fails, one by one, so only a bad request fails."""
         start = len(self.running)
-        self.running.extend(rows)
         self._set_batch(rows)
-        logits = forward.prefill(self.model, self.cache, slice(start, start + len(rows)), [r.req.prompt for r in rows])
+        try:
+            logits = forward.prefill(self.model, self.cache, slice(start, start + len(rows)),
+                                     [r.req.prompt for r in rows])
+        except Exception as e:  # noqa: BLE001 - never the running requests' problem
+            if len(rows) > 1:
+                for r in rows:
+                    self._prefill([r])
+                return
+            log.exception("prefill failed")
+            rows[0].req.sink(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            for s in rows[0].slots:
+                self.bank.release(s)
+            self.stats["errors"] += 1
+            return
+        self.running.extend(rows)
         self.stats["prefills"] += 1
         self._emit(rows, logits)
-        self._retire()
 
     def _step(self) -> None:
         rows = self.running

@@ -46,6 +46,7 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
     context: int = 2048  # the model's max positions
+    vocab_size: int = 0  # token ids in a prompt must be below this (0: unchecked)
 
 
 @dataclass
@@ -187,8 +188,11 @@ def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> 
                   return_token_ids=bool(body.get("return_token_ids")), ignore_eos=bool(body.get("ignore_eos")))
 
 
-def check_lengths(n_prompt: int, max_tokens: int | None, kind: str, limits: Limits) -> int:
-    """Validate the prompt length; return the max_tokens to use."""
+def check_prompt(ids: list[int], max_tokens: int | None, kind: str, limits: Limits) -> int:
+    """Validate the prompt's ids and length; return the max_tokens to use."""
+    n_prompt = len(ids)
+    if limits.vocab_size and ids and max(ids) >= limits.vocab_size:
+        raise bad(f"prompt token id {max(ids)} is outside the vocabulary (0..{limits.vocab_size - 1})", "prompt")
     if n_prompt == 0:
         raise bad("the prompt is empty", "prompt" if kind == "completion" else "messages")
     if n_prompt > limits.max_prompt_tokens:
