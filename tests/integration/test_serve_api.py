@@ -251,6 +251,7 @@ def test_lorakit_serve_command(env, tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0, timeout=60)
+        assert client.models.list().data[0].id == "base"  # a model dir is named by its directory
         r = client.chat.completions.create(model="b", messages=MSGS, max_tokens=6, temperature=0,
                                            extra_body={"return_token_ids": True})
         assert r.choices[0].model_extra["token_ids"] == offline(env, "b", n=6)

@@ -174,6 +174,8 @@ def cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
     name = model_name(args.model)
+    if os.path.exists(args.model):  # a path: clients name the base by its directory (or file) name
+        name = Path(args.model).resolve().stem if args.model.endswith(".gguf") else Path(args.model).resolve().name
     reg = Registry(cfg.registry, base_fp=fingerprint(model), base_name=name)
     if args.adapters:
         print("adapters: " + (", ".join(_register_dir(reg, args.adapters)) or "none"), file=sys.stderr)
