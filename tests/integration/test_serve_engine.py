@@ -78,7 +78,7 @@ def test_waits_for_a_slot_then_runs_and_cancel_frees_it(adapters):
     try:
         started = threading.Event()
         hog = Collect(on_token=lambda k: started.set())
-        req = eng.submit(GenRequest([5, 6, 7], [use(root, "a")], max_tokens=200, sink=hog))
+        req = eng.submit(GenRequest([5, 6, 7], [use(root, "a")], max_tokens=200, ignore_eos=True, sink=hog))
         assert started.wait(30)
         other = Collect()
         eng.submit(GenRequest([9, 10], [use(root, "b")], max_tokens=5, sink=other))
