@@ -171,8 +171,8 @@ class Engine:
                 self._admit()
                 if self.running:
                     self._step()
-                if not self.running and not self.waiting:
-                    self.cache.clear()  # idle: give the KV memory back
+                if not self.running and not self.waiting and self.cache.cap > self.cache.chunk:
+                    self.cache.clear()  # idle after long sequences: give that KV memory back
             except Exception as e:  # noqa: BLE001 - a failed step must not take the server down
                 log.exception("engine step failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
