@@ -146,6 +146,7 @@ async def complete(state: ServerState, request: Request, kind: str):
     evs = events(state, req)
     first = await evs.__anext__()  # errors before the first token still get a proper HTTP status
     if first[0] == "error":
+        await evs.aclose()
         raise P.APIError(500, first[1], "generation_failed")
     if not p.stream:
         try:
