@@ -1,0 +1,353 @@
+"""FastAPI app: OpenAI-compatible inference routes, an admin API over the registry, /health.
+
+    GET  /health                                  no key
+    GET  /v1/models                               inference key
+    POST /v1/chat/completions, /v1/completions    inference key; "stream": true -> server-sent events
+    GET|POST /admin/adapters, GET|DELETE /admin/adapters/{name}, POST /admin/adapters/{name}/rollback,
+    POST /admin/adapters/{name}/evals             admin key
+
+Requests are parsed here (protocol.py) and handed to the engine thread; tokens come back through
+an asyncio queue. Any bad request gets an OpenAI-style error body and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..adapter import read_adapter
+from ..generate import encode_prompt
+from . import protocol as P
+from .engine import AdapterUse, Engine, GenRequest
+from .registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref
+
+log = logging.getLogger("lorakit.serve")
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    registry: Registry
+    tok: object
+    base_name: str
+    api_keys: list[str]
+    admin_key: str | None
+    limits: P.Limits
+    max_body_bytes: int = 1_000_000
+
+    @property
+    def base_ids(self) -> set[str]:
+        return {self.base_name, "base"}
+
+
+# ---------------------------------------------------------------- helpers
+def _key_ok(request: Request, keys: list[str]) -> bool:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys)
+
+
+def require_api_key(state: ServerState, request: Request) -> None:
+    if state.api_keys and not _key_ok(request, state.api_keys):
+        raise P.APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "invalid_api_key")
+
+
+def require_admin(state: ServerState, request: Request) -> None:
+    if not state.admin_key:
+        raise P.APIError(403, "the admin API is disabled: start the server with --admin-key", "admin_disabled")
+    if not _key_ok(request, [state.admin_key]):
+        raise P.APIError(401, "missing or invalid admin key", "invalid_admin_key")
+
+
+async def read_body(state: ServerState, request: Request, allow_empty: bool = False) -> dict:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > state.max_body_bytes:
+        raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {state.max_body_bytes}",
+                         "body_too_large")
+    chunks, size = [], 0
+    async for c in request.stream():
+        size += len(c)
+        if size > state.max_body_bytes:
+            raise P.APIError(413, f"request body exceeds the limit of {state.max_body_bytes} bytes", "body_too_large")
+        chunks.append(c)
+    raw = b"".join(chunks)
+    return {} if allow_empty and not raw.strip() else P.parse_json(raw)
+
+
+def registry_error(e: Exception) -> P.APIError:
+    if isinstance(e, UnknownAdapter):
+        return P.APIError(404, str(e), "model_not_found", "model")
+    if isinstance(e, IncompatibleAdapter):
+        return P.APIError(409, str(e), "incompatible_adapter")
+    return P.APIError(400, str(e), "invalid_value")
+
+
+def resolve_stack(state: ServerState, stack: list[tuple[str, float]]) -> list[AdapterUse]:
+    uses = []
+    for ref, weight in stack:
+        try:
+            v = state.registry.resolve(ref)
+        except ValueError as e:
+            raise registry_error(e) from None
+        path = v.path
+        uses.append(AdapterUse(f"{v.name}@{v.version}", lambda path=path: read_adapter(path), weight))
+    return uses
+
+
+async def events(state: ServerState, req: GenRequest) -> AsyncIterator[tuple]:
+    """Submit to the engine and yield its events; cancels the request if the consumer goes away."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    req.sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+    try:
+        state.engine.submit(req)
+    except ValueError as e:
+        raise P.bad(str(e), "model") from None
+    except RuntimeError as e:
+        raise P.APIError(503, str(e), "shutting_down") from None
+    try:
+        while True:
+            ev = await queue.get()
+            yield ev
+            if ev[0] != "token":
+                return
+    finally:
+        req.cancel()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# ---------------------------------------------------------------- generation
+async def complete(state: ServerState, request: Request, kind: str):
+    require_api_key(state, request)
+    body = await read_body(state, request)
+    p = P.parse_request(body, kind, state.base_ids, state.limits)
+    uses = resolve_stack(state, p.stack)
+    ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
+        else encode_prompt(state.tok, p.prompt)
+    max_tokens = P.check_prompt(list(ids), p.max_tokens, kind, state.limits)
+    req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos)
+    stream = P.TextStream(state.tok, p.stop)
+    rid = P.new_id(kind)
+    evs = events(state, req)
+    first = await evs.__anext__()  # errors before the first token still get a proper HTTP status
+    if first[0] == "error":
+        await evs.aclose()
+        raise P.APIError(500, first[1], "generation_failed")
+    if not p.stream:
+        try:
+            reason = await _collect(first, evs, stream, req)
+        finally:
+            await evs.aclose()
+        return P.response(p, rid, stream.text, reason, stream.ids, len(ids))
+    return StreamingResponse(_stream(p, rid, first, evs, stream, req, len(ids)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(first, evs, stream: P.TextStream, req: GenRequest) -> str:
+    ev = first
+    while True:
+        if ev[0] == "token":
+            stream.add(ev[1])
+            if stream.stopped:
+                req.cancel()
+                return "stop"
+        elif ev[0] == "done":
+            stream.finish()
+            return "stop" if ev[1] == "cancelled" else ev[1]
+        else:
+            raise P.APIError(500, ev[1], "generation_failed")
+        ev = await evs.__anext__()
+
+
+async def _stream(p: P.Parsed, rid: str, first, evs, stream: P.TextStream, req: GenRequest, n_prompt: int):
+    if p.kind == "chat":
+        yield _sse(P.chunk(p, rid, None, role=True))
+    ev, reason = first, None
+    try:
+        while reason is None:
+            if ev[0] == "token":
+                piece = stream.add(ev[1])
+                if piece or p.return_token_ids:
+                    yield _sse(P.chunk(p, rid, piece, ids=[ev[1]]))
+                if stream.stopped:
+                    req.cancel()
+                    reason = "stop"
+                    break
+            elif ev[0] == "done":
+                reason = "stop" if ev[1] == "cancelled" else ev[1]
+                break
+            else:
+                yield _sse(P.APIError(500, ev[1], "generation_failed").body())
+                return
+            ev = await evs.__anext__()
+        tail = stream.finish()
+        if tail:
+            yield _sse(P.chunk(p, rid, tail, ids=[]))
+        yield _sse(P.chunk(p, rid, None if p.kind == "chat" else "", reason=reason))
+        if p.include_usage:
+            yield _sse(P.usage_chunk(p, rid, n_prompt, len(stream.ids)))
+        yield "data: [DONE]\n\n"
+    finally:
+        await evs.aclose()
+
+
+# ---------------------------------------------------------------- app
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lorakit = state
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(_, e: P.APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        return JSONResponse(P.APIError(e.status_code, str(e.detail), "http_error").body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        return JSONResponse(P.bad(str(e.errors())).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(P.APIError(500, f"internal error: {type(e).__name__}: {e}", "internal").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.base_name, "engine": state.engine.info()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        require_api_key(state, request)
+        now = int(time.time())
+        data = [{"id": state.base_name, "object": "model", "created": now, "owned_by": "lorakit"}]
+        for v in state.registry.list():
+            for ver in state.registry.versions(v.name):
+                ids = [v.name, f"{v.name}@{ver.version}"] if ver.current else [f"{v.name}@{ver.version}"]
+                for mid in ids:
+                    data.append({"id": mid, "object": "model", "created": int(ver.created_at), "owned_by": "lorakit",
+                                 "parent": state.base_name, "root": f"{v.name}@{ver.version}"})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await complete(state, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(state, request, "completion")
+
+    add_admin_routes(app, state)
+    return app
+
+
+def add_admin_routes(app: FastAPI, state: ServerState) -> None:
+    reg = state.registry
+
+    def call(fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except FileNotFoundError as e:
+            raise P.APIError(400, str(e), "file_not_found") from None
+        except ValueError as e:
+            raise registry_error(e) from None
+
+    @app.get("/admin/adapters")
+    async def list_adapters(request: Request):
+        require_admin(state, request)
+        return {"object": "list", "data": [v.to_json() for v in reg.list()]}
+
+    @app.post("/admin/adapters")
+    async def add_adapter(request: Request):
+        require_admin(state, request)
+        body = await read_body(state, request)
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(path, str) or not path:
+            raise P.bad("'path' must name the adapter directory on the server", "path")
+        v = await asyncio.to_thread(call, reg.add, name, path, description=str(body.get("description") or ""),
+                                    force=bool(body.get("force")))
+        return JSONResponse(v.to_json(), status_code=201)
+
+    @app.get("/admin/adapters/{name}")
+    async def show(name: str, request: Request):
+        require_admin(state, request)
+        return call(reg.describe, name)
+
+    @app.post("/admin/adapters/{name}/rollback")
+    async def rollback(name: str, request: Request):
+        require_admin(state, request)
+        body = await read_body(state, request, allow_empty=True)
+        to = body.get("version")
+        if to is not None and (isinstance(to, bool) or not isinstance(to, int)):
+            raise P.bad(f"'version' must be an integer, got {to!r}", "version")
+        return call(reg.rollback, name, to).to_json()
+
+    @app.delete("/admin/adapters/{ref}")
+    async def remove(ref: str, request: Request):
+        require_admin(state, request)
+        gone = call(reg.remove, ref)
+        name = call(parse_ref, ref)[0]
+        unloaded = await asyncio.wrap_future(state.engine.unload(name))
+        return {"removed": [f"{v.name}@{v.version}" for v in gone], "unloaded": unloaded}
+
+    @app.post("/admin/adapters/{ref}/evals")
+    async def add_eval(ref: str, request: Request):
+        require_admin(state, request)
+        body = await read_body(state, request)
+        call(reg.add_eval, ref, body.get("metrics"))
+        return call(reg.describe, call(parse_ref, ref)[0])
+
+
+# ---------------------------------------------------------------- running
+def make_state(model, tok, registry: Registry, cfg, base_name: str, max_prefill_tokens: int = 4096) -> ServerState:
+    """Engine (started) + registry + limits from a ServeConfig."""
+    engine = Engine(model, tok, max_slots=cfg.max_slots, max_batch=cfg.max_batch,
+                    max_prefill_tokens=max_prefill_tokens, base_fp=registry.base_fp).start()
+    limits = P.Limits(cfg.max_prompt_tokens, cfg.max_new_tokens, engine.max_len,
+                      int(getattr(model.config, "vocab_size", 0) or 0))
+    return ServerState(engine, registry, tok, base_name, list(cfg.api_keys), cfg.admin_key, limits,
+                       cfg.max_body_bytes)
+
+
+class ServerThread:
+    """uvicorn in a background thread (tests, benchmarks, notebooks). `url` is set once it listens."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="lorakit-http", daemon=True)
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

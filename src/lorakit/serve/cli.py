@@ -1,0 +1,191 @@
+"""`lorakit serve` and `lorakit adapters list|add|show|rollback|remove|eval`.
+
+The registry file defaults to $LORAKIT_REGISTRY or ./lorakit-registry.sqlite; its adapter files live
+next to it in <name>.store/. API keys may come from $LORAKIT_API_KEYS (comma-separated) and
+$LORAKIT_ADMIN_KEY instead of the command line (which other users can see in `ps`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_REGISTRY = "lorakit-registry.sqlite"
+
+
+def _registry_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=os.environ.get("LORAKIT_REGISTRY", DEFAULT_REGISTRY),
+                   help="SQLite registry file (default: $LORAKIT_REGISTRY or ./%(default)s)")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters")
+    s.add_argument("--model", default="embedded", help="base model: HF dir, .gguf, or 'embedded' (default)")
+    _registry_arg(s)
+    s.add_argument("--adapters", help="directory of adapter dirs to register at start (name = dir name; "
+                                      "a changed one becomes a new version)")
+    s.add_argument("--api-key", action="append", default=None, help="inference key (repeatable); "
+                   "default $LORAKIT_API_KEYS; none: inference is open")
+    s.add_argument("--admin-key", default=os.environ.get("LORAKIT_ADMIN_KEY"),
+                   help="key for /admin/* (default $LORAKIT_ADMIN_KEY; none: admin API disabled)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-slots", type=int, default=16, help="adapters resident in memory at once (LRU)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    s.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    s.add_argument("--max-prompt-tokens", type=int, default=2048)
+    s.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("adapters", help="the adapter registry: list, add, show, rollback, remove")
+    asub = a.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = asub.add_parser("list", help="current version of every adapter")
+    p.add_argument("--json", action="store_true")
+    p = asub.add_parser("add", help="copy an adapter dir in as the next version (refused if it fits another base)")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.add_argument("--model", help="base model, needed once to record the registry's base fingerprint")
+    p.add_argument("--description", default="")
+    p.add_argument("--metrics", help="JSON file of evaluation results to record with this version")
+    p.add_argument("--force", action="store_true", help="accept an adapter trained on other base weights "
+                                                        "of the same shapes (e.g. another dtype)")
+    p = asub.add_parser("show", help="versions, files, base fingerprint and evaluations of an adapter")
+    p.add_argument("name")
+    p = asub.add_parser("rollback", help="make an earlier version current")
+    p.add_argument("name")
+    p.add_argument("--to", type=int, help="version number (default: the one before the current)")
+    p = asub.add_parser("remove", help="remove an adapter (name) or one version (name@N)")
+    p.add_argument("ref")
+    p = asub.add_parser("eval", help="record evaluation metrics (JSON file) for name or name@N")
+    p.add_argument("ref")
+    p.add_argument("metrics")
+    for p in asub.choices.values():
+        _registry_arg(p)
+    a.set_defaults(func=cmd_adapters)
+
+
+# ---------------------------------------------------------------- adapters
+def _open_registry(path: str, model: str | None = None):
+    from .registry import Registry
+
+    if model is None:
+        return Registry(path)
+    from ..adapter import fingerprint
+    from ..models import load_base, model_name
+
+    m, _ = load_base(model, device="cpu")
+    return Registry(path, base_fp=fingerprint(m), base_name=model_name(model))
+
+
+def _read_metrics(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"metrics file {path!r} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metrics file {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"metrics file {path!r} must hold a non-empty JSON object")
+    return data
+
+
+def cmd_adapters(args) -> int:
+    reg = _open_registry(args.registry, getattr(args, "model", None))
+    try:
+        if args.action == "list":
+            rows = reg.list()
+            if args.json:
+                print(json.dumps([v.to_json() for v in rows], indent=2))
+            else:
+                print(f"{'NAME':24} {'VERSION':>7} {'RANK':>5} {'PARAMS':>10}  ADDED")
+                for v in rows:
+                    added = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
+                    print(f"{v.name:24} {v.version:>7} {str(v.config.get('r')):>5} {v.num_params:>10,}  {added}")
+        elif args.action == "add":
+            v = reg.add(args.name, args.path, description=args.description, force=args.force)
+            if args.metrics:
+                reg.add_eval(f"{v.name}@{v.version}", _read_metrics(args.metrics))
+            print(f"added {v.name}@{v.version} (current) from {args.path}")
+        elif args.action == "show":
+            print(json.dumps(reg.describe(args.name), indent=2))
+        elif args.action == "rollback":
+            v = reg.rollback(args.name, args.to)
+            print(f"{v.name}: current version is now {v.version}")
+        elif args.action == "remove":
+            gone = reg.remove(args.ref)
+            print("removed " + ", ".join(f"{v.name}@{v.version}" for v in gone))
+        elif args.action == "eval":
+            reg.add_eval(args.ref, _read_metrics(args.metrics))
+            print(f"recorded metrics for {args.ref}")
+    finally:
+        reg.close()
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+def _register_dir(reg, directory: str) -> list[str]:
+    from ..adapter import CONFIG_NAME
+    from .registry import NAME_RE
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapters directory {directory!r} does not exist")
+    added = []
+    for d in sorted(p for p in root.iterdir() if (p / CONFIG_NAME).exists()):
+        if not NAME_RE.fullmatch(d.name):
+            print(f"skipping {str(d)!r}: not a valid adapter name", file=sys.stderr)
+            continue
+        try:
+            v = reg.add(d.name, d, skip_if_current=True)
+            added.append(f"{v.name}@{v.version}")
+        except ValueError as e:  # one bad adapter must not stop the server
+            print(f"skipping adapter {str(d)!r}: {e}", file=sys.stderr)
+    return added
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..adapter import fingerprint
+    from ..config import ServeConfig
+    from ..models import load_base, model_name
+    from .app import build_app, make_state
+    from .registry import Registry
+
+    keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]
+    cfg = ServeConfig(host=args.host, port=args.port, api_keys=keys, admin_key=args.admin_key,
+                      registry=args.registry, max_slots=args.max_slots, max_batch=args.max_batch,
+                      max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                      max_new_tokens=args.max_new_tokens)
+    for field_, v in (("max_slots", cfg.max_slots), ("max_batch", cfg.max_batch),
+                      ("max_new_tokens", cfg.max_new_tokens), ("max_prompt_tokens", cfg.max_prompt_tokens)):
+        if v < 1:
+            raise ValueError(f"--{field_.replace('_', '-')} must be at least 1, got {v}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
+    name = model_name(args.model)
+    if os.path.exists(args.model):  # a path: clients name the base by its directory (or file) name
+        name = Path(args.model).resolve().stem if args.model.endswith(".gguf") else Path(args.model).resolve().name
+    reg = Registry(cfg.registry, base_fp=fingerprint(model), base_name=name)
+    if args.adapters:
+        print("adapters: " + (", ".join(_register_dir(reg, args.adapters)) or "none"), file=sys.stderr)
+    if not keys:
+        print("warning: no --api-key: inference is open to anyone who can reach the port", file=sys.stderr)
+    state = make_state(model, tok, reg, cfg, name)
+    print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {cfg.registry})", file=sys.stderr)
+    try:
+        uvicorn.run(build_app(state), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
+    finally:
+        state.engine.stop()
+        reg.close()
+    return 0

@@ -1,0 +1,341 @@
+"""The serving engine: one background thread owns the model and runs continuous batching.
+
+Each turn of the loop
+  1. runs queued commands (e.g. unload an adapter),
+  2. admits waiting requests into free rows: their adapters are made resident in memory slots
+     (LRU; the files are read from disk by a loader thread while others decode) and their
+     prompts prefilled together,
+  3. runs ONE decode step for every running row together, whatever adapter (or stack) each row
+     uses: the per-row slot index goes to `lorakit.kernels.lora_delta` through LoraLinear.routing,
+  4. streams each row's new token to its request and retires finished rows.
+
+A request that arrives while others decode joins at the next turn. Results leave through each
+request's `sink(event)`, called on the engine thread: ("token", id), ("done", reason) with reason
+"stop" | "length" | "cancelled", or ("error", message).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..adapter import AdapterFile, fingerprint
+from ..generate import stop_ids
+from . import forward
+from .slots import SlotBank
+
+log = logging.getLogger("lorakit.serve")
+
+
+@dataclass
+class AdapterUse:
+    key: str  # "name@version": what a slot holds
+    load: Callable[[], AdapterFile]
+    weight: float = 1.0
+
+
+@dataclass
+class GenRequest:
+    prompt: list[int]
+    adapters: list[AdapterUse] = field(default_factory=list)  # empty: the base model; several: a weighted stack
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens
+    sink: Callable[[tuple], None] = lambda ev: None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    slots: list[int]
+    length: int  # tokens in this row's cache
+    next_token: int = -1
+    generated: int = 0
+    gen: torch.Generator | None = None
+    finished: str | None = None
+
+
+class Engine:
+    def __init__(self, model, tok, *, max_slots: int = 8, max_batch: int = 16, max_prefill_tokens: int = 4096,
+                 base_fp: dict | None = None):
+        forward.check_supported(model)
+        self.model, self.tok = model, tok
+        self.stops = stop_ids(model, tok)
+        self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.bank = SlotBank(model, max_slots, base_fp or fingerprint(model))
+        self.cache = forward.RowCache(model, max_batch)
+        self.running: list[_Row] = []
+        self.waiting: deque[GenRequest] = deque()
+        self._commands: deque[tuple[Callable, Future]] = deque()
+        self._cv = threading.Condition()
+        self._wake = False  # something changed that may let a waiting request in
+        self._prefetch: dict[str, Future] = {}  # adapter key -> AdapterFile being read from disk
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-adapter-load")
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "adapter_loads": 0,
+                      "errors": 0}
+
+    # ---------------------------------------------------------------- public (any thread)
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread:
+            self._thread.join(timeout=30)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        keys = {a.key for a in req.adapters}
+        if len(keys) > self.bank.max_slots:
+            raise ValueError(f"the request stacks {len(keys)} adapters; this server holds at most "
+                             f"{self.bank.max_slots} in memory (--max-slots)")
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            for a in req.adapters:
+                self._ensure_prefetch(a)
+            self.waiting.append(req)
+            self._wake = True
+            self._cv.notify_all()
+        return req
+
+    def _ensure_prefetch(self, a: AdapterUse) -> None:
+        """Start reading adapter `a` from disk on the loader thread unless resident or under way (holds _cv)."""
+        if a.key in self.bank.resident or a.key in self._prefetch:
+            return
+        fut = self._loader.submit(a.load)
+        self._prefetch[a.key] = fut
+        fut.add_done_callback(lambda _: self._poke())
+
+    def _poke(self) -> None:
+        with self._cv:
+            self._wake = True
+            self._cv.notify_all()
+
+    def call(self, fn: Callable) -> Future:
+        """Run fn() on the engine thread between steps (e.g. unload an adapter)."""
+        fut: Future = Future()
+        with self._cv:
+            self._commands.append((fn, fut))
+            self._wake = True
+            self._cv.notify_all()
+        return fut
+
+    def unload(self, name: str) -> Future:
+        """Drop every resident version of adapter `name` that no running request uses."""
+        def run():
+            return [k for k in list(self.bank.resident) if k.split("@")[0] == name and self.bank.unload(k)]
+        return self.call(run)
+
+    def info(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "resident": list(self.bank.resident),
+                "max_slots": self.bank.max_slots, "max_batch": self.max_batch, "slot_bytes": self.bank.nbytes(),
+                "kv_bytes": self.cache.nbytes(), **self.stats}
+
+    # ---------------------------------------------------------------- the loop (engine thread)
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self.running or self._wake):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                self._wake = False
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - reported to the caller
+                    fut.set_exception(e)
+            try:
+                self._admit()
+                if self.running:
+                    self._step()
+                if not self.running and not self.waiting and self.cache.cap > self.cache.chunk:
+                    self.cache.clear()  # idle after long sequences: give that KV memory back
+            except Exception as e:  # noqa: BLE001 - a failed step must not take the server down
+                log.exception("engine step failed")
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down")
+        with self._cv:
+            for req in self.waiting:
+                req.sink(("error", "the server is shutting down"))
+            self.waiting.clear()
+
+    def _fail_all(self, message: str) -> None:
+        for row in self.running:
+            row.req.sink(("error", message))
+            for s in row.slots:
+                self.bank.release(s)
+        self.stats["errors"] += len(self.running)
+        self.running = []
+        self.cache.clear()
+
+    def _take_admissible(self) -> list[GenRequest]:
+        """Waiting requests that fit now (free rows, prefill budget, adapter slots), in arrival order."""
+        taken, tokens, keys = [], 0, []
+        with self._cv:
+            keep = deque()
+            while self.waiting:
+                req = self.waiting.popleft()
+                if req.cancelled:
+                    req.sink(("done", "cancelled"))
+                    continue
+                want = [a.key for a in req.adapters]
+                fits = (len(self.running) + len(taken) < self.max_batch
+                        and (not taken or tokens + len(req.prompt) <= self.max_prefill_tokens)
+                        and self._files_ready(req) and self.bank.can_acquire(keys + want))
+                if fits:
+                    taken.append(req)
+                    tokens += len(req.prompt)
+                    keys += want
+                else:
+                    keep.append(req)
+            self.waiting = keep
+        return taken
+
+    def _files_ready(self, req: GenRequest) -> bool:
+        """All of req's adapters are resident or read from disk (holds _cv). Starts reads still missing."""
+        ready = True
+        for a in req.adapters:
+            if a.key in self.bank.resident:
+                continue
+            self._ensure_prefetch(a)  # e.g. evicted since the request was submitted
+            ready = ready and self._prefetch[a.key].done()
+        return ready
+
+    def _file(self, key: str, load: Callable[[], AdapterFile]) -> Callable[[], AdapterFile]:
+        def get():
+            with self._cv:
+                fut = self._prefetch.pop(key, None)
+            return fut.result() if fut is not None else load()
+        return get
+
+    def _admit(self) -> None:
+        rows: list[_Row] = []
+        for req in self._take_admissible():
+            slots: list[int] = []
+            try:
+                for a in req.adapters:
+                    loaded = a.key in self.bank.resident
+                    slots.append(self.bank.acquire(a.key, self._file(a.key, a.load)))
+                    self.stats["adapter_loads"] += not loaded
+            except Exception as e:  # noqa: BLE001 - a broken adapter file fails this request only
+                for s in slots:
+                    self.bank.release(s)
+                self.stats["errors"] += 1
+                req.sink(("error", f"adapter could not be loaded: {e}"))
+                continue
+            seed = req.seed if req.seed is not None else random.getrandbits(63)
+            gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
+            rows.append(_Row(req, slots, len(req.prompt), gen=gen))
+        if rows:
+            self._prefill(rows)
+            self._retire()
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Prefill new rows together; if that fails, one by one, so only a bad request fails."""
+        start = len(self.running)
+        self._set_batch(rows)
+        try:
+            logits = forward.prefill(self.model, self.cache, slice(start, start + len(rows)),
+                                     [r.req.prompt for r in rows])
+        except Exception as e:  # noqa: BLE001 - never the running requests' problem
+            if len(rows) > 1:
+                for r in rows:
+                    self._prefill([r])
+                return
+            log.exception("prefill failed")
+            rows[0].req.sink(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            for s in rows[0].slots:
+                self.bank.release(s)
+            self.stats["errors"] += 1
+            return
+        self.running.extend(rows)
+        self.stats["prefills"] += 1
+        self._emit(rows, logits)
+
+    def _step(self) -> None:
+        rows = self.running
+        self._set_batch(rows)
+        logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows])
+        for r in rows:
+            r.length += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(rows)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        self._emit(rows, logits)
+        self._retire()
+
+    def _set_batch(self, rows: list[_Row]) -> None:
+        k = max(1, max(len(r.slots) for r in rows))
+        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (b, k); padding: slot 0, weight 0
+        coef = torch.zeros(len(rows), k)
+        for i, r in enumerate(rows):
+            for j, (s, a) in enumerate(zip(r.slots, r.req.adapters)):
+                idx[i, j], coef[i, j] = s, a.weight
+        self.bank.set_batch(idx, coef)
+
+    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token from logits (n, vocab), send it, and mark finished rows."""
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            if r.req.cancelled:
+                r.finished = "cancelled"
+                continue
+            tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+            if tok in self.stops and not r.req.ignore_eos:
+                r.finished = "stop"
+                continue
+            r.req.sink(("token", tok))
+            r.generated += 1
+            r.next_token = tok
+            if r.generated >= r.req.max_tokens or r.length + 1 >= self.max_len:
+                r.finished = "length"
+
+    def _retire(self) -> None:
+        i = 0
+        while i < len(self.running):
+            r = self.running[i]
+            if r.finished is None:
+                i += 1
+                continue
+            r.req.sink(("done", r.finished))
+            for s in r.slots:
+                self.bank.release(s)
+            self._wake = True  # a row and maybe a slot are free
+            last = len(self.running) - 1
+            if i != last:  # compact: the last row moves into the freed row
+                self.cache.move(last, i)
+                self.running[i] = self.running[last]
+            self.running.pop()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token from logits (vocab,) at `temperature`, keeping the smallest top-p nucleus."""
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the first
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,284 @@
+"""The OpenAI wire format: parse and validate request bodies, shape responses and errors.
+
+Plain functions over dicts (no pydantic models), so every rejection carries a message that names
+the offending field and what was expected, in OpenAI's error shape:
+    {"error": {"message": ..., "type": "invalid_request_error", "param": ..., "code": ...}}
+
+The `model` field picks what runs:
+    "<base name>" or "base"          the base model alone
+    "support" / "support@2"          an adapter (its current version / version 2)
+    "domain:0.7+tone:0.3"            a weighted stack, composed on the fly (exact sum of the weight changes)
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .registry import parse_ref
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_STACK = 8
+
+
+class APIError(Exception):
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, code, param)
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    context: int = 2048  # the model's max positions
+    vocab_size: int = 0  # token ids in a prompt must be below this (0: unchecked)
+
+
+@dataclass
+class Parsed:
+    kind: str  # "chat" | "completion"
+    model: str
+    prompt: list[dict] | str | list[int]
+    stack: list[tuple[str, float]]  # [] = base; [(ref, weight), ...]
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    return_token_ids: bool = False
+    ignore_eos: bool = False
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def parse_model(model: object, base_ids: set[str]) -> list[tuple[str, float]]:
+    """The `model` field -> [] for the base, else [(adapter ref, weight), ...]."""
+    if not isinstance(model, str) or not model:
+        raise bad(f"'model' must be a non-empty string, got {model!r}", "model")
+    if model in base_ids:
+        return []
+    parts = model.split("+")
+    if len(parts) > MAX_STACK:
+        raise bad(f"a stack may hold at most {MAX_STACK} adapters, got {len(parts)}", "model")
+    stack = []
+    for part in parts:
+        ref, sep, w = part.partition(":")
+        try:
+            parse_ref(ref)
+        except ValueError as e:
+            raise bad(f"'model' {model!r}: {e}", "model", "invalid_model") from None
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(w)
+            except ValueError:
+                raise bad(f"'model' {model!r}: weight {w!r} of {ref!r} is not a number", "model") from None
+            if not math.isfinite(weight):
+                raise bad(f"'model' {model!r}: weight of {ref!r} must be finite", "model")
+        stack.append((ref, weight))
+    if len({r for r, _ in stack}) != len(stack):
+        raise bad(f"'model' {model!r} names an adapter twice", "model")
+    return stack
+
+
+def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
+    if not (lo <= v <= hi):
+        raise bad(f"'{key}' must be between {lo} and {hi}, got {v!r}", key)
+    return v
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise bad(f"messages[{i}] must be an object with 'role' one of {sorted(ROLES)}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+                texts.append(p["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content must be a string, got {type(content).__name__}", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompt(body: dict) -> str | list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
+        return p
+    raise bad("'prompt' must be a string, a list of token ids, or a list holding one of those "
+              "(batched prompts are not supported: send one request per prompt)", "prompt")
+
+
+def _refuse_unsupported(body: dict) -> None:
+    if body.get("n", 1) != 1:
+        raise bad(f"'n' must be 1 (one choice per request), got {body.get('n')!r}", "n")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise bad(f"'{key}' is not supported (only 0)", key)
+    if body.get("logprobs") not in (None, False) or body.get("echo") or body.get("suffix") or body.get("tools"):
+        key = next(k for k in ("logprobs", "echo", "suffix", "tools") if body.get(k) not in (None, False, []))
+        raise bad(f"'{key}' is not supported by this server", key)
+
+
+def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> Parsed:
+    _refuse_unsupported(body)
+    stack = parse_model(body.get("model"), base_ids)
+    prompt = _messages(body) if kind == "chat" else _prompt(body)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None:
+        max_tokens = _number({key: max_tokens}, key, None, 1, limits.max_new_tokens, integer=True)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad(f"'stream' must be true or false, got {stream!r}", "stream")
+    return Parsed(kind, body["model"], prompt, stack, max_tokens,
+                  temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+                  top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
+                  seed=_number(body, "seed", None, -(2 ** 63), 2 ** 63 - 1, integer=True),
+                  stop=stop, stream=stream, include_usage=bool(opts.get("include_usage")),
+                  return_token_ids=bool(body.get("return_token_ids")), ignore_eos=bool(body.get("ignore_eos")))
+
+
+def check_prompt(ids: list[int], max_tokens: int | None, kind: str, limits: Limits) -> int:
+    """Validate the prompt's ids and length; return the max_tokens to use."""
+    n_prompt = len(ids)
+    if limits.vocab_size and ids and max(ids) >= limits.vocab_size:
+        raise bad(f"prompt token id {max(ids)} is outside the vocabulary (0..{limits.vocab_size - 1})", "prompt")
+    if n_prompt == 0:
+        raise bad("the prompt is empty", "prompt" if kind == "completion" else "messages")
+    if n_prompt > limits.max_prompt_tokens:
+        raise bad(f"the prompt has {n_prompt} tokens; this server accepts at most {limits.max_prompt_tokens}",
+                  "messages" if kind == "chat" else "prompt", "prompt_too_long")
+    room = limits.context - n_prompt
+    if room < 1:
+        raise bad(f"the prompt ({n_prompt} tokens) fills the model's context of {limits.context}",
+                  "prompt", "context_length_exceeded")
+    if max_tokens is None:
+        return min(room, limits.max_new_tokens if kind == "chat" else 16)
+    if max_tokens > room:
+        raise bad(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
+                  f"{limits.context}", "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+# ---------------------------------------------------------------- responses
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(n_prompt: int, n_out: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+def response(p: Parsed, rid: str, text: str, reason: str, ids: list[int], n_prompt: int) -> dict:
+    choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if p.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    if p.return_token_ids:
+        choice["token_ids"] = ids
+    return {"id": rid, "object": "chat.completion" if p.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": p.model, "choices": [choice], "usage": usage(n_prompt, len(ids))}
+
+
+def chunk(p: Parsed, rid: str, text: str | None, reason: str | None = None, ids: list[int] | None = None,
+          role: bool = False) -> dict:
+    choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if p.kind == "chat":
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        choice["delta"] = delta
+    else:
+        choice["text"] = text or ""
+    if p.return_token_ids and ids is not None:
+        choice["token_ids"] = ids
+    return {"id": rid, "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": p.model, "choices": [choice]}
+
+
+def usage_chunk(p: Parsed, rid: str, n_prompt: int, n_out: int) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": p.model, "choices": [], "usage": usage(n_prompt, n_out)}
+
+
+class TextStream:
+    """Token ids -> text pieces, holding back incomplete UTF-8 and anything that may start a stop string."""
+
+    def __init__(self, tok, stop: list[str]):
+        self.tok, self.stop = tok, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, tid: int) -> str:
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character is still incomplete
+        self.text = text
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = text[: min(hits)], True
+            return self._flush(len(self.text))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._flush(len(text) - hold)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        piece = self.text[self.sent: upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece

@@ -1,0 +1,363 @@
+"""Adapter registry: SQLite (stdlib sqlite3, WAL) plus a store directory holding each version's files.
+
+A registry belongs to one base model (its fingerprint is stored on first use). Per adapter name it
+keeps numbered versions (the files, the base fingerprint they were trained on, their config, when
+they were added), which version is current, and evaluation results per adapter version and base.
+
+    reg = Registry("adapters.sqlite", base_fp=fingerprint(model), base_name="SmolLM2-135M-Instruct")
+    reg.add("support", "out/support")        # -> version 1, copied into adapters.store/support/v1
+    reg.rollback("support")                  # an earlier version becomes current
+    reg.resolve("support@1").path
+
+Adding is atomic: the files are copied to a temp name and renamed, and the database row is written
+in the same transaction; a failure leaves neither. An adapter whose shapes (or base weights) do not
+fit the registry's base is refused with the reason (`IncompatibleAdapter`, HTTP 409).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS base (id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT,
+    fingerprint TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '',
+    next_version INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (name TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, fingerprint TEXT,
+    config TEXT NOT NULL, num_params INTEGER NOT NULL, created_at REAL NOT NULL,
+    current INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS evals (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+    version INTEGER NOT NULL, base_shape_hash TEXT, base_weight_hash TEXT, metrics TEXT NOT NULL,
+    created_at REAL NOT NULL);
+"""
+
+
+class UnknownAdapter(ValueError):
+    """No such adapter (or version): HTTP 404."""
+
+
+class IncompatibleAdapter(ValueError):
+    """The adapter does not fit the registry's base model: HTTP 409."""
+
+
+@dataclass
+class AdapterVersion:
+    name: str
+    version: int
+    path: Path
+    sha256: str
+    config: dict
+    fingerprint: dict | None
+    num_params: int
+    created_at: float
+    current: bool
+    evals: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "id": f"{self.name}@{self.version}",
+                "path": str(self.path), "sha256": self.sha256, "current": self.current,
+                "created_at": self.created_at, "num_params": self.num_params,
+                "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
+                "target_modules": self.config.get("target_modules"),
+                "base_fingerprint": _short_fp(self.fingerprint), "evals": self.evals}
+
+
+def _short_fp(fp: dict | None) -> dict | None:
+    return None if fp is None else {k: v for k, v in fp.items() if k != "shapes"}
+
+
+def validate_name(name: object) -> str:
+    """Adapter names are 1-64 letters, digits, '_' or '-' (never a path: no '/', '.', '..')."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid adapter name {name!r}: expected 1-64 characters of letters, digits, "
+                         "'_' or '-', starting with a letter or digit (no paths)")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'name' or 'name@3' -> (name, version or None)."""
+    name, sep, ver = str(ref).partition("@")
+    validate_name(name)
+    if not sep:
+        return name, None
+    if not ver.isdigit() or int(ver) < 1:
+        raise ValueError(f"invalid adapter version in {ref!r}: expected name@N with N a positive integer")
+    return name, int(ver)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in (CONFIG_NAME, WEIGHTS_NAME):
+        with open(path / f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class Registry:
+    def __init__(self, path: str | Path, *, base_fp: dict | None = None, base_name: str | None = None,
+                 store: str | Path | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = Path(store) if store else self.path.with_suffix(".store")
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise ValueError(f"{str(self.path)!r} is not a usable SQLite registry: {e}") from None
+        self.base_fp, self.base_name = self._init_base(base_fp, base_name)
+
+    # ---------------------------------------------------------------- base record
+    def _init_base(self, base_fp: dict | None, base_name: str | None) -> tuple[dict | None, str | None]:
+        row = self._q1("SELECT name, fingerprint FROM base WHERE id = 1")
+        if row is None:
+            if base_fp is not None:
+                with self._write():
+                    self._db.execute("INSERT INTO base VALUES (1, ?, ?, ?)",
+                                     (base_name, json.dumps(base_fp), time.time()))
+            return base_fp, base_name
+        stored = json.loads(row["fingerprint"])
+        if base_fp is not None:
+            for key in ("architecture", "shape_hash", "weight_hash"):
+                if stored.get(key) != base_fp.get(key):
+                    raise IncompatibleAdapter(
+                        f"registry {str(self.path)!r} belongs to base {row['name']!r} ({key} "
+                        f"{stored.get(key)}), but the model given is {base_name!r} ({key} {base_fp.get(key)}); "
+                        "use another registry file for another base")
+        return stored, row["name"]
+
+    def require_base(self) -> dict:
+        if self.base_fp is None:
+            raise ValueError(f"registry {str(self.path)!r} has no base model yet; pass --model once so it "
+                             "can record the base fingerprint adapters are checked against")
+        return self.base_fp
+
+    # ---------------------------------------------------------------- plumbing
+    def _q(self, sql: str, args=()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _q1(self, sql: str, args=()):
+        rows = self._q(sql, args)
+        return rows[0] if rows else None
+
+    class _Tx:
+        def __init__(self, reg):
+            self.reg = reg
+
+        def __enter__(self):
+            self.reg._lock.acquire()
+            self.reg._db.execute("BEGIN IMMEDIATE")
+            return self.reg._db
+
+        def __exit__(self, typ, *_):
+            try:
+                self.reg._db.execute("COMMIT" if typ is None else "ROLLBACK")
+            finally:
+                self.reg._lock.release()
+
+    def _write(self):
+        return Registry._Tx(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---------------------------------------------------------------- checks
+    def check_fits(self, af, force: bool = False) -> None:
+        """Raise IncompatibleAdapter with the reason if adapter file `af` does not fit the base."""
+        base = self.require_base()
+        if af.config.use_dora:
+            raise ValueError(f"adapter {str(af.path)!r} is a DoRA adapter; the server batches adapters per "
+                             "row and cannot serve DoRA's per-adapter weight normalisation: merge it into "
+                             "the base (lorakit merge) and serve that model instead")
+        try:
+            check_compatible(af.module_shapes(), base)
+        except ValueError as e:
+            raise IncompatibleAdapter(str(e)) from None
+        fp = af.fingerprint
+        if fp and fp.get("architecture") != base.get("architecture"):
+            raise IncompatibleAdapter(f"adapter is for another base: trained on a {fp.get('architecture')}, "
+                                      f"the registry's base is a {base.get('architecture')}")
+        if fp and not force and fp.get("weight_hash") != base.get("weight_hash"):
+            raise IncompatibleAdapter(
+                f"adapter is for another base: trained on base weights {fp.get('weight_hash')}, the registry's "
+                f"base ({self.base_name}) has weights {base.get('weight_hash')} (same shapes: force to accept)")
+
+    # ---------------------------------------------------------------- changes
+    def add(self, name: str, src: str | Path, *, description: str = "", force: bool = False,
+            skip_if_current: bool = False) -> AdapterVersion:
+        """Copy adapter directory `src` in as the next version of `name` and make it current."""
+        validate_name(name)
+        src = Path(src)
+        af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
+        af.modules()
+        self.check_fits(af, force)
+        sha = _sha256(src)
+        cur = self._current_row(name)
+        if skip_if_current and cur is not None and cur["sha256"] == sha:
+            return self.resolve(name)
+        self.store.mkdir(parents=True, exist_ok=True)
+        with self._write() as db:
+            row = db.execute("SELECT next_version FROM adapters WHERE name = ?", (name,)).fetchone()
+            now = time.time()
+            if row is None:
+                db.execute("INSERT INTO adapters (name, description, next_version, created_at) VALUES (?,?,1,?)",
+                           (name, description, now))
+                version = 1
+            else:
+                version = row["next_version"]
+            rel = f"{name}/v{version}"
+            dest = self.store / rel
+            _copy_adapter_dir(src, dest)
+            try:
+                db.execute("UPDATE versions SET current = 0 WHERE name = ?", (name,))
+                db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,1)",
+                           (name, version, rel, sha, json.dumps(af.fingerprint) if af.fingerprint else None,
+                            json.dumps(af.peft_config), af.num_params(), now))
+                db.execute("UPDATE adapters SET next_version = ? WHERE name = ?", (version + 1, name))
+                if description:
+                    db.execute("UPDATE adapters SET description = ? WHERE name = ?", (description, name))
+                metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
+                if isinstance(metrics, dict) and metrics:
+                    self._insert_eval(db, name, version, metrics, self.base_fp)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+        return self.resolve(f"{name}@{version}")
+
+    def rollback(self, name: str, to: int | None = None) -> AdapterVersion:
+        """Make version `to` (default: the newest one older than the current) current."""
+        validate_name(name)
+        cur = self._current_row(name)
+        if cur is None:
+            raise UnknownAdapter(f"unknown adapter {name!r}")
+        with self._write() as db:
+            if to is None:
+                row = db.execute("SELECT MAX(version) AS v FROM versions WHERE name = ? AND version < ?",
+                                 (name, cur["version"])).fetchone()
+                if row["v"] is None:
+                    raise ValueError(f"adapter {name!r} has no version older than the current v{cur['version']}")
+                to = row["v"]
+            elif db.execute("SELECT 1 FROM versions WHERE name = ? AND version = ?", (name, to)).fetchone() is None:
+                raise UnknownAdapter(f"adapter {name!r} has no version {to}; it has {self._versions(db, name)}")
+            db.execute("UPDATE versions SET current = (version = ?) WHERE name = ?", (to, name))
+        return self.resolve(name)
+
+    def remove(self, ref: str) -> list[AdapterVersion]:
+        """Remove 'name' (every version) or 'name@N' (one). Returns what was removed."""
+        name, version = parse_ref(ref)
+        gone = [v for v in self.versions(name) if version is None or v.version == version]
+        if not gone:
+            raise UnknownAdapter(f"unknown adapter {ref!r}")
+        with self._write() as db:
+            if version is None:
+                db.execute("DELETE FROM versions WHERE name = ?", (name,))
+                db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            else:
+                db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
+                left = db.execute("SELECT MAX(version) AS v, MAX(current) AS c FROM versions WHERE name = ?",
+                                  (name,)).fetchone()
+                if left["v"] is None:
+                    db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+                elif not left["c"]:
+                    db.execute("UPDATE versions SET current = 1 WHERE name = ? AND version = ?", (name, left["v"]))
+        for v in gone:
+            shutil.rmtree(v.path, ignore_errors=True)
+        if version is None:
+            shutil.rmtree(self.store / name, ignore_errors=True)
+        return gone
+
+    def add_eval(self, ref: str, metrics: dict, base_fp: dict | None = None) -> None:
+        if not isinstance(metrics, dict) or not metrics:
+            raise ValueError(f"metrics must be a non-empty JSON object, got {metrics!r}")
+        v = self.resolve(ref)
+        with self._write() as db:
+            self._insert_eval(db, v.name, v.version, metrics, base_fp or self.base_fp)
+
+    @staticmethod
+    def _insert_eval(db, name, version, metrics, base_fp) -> None:
+        fp = base_fp or {}
+        db.execute("INSERT INTO evals (name, version, base_shape_hash, base_weight_hash, metrics, created_at) "
+                   "VALUES (?,?,?,?,?,?)", (name, version, fp.get("shape_hash"), fp.get("weight_hash"),
+                                            json.dumps(metrics), time.time()))
+
+    # ---------------------------------------------------------------- queries
+    def _current_row(self, name: str):
+        return self._q1("SELECT * FROM versions WHERE name = ? AND current = 1", (name,))
+
+    @staticmethod
+    def _versions(db, name) -> list[int]:
+        return [r[0] for r in db.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
+
+    def _row_to_version(self, row) -> AdapterVersion:
+        evals = [{"base_shape_hash": e["base_shape_hash"], "base_weight_hash": e["base_weight_hash"],
+                  "metrics": json.loads(e["metrics"]), "created_at": e["created_at"]}
+                 for e in self._q("SELECT * FROM evals WHERE name = ? AND version = ? ORDER BY id",
+                                  (row["name"], row["version"]))]
+        return AdapterVersion(row["name"], row["version"], self.store / row["path"], row["sha256"],
+                              json.loads(row["config"]), json.loads(row["fingerprint"]) if row["fingerprint"] else None,
+                              row["num_params"], row["created_at"], bool(row["current"]), evals)
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """'name' (the current version) or 'name@N' -> that version; UnknownAdapter if absent."""
+        name, version = parse_ref(ref)
+        if version is None:
+            row = self._current_row(name)
+        else:
+            row = self._q1("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version))
+        if row is None:
+            raise UnknownAdapter(f"unknown adapter {ref!r}" + ("" if version is None or not self.versions(name)
+                                 else f"; {name!r} has versions {[v.version for v in self.versions(name)]}"))
+        return self._row_to_version(row)
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        validate_name(name)
+        return [self._row_to_version(r) for r in
+                self._q("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,))]
+
+    def list(self) -> list[AdapterVersion]:
+        """The current version of every adapter, by name."""
+        return [self._row_to_version(r) for r in self._q("SELECT * FROM versions WHERE current = 1 ORDER BY name")]
+
+    def describe(self, name: str) -> dict:
+        vs = self.versions(name)
+        if not vs:
+            raise UnknownAdapter(f"unknown adapter {name!r}")
+        row = self._q1("SELECT description, created_at FROM adapters WHERE name = ?", (name,))
+        cur = next(v.version for v in vs if v.current)
+        return {"name": name, "description": row["description"], "created_at": row["created_at"],
+                "current_version": cur, "versions": [v.to_json() for v in vs]}
+
+
+def _copy_adapter_dir(src: Path, dest: Path) -> None:
+    """Copy the two PEFT files into `dest` via a temp sibling and a rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        tmp.mkdir()
+        for f in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copyfile(src / f, tmp / f)
+        if dest.exists():  # a leftover from a crashed add of the same version number
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

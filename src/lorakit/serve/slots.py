@@ -1,0 +1,188 @@
+"""Adapter memory slots: the resident adapters' A and B stacked per layer, with an LRU over adapters.
+
+For every linear layer that some resident adapter targets:
+
+    A (S, r_max, in)   B (S, out, r_max)        S = 1 + max_slots; slot 0 = no adapter (zeros)
+
+and one scale per slot (alpha / r of the adapter); the rare adapter whose scale differs between
+layers (alpha_pattern / rank_pattern) has the ratio folded into those layers' B.
+
+Ranks are zero-padded to the largest resident rank (zero rows of A / columns of B add exactly
+nothing). Loading an adapter writes its tensors into a free slot (evicting the least recently
+used unpinned adapter if none is free); unloading zeroes the slot. The base weights are never
+written: each layer's output gets `kernels.lora_delta(x, A, B, idx, coef)` added through
+`LoraLinear.routing`, with the per-row slot index and coefficients of the current batch.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..adapter import AdapterFile, check_compatible
+from ..lora import LoraLinear, _get_parent, _pattern
+
+
+@dataclass
+class LayerSlots:
+    A: torch.Tensor  # (S, r, in)
+    B: torch.Tensor  # (S, out, r), times scale_here / slot_scale where an adapter's scale varies by layer
+
+
+class NoFreeSlot(RuntimeError):
+    """Every slot holds an adapter that a running request uses."""
+
+
+def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module path -> (A (r, in), B (out, r), scale) with the file's own ranks and alpha overrides."""
+    cfg, out = af.config, {}
+    if cfg.use_dora:
+        raise ValueError(f"adapter {str(af.path)!r} is a DoRA adapter, which per-row serving does not support; "
+                         "merge it into the base instead")
+    for path, t in af.modules().items():
+        A, B = t["lora_A"], t["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"{str(af.path)!r}: module {path!r} has lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)}; expected (r, in) and (out, r)")
+        r = A.shape[0]
+        alpha = float(_pattern(cfg.alpha_pattern, path, cfg.alpha))
+        out[path] = (A, B, alpha / (math.sqrt(r) if cfg.use_rslora else r))
+    return out
+
+
+class SlotBank:
+    def __init__(self, model: nn.Module, max_slots: int, base_fp: dict):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be at least 1, got {max_slots}")
+        self.model, self.max_slots, self.base_fp = model, max_slots, base_fp
+        w = next(model.parameters())
+        self.dtype = w.dtype if w.is_floating_point() else torch.float32
+        self.device = w.device
+        self.layers: dict[str, LayerSlots] = {}
+        self._by_module: dict[nn.Module, LayerSlots] = {}
+        self.r_max = 0
+        self.resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recent first
+        self.pins = [0] * (max_slots + 1)
+        self.slot_scale = torch.zeros(max_slots + 1, dtype=torch.float32)
+        self.idx: torch.Tensor | None = None  # (b, k) of the batch being run
+        self.coef: torch.Tensor | None = None  # (b, k): stack weight x the slot's scale
+        self._routing_on = False
+
+    # ---------------------------------------------------------------- residency
+    def acquire(self, key: str, load) -> int:
+        """The slot holding adapter `key`, loading it (`load()` -> AdapterFile) if needed; pins it."""
+        if key in self.resident:
+            self.resident.move_to_end(key)
+        else:
+            slot = self._free_slot()
+            self._write(slot, adapter_scales(self._checked(load())))
+            self.resident[key] = slot
+        slot = self.resident[key]
+        self.pins[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot:
+            self.pins[slot] -= 1
+
+    def can_acquire(self, keys: list[str]) -> bool:
+        missing = sum(k not in self.resident for k in set(keys))
+        free = self.max_slots - len(self.resident) + sum(self.pins[s] == 0 for k, s in self.resident.items()
+                                                         if k not in keys)
+        return missing <= free
+
+    def unload(self, key: str) -> bool:
+        """Drop adapter `key` from memory if no running request uses it. True if it was unloaded."""
+        slot = self.resident.get(key)
+        if slot is None or self.pins[slot]:
+            return False
+        self._zero(slot)
+        del self.resident[key]
+        return True
+
+    def _free_slot(self) -> int:
+        used = set(self.resident.values())
+        for s in range(1, self.max_slots + 1):
+            if s not in used:
+                return s
+        for key, s in self.resident.items():  # least recently used first
+            if self.pins[s] == 0:
+                self.unload(key)
+                return s
+        raise NoFreeSlot(f"all {self.max_slots} adapter slots are in use by running requests")
+
+    def _checked(self, af: AdapterFile) -> AdapterFile:
+        check_compatible(af.module_shapes(), self.base_fp)
+        return af
+
+    # ---------------------------------------------------------------- tensors
+    def _layer(self, path: str) -> LayerSlots:
+        if path not in self.layers:
+            mod = self.model.get_submodule(path)
+            if not isinstance(mod, LoraLinear):
+                if not isinstance(mod, nn.Linear):
+                    raise ValueError(f"module {path!r} is a {type(mod).__name__}, not a linear layer")
+                parent, child = _get_parent(self.model, path)
+                mod = LoraLinear(mod)  # shares the base weight: nothing is copied or changed
+                setattr(parent, child, mod)
+            S, r = self.max_slots + 1, max(self.r_max, 1)
+            ls = LayerSlots(torch.zeros(S, r, mod.in_features, dtype=self.dtype, device=self.device),
+                            torch.zeros(S, mod.out_features, r, dtype=self.dtype, device=self.device))
+            self.layers[path], self._by_module[mod] = ls, ls
+            mod.routing = self._route if self._routing_on else None
+        return self.layers[path]
+
+    def _grow_rank(self, r: int) -> None:
+        for ls in self.layers.values():
+            pad = r - ls.A.shape[1]
+            if pad > 0:
+                ls.A = torch.cat([ls.A, ls.A.new_zeros(ls.A.shape[0], pad, ls.A.shape[2])], dim=1)
+                ls.B = torch.cat([ls.B, ls.B.new_zeros(ls.B.shape[0], ls.B.shape[1], pad)], dim=2)
+        self.r_max = max(self.r_max, r)
+
+    @torch.no_grad()
+    def _write(self, slot: int, mods: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        for path in mods:
+            self._layer(path)
+        r = max(A.shape[0] for A, _, _ in mods.values())
+        if r > self.r_max:
+            self._grow_rank(r)
+        self._zero(slot)
+        scales = [s for _, _, s in mods.values()]
+        common = max(set(scales), key=scales.count)
+        for path, (A, B, scale) in mods.items():
+            ls, r = self.layers[path], A.shape[0]
+            ls.A[slot, :r].copy_(A)
+            ls.B[slot, :, :r].copy_(B if scale == common else B.float() * (scale / common))
+        self.slot_scale[slot] = common
+
+    @torch.no_grad()
+    def _zero(self, slot: int) -> None:
+        for ls in self.layers.values():
+            ls.A[slot].zero_()
+            ls.B[slot].zero_()
+        self.slot_scale[slot] = 0.0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ls in self.layers.values() for t in (ls.A, ls.B))
+
+    # ---------------------------------------------------------------- per-batch routing
+    def set_batch(self, idx: torch.Tensor, coef: torch.Tensor) -> None:
+        """idx (b, k) slot per row (0 = base), coef (b, k) stack weights. Rows of slot 0 only: no routing."""
+        coef = coef.float() * self.slot_scale[idx]  # (b, k), once per step for every layer
+        self.idx, self.coef = idx.to(self.device), coef.to(self.device)
+        on = bool((idx != 0).any())
+        if on != self._routing_on:
+            for mod in self._by_module:
+                mod.routing = self._route if on else None
+            self._routing_on = on
+
+    def _route(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        ls = self._by_module[layer]
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)
+        delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, self.coef)  # (b, s, out)
+        return delta if x.dim() == 3 else delta.squeeze(1)

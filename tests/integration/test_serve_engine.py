@@ -1,0 +1,140 @@
+"""The continuous-batching engine without HTTP: joining mid-flight, slot pressure, cancellation, errors."""
+import threading
+import types
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter, set_active
+from lorakit.adapter import read_adapter
+from lorakit.generate import generate_ids
+from lorakit.models import tiny_llama
+from lorakit.serve.engine import AdapterUse, Engine, GenRequest
+
+TOK = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
+
+
+class Collect:
+    def __init__(self, on_token=None):
+        self.tokens, self.end, self.done, self.on_token = [], None, threading.Event(), on_token
+
+    def __call__(self, ev):
+        if ev[0] == "token":
+            self.tokens.append(ev[1])
+            if self.on_token:
+                self.on_token(len(self.tokens))
+        else:
+            self.end = ev
+            self.done.set()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eng")
+    m = tiny_llama()
+    for i, n in enumerate("abc"):
+        torch.manual_seed(i)
+        add_adapter(m, LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False), n)
+        save_adapter(m, root / n, n)
+    return root, m
+
+
+def use(root, n, w=1.0):
+    return AdapterUse(f"{n}@1", lambda: read_adapter(root / n), w)
+
+
+def offline(m, name, prompt, n):
+    set_active(m, name)
+    out = generate_ids(m, TOK, [prompt], max_new_tokens=n)[0]
+    set_active(m, None)
+    return out
+
+
+def test_new_request_joins_running_batch(adapters):
+    root, ref = adapters
+    eng = Engine(tiny_llama(), TOK, max_slots=2, max_batch=4).start()
+    try:
+        late = Collect()
+        pa, pb = [5, 6, 7, 8], [9, 10, 11]
+
+        def join_after(k):
+            if k == 5:  # A is mid-decode: B is submitted now and must join the running batch
+                eng.submit(GenRequest(pb, [use(root, "b")], max_tokens=6, sink=late))
+
+        early = Collect(on_token=join_after)
+        eng.submit(GenRequest(pa, [use(root, "a")], max_tokens=40, sink=early))
+        assert early.done.wait(60) and late.done.wait(60)
+        assert early.tokens == offline(ref, "a", pa, 40) and len(early.tokens) == 40
+        assert late.tokens == offline(ref, "b", pb, 6)
+        assert eng.stats["max_rows"] == 2  # they shared decode steps
+        assert eng.stats["decode_steps"] < 40 + 6  # not one after the other
+    finally:
+        eng.stop()
+
+
+def test_waits_for_a_slot_then_runs_and_cancel_frees_it(adapters):
+    root, ref = adapters
+    eng = Engine(tiny_llama(), TOK, max_slots=1, max_batch=4).start()
+    try:
+        started = threading.Event()
+        hog = Collect(on_token=lambda k: started.set())
+        req = eng.submit(GenRequest([5, 6, 7], [use(root, "a")], max_tokens=200, ignore_eos=True, sink=hog))
+        assert started.wait(30)
+        other = Collect()
+        eng.submit(GenRequest([9, 10], [use(root, "b")], max_tokens=5, sink=other))
+        assert not other.done.wait(0.3) and len(eng.waiting) == 1  # its adapter has no free slot yet
+        req.cancel()
+        assert hog.done.wait(30) and hog.end == ("done", "cancelled")
+        assert other.done.wait(30) and other.tokens == offline(ref, "b", [9, 10], 5)
+        assert list(eng.bank.resident) == ["b@1"]
+    finally:
+        eng.stop()
+
+
+def test_broken_adapter_or_prompt_fails_its_request_only(adapters, tmp_path):
+    root, ref = adapters
+    (tmp_path / "adapter_config.json").write_text((root / "a" / "adapter_config.json").read_text())
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    eng = Engine(tiny_llama(), TOK, max_slots=2, max_batch=4).start()
+    try:
+        bad, good = Collect(), Collect()
+        eng.submit(GenRequest([5, 6], [AdapterUse("broken@1", lambda: read_adapter(tmp_path))], 4, sink=bad))
+        eng.submit(GenRequest([5, 6], [use(root, "c")], 4, sink=good))
+        assert bad.done.wait(30) and bad.end[0] == "error" and "not a readable safetensors" in bad.end[1]
+        assert good.done.wait(30) and good.tokens == offline(ref, "c", [5, 6], 4)
+        assert "broken@1" not in eng.bank.resident
+        # a prompt the model cannot embed, admitted together with a good one: only it fails
+        gate = threading.Event()
+        eng.call(gate.wait)
+        bad, good = Collect(), Collect()
+        eng.submit(GenRequest([5, 999], [], 4, sink=bad))
+        eng.submit(GenRequest([7, 8, 9], [use(root, "c")], 4, sink=good))
+        gate.set()
+        assert bad.done.wait(30) and bad.end[0] == "error" and "prefill failed" in bad.end[1]
+        assert good.done.wait(30) and good.tokens == offline(ref, "c", [7, 8, 9], 4)
+    finally:
+        eng.stop()
+
+
+def test_sampling_is_seeded(adapters):
+    root, _ = adapters
+    eng = Engine(tiny_llama(), TOK, max_slots=1, max_batch=4).start()
+    try:
+        outs = []
+        for seed in (1, 1, 2):
+            c = Collect()
+            eng.submit(GenRequest([5, 6, 7], [], max_tokens=12, temperature=1.0, top_p=0.9, seed=seed,
+                                  ignore_eos=True, sink=c))
+            assert c.done.wait(30)
+            outs.append(c.tokens)
+        assert outs[0] == outs[1] and outs[0] != outs[2] and len(outs[0]) == 12
+    finally:
+        eng.stop()
+
+
+def test_refuses_unsupported_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="model_type is 'gpt2'"):
+        Engine(m, TOK)
