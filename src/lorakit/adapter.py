@@ -63,7 +63,8 @@ def fingerprint(model: nn.Module) -> dict:
 def check_compatible(adapter_shapes: dict[str, list[int]], base_fp: dict) -> None:
     """Raise ValueError naming the first module whose shape differs (or is missing) on the base."""
     base_shapes = base_fp["shapes"]
-    for path, shape in adapter_shapes.items():
+    order = {p: i for i, p in enumerate(base_shapes)}  # report in the model's own module order
+    for path, shape in sorted(adapter_shapes.items(), key=lambda kv: order.get(kv[0], -1)):
         if path not in base_shapes:
             raise ValueError(f"adapter targets module {path!r}, which the base model "
                              f"({base_fp['architecture']}) does not have")

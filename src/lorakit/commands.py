@@ -152,7 +152,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"])
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
     p.add_argument("--examples", type=int, default=5, help="example answers to print")
     p.add_argument("--json", help="write the full report (metrics and every answer) here")

@@ -307,12 +307,16 @@ def mark_trainable(model: nn.Module, name: str | None) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     _check_names(model, [name])
-    for _, layer in lora_layers(model):
+    layers = list(lora_layers(model))
+    for _, layer in layers:
         if any(m[0] == name for m in layer.merged):
             raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+    for path, layer in layers:
         if name in layer.adapters:
             del layer.adapters[name]
             layer.active.pop(name, None)
+        if not layer.adapters:
+            _restore_linear(model, path, layer)  # the last adapter is gone: a plain nn.Linear again
     del adapter_configs(model)[name]
     model._lorakit_active = {n: w for n, w in active_adapters(model).items() if n != name}
 
@@ -337,15 +341,18 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
     for path, layer in list(lora_layers(model)):
         if layer.merged and not merge_active:
             layer.unmerge()
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device="meta")
-        lin.weight = layer.weight
-        lin.bias = layer.bias
-        parent, child = _get_parent(model, path)
-        setattr(parent, child, lin)
+        _restore_linear(model, path, layer)
     adapter_configs(model).clear()
     model._lorakit_active = {}
     return model
+
+
+def _restore_linear(model: nn.Module, path: str, layer: LoraLinear) -> None:
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    lin.weight = layer.weight
+    lin.bias = layer.bias
+    parent, child = _get_parent(model, path)
+    setattr(parent, child, lin)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

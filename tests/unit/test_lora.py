@@ -117,3 +117,15 @@ def test_lora_gradients_flow_only_to_adapter(tiny, ids):
     # B starts at zero so A's grad is zero at step 0; B's is not
     b_grads = [p.grad.abs().sum() for n, p in tiny.named_parameters() if n.endswith("lora_B")]
     assert all(g > 0 for g in b_grads)
+
+
+def test_deleting_last_adapter_restores_plain_linear(tiny, ids):
+    ref = tiny(ids).logits
+    add_adapter(tiny, LoraConfig(r=2, targets=["q_proj"], init_lora_weights=False), "a")
+    add_adapter(tiny, LoraConfig(r=2, targets=["q_proj", "v_proj"], init_lora_weights=False), "b")
+    delete_adapter(tiny, "b")
+    assert isinstance(tiny.model.layers[0].self_attn.q_proj, LoraLinear)
+    assert type(tiny.model.layers[0].self_attn.v_proj) is torch.nn.Linear
+    delete_adapter(tiny, "a")
+    assert not list(lora_layers(tiny))
+    torch.testing.assert_close(tiny(ids).logits, ref)
