@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
     print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
           f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
     if eval_rows and args.compare and not train_cfg.full:
-        rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens)
+        rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens, batch_size=32)
         print(format_report(rep))
         (Path(args.output) / "eval.json").write_text(json.dumps(rep.to_dict(), indent=2))
     return 0
