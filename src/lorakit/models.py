@@ -113,12 +113,18 @@ def model_name(name: str) -> str:
     return EMBEDDED_NAME if name in (EMBEDDED, "default", "", None) else str(name)
 
 
-def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto"):
-    """-> (model, tokenizer). The model is in eval mode with every parameter frozen."""
+def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+              quant: str | None = None):
+    """-> (model, tokenizer). The model is in eval mode with every parameter frozen.
+    quant="nf4": linear layers (not the output head) held in 4-bit NF4 (QLoRA; lorakit.quant)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if quant is not None:
+        from .quant import check_platform
+
+        check_platform(dev, dt, quant)  # refuse before loading anything
     path, gguf = resolve_model_path(name)
     kw = {"gguf_file": gguf} if gguf else {"local_files_only": True}
     try:
@@ -132,6 +138,10 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
     for p in model.parameters():
         p.requires_grad_(False)
     model.lorakit_base_name = model_name(name)
+    if quant is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, "all-linear", quant)
     return model, tok
 
 
