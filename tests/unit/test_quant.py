@@ -120,3 +120,21 @@ def test_bad_4bit_requests_name_the_problem(tiny):
         from lorakit import merge
 
         merge(tiny)
+
+
+def test_bf16_compute_dtype(ids):
+    """The GPU default is bf16: the 4-bit base dequantizes into bf16, adapters are bf16, gradients flow."""
+    q = tiny_llama(dtype=torch.bfloat16)
+    quantize_model(q)
+    add_adapter(q, LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False))
+    layer = q.model.layers[0].self_attn.q_proj
+    assert layer.adapters["default"].lora_A.dtype == torch.bfloat16 and layer.base_weight().dtype == torch.bfloat16
+    out = q(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    p = layer.adapters["default"]
+    want = x.float() @ layer.weight.dequantize(torch.float32).T + p.scale * (x.float() @ p.lora_A.float().T) @ \
+        p.lora_B.float().T
+    assert (layer(x).float() - want).abs().max() < 0.02 * want.abs().max()
+    q(ids, labels=ids).loss.backward()
+    assert torch.isfinite(p.lora_B.grad.float()).all() and p.lora_B.grad.abs().sum() > 0
