@@ -115,6 +115,16 @@ class NF4Weight(nn.Module):
         for k, t in quantize_nf4(w).items():
             self.register_buffer(k, t)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(device) moves the state; model.to(dtype) changes only the compute dtype: the fp32
+        absmax scale and mean stay fp32 (and the 4-bit codes stay codes)."""
+        probe = fn(torch.zeros((), dtype=self.dtype))
+        super()._apply(fn, recurse)
+        for k in ("absmax_scale", "absmax_mean"):
+            self._buffers[k] = self._buffers[k].float()
+        self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
+        return self
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(dict(self.named_buffers()), torch.Size(self.shape), dtype or self.dtype)
 

@@ -1,5 +1,7 @@
 """NF4 (QLoRA) base: the format against its definition and bitsandbytes, the 4-bit model, QLoRA training,
 and moving a QLoRA adapter onto the full-precision base."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -68,6 +70,10 @@ def test_quantized_model_forward_bytes_and_dequantize(ids):
     out = m(ids).logits
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 1e-3 < rel < 0.2  # a random tiny model; the embedded model: see bench/results/quant_memory.jsonl
+    m16 = copy.deepcopy(m).to(torch.bfloat16)  # a dtype cast changes the compute dtype only
+    qw = m16.model.layers[0].mlp.up_proj.weight
+    assert qw.dtype == torch.bfloat16 and qw.absmax_scale.dtype == torch.float32 and qw.codes.dtype == torch.uint8
+    assert (m16(ids).logits.float() - out).abs().max() < 0.05 * out.abs().max()
     dequantize_model(m)
     assert type(m.model.layers[0].mlp.up_proj) is nn.Linear
     assert (m(ids).logits - out).abs().max() < 1e-5
