@@ -96,6 +96,10 @@ def test_qlora_trains_and_adapter_moves_to_full_precision_base(tmp_path, ids):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0  # ln(128) = 4.85 at the start
     save_adapter(q, tmp_path / "qlora")
+    q2 = tiny_llama()
+    quantize_model(q2)
+    load_adapter(q2, tmp_path / "qlora")  # and back onto a 4-bit base: the same model
+    assert torch.equal(q2(ids).logits, q(ids).logits)
     full = tiny_llama()
     base_loss = full(ids, labels=ids).loss.item()
     load_adapter(full, tmp_path / "qlora")
