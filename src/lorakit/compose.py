@@ -148,8 +148,9 @@ def _cat(fs: list[Factor], **_):
 
 def _truncate(U, S, Vh, rank: int):
     k = min(rank, S.numel())
-    root = S[:k].sqrt()
-    return U[:, :k] * root, root[:, None] * Vh[:k], S[k:].square().sum().sqrt().item(), S.square().sum().sqrt().item()
+    root = S[:k].sqrt()  # split the singular values evenly between B and A
+    dropped, total = S[k:].square().sum().sqrt().item(), S.square().sum().sqrt().item()
+    return U[:, :k] * root, root[:, None] * Vh[:k], dropped, total
 
 
 def _svd(fs: list[Factor], rank: int, **_):
