@@ -19,10 +19,11 @@ import json
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
-from lorakit import LoraConfig, add_adapter, set_active
+from lorakit import LoraConfig, add_adapter, load_adapter, read_adapter, save_adapter, set_active
 from lorakit.generate import generate_ids
 from lorakit.lora import lora_layers, mark_trainable, set_routing
 from lorakit.mixture import Router, lm_loss, train_router, uniform_routing
@@ -142,6 +143,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cache", default=None, help="save the trained adapters here, reuse them if present")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -159,8 +161,15 @@ def main():
                       "router": make_rows(task, train_t[args.n_train:]), "test": make_rows(task, test_t)}
     curves = {}
     for task in TASKS:
+        cached = Path(args.cache) / task if args.cache else None
+        if cached and (cached / "adapter_config.json").exists():  # reuse adapters trained with these args
+            load_adapter(model, cached, task)
+            curves[task] = read_adapter(cached).metadata["curve"]
+            continue
         add_adapter(model, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets), task)
         curves[task] = train_adapter(model, task, encode(tok, data[task]["adapter"]), args, pad)
+        if cached:
+            save_adapter(model, cached, task, metadata={"curve": curves[task], "args": vars(args)})
     model.eval()
     test_rows = [r for t in TASKS for r in data[t]["test"]]
     test_pairs = encode(tok, test_rows)

@@ -61,8 +61,12 @@ class Router(nn.Module):
             self._layer_key[id(layer)] = _key(path)
 
     def gate_values(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        """(..., K) softmax gates for the tokens x (..., in) entering `layer`."""
-        return torch.softmax(self.gates[self._layer_key[id(layer)]](x.float()) / self.temperature, dim=-1)
+        """(..., K) softmax gates for the tokens x (..., in) entering `layer`. x is RMS-normalised first:
+        hidden states of LLMs carry a few huge channels (and o_proj/down_proj inputs are not normalised at
+        all), which would saturate the softmax at the first step and stop its gradient."""
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)  # (..., in)
+        return torch.softmax(self.gates[self._layer_key[id(layer)]](h) / self.temperature, dim=-1)
 
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         """The routing hook: the gate-weighted sum of the adapters' outputs, (..., out)."""
