@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--router-steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--router-lr", type=float, default=1e-2)
+    ap.add_argument("--router-lr", type=float, default=2e-3)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--layers", type=int, default=10, help="adapt the top N transformer layers")
     ap.add_argument("--n-train", type=int, default=400, help="examples per task for its adapter")
