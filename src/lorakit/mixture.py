@@ -120,7 +120,7 @@ def uniform_routing(names: list[str]):
     return {n: w for n in names}
 
 
-def train_router(model: nn.Module, router: Router, batches: Iterable[dict], steps: int, lr: float = 1e-2,
+def train_router(model: nn.Module, router: Router, batches: Iterable[dict], steps: int, lr: float = 2e-3,
                  log_every: int = 0) -> list[float]:
     """Train the router alone on batches of {input_ids, attention_mask, labels} (labels -100 where no loss).
     The adapters and the base stay frozen. Returns the loss per step."""
