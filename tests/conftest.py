@@ -38,7 +38,7 @@ def tiny_dir(tmp_path_factory):
     from lorakit.models import embedded_dir, tiny_llama
 
     tok = AutoTokenizer.from_pretrained(embedded_dir())
-    model = tiny_llama(vocab_size=len(tok))
+    model = tiny_llama(vocab_size=len(tok), init_std=0.2)
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

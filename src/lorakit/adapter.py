@@ -1,9 +1,11 @@
 """Adapter files in the PEFT layout: adapter_config.json + adapter_model.safetensors.
 
 Keys: base_model.model.<module path>.lora_A.weight (r, in) and .lora_B.weight (out, r);
-DoRA adds .lora_magnitude_vector (out,). lorakit's own metadata (base fingerprint, version,
-anything the caller adds) goes in the safetensors header, never in adapter_config.json, so
-older PEFT releases that crash on unknown config keys still read our files.
+DoRA adds .lora_magnitude_vector (out,); conv layers use the same two keys with A (r, in, *k) and
+B (out, r, *1); embedding layers use .lora_embedding_A (r, num_embeddings) and .lora_embedding_B
+(dim, r). lorakit's own metadata (base fingerprint, version, anything the caller adds) goes in the
+safetensors header, never in adapter_config.json, so older PEFT releases that crash on unknown config
+keys still read our files.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import LoraConfig
 from .files import atomic_write_dir, atomic_write_file, atomic_write_json
-from .lora import LoraLinear, _pattern, adapter_configs, add_adapter, lora_layers, mark_trainable, set_active
+from .lora import (LoraLinear, _pattern, adapter_configs, add_adapter, lora_layers, mark_trainable, set_active,
+                   wrapper_for)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,6 +34,8 @@ PARAM_SUFFIXES = {
     ".lora_B.weight": "lora_B",
     ".lora_magnitude_vector": "lora_magnitude_vector",
 }
+# embedding layers: PEFT's nn.Parameter names (A (r, num_embeddings), B (dim, r)), no ".weight"
+EMBEDDING_SUFFIXES = {".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B"}
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -39,15 +44,17 @@ def fingerprint(model: nn.Module) -> dict:
     `shape_hash` decides compatibility; `weight_hash` tells two bases of equal shape apart."""
     shapes = {}
     for path, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, LoraLinear)):
+        if isinstance(mod, LoraLinear):
             shapes[path] = [mod.out_features, mod.in_features]
+        elif (wrap := wrapper_for(mod)) is not None:  # linear, 4-bit linear, conv, embedding
+            shapes[path] = list(wrap.shape_of(mod))
     cfg = getattr(model, "config", None)
     arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
     shape_hash = hashlib.sha256(json.dumps([arch, sorted(shapes.items())]).encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for path in sorted(shapes)[:8]:
         w = model.get_submodule(path).weight
-        if w.is_floating_point() and w.device.type != "meta":
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.device.type != "meta":
             h.update(w.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return {
         "architecture": arch,
@@ -81,7 +88,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if name not in layer.adapters:
             continue
         pair = layer.adapters[name]
-        for suffix, attr in PARAM_SUFFIXES.items():
+        for suffix, attr in (EMBEDDING_SUFFIXES if layer.kind == "embedding" else PARAM_SUFFIXES).items():
             t = getattr(pair, attr, None)
             if t is not None:
                 out[PREFIX + path + suffix] = t.detach().to("cpu").contiguous()
@@ -146,7 +153,7 @@ class AdapterFile:
         """module path -> {attr: tensor}"""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in self.tensors.items():
-            for suffix, attr in PARAM_SUFFIXES.items():
+            for suffix, attr in {**PARAM_SUFFIXES, **EMBEDDING_SUFFIXES}.items():
                 if key.startswith(PREFIX) and key.endswith(suffix):
                     out.setdefault(key[len(PREFIX):-len(suffix)], {})[attr] = t
                     break

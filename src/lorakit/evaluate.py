@@ -130,7 +130,8 @@ def format_report(rep: Report, n_examples: int = 5, width: int = 38) -> str:
     if rep.examples and n_examples:
         lines += ["", f"{'prompt':<{width}} | {'reference':<16} | {'base':<{width // 2 + 8}} | adapter"]
         for e in rep.examples[:n_examples]:
-            lines.append(f"{cut(e['prompt']):<{width}} | {cut(e['reference'])[:16]:<16} | "
+            last = (e["prompt"].strip().splitlines() or [""])[-1]  # the row's own part, not a shared instruction
+            lines.append(f"{cut(last):<{width}} | {cut(e['reference'])[:16]:<16} | "
                          f"{cut(e['before'])[:width // 2 + 8]:<{width // 2 + 8}} | {cut(e['after'])}")
     return "\n".join(lines)
 

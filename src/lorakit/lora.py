@@ -13,6 +13,7 @@ gates) replace the sum above without touching the layer code; see `lorakit.kerne
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from typing import Callable, Iterator
@@ -51,20 +52,32 @@ class LoraPair(nn.Module):
 class LoraLinear(nn.Module):
     """A frozen linear layer plus any number of named low-rank adapters."""
 
-    def __init__(self, base: nn.Linear):
+    kind = "linear"  # "all-linear" selects layers of this kind; layers.py adds "conv" and "embedding"
+
+    def __init__(self, base: nn.Module):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.out_features, self.in_features = self.shape_of(base)
         self.weight = base.weight  # same Parameter objects: names and sharing unchanged
-        self.bias = base.bias
+        self.bias = getattr(base, "bias", None)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.adapters = nn.ModuleDict()
         self.active: dict[str, float] = {}  # name -> weight; insertion order is application order
-        self.merged: list[tuple[str, float, torch.Tensor | None]] = []  # (name, weight, dora norm) LIFO
+        self.merged: list[tuple[str, float, torch.Tensor | None]] = []  # (name, weight, DoRA gain g) in order
         self.routing: Routing | None = None
+        self.tied_with: list[str] = []  # other modules that share this weight (set by add_adapter)
 
-    # ---- base path (a quantized base overrides these two) ----
+    @staticmethod
+    def shape_of(base: nn.Module) -> tuple[int, int]:
+        """(out, in) of the module this class wraps."""
+        return base.out_features, base.in_features
+
+    @classmethod
+    def check_config(cls, base: nn.Module, config: LoraConfig, path: str) -> None:
+        """Raise ValueError if `config` cannot be applied to module `base` at `path` (before anything changes)."""
+
+    # ---- base path (a quantized base overrides these two; conv/embedding override base_forward) ----
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -72,17 +85,38 @@ class LoraLinear(nn.Module):
         """The (dequantized) base weight, (out, in)."""
         return self.weight
 
+    # ---- the low-rank path (conv/embedding override these three) ----
+    def new_pair(self, r: int, alpha: float, dropout: float, use_rslora: bool, init_b_zero: bool,
+                 dtype, device) -> "LoraPair":
+        return LoraPair(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init_b_zero,
+                        dtype=dtype, device=device)
+
+    def lora_forward(self, p: "LoraPair", xd: torch.Tensor) -> torch.Tensor:
+        """B A xd without the scale, (..., out)."""
+        return F.linear(F.linear(xd, p.lora_A), p.lora_B)
+
+    def delta_weight(self, p: "LoraPair", weight: float = 1.0) -> torch.Tensor:
+        """s*w*B@A in float32, in the base weight's shape."""
+        return p.delta(weight)
+
+    def to_base(self) -> nn.Module:
+        """The plain module again (adapters dropped; call after unmerge or merge as wanted)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
     # ---- adapters ----
     def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
             init_b_zero: bool = True, dtype=None) -> LoraPair:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         w = self.base_weight()
-        pair = LoraPair(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init_b_zero,
-                        dtype=dtype or (w.dtype if w.is_floating_point() else torch.float32), device=w.device)
+        pair = self.new_pair(r, alpha, dropout, use_rslora, init_b_zero,
+                             dtype=dtype or (w.dtype if w.is_floating_point() else torch.float32), device=w.device)
         if use_dora:
             with torch.no_grad():
-                norm = self._dora_norm(w, pair.delta())
+                norm = self._dora_norm(self._pristine_weight(), self.delta_weight(pair))
             pair.lora_magnitude_vector = nn.Parameter(norm.to(pair.lora_A.dtype))
         self.adapters[name] = pair
         return pair
@@ -91,7 +125,7 @@ class LoraLinear(nn.Module):
         return torch.linalg.norm(w.float() + delta, dim=1)  # (out,) row norms of W + dW
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
+        y0 = y = self.base_forward(x)
         if self.routing is not None:
             return y + self.routing(self, x)
         merged = {m[0] for m in self.merged}
@@ -100,55 +134,86 @@ class LoraLinear(nn.Module):
                 continue
             p = self.adapters[name]
             xd = p.dropout(x).to(p.lora_A.dtype)
-            lora = F.linear(F.linear(xd, p.lora_A), p.lora_B) * (p.scale * w)  # (..., out)
+            lora = self.lora_forward(p, xd) * (p.scale * w)  # (..., out)
             if p.lora_magnitude_vector is None:
                 y = y + lora.to(y.dtype)
             else:
-                y = y + self._dora_extra(p, w, x, xd, y, lora).to(y.dtype)
+                y = y + self._dora_extra(p, w, xd, y0, lora).to(y.dtype)
         return y
 
-    def _dora_extra(self, p: LoraPair, w: float, x, xd, y, lora) -> torch.Tensor:
-        """DoRA: W' = m * (W + dW) / ||W + dW||_row, the norm detached (DoRA paper, section 4.3).
-        Returned as the extra over the base output: (g - 1) * W xd + g * dW xd, g = m / norm."""
-        weight = self.base_weight()
+    def _dora_extra(self, p: LoraPair, w: float, xd, y0, lora) -> torch.Tensor:
+        """DoRA: alone, an adapter makes W' = m * (W + dW) / ||W + dW||_row, the norm detached (DoRA paper,
+        section 4.3). Stacked with weight w, relative to the frozen base W (never to another adapter):
+        W + w (W' - W), so the extra over the base output is w (g - 1) W xd + g w dW xd, g = m / ||W + dW||.
+        At w = 1 this is PEFT's DoRA; unlike PEFT, several DoRA adapters add up independently of their order
+        and merge exactly."""
+        weight = self._pristine_weight()
         with torch.no_grad():
-            norm = self._dora_norm(weight, p.delta(w))
+            norm = self._dora_norm(weight, self.delta_weight(p))
         g = (p.lora_magnitude_vector / norm.to(p.lora_magnitude_vector.dtype))  # (out,)
-        if isinstance(p.dropout, nn.Identity):
-            base = y if self.bias is None else y - self.bias
+        if isinstance(p.dropout, nn.Identity) and not self.merged:
+            base = y0 if self.bias is None else y0 - self.bias  # W x, already computed
         else:
             base = F.linear(xd.to(weight.dtype), weight)
-        return (g - 1) * base.to(g.dtype) + g * lora
+        return (g - 1) * base.to(g.dtype) * w + g * lora
 
     # ---- merge / unmerge ----
+    # With merged adapters k (weight w_k, DoRA gain g_k or none), the stored weight is
+    #   W = W0 * (1 + sum_dora w_k (g_k - 1))[:, None] + sum_k w_k g_k dW_k        (g_k = 1 for plain LoRA)
+    # which is exactly what forward() computes unmerged, and which can be solved for the pristine W0.
+    @torch.no_grad()
+    def _merge_terms(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(row scale (out,) or None when no DoRA adapter is merged, additive term in the weight's shape)"""
+        scale, add = None, torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        for name, w, g in self.merged:
+            d = self.delta_weight(self.adapters[name], w)
+            if g is None:
+                add += d
+            else:
+                scale = (1.0 if scale is None else scale) + w * (g - 1)
+                add += g[:, None] * d
+        return scale, add
+
+    @torch.no_grad()
+    def _pristine_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter (float32 when something is merged)."""
+        W = self.base_weight()
+        if not self.merged:
+            return W
+        scale, add = self._merge_terms(W)
+        W0 = W.float() - add
+        return W0 if scale is None else W0 / scale[:, None]
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
-        """Fold active adapters (or `names`) into the base weight. Idempotent."""
+        """Fold active adapters (or `names`) into the base weight. Idempotent; the merged layer computes
+        what the unmerged one does (DoRA included, several adapters included)."""
+        if self.tied_with:
+            raise ValueError(f"this layer's weight is shared with {self.tied_with} (tied weights): merging "
+                             f"would change those modules too; use the adapter unmerged")
         done = {m[0] for m in self.merged}
-        for name in names if names is not None else list(self.active):
-            if name in done or name not in self.adapters:
-                continue
-            w = self.active.get(name, 1.0)
+        todo = [n for n in (names if names is not None else list(self.active))
+                if n not in done and n in self.adapters]
+        if not todo:
+            return
+        W0 = self._pristine_weight().float()
+        for name in todo:
             p = self.adapters[name]
-            W = self.weight
-            new = W.float() + p.delta(w)
-            norm = None
+            g = None
             if p.lora_magnitude_vector is not None:
-                norm = new.norm(dim=1)  # (out,)
-                new = new * (p.lora_magnitude_vector.float() / norm)[:, None]
-            W.data.copy_(new.to(W.dtype))
-            self.merged.append((name, w, norm))
+                g = p.lora_magnitude_vector.float() / self._dora_norm(W0, self.delta_weight(p))  # (out,)
+            self.merged.append((name, self.active.get(name, 1.0), g))
+        scale, add = self._merge_terms(W0)
+        new = (W0 if scale is None else W0 * scale[:, None]) + add
+        self.weight.data.copy_(new.to(self.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo every merge, last first: exact up to the weight dtype's rounding."""
-        while self.merged:
-            name, w, norm = self.merged.pop()
-            p = self.adapters[name]
-            W = self.weight.float()
-            if norm is not None:
-                W = W / (p.lora_magnitude_vector.float() / norm)[:, None]
-            self.weight.data.copy_((W - p.delta(w)).to(self.weight.dtype))
+        """Undo every merge: exact up to the weight dtype's rounding."""
+        if self.merged:
+            W0 = self._pristine_weight()
+            self.merged.clear()
+            self.weight.data.copy_(W0.to(self.weight.dtype))
 
     def extra_repr(self) -> str:
         ranks = {n: p.r for n, p in self.adapters.items()}
@@ -169,26 +234,44 @@ def _output_head_paths(model: nn.Module) -> set[str]:
     return {p for p, m in model.named_modules() if head is not None and m is head}
 
 
+@functools.cache
+def wrapper_types() -> dict[type, type[LoraLinear]]:
+    """base module type -> the LoRA layer class that takes it over (conv/embedding: layers.py,
+    4-bit linear: quant.py)."""
+    from .layers import WRAPPERS as layer_wrappers
+    from .quant import WRAPPERS as quant_wrappers
+
+    return {nn.Linear: LoraLinear, **layer_wrappers, **quant_wrappers}
+
+
+def wrapper_for(mod: nn.Module) -> type[LoraLinear] | None:
+    """The LoRA class for `mod` (its own class if it is a LoRA layer already), or None."""
+    if isinstance(mod, LoraLinear):
+        return type(mod)
+    return next((w for t, w in wrapper_types().items() if isinstance(mod, t)), None)
+
+
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Module paths a target spec selects (PEFT's matching rules). Unknown names are errors."""
-    linear_like = (nn.Linear, LoraLinear)
-    cands = [p for p, m in model.named_modules() if isinstance(m, linear_like)]
+    """Module paths a target spec selects (PEFT's matching rules). Unknown names are errors.
+    "all-linear" takes linear layers only; names and regexes may also pick Conv1d/Conv2d/Embedding."""
+    kinds = {p: w.kind for p, m in model.named_modules() if (w := wrapper_for(m)) is not None}
+    cands = list(kinds)
     if targets == ALL_LINEAR:
         heads = _output_head_paths(model)
-        found = [p for p in cands if p not in heads]
+        found = [p for p in cands if p not in heads and kinds[p] == "linear"]
     elif isinstance(targets, str):
         found = [p for p in cands if re.fullmatch(targets, p)]
         if not found:
-            raise ValueError(f"target regex {targets!r} matches no linear module; "
-                             f"linear modules look like {cands[:3]}")
+            raise ValueError(f"target regex {targets!r} matches no linear, conv or embedding module; "
+                             f"such modules look like {cands[:3]}")
     else:
         found = []
         suffixes = sorted({p.rsplit(".", 1)[-1] for p in cands})
         for t in targets:
             hit = [p for p in cands if p == t or p.endswith("." + t)]
             if not hit:
-                raise ValueError(f"unknown target module {t!r}: no linear module of that name; "
-                                 f"the model's linear modules are {suffixes}")
+                raise ValueError(f"unknown target module {t!r}: no linear, conv or embedding module of that "
+                                 f"name; the model's such modules are {suffixes}")
             found += hit
         found = sorted(set(found), key=cands.index)
     if not found:
@@ -221,13 +304,21 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
     if config.modules_to_save:
         raise ValueError(f"modules_to_save={config.modules_to_save} is not supported by lorakit yet")
     paths = find_targets(model, config.targets)
+    for path in paths:  # refuse before anything changes
+        mod = model.get_submodule(path)
+        wrapper_for(mod).check_config(mod, config, path)
+    owners: dict[int, list[str]] = {}  # parameter id -> module paths that hold it (tied weights)
+    for p_, m in model.named_modules():
+        for t in m.parameters(recurse=False):
+            owners.setdefault(id(t), []).append(p_)
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:
         mod = model.get_submodule(path)
         if not isinstance(mod, LoraLinear):
             parent, child = _get_parent(model, path)
-            mod = LoraLinear(mod)
+            mod = wrapper_for(mod)(mod)
+            mod.tied_with = [o for o in owners.get(id(mod.weight), []) if o != path]
             setattr(parent, child, mod)
         mod.add(name, _pattern(config.rank_pattern, path, config.r), _pattern(config.alpha_pattern, path, config.alpha),
                 config.dropout, config.use_rslora, config.use_dora, config.init_lora_weights, dtype=dtype)
@@ -348,11 +439,8 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
 
 
 def _restore_linear(model: nn.Module, path: str, layer: LoraLinear) -> None:
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    lin.weight = layer.weight
-    lin.bias = layer.bias
     parent, child = _get_parent(model, path)
-    setattr(parent, child, lin)
+    setattr(parent, child, layer.to_base())
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

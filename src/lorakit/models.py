@@ -113,12 +113,18 @@ def model_name(name: str) -> str:
     return EMBEDDED_NAME if name in (EMBEDDED, "default", "", None) else str(name)
 
 
-def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto"):
-    """-> (model, tokenizer). The model is in eval mode with every parameter frozen."""
+def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+              quant: str | None = None):
+    """-> (model, tokenizer). The model is in eval mode with every parameter frozen.
+    quant="nf4": linear layers (not the output head) held in 4-bit NF4 (QLoRA; lorakit.quant)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if quant is not None:
+        from .quant import check_platform
+
+        check_platform(dev, dt, quant)  # refuse before loading anything
     path, gguf = resolve_model_path(name)
     kw = {"gguf_file": gguf} if gguf else {"local_files_only": True}
     try:
@@ -132,17 +138,23 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
     for p in model.parameters():
         p.requires_grad_(False)
     model.lorakit_base_name = model_name(name)
+    if quant is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, "all-linear", quant)
     return model, tok
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: int = 2, dtype=torch.float32):
-    """A tiny random Llama for tests and examples (seconds, no files)."""
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: int = 2, dtype=torch.float32,
+               init_std: float = 0.02):
+    """A tiny random Llama for tests and examples (seconds, no files). init_std 0.02 is HF's default; a
+    tiny model that must learn a task to a low loss needs larger output weights (e.g. 0.2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, initializer_range=0.2,
+                      max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, initializer_range=init_std,
                       bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     for p in model.parameters():

@@ -1,0 +1,157 @@
+"""Mixture of LoRAs: K frozen adapters and a small trained router that gates them per token.
+
+    y = W x + b + sum_k g_k(x) * s_k B_k A_k x,      g(x) = softmax(R_l x / T)   (per token, per layer)
+
+The router is one tiny linear map per adapted layer (in -> K), applied to the hidden state entering that
+layer. Why per layer, on that layer's input: by then attention has mixed the context (e.g. the task
+instruction) into every token, so the gate can depend on what the sequence is about, not just on the
+token's identity (a single router on the embeddings sees only the token); it needs no state carried
+between layers, so it fits the `LoraLinear.routing` hook as a plain (layer, x) -> delta function; and
+different depths may prefer different adapters. It costs K * in parameters per layer (a few thousand).
+The router starts at zero: every gate is 1/K, i.e. training starts from the uniform mix.
+
+Only the router trains (`train_router`); the adapters and the base stay frozen. DoRA adapters and
+conv/embedding layers are refused (the routed sum is the plain LoRA one).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import LoraLinear, _check_names, lora_layers, set_routing
+
+ROUTER_FILE = "router.safetensors"
+ROUTER_CONFIG = "router.json"
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+class Router(nn.Module):
+    """Per-layer softmax gates over the adapters `names`. Call `attach(model)` to route the model."""
+
+    def __init__(self, model: nn.Module, names: list[str], temperature: float = 1.0):
+        super().__init__()
+        _check_names(model, names)
+        if len(names) < 2:
+            raise ValueError(f"a mixture needs at least two adapters, got {names}")
+        self.names, self.temperature = list(names), float(temperature)
+        self.gates = nn.ModuleDict()
+        self._layer_key: dict[int, str] = {}
+        for path, layer in lora_layers(model):
+            if not any(n in layer.adapters for n in names):
+                continue
+            if layer.kind != "linear":
+                raise ValueError(f"mixtures route linear layers only; {path!r} is a {layer.kind} layer")
+            for n in names:
+                if n in layer.adapters and layer.adapters[n].lora_magnitude_vector is not None:
+                    raise ValueError(f"adapter {n!r} uses DoRA on {path!r}; mixtures take plain LoRA adapters")
+            w = layer.base_weight()
+            gate = nn.Linear(layer.in_features, len(names), device=w.device, dtype=torch.float32)
+            nn.init.zeros_(gate.weight)
+            nn.init.zeros_(gate.bias)
+            self.gates[_key(path)] = gate
+            self._layer_key[id(layer)] = _key(path)
+
+    def gate_values(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) softmax gates for the tokens x (..., in) entering `layer`. x is RMS-normalised first:
+        hidden states of LLMs carry a few huge channels (and o_proj/down_proj inputs are not normalised at
+        all), which would saturate the softmax at the first step and stop its gradient."""
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)  # (..., in)
+        return torch.softmax(self.gates[self._layer_key[id(layer)]](h) / self.temperature, dim=-1)
+
+    def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        """The routing hook: the gate-weighted sum of the adapters' outputs, (..., out)."""
+        if id(layer) not in self._layer_key:
+            return torch.zeros(*x.shape[:-1], layer.out_features, dtype=x.dtype, device=x.device)
+        g = self.gate_values(layer, x)  # (..., K)
+        out = None
+        for k, name in enumerate(self.names):
+            p = layer.adapters[name] if name in layer.adapters else None
+            if p is None:
+                continue
+            d = layer.lora_forward(p, p.dropout(x).to(p.lora_A.dtype)).float() * p.scale  # (..., out)
+            out = g[..., k:k + 1] * d if out is None else out + g[..., k:k + 1] * d
+        return out.to(x.dtype)
+
+    def attach(self, model: nn.Module) -> None:
+        """Route every adapted layer of `model` through this router (detach: set_routing(model, None))."""
+        set_routing(model, self.forward)  # a bound method: the router is not registered in the layers
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (ROUTER_FILE + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.rename(path / ROUTER_FILE)
+        (path / ROUTER_CONFIG).write_text(json.dumps({"adapters": self.names, "temperature": self.temperature}))
+        return path
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path) -> "Router":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / ROUTER_FILE).exists():
+            raise FileNotFoundError(f"no {ROUTER_FILE} in {str(path)!r}")
+        cfg = json.loads((path / ROUTER_CONFIG).read_text())
+        router = cls(model, cfg["adapters"], cfg["temperature"])
+        state = load_file(str(path / ROUTER_FILE))
+        missing = set(router.state_dict()) ^ set(state)
+        if missing:
+            raise ValueError(f"router in {str(path)!r} does not fit this model's adapted layers: {sorted(missing)[:3]}")
+        router.load_state_dict(state)
+        return router
+
+
+def uniform_routing(names: list[str]):
+    """The baseline a router starts from: every adapter at weight 1/K (same as set_active with 1/K each)."""
+    w = 1.0 / len(names)
+    return {n: w for n in names}
+
+
+def train_router(model: nn.Module, router: Router, batches: Iterable[dict], steps: int, lr: float = 2e-3,
+                 log_every: int = 0) -> list[float]:
+    """Train the router alone on batches of {input_ids, attention_mask, labels} (labels -100 where no loss).
+    The adapters and the base stay frozen. Returns the loss per step."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(router.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    router.attach(model)
+    losses: list[float] = []
+    it = iter(batches)
+    dev = next(router.parameters()).device
+    try:
+        for step in range(steps):
+            b = next(it)
+            out = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
+            loss = lm_loss(out.logits, b["labels"].to(dev))
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if log_every and (step + 1) % log_every == 0:
+                print(f"router step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+    finally:
+        set_routing(model, None)
+    return losses
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy where labels != -100: logits (b, s, V), labels (b, s)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

@@ -1,0 +1,113 @@
+"""Mixture of LoRAs: the router starts as the uniform mix, saturates to one adapter, trains alone, and on a
+two-task toy set beats each single adapter and the uniform mix (the embedded-model study: docs/mixture.md)."""
+import pytest
+import torch
+
+from lorakit import LoraConfig, add_adapter, set_active
+from lorakit.lora import mark_trainable, set_routing
+from lorakit.mixture import Router, lm_loss, train_router, uniform_routing
+from lorakit.models import tiny_llama
+
+
+def _two(model):
+    add_adapter(model, LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False), "a")
+    add_adapter(model, LoraConfig(r=2, alpha=2, targets=["q_proj", "up_proj"], init_lora_weights=False), "b")
+
+
+def test_router_starts_uniform_and_saturates(ids):
+    m = tiny_llama()
+    _two(m)
+    set_active(m, uniform_routing(["a", "b"]))
+    uniform = m(ids).logits
+    set_active(m, "a")
+    only_a = m(ids).logits
+    router = Router(m, ["a", "b"])
+    router.attach(m)
+    assert (m(ids).logits - uniform).abs().max() < 1e-5  # zero-initialised gates: 1/K each
+    with torch.no_grad():
+        for g in router.gates.values():
+            g.bias.copy_(torch.tensor([30.0, -30.0]))  # all mass on "a"
+    assert (m(ids).logits - only_a).abs().max() < 1e-4
+    set_routing(m, None)
+    assert (m(ids).logits - only_a).abs().max() < 1e-6  # detached: the active set runs again
+
+
+def _task_batch(task: int, n: int, g: torch.Generator) -> dict:
+    """task 0: tokens count up by 1 after a marker 5; task 1: count down after a marker 6."""
+    start = torch.randint(20, 100, (n, 1), generator=g)
+    steps = torch.arange(8)[None] * (1 if task == 0 else -1)
+    seq = torch.cat([torch.full((n, 1), 5 + task), start + steps], dim=1)
+    labels = seq.clone()
+    labels[:, :2] = -100  # loss once the direction is fixed
+    return {"input_ids": seq, "attention_mask": torch.ones_like(seq), "labels": labels}
+
+
+def _loss(m, batch):
+    with torch.no_grad():
+        return lm_loss(m(input_ids=batch["input_ids"]).logits, batch["labels"]).item()
+
+
+def test_trained_router_beats_single_adapters_and_uniform_mix():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    m = tiny_llama()
+    for k, name in enumerate(["up", "down"]):
+        add_adapter(m, LoraConfig(r=8, alpha=16, targets="all-linear"), name)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(60):
+            b = _task_batch(k, 16, g)
+            lm_loss(m(input_ids=b["input_ids"]).logits, b["labels"]).backward()
+            opt.step()
+            opt.zero_grad()
+    mark_trainable(m, None)
+    frozen = {n: p.clone() for n, p in m.named_parameters()}
+
+    def mixed(n):
+        a, b = _task_batch(0, n, g), _task_batch(1, n, g)
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+    test = mixed(64)
+    scores = {}
+    for label, active in [("up", "up"), ("down", "down"), ("uniform", uniform_routing(["up", "down"]))]:
+        set_active(m, active)
+        scores[label] = _loss(m, test)
+    set_active(m, ["up", "down"])
+    router = Router(m, ["up", "down"])
+    losses = train_router(m, router, iter(lambda: mixed(8), None), steps=60, lr=5e-2)
+    assert losses[-1] < losses[0]
+    router.attach(m)
+    scores["router"] = _loss(m, test)
+    assert scores["router"] < min(scores["up"], scores["down"], scores["uniform"]) - 0.1, scores
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters())  # only the router trained
+    # the gates tell the tasks apart once the direction is visible
+    layer = m.model.layers[1].self_attn.q_proj
+    seen = []
+    set_routing(m, lambda lay, x: (seen.append(router.gate_values(lay, x)) if lay is layer else None)
+                or router(lay, x))
+    m(input_ids=test["input_ids"])
+    gates = seen[0][:, 3:].mean(1)  # (rows, K) after the first steps
+    assert gates[:64, 0].mean() > gates[64:, 0].mean() + 0.2
+
+
+def test_save_load_and_bad_input(tmp_path, ids):
+    m = tiny_llama()
+    _two(m)
+    router = Router(m, ["a", "b"])
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_()
+    router.attach(m)
+    want = m(ids).logits
+    router.save(tmp_path / "router")
+    set_routing(m, None)
+    Router.load(m, tmp_path / "router").attach(m)
+    assert torch.equal(m(ids).logits, want)
+    with pytest.raises(ValueError, match="at least two adapters"):
+        Router(m, ["a"])
+    with pytest.raises(ValueError, match="'zzz'"):
+        Router(m, ["a", "zzz"])
+    add_adapter(m, LoraConfig(r=2, targets=["v_proj"], use_dora=True), "d")
+    with pytest.raises(ValueError, match="'d' uses DoRA"):
+        Router(m, ["a", "d"])
+    with pytest.raises(FileNotFoundError, match="router.safetensors"):
+        Router.load(m, tmp_path / "nothing")
