@@ -17,6 +17,8 @@ The memory model (bytes; P = base parameters, p = trainable parameters, T = batc
                  + h if q/k/v train (their shared input), + h if gate/up train, + m if down trains
                  + 2h if the norm weights train (full fine-tuning)
                  + sum of r over the layer's adapted modules (A's output)
+               and after the last layer h + 1 (final norm; + 2h with full fine-tuning); with LoRA the first
+               layer's input and norm are not saved (the frozen embedding needs no gradient): - (h + 1)
                h hidden, m intermediate, q = heads*head_dim, kv = kv_heads*head_dim; times T and the compute
                dtype's bytes. With checkpointing: each layer keeps only its input (h), plus one layer's
                full set while it is recomputed.
@@ -130,7 +132,9 @@ def activation_elems(arch: Arch, method: str, r: int, targets, checkpointing: bo
         per_layer += (h if suffixes & set(ATTN_IN) else 0) + (h if suffixes & set(MLP_IN) else 0) \
             + (m if suffixes & set(DOWN) else 0)
         per_layer += r * len(lora_modules(arch, targets)) // max(arch.layers, 1)
-        final = h + 1
+        # the final norm's h + 1 is offset by the first layer's input and norm, which are not saved:
+        # the frozen embedding's output needs no gradient
+        final = 0
     if checkpointing:
         return arch.layers * h + per_layer + final
     return arch.layers * per_layer + final
@@ -289,8 +293,18 @@ def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, tar
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def parse_targets(s: str):
+    """CLI target spec: a preset (all-linear, attn, mlp, qv), a regex (has regex characters), or module names
+    separated by ',' or '+'."""
+    from .config import TARGET_PRESETS
+
+    if s in TARGET_PRESETS or any(c in s for c in "*().|\\[?$^"):
+        return s
+    return [t.strip() for t in s.replace("+", ",").split(",") if t.strip()]
+
+
 def cmd_estimate(args) -> int:
-    targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",")]
+    targets = parse_targets(args.targets)
     arch = arch_of(load_config(args.model), args.model)
     ests = [estimate(arch, m, args.r, args.batch, args.seq, targets, args.dtype, args.checkpointing)
             for m in METHODS]

@@ -71,12 +71,14 @@ def target_label(t: str) -> str:
 
 def plan_runs(o: SweepOptions) -> list[dict]:
     """The runs in order: base, full fine-tuning, then LoRA per target set and rank."""
+    from .estimate import parse_targets
+
     common = {k: v for k, v in asdict(o).items() if k not in ("ranks", "targets", "full", "lr", "full_lr")}
     runs = [{**common, "name": "base", "kind": "base"}]
     if o.full:
         runs.append({**common, "name": "full", "kind": "full", "lr": o.full_lr})
     for t in o.targets:
-        spec_t = t.split("+") if "+" in t else t
+        spec_t = parse_targets(t)
         for r in o.ranks:
             runs.append({**common, "name": f"lora-{target_label(t)}-r{r}", "kind": "lora", "r": r,
                          "alpha": o.alpha_ratio * r, "targets": spec_t, "lr": o.lr})

@@ -115,7 +115,8 @@ def run(spec: dict) -> dict:
                train_seconds=tr.seconds, tokens=tr.tokens, tokens_per_s=tr.tokens_per_s,
                weights_mib=weights_mib, start_mib=start_mib, peak_rss_mib=peak,
                peak_mib=weights_mib + peak - start_mib if can_reset else None)
-    res["predicted_peak_mib"] = _predicted_mib(model, spec, lora, max(len(e.input_ids) for e in train_ex))
+    res["seq_max"] = max(len(e.input_ids) for e in train_ex)
+    res["predicted_peak_mib"] = _predicted_mib(model, spec, lora, res["seq_max"])
     if full:
         res["file_bytes"] = file_bytes(model, trainable_only=False)  # fp32 weights; not written
         base_model = load_base(spec["model"], dtype=spec["dtype"], device="cpu")[0]
