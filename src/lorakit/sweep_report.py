@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .files import atomic_write_text
 
+PLOTS = ["quality_vs_rank.png", "cost_vs_rank.png", "loss_curves.png", "svd_energy.png"]
 COLUMNS = ["name", "method", "targets", "r", "trainable_params", "trainable_pct", "file_mib", "peak_mib",
            "predicted_peak_mib", "train_seconds", "tokens_per_s", "train_loss", "eval_loss", "accuracy",
            "answers_changed", "kl", "general_loss", "forgetting", "full_ft_energy_at_r"]
@@ -71,7 +72,8 @@ def to_csv(table: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     for row in table:
-        w.writerow({k: _fmt(row.get(k), k) for k in COLUMNS})
+        w.writerow({k: "" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+                    for k in COLUMNS})
     return buf.getvalue()
 
 
@@ -127,7 +129,8 @@ def svd_table(analysis: dict, table: list[dict]) -> str:
     mlp = [k for k in kinds if k in ("gate_proj", "up_proj", "down_proj")]
     lora = {(t["targets"], t["r"]): t for t in table if t["method"] == "lora"}
     tsets = sorted({t for t, _ in lora})
-    header = ["r", "energy, all modules", "attention", "MLP", "random matrix"] + \
+    header = ["r", "energy, all modules", "attention", "MLP",
+              f"random {'x'.join(map(str, next(iter(kinds.values()))['shape']))} matrix"] + \
         [f"LoRA {t} accuracy / held-out loss" for t in tsets]
     some = next(iter(kinds.values()))
     body = []
@@ -144,6 +147,34 @@ def svd_table(analysis: dict, table: list[dict]) -> str:
     return _md_table(header, body) + "\n\n" + per_kind
 
 
+def headline(table: list[dict]) -> list[str]:
+    """A few sentences computed from the table (no judgement added)."""
+    full = next((t for t in table if t["method"] == "full"), None)
+    base = next((t for t in table if t["method"] == "base"), None)
+    lora = [t for t in table if t["method"] == "lora"]
+    if not lora:
+        return []
+    best = max(lora, key=lambda t: (t["accuracy"], -t["eval_loss"]))
+    out = [f"- Best LoRA run: **{best['name']}**, accuracy {_pct(best['accuracy'])}, held-out loss "
+           f"{best['eval_loss']:.4f}, {best['trainable_params']:,} trainable parameters."]
+    if full:
+        out.append(f"- Full fine-tuning: accuracy {_pct(full['accuracy'])}, held-out loss {full['eval_loss']:.4f}, "
+                   f"{full['trainable_params']:,} trainable parameters "
+                   f"({full['trainable_params'] / best['trainable_params']:.0f}x the best LoRA run's)"
+                   + (f", peak memory {full['peak_mib']:.0f} MiB vs {best['peak_mib']:.0f} MiB"
+                      if full["peak_mib"] and best["peak_mib"] else "") + ".")
+    if base:
+        out.append(f"- Base model: accuracy {_pct(base['accuracy'])}, held-out loss {base['eval_loss']:.4f}.")
+    for tset in sorted({t["targets"] for t in lora}):
+        rs = sorted((t for t in lora if t["targets"] == tset), key=lambda t: t["r"])
+        top = max(t["accuracy"] for t in rs)
+        first = next(t for t in rs if t["accuracy"] >= top - 0.02)
+        out.append(f"- LoRA on {tset}: accuracy from {_pct(rs[0]['accuracy'])} (r={rs[0]['r']}) to "
+                   f"{_pct(rs[-1]['accuracy'])} (r={rs[-1]['r']}); best {_pct(top)}, first within 2 points of it "
+                   f"at r={first['r']}.")
+    return out
+
+
 def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: list[str]) -> str:
     base = next((t for t in table if t["method"] == "base"), None)
     lines = ["# LoRA sweep: rank, target set and full fine-tuning", "",
@@ -157,6 +188,7 @@ def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: l
     if base:
         lines += [f"Base model: accuracy {_pct(base['accuracy'])}, held-out loss {_fmt(base['eval_loss'])}, "
                   f"general-text loss {_fmt(base['general_loss'])}.", ""]
+    lines += ["## Headline", ""] + headline(table) + [""]
     lines += ["## Results", "", results_table([t for t in table if t["method"] != "base"]), "",
               "Columns: *trainable* parameters (share of the model); *file*: the adapter file (full fine-tuning: "
               "the model's fp32 weights); *peak*: the base weights' bytes plus the rise of the run's peak "
@@ -194,6 +226,6 @@ def write_outputs(out: Path, results: list[dict | None], o, plots: bool = True) 
 
             pngs = [str(p) for p in write_all(out, results, analysis)]
     else:
-        pngs = [str(p) for p in sorted(out.glob("*.png"))]
+        pngs = [str(out / n) for n in PLOTS if (out / n).exists()]
     atomic_write_text(out / "report.md", report_md(o, table, analysis, len(results), pngs))
     atomic_write_text(out / "results.json", json.dumps({"options": asdict(o), "runs": table}, indent=2) + "\n")

@@ -102,11 +102,10 @@ def test_prediction_within_25_percent_of_measured_peak(method, targets):
     assert abs(got["measured_mib"] / pred - 1) < 0.25, (got, pred)
 
 
-def test_estimate_cli(tiny_dir):
+def test_estimate_cli(tiny_dir, capsys):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lorakit", "estimate", *a], capture_output=True,  # noqa
-                                    text=True, env=env, timeout=120)
-    p = run("--model", str(tiny_dir), "--r", "8", "--batch", "2", "--seq", "64", "--json")
+    p = subprocess.run([sys.executable, "-m", "lorakit", "estimate", "--model", str(tiny_dir), "--r", "8",
+                        "--batch", "2", "--seq", "64", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     by = {e["method"]: e for e in out["estimates"]}
@@ -114,7 +113,13 @@ def test_estimate_cli(tiny_dir):
     assert by["lora"]["trainable"] == 2 * 8 * (128 + 96 + 96 + 128 + 192 * 3)
     assert by["full"]["optimizer"] == 2 * by["full"]["grads"] > 0
     assert by["qlora"]["total"] < by["lora"]["total"] < by["full"]["total"]
-    p = run("--model", str(tiny_dir), "--r", "0")
-    assert p.returncode == 2 and "r must be a positive integer, got 0" in p.stderr
-    p = run("--model", str(tiny_dir), "--targets", "nope")
-    assert p.returncode == 2 and "unknown target module 'nope'" in p.stderr
+
+    from lorakit.cli import main
+
+    assert main(["estimate", "--model", str(tiny_dir), "--r", "0"]) == 2
+    assert "r must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["estimate", "--model", str(tiny_dir), "--targets", "nope"]) == 2
+    assert "unknown target module 'nope'" in capsys.readouterr().err
+    assert main(["estimate", "--model", str(tiny_dir), "--r", "4", "--targets", "q_proj+v_proj"]) == 0
+    text = capsys.readouterr().out
+    assert f"{2 * 4 * (128 + 96):,}" in text and "qlora" in text
