@@ -81,5 +81,6 @@ def analyze(tuned: nn.Module, base: nn.Module, ranks: list[int]) -> dict:
     kinds = {k: {"shape": ms[0]["shape"], "energy": mean_energy(ms),
                  "r90": sum(m["r90"] for m in ms) / len(ms),
                  "rel_change": sum(m["rel_change"] for m in ms) / len(ms),
-                 "random_energy": list(random_energy(tuple(ms[0]["shape"]), ranks).values())} for k, ms in by_kind.items()}
+                 "random_energy": list(random_energy(tuple(ms[0]["shape"]), ranks).values())}
+             for k, ms in by_kind.items()}
     return {"ranks": ranks, "modules": modules, "kinds": kinds, "overall": mean_energy(modules)}

@@ -25,8 +25,12 @@ The memory model (bytes; P = base parameters, p = trainable parameters, T = batc
   logits       3 * T * vocab * 4 bytes: at the end of the forward the logits, their shifted copy and the saved
                log-softmax are alive (fp32); the backward holds as many (saved output, its gradient, the
                logits' gradient)
-The sum is the prediction. Not in it: the framework itself (a CPU process with torch imported ~0.25 GB,
-a CUDA context ~0.5 GB), the allocator's caching, and the tokenizer/data.
+Peak = weights + optimizer + max(gradients, activations + logits): the saved activations and the logits are
+all alive at the start of the backward, when no gradient exists yet (they are set to None after each step);
+by the end of the backward the gradients are all there and the activations are gone.
+Not in it: the framework itself (a CPU process with torch imported ~0.25 GiB, plus ~12 MiB that the first
+backward allocates whatever the model's size, measured with a one-layer model; a CUDA context ~0.5 GiB),
+the allocator's caching, and the tokenizer and data.
 """
 from __future__ import annotations
 
@@ -154,7 +158,9 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+        """The peak: weights and optimizer state stay; the gradients grow during the backward as the saved
+        activations are freed, so the two peak at different times (start vs end of the backward)."""
+        return self.weights + self.optimizer + max(self.grads, self.activations + self.logits)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -198,8 +204,8 @@ def format_estimates(ests: list[Estimate], header: str = "") -> str:
     for e in ests:
         lines.append(f"{e.method:<7}{e.trainable:>14,}{gb(e.weights):>9}{gb(e.grads):>8}{gb(e.optimizer):>8}"
                      f"{gb(e.activations):>8}{gb(e.logits):>8}{gb(e.total):>10}")
-    lines.append("GiB; peak = the sum; not included: the framework itself (~0.25 GiB CPU process, "
-                 "~0.5 GiB CUDA context)")
+    lines.append("GiB; peak = weights + AdamW + max(grads, activations + logits); not included: the framework "
+                 "itself (~0.25 GiB CPU process + ~12 MiB at the first backward; ~0.5 GiB CUDA context)")
     return "\n".join(lines)
 
 
@@ -279,8 +285,8 @@ def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, tar
             steps: int = 2, threads: int = 1) -> dict:
     """Peak memory of `steps` real training steps, measured in a subprocess: the base weights' bytes (made
     resident first) plus the rise of VmHWM (peak resident set, reset just before training) over the RSS
-    at the start of training: the same quantity the estimate predicts, without the framework itself. `model`: a name load_base knows, or a dict of
-    config fields (model_type, vocab_size, ...) for a randomly initialised model."""
+    at the start of training: the same quantity the estimate predicts, without the framework itself.
+    `model`: a name load_base knows, or a dict of config fields (model_type, vocab_size, ...) for a randomly initialised model."""
     spec = {"model": model, "method": method, "r": r, "batch": batch, "seq": seq, "targets": targets,
             "steps": steps, "threads": threads}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",

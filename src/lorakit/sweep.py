@@ -158,7 +158,8 @@ def run_sweep(o: SweepOptions, out: str | Path, progress: bool = True, max_runs:
         todo = todo[:max_runs]
     train_steps = sum(o.steps for r in todo if r["kind"] != "base")
     if progress:
-        print(f"sweep: {len(runs)} runs, {n_done} done before, {len(todo)} to run now ({train_steps} training steps) -> {out}", flush=True)
+        print(f"sweep: {len(runs)} runs, {n_done} done before, {len(todo)} to run now "
+              f"({train_steps} training steps) -> {out}", flush=True)
     bar = None
     if progress:
         from tqdm import tqdm

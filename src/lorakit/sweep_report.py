@@ -100,6 +100,10 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _int(v) -> str:
+    return "" if v is None else f"{v:.0f}"
+
+
 def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
 
@@ -114,8 +118,8 @@ def results_table(table: list[dict]) -> str:
             t["name"],
             "" if train is None else f"{train:,} ({t['trainable_pct']:.3g}%)",
             _fmt(t["file_mib"]),
-            "" if t["peak_mib"] is None else f"{t['peak_mib']:.0f} ({_fmt(t['predicted_peak_mib'] and round(t['predicted_peak_mib']))})",
-            _fmt(t["train_seconds"] and round(t["train_seconds"])), _fmt(t["tokens_per_s"] and round(t["tokens_per_s"])),
+            "" if t["peak_mib"] is None else f"{t['peak_mib']:.0f} ({_int(t['predicted_peak_mib'])})",
+            _int(t["train_seconds"]), _int(t["tokens_per_s"]),
             _fmt(t["train_loss"]), _fmt(t["eval_loss"]), _pct(t["accuracy"]), _pct(t["answers_changed"]),
             _fmt(t["kl"]),
             _fmt(t["general_loss"]) + ("" if t["forgetting"] is None else f" ({t['forgetting']:+.3f})")])
@@ -193,8 +197,9 @@ def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: l
               "Columns: *trainable* parameters (share of the model); *file*: the adapter file (full fine-tuning: "
               "the model's fp32 weights); *peak*: the base weights' bytes plus the rise of the run's peak "
               "resident memory (VmHWM, reset just before training) over its memory at the start of training; "
-              "the framework, tokenizer and data are not in it; in brackets `lorakit estimate`'s prediction for the run's longest "
-              "example; *train s* and *tok/s*: training only; *train loss*: mean of the last 5 steps; "
+              "the framework, tokenizer and data are not in it; in brackets `lorakit estimate`'s prediction "
+              "for the run's longest example; *train s* and *tok/s*: training only; *train loss*: mean of the "
+              "last 5 steps; "
               "*changed*: share of held-out answers that differ from the base model's; *KL*: mean "
               "KL(tuned ‖ base) per held-out target token, nats; *general loss (Δ)*: loss on the general text "
               "after training (its change from the base: forgetting).", ""]

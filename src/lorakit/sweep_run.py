@@ -6,7 +6,8 @@ kind "full":  full fine-tuning; afterwards a second copy of the base is loaded f
               the weight change (analysis.json); no full model is written to disk.
 Peak memory: the base weights' bytes (made resident first) plus the rise of this process's VmHWM (peak
 resident set, reset just before training) over its RSS at the start of training: the base weights plus all
-that training adds, without the framework, tokenizer and data (the quantity `lorakit estimate` predicts). The run's last act is writing result.json atomically: a run is done when that file exists.
+that training adds, without the framework, tokenizer and data (the quantity `lorakit estimate` predicts).
+The run's last act is writing result.json atomically: a run is done when that file exists.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def run(spec: dict) -> dict:
     train_rows = _rows(spec["data"], spec["train_rows"])
     train_ex = build_examples(tok, train_rows, spec["template"], spec["max_len"])
     full = spec["kind"] == "full"
-    lora = LoraConfig(r=spec.get("r") or 8, alpha=spec.get("alpha") or 16.0, targets=spec.get("targets") or "all-linear")
+    lora = LoraConfig(r=spec.get("r") or 8, alpha=spec.get("alpha") or 16.0,
+                      targets=spec.get("targets") or "all-linear")
     cfg = TrainConfig(lr=spec["lr"], max_steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"],
                       warmup_ratio=spec["warmup_ratio"], max_len=spec["max_len"], full=full)
     weights_mib = resident_weights(model) / 2 ** 20
