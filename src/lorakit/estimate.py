@@ -286,7 +286,8 @@ def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, tar
     """Peak memory of `steps` real training steps, measured in a subprocess: the base weights' bytes (made
     resident first) plus the rise of VmHWM (peak resident set, reset just before training) over the RSS
     at the start of training: the same quantity the estimate predicts, without the framework itself.
-    `model`: a name load_base knows, or a dict of config fields (model_type, vocab_size, ...) for a randomly initialised model."""
+    `model`: a name load_base knows, or a dict of config fields (model_type, vocab_size, ...) for a randomly
+    initialised model."""
     spec = {"model": model, "method": method, "r": r, "batch": batch, "seq": seq, "targets": targets,
             "steps": steps, "threads": threads}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
