@@ -2,16 +2,17 @@
 fine-tuning, from a model's config alone (the model is built on the meta device: no weights are read).
 
 The memory model (bytes; P = base parameters, p = trainable parameters, T = batch * seq tokens):
-  weights      LoRA: P * wb (base dtype) + p * 4 (adapters in fp32)
+  weights      LoRA: (P + p) * wb (base dtype; lorakit makes adapters in the base's dtype)
                QLoRA: the decoder's linear weights in NF4 with double quantization
-                      (0.5 byte + 1/64 byte 8-bit absmax per 64 + 4/(64*256) per 256 blocks), the rest in bf16,
-                      adapters in fp32
+                      (0.5 byte + 1/64 byte 8-bit absmax per 64 + 4/(64*256) per 256 blocks), the rest and the
+                      adapters in bf16
                full: P * wb
   gradients    p * (bytes of the trainable dtype)
   optimizer    AdamW: two states per trainable parameter in its dtype (torch keeps them in the param's dtype)
   activations  what autograd saves for backward, per decoder layer and token, in elements
                (derived from the Llama decoder as transformers runs it, SDPA attention):
-                 always: 2h (layer input, post-attention residual) + 2 (RMSNorm rstd)
+                 always: 2h (layer input, post-attention residual) + 2 (RMSNorm rstd): RMSNorm upcasts
+                         its input, so these are fp32 copies whatever the dtype, as is the log-sum-exp
                          + 2q + 2kv + heads (attention: q, k, v, output, log-sum-exp)
                          + 3m (gate, up, silu(gate))
                  + h if q/k/v train (their shared input), + h if gate/up train, + m if down trains
@@ -20,7 +21,7 @@ The memory model (bytes; P = base parameters, p = trainable parameters, T = batc
                and after the last layer h + 1 (final norm; + 2h with full fine-tuning); with LoRA the first
                layer's input and norm are not saved (the frozen embedding needs no gradient): - (h + 1)
                h hidden, m intermediate, q = heads*head_dim, kv = kv_heads*head_dim; times T and the compute
-               dtype's bytes. With checkpointing: each layer keeps only its input (h), plus one layer's
+               dtype's bytes (4 for the fp32 part). With checkpointing: each layer keeps only its input (h), plus one layer's
                full set while it is recomputed.
   logits       3 * T * vocab * 4 bytes: at the end of the forward the logits, their shifted copy and the saved
                log-softmax are alive (fp32); the backward holds as many (saved output, its gradient, the
@@ -123,25 +124,35 @@ def lora_params(arch: Arch, r: int, targets="all-linear") -> int:
     return sum(r * sum(arch.linear[p]) for p in lora_modules(arch, targets))
 
 
-def activation_elems(arch: Arch, method: str, r: int, targets, checkpointing: bool) -> int:
-    """Saved activations per token for the whole model, in elements (see the module docstring)."""
+def activation_elems(arch: Arch, method: str, r: int, targets, checkpointing: bool) -> tuple[int, int]:
+    """Saved activations per token for the whole model, in elements: (all, the part kept in fp32 whatever the
+    compute dtype: RMSNorm's input copy and rstd, attention's log-sum-exp). See the module docstring."""
     h, m = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    per_layer = 2 * h + 2 + 2 * q + 2 * kv + arch.heads + 3 * m
+    norms = 2 * h + 2  # the two RMSNorms' inputs (upcast to fp32 copies) and rstd
+    per_layer = norms + 2 * q + 2 * kv + arch.heads + 3 * m
+    fp32_layer = norms + arch.heads
     if method == "full":
         per_layer += 2 * h + h + h + m
-        final = 3 * h + 1
+        final, fp32_final = 3 * h + 1, h + 1
     else:
-        suffixes = {p.rsplit(".", 1)[-1] for p in lora_modules(arch, targets)}
+        modules = lora_modules(arch, targets)
+        suffixes = {p.rsplit(".", 1)[-1] for p in modules}
         per_layer += (h if suffixes & set(ATTN_IN) else 0) + (h if suffixes & set(MLP_IN) else 0) \
             + (m if suffixes & set(DOWN) else 0)
-        per_layer += r * len(lora_modules(arch, targets)) // max(arch.layers, 1)
+        per_layer += r * len(modules) // max(arch.layers, 1)
         # the final norm's h + 1 is offset by the first layer's input and norm, which are not saved:
         # the frozen embedding's output needs no gradient
-        final = 0
-    if checkpointing:
-        return arch.layers * h + per_layer + final
-    return arch.layers * per_layer + final
+        final, fp32_final = 0, 0
+    if checkpointing:  # each layer's input in the compute dtype, one layer's full set while it is recomputed
+        return arch.layers * h + per_layer + final, fp32_layer + fp32_final
+    return arch.layers * per_layer + final, arch.layers * fp32_layer + fp32_final
+
+
+def activation_bytes(arch: Arch, method: str, r: int, targets, checkpointing: bool, act_bytes: int) -> int:
+    """Bytes per token of saved activations, with the fp32 part at 4 bytes."""
+    total, fp32 = activation_elems(arch, method, r, targets, checkpointing)
+    return (total - fp32) * act_bytes + fp32 * 4
 
 
 @dataclass
@@ -183,14 +194,14 @@ def estimate(arch: Arch, method: str, r: int = 16, batch: int = 8, seq: int = 51
         tb = wb
     else:
         trainable = lora_params(arch, r, targets)
-        tb = 4  # adapters train in fp32
+        tb = 2 if method == "qlora" else wb  # adapters in the compute dtype, as lorakit creates them
         if method == "qlora":
             quant = sum(i * o for p, (i, o) in arch.linear.items() if p != arch.head)
             weights = int(quant * NF4_BYTES) + (arch.params - quant) * 2 + trainable * tb
         else:
             weights = arch.params * wb + trainable * tb
     act_bytes = 2 if method == "qlora" else wb
-    acts = activation_elems(arch, method, r, targets, checkpointing) * tokens * act_bytes
+    acts = activation_bytes(arch, method, r, targets, checkpointing, act_bytes) * tokens
     return Estimate(method=method, params=arch.params, trainable=trainable, weights=weights,
                     grads=trainable * tb, optimizer=2 * trainable * tb, activations=acts,
                     logits=3 * tokens * arch.vocab * 4, checkpointing=checkpointing)
@@ -240,56 +251,72 @@ def resident_weights(model) -> int:
     return n
 
 
+def _build(spec: dict):
+    """The model a measurement trains: random weights from config fields, or a base load_base knows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import load_base
+
+    if not isinstance(spec["model"], dict):
+        return load_base(spec["model"], dtype=spec["dtype"], device=spec["device"])[0]
+    torch.manual_seed(0)
+    with torch.device(spec["device"]):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec["model"]),
+                                                 dtype=getattr(torch, spec["dtype"])).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def _child(spec: dict) -> dict:
-    """In a fresh process: build the model, train `steps` real steps with lorakit's loop, report peak RSS."""
+    """In a fresh process: build the model, train `steps` real steps with lorakit's loop, report the peak:
+    on CPU the peak resident set (VmHWM), on CUDA the allocator's peak."""
     import tempfile
     import types
 
-    torch.set_num_threads(int(spec.get("threads", 1)))
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .config import LoraConfig, TrainConfig
     from .data import Example
-    from .models import load_base
     from .train import train
 
-    if isinstance(spec["model"], dict):
-        cfg = AutoConfig.for_model(**spec["model"])
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg).float().eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-    else:
-        model, _ = load_base(spec["model"], dtype="float32", device="cpu")
-    vocab = model.config.vocab_size
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    cuda = spec["device"].startswith("cuda")
+    model = _build(spec)
+    if spec.get("checkpointing"):
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     g = torch.Generator().manual_seed(0)
-    examples = [Example(ids, list(ids)) for ids in
-                torch.randint(3, vocab, (spec["batch"] * spec["steps"], spec["seq"]), generator=g).tolist()]
-    tok = types.SimpleNamespace(pad_token_id=0)
-    full = spec["method"] == "full"
+    examples = [Example(ids, list(ids)) for ids in torch.randint(
+        3, model.config.vocab_size, (spec["batch"] * spec["steps"], spec["seq"]), generator=g).tolist()]
     lora = LoraConfig(r=spec["r"], alpha=2 * spec["r"], targets=spec["targets"])
     tcfg = TrainConfig(lr=1e-4, max_steps=spec["steps"], batch_size=spec["batch"], max_len=spec["seq"],
-                       warmup_ratio=0.0, full=full)
+                       warmup_ratio=0.0, full=spec["method"] == "full")
     weights_mib = resident_weights(model) / 2 ** 20
-    if not reset_peak_rss():
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() / 2 ** 20
+    elif reset_peak_rss():
+        start = _status_mib("VmRSS")
+    else:
         raise ValueError("cannot reset the peak RSS (/proc/self/clear_refs); measuring needs Linux >= 4.0")
-    start = _status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
-        res = train(model, tok, examples, tmp, lora, tcfg, progress=False, save_final=False)
-    peak = _status_mib("VmHWM")
-    return {"weights_mib": weights_mib, "start_mib": start, "peak_rss_mib": peak,
+        res = train(model, types.SimpleNamespace(pad_token_id=0), examples, tmp, lora, tcfg, progress=False,
+                    save_final=False)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _status_mib("VmHWM")
+    return {"weights_mib": weights_mib, "start_mib": start, "peak_mib": peak,
             "measured_mib": weights_mib + peak - start, "trainable": res.trainable, "seconds": res.seconds}
 
 
 def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, targets="all-linear",
-            steps: int = 2, threads: int = 1) -> dict:
+            steps: int = 2, threads: int = 1, device: str = "cpu", dtype: str = "float32",
+            checkpointing: bool = False) -> dict:
     """Peak memory of `steps` real training steps, measured in a subprocess: the base weights' bytes (made
-    resident first) plus the rise of VmHWM (peak resident set, reset just before training) over the RSS
-    at the start of training: the same quantity the estimate predicts, without the framework itself.
-    `model`: a name load_base knows, or a dict of config fields (model_type, vocab_size, ...) for a randomly
-    initialised model."""
+    resident first) plus the rise of the peak (CPU: VmHWM, the peak resident set, reset just before training;
+    CUDA: the allocator's peak) over the memory in use at the start of training: the quantity the estimate
+    predicts, without the framework itself. `model`: a name load_base knows, or a dict of config fields
+    (model_type, vocab_size, ...) for a randomly initialised model."""
     spec = {"model": model, "method": method, "r": r, "batch": batch, "seq": seq, "targets": targets,
-            "steps": steps, "threads": threads}
+            "steps": steps, "threads": threads, "device": device, "dtype": dtype, "checkpointing": checkpointing}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            # fixed mmap threshold: big tensors go straight back to the OS when freed, so RSS tracks live memory
            "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -317,11 +344,12 @@ def cmd_estimate(args) -> int:
             for m in METHODS]
     measured = {}
     if args.measure:
-        if args.dtype != "float32" or args.checkpointing:
-            raise ValueError("--measure trains on the CPU in float32 without checkpointing; "
-                             "drop --dtype/--checkpointing to compare")
+        if args.device == "cpu" and (args.dtype != "float32" or args.checkpointing):
+            raise ValueError("--measure on the CPU trains in float32 without checkpointing; drop --dtype/"
+                             "--checkpointing, or measure on a GPU with --device cuda")
         for m in ("lora", "full"):
-            measured[m] = measure(args.model, m, args.r, args.batch, args.seq, targets)
+            measured[m] = measure(args.model, m, args.r, args.batch, args.seq, targets, device=args.device,
+                                  dtype=args.dtype, checkpointing=args.checkpointing)
     if args.json:
         print(json.dumps({"model": args.model, "r": args.r, "targets": targets, "batch": args.batch,
                           "seq": args.seq, "dtype": args.dtype,

@@ -256,7 +256,8 @@ def register(sub) -> None:
     e.add_argument("--dtype", default="float32", help="weights/compute dtype for LoRA and full: float32, bfloat16")
     e.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     e.add_argument("--measure", action="store_true",
-                   help="also train 2 real steps on random tokens (CPU subprocess) and print the measured peak")
+                   help="also train 2 real steps on random tokens (in a subprocess) and print the measured peak")
+    e.add_argument("--device", default="cpu", help="where --measure trains: cpu (peak RSS) or cuda (allocator peak)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_estimate)
 
