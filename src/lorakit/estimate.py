@@ -21,8 +21,8 @@ The memory model (bytes; P = base parameters, p = trainable parameters, T = batc
                and after the last layer h + 1 (final norm; + 2h with full fine-tuning); with LoRA the first
                layer's input and norm are not saved (the frozen embedding needs no gradient): - (h + 1)
                h hidden, m intermediate, q = heads*head_dim, kv = kv_heads*head_dim; times T and the compute
-               dtype's bytes (4 for the fp32 part). With checkpointing: each layer keeps only its input (h), plus one layer's
-               full set while it is recomputed.
+               dtype's bytes (4 for the fp32 part). With checkpointing: each layer keeps only its input (h),
+               plus one layer's full set while it is recomputed.
   logits       3 * T * vocab * 4 bytes: at the end of the forward the logits, their shifted copy and the saved
                log-softmax are alive (fp32); the backward holds as many (saved output, its gradient, the
                logits' gradient)

@@ -215,9 +215,25 @@ def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: l
     return "\n".join(lines)
 
 
+def predict_peaks(o, results: list[dict | None]) -> None:
+    """Fill each training run's predicted_peak_mib from the current memory model (lorakit estimate) and the
+    run's longest training example, so the report always sets measurement beside today's prediction."""
+    from .estimate import arch_of, estimate, load_config
+
+    todo = [r for r in results if r and r["kind"] != "base" and r.get("seq_max")]
+    if not todo:
+        return
+    arch = arch_of(load_config(o.model), o.model)
+    for r in todo:
+        method = "full" if r["kind"] == "full" else "lora"
+        r["predicted_peak_mib"] = estimate(arch, method, r.get("r") or 8, o.batch_size, min(r["seq_max"], o.max_len),
+                                           r.get("targets") or "all-linear", o.dtype).total / 2 ** 20
+
+
 def write_outputs(out: Path, results: list[dict | None], o, plots: bool = True) -> None:
     out = Path(out)
     analysis = load_analysis(out)
+    predict_peaks(o, results)
     table = rows(results, analysis)
     atomic_write_text(out / "results.csv", to_csv(table))
     pngs: list[str] = []
