@@ -180,7 +180,7 @@ def run_sweep(o: SweepOptions, out: str | Path, progress: bool = True, max_runs:
                 if "train_seconds" in res:
                     msg += f", train {res['train_seconds']:.0f} s, peak {res.get('peak_mib') or 0:.0f} MiB"
                 (bar.write if bar is not None else print)(msg)
-            write_outputs(out, load_results(out, runs), o, plots=False)
+            write_outputs(out, load_results(out, runs), o, plots=plots)  # a partial sweep has a report too
     finally:
         if bar is not None:
             bar.close()
@@ -207,7 +207,12 @@ def cmd_sweep(args) -> int:
                      max_len=args.max_len, template=args.template, seed=args.seed, threads=args.threads)
     if not o.eval_data:
         raise ValueError("--eval-data is required: held-out rows for loss, accuracy and behaviour change")
-    results = run_sweep(o, args.output, progress=not args.quiet, max_runs=args.max_runs, plots=not args.no_plots)
+    try:
+        results = run_sweep(o, args.output, progress=not args.quiet, max_runs=args.max_runs,
+                            plots=not args.no_plots)
+    except RuntimeError as e:  # a run failed: its log says why; the finished runs are kept
+        print(f"lorakit sweep: {e}\nre-run the same command to resume", file=sys.stderr)
+        return 1
     done = sum(1 for r in results if r is not None)
     print(f"{done}/{len(results)} runs done; report: {Path(args.output) / 'report.md'}")
     return 0
