@@ -112,29 +112,34 @@ def loss_curves(results: list[dict], path: Path) -> Path:
 
 
 def svd_energy(analysis: dict, results: list[dict], path: Path) -> Path:
-    """Energy of the full fine-tune's weight change in its top r singular directions, per module kind, with
-    a random matrix for reference, beside LoRA's accuracy at r."""
+    """Left: energy of the full fine-tune's weight change in its top r singular directions, per module kind,
+    with random matrices of the same shapes for reference. Right: LoRA's accuracy at r beside that energy."""
     plt = _plt()
     ranks = analysis["ranks"]
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
     for kind, k in analysis["kinds"].items():
-        ax.plot(ranks, k["energy"], marker=".", label=f"{kind} {tuple(k['shape'])}")
-    some = next(iter(analysis["kinds"].values()))
-    ax.plot(ranks, some["random_energy"], color="grey", ls=":", label=f"random {tuple(some['shape'])}")
+        ax.plot(ranks, k["energy"], marker=".", label=f"{kind} {k['shape'][0]}x{k['shape'][1]}")
+    shown = set()
+    for k in analysis["kinds"].values():
+        shape = tuple(sorted(k["shape"]))
+        if shape not in shown:
+            shown.add(shape)
+            ax.plot(ranks, k["random_energy"], color="grey", ls=":", label=f"random {k['shape'][0]}x{k['shape'][1]}")
     _rank_axes(ax, ranks)
     ax.set_ylim(0, 1.02)
-    ax.set_ylabel("share of ||dW||² in top r singular values")
+    ax.set_ylabel("share of ||dW||² in the top r singular values")
     ax.set_title("Full fine-tune's weight change: energy in the top r directions")
-    series = _lora_series(results)
-    if series:
-        ax2 = ax.twinx()
-        for label, rs in series.items():
-            ax2.plot([r["r"] for r in rs], [r["accuracy"] for r in rs], color="crimson", lw=2,
-                     ls="-" if label == "all" else "-.", label=f"LoRA {label} accuracy")
-        ax2.set_ylim(0, 1.02)
-        ax2.set_ylabel("LoRA task accuracy", color="crimson")
-        ax2.legend(fontsize=8, loc="lower right")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7)
+    ax2.plot(ranks, analysis["overall"], color="grey", ls="--", marker=".", label="full FT energy at r (all modules)")
+    for label, rs in _lora_series(results).items():
+        ax2.plot([r["r"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=f"LoRA {label} accuracy")
+    full = _by_kind(results, "full")
+    if full:
+        ax2.axhline(full["accuracy"], color=FULL_COLOR, ls="--", label="full fine-tuning accuracy")
+    _rank_axes(ax2, ranks)
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title("LoRA's accuracy at rank r beside the energy a rank-r matrix keeps")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

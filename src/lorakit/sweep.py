@@ -99,6 +99,40 @@ def _check_plan(out: Path, o: SweepOptions) -> None:
         atomic_write_json(path, mine)
 
 
+class _Lock:
+    """One sweep process per directory: a second one would run the same unfinished run twice."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = int(self.path.read_text().strip() or 0)
+            if pid and _alive(pid):
+                raise ValueError(f"another sweep (pid {pid}) is running in {str(self.path.parent)!r}; "
+                                 f"wait for it or stop it, then re-run to resume") from None
+            self.path.unlink()  # left by a sweep that was killed
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _steps_done(run_dir: Path) -> int:
     m = run_dir / "train" / "metrics.jsonl"
     try:
@@ -144,14 +178,19 @@ def _launch(spec: dict, run_dir: Path, threads: int, bar) -> None:
 def run_sweep(o: SweepOptions, out: str | Path, progress: bool = True, max_runs: int = 0,
               plots: bool = True) -> list[dict]:
     """Run every unfinished run of the plan (at most `max_runs` of them when > 0), then write the report."""
-    from .sweep_report import load_results, write_outputs
-    from .sweep_run import RESULT
-
     o.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_plan(out, o)
-    runs = plan_runs(o)
+    with _Lock(out):
+        return _run_plan(o, out, plan_runs(o), progress, max_runs, plots)
+
+
+def _run_plan(o: SweepOptions, out: Path, runs: list[dict], progress: bool, max_runs: int,
+              plots: bool) -> list[dict]:
+    from .sweep_report import load_results, write_outputs
+    from .sweep_run import RESULT
+
     todo = [r for r in runs if not (out / "runs" / r["name"] / RESULT).exists()]
     n_done = len(runs) - len(todo)
     if max_runs:

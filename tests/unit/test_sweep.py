@@ -113,3 +113,19 @@ def test_sweep_refuses_bad_options_and_foreign_directories(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"other options \(differing: \['steps'\]\)"):
         run_sweep(SweepOptions(data=data, eval_data=data), out, progress=False)
     assert not (out / "runs").exists()  # nothing was started
+
+
+def test_one_sweep_per_directory(tmp_path):
+    from lorakit.sweep import SweepOptions, _Lock, run_sweep
+
+    data = str(ROOT / "data/demo/train.jsonl")
+    o = SweepOptions(data=data, eval_data=data)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process (pytest's parent) holds the directory
+    with pytest.raises(ValueError, match=rf"another sweep \(pid {os.getppid()}\) is running"):
+        run_sweep(o, tmp_path, progress=False)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / ".lock").write_text(dead.stdout.strip())  # left by a killed sweep: taken over
+    with _Lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
