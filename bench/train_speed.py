@@ -1,7 +1,7 @@
 """CPU training speed: lorakit vs HF PEFT on the embedded model, same config, batch and data, same run.
 
 Each case runs in its own subprocess (so peak RSS is that case's alone) and prints one JSON line:
-tool, case, tokens_per_s (median over timed steps), step_s, peak_rss_mib (VmHWM: the whole process,
+tool, case, tokens_per_s (all tokens of the timed steps / their time), step_s, peak_rss_mib (VmHWM: the whole process,
 base model included), loss_first/loss_last, and the machine.
 
     python bench/train_speed.py [--steps 6] [--warmup 2] [--r 16] [--batch 8] [--threads 2] [--out FILE]
@@ -52,7 +52,9 @@ def run_case(case: str, args) -> dict:
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                                                            target_modules=targets))
-        step_loss = lambda b: causal_lm_loss(model, b)[0]  # noqa: E731
+        # PEFT as its users train it (and as transformers' Trainer does): the model's own loss from labels
+        step_loss = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],  # noqa: E731
+                                    labels=b["labels"]).loss
     else:
         add_adapter(model, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets))
         if case == "lorakit-fast":

@@ -57,13 +57,40 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+# Architectures whose causal-LM head is exactly `lm_head(decoder(x).last_hidden_state)`: no logit scaling or
+# soft-capping after the head. For these the loss computes logits only where there is a target token.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "starcoder2"}
+
+
+def _body_and_head(model):
+    """(decoder, head) when the logits can be computed on a subset of positions, else None."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD or not hasattr(model, "get_output_embeddings"):
+        return None
+    body, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
+    if body is None or body is model or head is None:
+        return None
+    return body, head
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens / denom (default: their count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Sum of next-token cross-entropy over target tokens / denom (default: their count).
+
+    The vocabulary projection runs only on positions that predict a target token (for a chat or
+    prompt/completion row, the completion): prompt positions never reach the head, which saves its
+    matmul, the softmax over the vocabulary and their memory. The loss is the same as from full logits."""
     labels = batch["labels"][:, 1:]
-    n = int((labels != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    keep = labels != IGNORE
+    n = int(keep.sum())
+    parts = _body_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+    else:
+        body, head = parts
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / (denom if denom is not None else max(n, 1)), n
 
 

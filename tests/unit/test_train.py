@@ -93,3 +93,36 @@ def test_full_finetune_trains_every_weight(tmp_path):
     assert res.trainable == res.total
     assert res.losses[-1] < res.losses[0]
     assert all(not torch.equal(before[n], p) for n, p in m.named_parameters())
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_loss_on_target_positions_only_equals_full_logits_loss(plain_head, monkeypatch):
+    """causal_lm_loss runs the head only where a target token is predicted; loss and gradients equal the
+    loss over full logits (and models outside the allow-list take the full-logits path)."""
+    import torch.nn.functional as F
+
+    from lorakit import add_adapter
+    from lorakit.train import _body_and_head, causal_lm_loss
+
+    m = tiny_llama()
+    if not plain_head:
+        monkeypatch.setattr(m.config, "model_type", "gemma2")  # soft-capped logits: must not be bypassed
+    assert (_body_and_head(m) is not None) == plain_head
+    add_adapter(m, LoraConfig(r=4, targets="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE
+    labels[2, 8:] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    loss, n = causal_lm_loss(m, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert n == 2 * 4 + 2
+    loss.backward()
+    got = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+    m.zero_grad()
+    logits = m(input_ids=ids, attention_mask=mask).logits
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5
+    for g, p in zip(got, [p for p in m.parameters() if p.requires_grad]):
+        assert (g - p.grad).abs().max() < 1e-5
