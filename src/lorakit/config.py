@@ -20,15 +20,23 @@ TARGET_PRESETS = {
 }
 
 
-def _check_keys(cls, data: dict, where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown}; expected some of {sorted(known)}")
+class _FromDict:
+    """to_dict/from_dict for the config dataclasses; an unknown key is an error that lists the known ones."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(_FromDict):
     """One adapter's shape. `targets` is a list of module names (suffix match), a regex string
     (full match on the module path), or "all-linear" (every nn.Linear except the output head)."""
 
@@ -108,17 +116,9 @@ class LoraConfig:
             modules_to_save=list(d.get("modules_to_save") or []),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
-        _check_keys(cls, d, "LoraConfig")
-        return cls(**d)
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_FromDict):
     lr: float = 2e-4
     weight_decay: float = 0.0
     epochs: float = 1.0
@@ -144,14 +144,10 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        _check_keys(cls, d, "TrainConfig")
-        return cls(**d)
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(_FromDict):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
@@ -163,10 +159,6 @@ class ServeConfig:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ServeConfig":
-        _check_keys(cls, d, "ServeConfig")
-        return cls(**d)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
