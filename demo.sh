@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 ./scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/lorakit train --model embedded --data data/demo/train.jsonl --eval-data data/demo/test.jsonl \
-  --config data/demo/lora.yaml --compare --max-new-tokens 16 -o runs/demo "$@"
+  --config data/demo/lora.yaml --compare --max-new-tokens 12 -o runs/demo "$@"

@@ -52,6 +52,7 @@ def cmd_train(args) -> int:
     from .config import LoraConfig, TrainConfig, load_config_file
     from .data import build_examples, load_rows
     from .evaluate import evaluate, format_report
+    from .files import atomic_write_json
     from .models import model_name
     from .train import train
 
@@ -79,15 +80,18 @@ def cmd_train(args) -> int:
     examples = build_examples(tok, rows, args.template, train_cfg.max_len)
     eval_examples = build_examples(tok, eval_rows, args.template, train_cfg.max_len) if eval_rows else None
     print(f"data: {len(rows)} {fmt} rows from {args.data}" + (f", {len(eval_rows)} eval rows" if eval_rows else ""))
-    res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=eval_examples,
+    compare = bool(eval_rows and args.compare and not train_cfg.full)
+    # --compare measures the held-out loss itself (with the base's beside it): no duplicate final eval in train
+    train_eval = None if compare and not train_cfg.eval_every else eval_examples
+    res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,
                 resume=args.resume, progress=not args.quiet, base_name=model_name(args.model),
                 metadata={"data": str(args.data), "rows": len(rows)})
     print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
           f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
-    if eval_rows and args.compare and not train_cfg.full:
+    if compare:
         rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens, batch_size=32)
         print(format_report(rep))
-        (Path(args.output) / "eval.json").write_text(json.dumps(rep.to_dict(), indent=2))
+        atomic_write_json(Path(args.output) / "eval.json", rep.to_dict())
     return 0
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
+from .data import build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
 from .generate import generate_ids
 from .lora import active_adapters, disabled
-from .train import evaluate_loss
+from .train import target_logits
 
 
 def normalize(text: str) -> str:
@@ -34,22 +34,38 @@ def accuracy(preds: list[str], refs: list[str]) -> float:
 
 
 @torch.no_grad()
-def kl_to_base(model, examples, pad_id: int, base_model=None, batch_size: int = 8) -> float:
-    """Mean KL(p_model || p_base) per target token, over the held-out examples' target positions.
+def loss_and_kl(model, examples, pad_id: int, batch_size: int = 8, compare: bool = True,
+                base_model=None) -> dict:
+    """One pass over the examples: the model's mean loss per target token and, with `compare`, the base's
+    loss and the mean KL(p_model || p_base) per target token, from the same batches (two forwards a batch).
     The base is `base_model`, or `model` with its adapters disabled."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    was = model.training
     model.eval()
+    loss = base_loss = kl = 0.0
+    count = 0
     for i in range(0, len(examples), batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        sel = b["labels"][:, 1:] != IGNORE  # positions that predict a target token
-        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        logp = F.log_softmax(model(**kw).logits[:, :-1][sel].float(), -1)  # (n, vocab)
-        with (disabled(model) if base_model is None else contextlib.nullcontext()):
-            logq = F.log_softmax((base_model or model)(**kw).logits[:, :-1][sel].float(), -1)
-        total += float((logp.exp() * (logp - logq)).sum())
-        count += int(sel.sum())
-    return total / max(count, 1)
+        logits, targets = target_logits(model, b)
+        logp = F.log_softmax(logits.float(), -1)  # (n, vocab)
+        loss += float(F.nll_loss(logp, targets, reduction="sum"))
+        if compare:
+            with (disabled(model) if base_model is None else contextlib.nullcontext()):
+                logq = F.log_softmax(target_logits(base_model or model, b)[0].float(), -1)
+            base_loss += float(F.nll_loss(logq, targets, reduction="sum"))
+            kl += float((logp.exp() * (logp - logq)).sum())
+        count += targets.numel()
+    model.train(was)
+    n = max(count, 1)
+    out = {"loss": loss / n, "tokens": count}
+    if compare:
+        out.update(base_loss=base_loss / n, kl=kl / n)
+    return out
+
+
+def kl_to_base(model, examples, pad_id: int, base_model=None, batch_size: int = 8) -> float:
+    """Mean KL(p_model || p_base) per target token over the held-out examples' target positions."""
+    return loss_and_kl(model, examples, pad_id, batch_size, True, base_model)["kl"]
 
 
 @dataclass
@@ -80,19 +96,25 @@ def evaluate(model, tok, rows: list[dict], template: str = "auto", max_new_token
     if compare and base_model is None and not active_adapters(model):
         raise ValueError("nothing to compare: the model has no active adapter (pass base_model or compare=False)")
 
-    def measure(m, ctx) -> tuple[dict, list[str]]:
+    scores = loss_and_kl(model, examples, pad, batch_size, compare, base_model)
+
+    def answers(m, ctx) -> list[str]:
         with ctx:
-            res = {k: v for k, v in evaluate_loss(m, examples, pad, batch_size).items() if k != "tokens"}
-            preds = greedy_answers(m, tok, rows, template, max_new_tokens, batch_size) if completion_style else []
+            return greedy_answers(m, tok, rows, template, max_new_tokens, batch_size) if completion_style else []
+
+    def metrics(loss: float, preds: list[str]) -> dict:
+        res = {"loss": loss, "ppl": perplexity(loss)}
         if completion_style:
             res["accuracy"] = accuracy(preds, [prompt_and_answer(r)[1] for r in rows])
-        return res, preds
+        return res
 
-    rep.after, after = measure(model, contextlib.nullcontext())
+    after = answers(model, contextlib.nullcontext())
+    rep.after = metrics(scores["loss"], after)
     if compare:
         base, ctx = (model, disabled(model)) if base_model is None else (base_model, contextlib.nullcontext())
-        rep.before, before = measure(base, ctx)
-        rep.kl = kl_to_base(model, examples, pad, base_model, batch_size)
+        before = answers(base, ctx)
+        rep.before = metrics(scores["base_loss"], before)
+        rep.kl = scores["kl"]
         if completion_style:
             rep.changed = sum(normalize(a) != normalize(b) for a, b in zip(after, before)) / len(rows)
     else:

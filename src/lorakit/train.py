@@ -73,15 +73,14 @@ def _body_and_head(model):
     return body, head
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens / denom (default: their count).
+def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions that predict a target token: (n, vocab) and (n,).
 
-    The vocabulary projection runs only on positions that predict a target token (for a chat or
-    prompt/completion row, the completion): prompt positions never reach the head, which saves its
-    matmul, the softmax over the vocabulary and their memory. The loss is the same as from full logits."""
+    The vocabulary projection runs only on those positions (for a chat or prompt/completion row, the
+    completion): prompt positions never reach the head, which saves its matmul, the softmax over the
+    vocabulary and their memory. The values equal the full logits' rows."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    n = int(keep.sum())
     parts = _body_and_head(model)
     if parts is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
@@ -90,7 +89,14 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = 
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return logits, labels[keep]
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens / denom (default: their count), and the count."""
+    logits, targets = target_logits(model, batch)
+    n = targets.numel()
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss / (denom if denom is not None else max(n, 1)), n
 
 
