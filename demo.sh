@@ -3,7 +3,7 @@
 # (dates -> ISO 8601) with LoRA on the CPU, then print accuracy before/after and example answers.
 set -euo pipefail
 cd "$(dirname "$0")"
-./scripts/setup.sh
+EXTRAS=${EXTRAS-} ./scripts/setup.sh  # the library alone: the demo needs no test/serve extras
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/lorakit train --model embedded --data data/demo/train.jsonl --eval-data data/demo/test.jsonl \
   --config data/demo/lora.yaml --compare --max-new-tokens 12 -o runs/demo "$@"

