@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LoraConfig
-from .lora import LoraLinear, LoraPair
+from .linear import LoraLinear, LoraPair
 
 
 class LoraConv(LoraLinear):
