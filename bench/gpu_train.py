@@ -44,8 +44,10 @@ CASES = {  # name: (shape, batch, seq, mode, checkpointing in the HF run)
     "1b-ckpt": ("llama-1b", 8, 2048, "lora", True),
     "1b-full-ckpt": ("llama-1b", 8, 2048, "full", True),
     "8b-ckpt": ("llama-8b", 4, 2048, "lora", True),
+    "8b-q4": ("llama-8b", 1, 2048, "qlora", True),  # issue 7: 4-bit base, batch 1 x 2048, peak <= 8 GiB
     "tiny": ("tiny", 2, 64, "lora", False),
     "tiny-full-ckpt": ("tiny", 2, 64, "full", True),
+    "tiny-q4": ("tiny", 2, 64, "qlora", True),
 }
 DEFAULT_RUNS = [  # most important first: a deadline skips the tail
     "1b/peft", "1b/lorakit/prof=1", "8b-ckpt/peft", "8b-ckpt/lorakit", "1b-ckpt/peft", "1b-full-ckpt/peft",
@@ -158,6 +160,32 @@ def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
                          "fused_mlp": fm.spec.fused_mlp, "ce_kernel": variant.get("ce", "1") == "1"}
 
 
+def setup_lorakit_qlora(model, mode: str, ckpt: bool, variant: dict):
+    """QLoRA: every decoder linear in lorakit's NF4 (double quantization; the head stays bf16), LoRA r=16 on
+    all of them, HF gradient checkpointing, and the chunked linear cross-entropy (no full logits tensor)."""
+    import gc
+
+    from lorakit import LoraConfig, add_adapter
+    from lorakit.fast.loss import default_chunk, linear_cross_entropy, shift_targets
+    from lorakit.quant import quantize_model
+
+    quantize_model(model, "all-linear")
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    add_adapter(model, LoraConfig(r=R, alpha=ALPHA, dropout=0.0, targets="all-linear"))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEV == "cuda")
+    chunk = default_chunk(model.config.vocab_size)
+
+    def loss_fn(ids):
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (b, s, d)
+        return linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, shift_targets(ids), chunk=chunk)
+    return model, opt, loss_fn, {"quant": "nf4", "chunk": chunk}
+
+
 # ---------------------------------------------------------------- one run
 def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> dict:
     shape, batch, seq, mode, ckpt = CASES[case]
@@ -167,7 +195,9 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
     model = build(shape)
     ids = torch.randint(0, SHAPES[shape]["vocab"], (batch, seq), device=DEV,
                         generator=torch.Generator(device=DEV).manual_seed(1))
-    setup = setup_peft if tool == "peft" else setup_lorakit
+    if mode == "qlora" and tool != "lorakit":
+        raise ValueError(f"run {case}/{tool}: the 4-bit case runs lorakit only (no bitsandbytes on the device)")
+    setup = setup_peft if tool == "peft" else setup_lorakit_qlora if mode == "qlora" else setup_lorakit
     model, opt, loss_fn, extra = setup(model, mode, ckpt, variant)
     static = mem("now")
     if DEV == "cuda":
