@@ -145,7 +145,6 @@ class TrainConfig(_FromDict):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
-
 @dataclass
 class ServeConfig(_FromDict):
     host: str = "127.0.0.1"
@@ -158,7 +157,6 @@ class ServeConfig(_FromDict):
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
-
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -63,11 +63,6 @@ def loss_and_kl(model, examples, pad_id: int, batch_size: int = 8, compare: bool
     return out
 
 
-def kl_to_base(model, examples, pad_id: int, base_model=None, batch_size: int = 8) -> float:
-    """Mean KL(p_model || p_base) per target token over the held-out examples' target positions."""
-    return loss_and_kl(model, examples, pad_id, batch_size, True, base_model)["kl"]
-
-
 @dataclass
 class Report:
     n: int

@@ -134,8 +134,8 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
         raise FileNotFoundError(f"could not load model {name!r} from local files: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    if getattr(tok, "clean_up_tokenization_spaces", False) and "BPE" in type(getattr(tok, "backend_tokenizer", None)
-                                                                             and tok.backend_tokenizer.model).__name__:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
         tok.clean_up_tokenization_spaces = False  # transformers ignores it for BPE anyway, with a warning per decode
     model.to(dev).eval()
     for p in model.parameters():

@@ -34,11 +34,15 @@ def _rows(path: str | None, n: int, skip: int = 0) -> list[dict]:
     return rows[:n] if n else rows
 
 
-def _held_out(model, tok, spec: dict, rows: list[dict], ex, pad: int) -> dict:
-    from .evaluate import accuracy, greedy_answers
-    from .train import evaluate_loss
+def _held_out(model, tok, spec: dict, rows: list[dict], ex, pad: int, compare: bool = False,
+              base_model=None) -> dict:
+    """Held-out loss, greedy answers and accuracy; with `compare`, KL to the base from the same pass."""
+    from .evaluate import accuracy, greedy_answers, loss_and_kl
 
-    out = {"eval_loss": evaluate_loss(model, ex, pad, spec["batch_size"])["loss"]}
+    scores = loss_and_kl(model, ex, pad, spec["batch_size"], compare, base_model)
+    out = {"eval_loss": scores["loss"]}
+    if compare:
+        out["kl"] = scores["kl"]
     answers = greedy_answers(model, tok, rows, spec["template"], spec["max_new_tokens"], 16)
     from .data import prompt_and_answer
 
@@ -79,7 +83,7 @@ def _predicted_mib(model, spec: dict, lora, seq: int) -> float:
 def run(spec: dict) -> dict:
     from .config import LoraConfig, TrainConfig
     from .data import build_examples
-    from .evaluate import kl_to_base, normalize
+    from .evaluate import normalize
     from .models import load_base
     from .train import train
 
@@ -125,11 +129,10 @@ def run(spec: dict) -> dict:
     else:
         res["file_bytes"] = (run_dir / "train" / "adapter_model.safetensors").stat().st_size
         base_model = None
-    res.update(_held_out(model, tok, spec, eval_rows, eval_ex, pad))
+    res.update(_held_out(model, tok, spec, eval_rows, eval_ex, pad, compare=True, base_model=base_model))
     base_answers = json.loads((Path(spec["base_result"])).read_text())["answers"]
     res["answers_changed"] = sum(normalize(a) != normalize(b) for a, b in zip(res["answers"], base_answers)) \
         / max(len(base_answers), 1)
-    res["kl"] = kl_to_base(model, eval_ex, pad, base_model, spec["batch_size"])
     res["general_loss"] = _general_loss(model, tok, spec, pad)
     if full:
         from .analysis import analyze
