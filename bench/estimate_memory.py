@@ -14,7 +14,7 @@ import platform
 
 from transformers import AutoConfig
 
-from lorakit.estimate import arch_of, estimate, measure
+from lorakit.lab.estimate import arch_of, estimate, measure
 
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,

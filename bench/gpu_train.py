@@ -137,7 +137,8 @@ def setup_peft(model, mode: str, ckpt: bool, variant: dict):
 
 
 def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
-    from lorakit import LoraConfig, add_adapter, fast
+    from lorakit import LoraConfig, add_adapter
+    from lorakit.train import fast
 
     if mode == "lora":
         add_adapter(model, LoraConfig(r=R, alpha=ALPHA, dropout=0.0, targets="all-linear"))
@@ -166,8 +167,8 @@ def setup_lorakit_qlora(model, mode: str, ckpt: bool, variant: dict):
     import gc
 
     from lorakit import LoraConfig, add_adapter
-    from lorakit.fast.loss import default_chunk, linear_cross_entropy, shift_targets
-    from lorakit.quant import quantize_model
+    from lorakit.train.fast.loss import default_chunk, linear_cross_entropy, shift_targets
+    from lorakit.core.nf4 import quantize_model
 
     quantize_model(model, "all-linear")
     gc.collect()

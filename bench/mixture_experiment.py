@@ -3,14 +3,14 @@
 Two text tasks in one format on the embedded SmolLM2-135M (CPU):
   "reverse: cat dog sun\\n=>"  ->  " sun dog cat"      (word order reversed)
   "upper: cat dog sun\\n=>"    ->  " CAT DOG SUN"      (words upper-cased)
-One LoRA adapter is trained per task (on that task only), then frozen; a router (lorakit.mixture) is
+One LoRA adapter is trained per task (on that task only), then frozen; a router (lorakit.core.mixture) is
 trained on a mixed set; everything is scored on a held-out mixed set (word tuples never seen in training):
 completion loss (mean NLL per completion token) and exact match of greedy generations.
 
     PYTHONPATH=src python bench/mixture_experiment.py --out bench/results/mixture-cpu.json
 
 The adapters go on the top `--layers` transformer layers only, so backward stops there (CPU budget).
-The small training loop below is this experiment's own (lorakit.train is a separate feature).
+The small training loop below is this experiment's own (lorakit.train.loop is a separate feature).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import torch
 
 from lorakit import LoraConfig, add_adapter, load_adapter, read_adapter, save_adapter, set_active
 from lorakit.generate import generate_ids
-from lorakit.lora import lora_layers, mark_trainable, set_routing
-from lorakit.mixture import Router, lm_loss, train_router, uniform_routing
+from lorakit.core.inject import lora_layers, mark_trainable, set_routing
+from lorakit.core.mixture import Router, lm_loss, train_router, uniform_routing
 from lorakit.models import load_base
 
 WORDS = ("cat dog sun moon tree fish bird car book door hat cup milk rain snow wind fire stone road ship king "

@@ -17,7 +17,7 @@ import torch
 
 from lorakit import LoraConfig, add_adapter
 from lorakit.models import tiny_llama
-from lorakit.quant import quantize_model, quantize_nf4, weight_bytes
+from lorakit.core.nf4 import quantize_model, quantize_nf4, weight_bytes
 
 
 def emit(**row):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from lorakit.models import load_base
-from lorakit.quant import NF4Linear, quantize_model, weight_bytes
+from lorakit.core.nf4 import NF4Linear, quantize_model, weight_bytes
 
 TEXT = ("Machine learning is a field of study in artificial intelligence concerned with the development and study "
         "of statistical algorithms that can learn from data and generalize to unseen data, and thus perform tasks "

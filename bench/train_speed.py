@@ -40,8 +40,8 @@ def run_case(case: str, args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from lorakit import LoraConfig, add_adapter, load_base
-    from lorakit.data import build_examples, collate, load_rows
-    from lorakit.train import causal_lm_loss
+    from lorakit.train.data import build_examples, collate, load_rows
+    from lorakit.train.loop import causal_lm_loss
 
     model, tok = load_base("embedded", dtype="float32", device="cpu")
     rows, _ = load_rows(ROOT / "data" / "demo" / "train.jsonl")
@@ -58,7 +58,7 @@ def run_case(case: str, args) -> dict:
     else:
         add_adapter(model, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets))
         if case == "lorakit-fast":
-            from lorakit import fast
+            from lorakit.train import fast
 
             fm = fast.prepare(model, compile=False)
             step_loss = lambda b: fm(b["input_ids"], labels=b["labels"])  # noqa: E731

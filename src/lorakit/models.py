@@ -116,13 +116,13 @@ def model_name(name: str) -> str:
 def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
               quant: str | None = None):
     """-> (model, tokenizer). The model is in eval mode with every parameter frozen.
-    quant="nf4": linear layers (not the output head) held in 4-bit NF4 (QLoRA; lorakit.quant)."""
+    quant="nf4": linear layers (not the output head) held in 4-bit NF4 (QLoRA; lorakit.core.nf4)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if quant is not None:
-        from .quant import check_platform
+        from lorakit.core.nf4 import check_platform
 
         check_platform(dev, dt, quant)  # refuse before loading anything
     path, gguf = resolve_model_path(name)
@@ -142,7 +142,7 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
         p.requires_grad_(False)
     model.lorakit_base_name = model_name(name)
     if quant is not None:
-        from .quant import quantize_model
+        from lorakit.core.nf4 import quantize_model
 
         quantize_model(model, "all-linear", quant)
     return model, tok

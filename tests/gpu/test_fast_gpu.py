@@ -51,7 +51,7 @@ def batches(n=4, b=4, s=256):
 
 @pytest.mark.parametrize("fused_mlp", [False, True])
 def test_fast_path_loss_curve_matches_plain_path_bf16(fused_mlp):
-    from lorakit import fast
+    from lorakit.train import fast
 
     plain = with_adapter().train()
     fm = fast.prepare(copy.deepcopy(plain), compile=True, fused_mlp=fused_mlp).train()
@@ -83,7 +83,7 @@ def test_fast_path_loss_curve_matches_plain_path_bf16(fused_mlp):
 
 
 def test_recomputed_layers_give_the_same_gradients_bf16():
-    from lorakit import fast
+    from lorakit.train import fast
 
     base = with_adapter(3).train()
     ids = batches(1)[0]

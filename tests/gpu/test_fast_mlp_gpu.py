@@ -1,4 +1,4 @@
-"""The Triton kernels of lorakit.fast on the GPU, at the llama-1b shapes, against the plain-torch
+"""The Triton kernels of lorakit.train.fast on the GPU, at the llama-1b shapes, against the plain-torch
 reference computed in float32 on the same (bf16) inputs: ||out - ref|| / ||ref|| under 1e-2 (bf16
 operands), every output element written (the allocator is poisoned with NaN first)."""
 import json
@@ -31,7 +31,7 @@ def record(name, errs):
 
 
 def test_swiglu_lora_kernels_match_reference_at_1b_shape():
-    from lorakit.fast.mlp import swiglu_lora_bwd, swiglu_lora_bwd_ref, swiglu_lora_fwd, swiglu_lora_fwd_ref
+    from lorakit.train.fast.mlp import swiglu_lora_bwd, swiglu_lora_bwd_ref, swiglu_lora_fwd, swiglu_lora_fwd_ref
 
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -61,8 +61,8 @@ def test_swiglu_lora_kernels_match_reference_at_1b_shape():
 
 
 def test_inplace_loss_kernel_matches_reference_at_1b_vocab():
-    from lorakit.fast.loss import chunk_loss_and_grad
-    from lorakit.fast.triton_ce import ce_chunk_inplace
+    from lorakit.train.fast.loss import chunk_loss_and_grad
+    from lorakit.kernels.triton_ce import ce_chunk_inplace
 
     c, V = 2048, 128256
     g = torch.Generator(device="cuda").manual_seed(1)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def model_tok(embedded):
     model, tok = embedded
     yield model, tok
-    from lorakit.lora import adapter_names, unload
+    from lorakit.core.inject import adapter_names, unload
 
     unload(model)  # leave the shared session model clean
     assert not adapter_names(model)
@@ -78,8 +78,8 @@ def test_merge_unmerge_exact_on_embedded(model_tok):
 
 def test_short_training_lowers_heldout_loss(model_tok, tmp_path):
     from lorakit import TrainConfig
-    from lorakit.data import build_examples, load_rows
-    from lorakit.train import evaluate_loss, train
+    from lorakit.train.data import build_examples, load_rows
+    from lorakit.train.loop import evaluate_loss, train
 
     model, tok = model_tok
     rows, _ = load_rows(ROOT / "data" / "demo" / "train.jsonl")

@@ -10,12 +10,12 @@ import torch
 from transformers import AutoTokenizer
 
 from lorakit import LoraConfig, add_adapter, delete_adapter, load_adapter, save_adapter, set_active
-from lorakit.adapter import WEIGHTS_NAME, fingerprint
+from lorakit.adapters.files import WEIGHTS_NAME, fingerprint
 from lorakit.config import ServeConfig
 from lorakit.generate import encode_prompt, generate_ids
 from lorakit.models import embedded_dir, load_base, tiny_llama
 from lorakit.serve.app import ServerThread, build_app, make_state
-from lorakit.serve.registry import Registry
+from lorakit.adapters.registry import Registry
 
 KEY, ADMIN = "sk-test-inference", "sk-test-admin"
 MSGS = [{"role": "user", "content": "Name a colour."}]

@@ -1,12 +1,13 @@
 """The continuous-batching engine without HTTP: joining mid-flight, slot pressure, cancellation, errors."""
 import threading
+import time
 import types
 
 import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter, set_active
-from lorakit.adapter import read_adapter
+from lorakit.adapters.files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest
@@ -77,7 +78,11 @@ def test_waits_for_a_slot_then_runs_and_cancel_frees_it(adapters):
     eng = Engine(tiny_llama(), TOK, max_slots=1, max_batch=4).start()
     try:
         started = threading.Event()
-        hog = Collect(on_token=lambda k: started.set())
+        def pace(k):  # the hog decodes at most ~100 tokens/s so that it is still running when `other` arrives
+            started.set()
+            time.sleep(0.01)
+
+        hog = Collect(on_token=pace)
         req = eng.submit(GenRequest([5, 6, 7], [use(root, "a")], max_tokens=200, ignore_eos=True, sink=hog))
         assert started.wait(30)
         other = Collect()

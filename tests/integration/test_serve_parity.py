@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, delete_adapter, load_adapter, save_adapter, set_active
-from lorakit.adapter import fingerprint
+from lorakit.adapters.files import fingerprint
 from lorakit.config import ServeConfig
 from lorakit.generate import generate
 from lorakit.models import load_base
 from lorakit.serve.app import ServerThread, build_app, make_state
-from lorakit.serve.registry import Registry
+from lorakit.adapters.registry import Registry
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[{"role": "user", "content": "Write a haiku about the sea."}]]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lorakit.analysis import analyze, energy_at, random_energy, rank_for, weight_deltas
+from lorakit.lab.analysis import analyze, energy_at, random_energy, rank_for, weight_deltas
 
 
 def test_energy_and_rank_on_a_known_spectrum():

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from lorakit import LoraConfig, add_adapter, load_adapter, read_adapter, save_adapter, set_active
-from lorakit.compose import Factor, _dare, _ties, compose, parse_spec
+from lorakit.adapters.compose import Factor, _dare, _ties, compose, parse_spec
 from lorakit.models import tiny_llama
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")

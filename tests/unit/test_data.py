@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lorakit.data import IGNORE, build_examples, collate, load_rows, prompt_and_answer, tokenize_row
+from lorakit.train.data import IGNORE, build_examples, collate, load_rows, prompt_and_answer, tokenize_row
 
 
 class CharTok:

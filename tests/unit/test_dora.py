@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, disabled, merge, set_active, unmerge
-from lorakit.lora import lora_layers
+from lorakit.core.inject import lora_layers
 from lorakit.models import tiny_llama
 
 
@@ -105,7 +105,7 @@ def test_dora_bf16_close_to_fp32_and_merge_roundtrip(ids):
 
 
 def test_dora_on_4bit_base_equals_dense_dequantized_base(ids):
-    from lorakit.quant import dequantize_model, quantize_model
+    from lorakit.core.nf4 import dequantize_model, quantize_model
 
     torch.manual_seed(3)
     q = tiny_llama()

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorakit.config import LoraConfig
-from lorakit.estimate import NF4_BYTES, activation_bytes, arch_of, estimate, lora_params, measure
-from lorakit.lora import add_adapter, count_params
-from lorakit.train import causal_lm_loss
+from lorakit.lab.estimate import NF4_BYTES, activation_bytes, arch_of, estimate, lora_params, measure
+from lorakit.core.inject import add_adapter, count_params
+from lorakit.train.loop import causal_lm_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 MID = dict(model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -117,7 +117,7 @@ def test_estimate_cli(tiny_dir, capsys):
     assert by["full"]["optimizer"] == 2 * by["full"]["grads"] > 0
     assert by["qlora"]["total"] < by["lora"]["total"] < by["full"]["total"]
 
-    from lorakit.cli import main
+    from lorakit.cli.main import main
 
     assert main(["estimate", "--model", str(tiny_dir), "--r", "0"]) == 2
     assert "r must be a positive integer, got 0" in capsys.readouterr().err

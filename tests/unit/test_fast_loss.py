@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.fast.loss import default_chunk, linear_cross_entropy, shift_targets
+from lorakit.train.fast.loss import default_chunk, linear_cross_entropy, shift_targets
 
 
 def _inputs(T=37, d=16, V=53, seed=0, w_grad=True):

@@ -1,4 +1,4 @@
-"""The fused LoRA MLP (lorakit.fast.mlp) against the plain path, and its Triton kernels (and the
+"""The fused LoRA MLP (lorakit.train.fast.mlp) against the plain path, and its Triton kernels (and the
 in-place loss kernel) against the plain-torch reference under the Triton interpreter, in fp32."""
 import copy
 import json
@@ -10,8 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from lorakit import LoraConfig, add_adapter, fast
-from lorakit.fast.mlp import fusable_mlp
+from lorakit import LoraConfig, add_adapter
+from lorakit.train import fast
+from lorakit.train.fast.mlp import fusable_mlp
 from lorakit.models import tiny_llama
 
 
@@ -54,10 +55,10 @@ def test_dropout_on_the_mlp_falls_back_to_the_unfused_path():
 KERNEL_CHECK = textwrap.dedent("""
     import json
     import torch
-    from lorakit.fast.mlp import swiglu_lora_fwd_ref, swiglu_lora_bwd_ref, _pad_rows, _pad_cols
-    from lorakit.fast.triton_mlp import swiglu_lora_fwd, swiglu_lora_bwd
-    from lorakit.fast.triton_ce import ce_chunk_inplace
-    from lorakit.fast.loss import chunk_loss_and_grad
+    from lorakit.train.fast.mlp import swiglu_lora_fwd_ref, swiglu_lora_bwd_ref, _pad_rows, _pad_cols
+    from lorakit.kernels.triton_mlp import swiglu_lora_fwd, swiglu_lora_bwd
+    from lorakit.kernels.triton_ce import ce_chunk_inplace
+    from lorakit.train.fast.loss import chunk_loss_and_grad
 
     def rel(x, r):
         return float((x.double() - r.double()).norm() / r.double().norm())
@@ -89,8 +90,8 @@ KERNEL_CHECK = textwrap.dedent("""
                ce_inplace=float(g.data_ptr() == buf.data_ptr()), ce_ignored=float(g[2].abs().max()))
     # the custom ops' Triton branch (padding, slicing, torch.library's no-aliasing rule), rank 16
     import functools
-    import lorakit.fast.mlp as mlp
-    import lorakit.fast.triton_mlp as tm
+    import lorakit.train.fast.mlp as mlp
+    import lorakit.kernels.triton_mlp as tm
     mlp._triton_ok = lambda t: True
     tm.swiglu_lora_fwd = functools.partial(tm.swiglu_lora_fwd, block=(32, 32), cols=64)
     tm.swiglu_lora_bwd = functools.partial(tm.swiglu_lora_bwd, block=(32, 32), toks=64, cols=64)

@@ -1,12 +1,13 @@
-"""lorakit.fast on CPU in fp32 (eager): the same losses and gradients as the plain path
+"""lorakit.train.fast on CPU in fp32 (eager): the same losses and gradients as the plain path
 (HF forward + LoraLinear), the same 20-step loss curve, and clear errors for what it does not do."""
 import copy
 
 import pytest
 import torch
 
-from lorakit import LoraConfig, add_adapter, fast, set_active
-from lorakit.fast.fuse import fuse_projections, stacked, unfuse_projections
+from lorakit import LoraConfig, add_adapter, set_active
+from lorakit.train import fast
+from lorakit.train.fast.fuse import fuse_projections, stacked, unfuse_projections
 from lorakit.models import tiny_llama
 
 

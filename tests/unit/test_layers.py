@@ -5,8 +5,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, add_adapter, load_adapter, merge, save_adapter, unload, unmerge
-from lorakit.layers import LoraConv, LoraEmbedding
-from lorakit.lora import find_targets, lora_layers
+from lorakit.core.conv_embedding import LoraConv, LoraEmbedding
+from lorakit.core.inject import find_targets, lora_layers
 
 peft = pytest.importorskip("peft")
 

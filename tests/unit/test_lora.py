@@ -3,7 +3,7 @@ import torch
 
 from lorakit import (LoraConfig, add_adapter, delete_adapter, disabled, merge, set_active, trainable_report,
                      unload, unmerge)
-from lorakit.lora import LoraLinear, count_params, find_targets, lora_layers
+from lorakit.core.inject import LoraLinear, count_params, find_targets, lora_layers
 
 
 def test_fresh_adapter_changes_nothing_and_only_ab_train(tiny, ids):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, set_active
-from lorakit.lora import mark_trainable, set_routing
-from lorakit.mixture import Router, lm_loss, train_router, uniform_routing
+from lorakit.core.inject import mark_trainable, set_routing
+from lorakit.core.mixture import Router, lm_loss, train_router, uniform_routing
 from lorakit.models import tiny_llama
 
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
-from lorakit.lora import lora_layers
+from lorakit.core.inject import lora_layers
 from lorakit.models import tiny_llama
-from lorakit.quant import (BLOCK, NF4_LEVELS, SCALER_BLOCK, LoraNF4Linear, NF4Linear, check_platform,
+from lorakit.core.nf4 import (BLOCK, NF4_LEVELS, SCALER_BLOCK, LoraNF4Linear, NF4Linear, check_platform,
                            dequantize_model, dequantize_nf4, nf4_levels_from_normal, quantize_model, quantize_nf4,
                            weight_bytes)
 

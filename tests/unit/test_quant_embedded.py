@@ -4,7 +4,7 @@ import copy
 import torch
 
 from lorakit import LoraConfig, add_adapter, delete_adapter, load_adapter, save_adapter
-from lorakit.quant import LoraNF4Linear, quantize_model, weight_bytes
+from lorakit.core.nf4 import LoraNF4Linear, quantize_model, weight_bytes
 
 PAIRS = [("upper: cat dog sun\n=>", " CAT DOG SUN"), ("upper: tree fish bird\n=>", " TREE FISH BIRD"),
          ("upper: milk rain snow\n=>", " MILK RAIN SNOW"), ("upper: king queen horse\n=>", " KING QUEEN HORSE")]

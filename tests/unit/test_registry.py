@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapter import WEIGHTS_NAME, fingerprint
-from lorakit.cli import main
+from lorakit.adapters.files import WEIGHTS_NAME, fingerprint
+from lorakit.cli.main import main
 from lorakit.models import tiny_llama
-from lorakit.serve.registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref, validate_name
+from lorakit.adapters.registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref, validate_name
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

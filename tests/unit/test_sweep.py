@@ -94,8 +94,8 @@ def test_sweep_resumes_after_a_kill_and_reports_numbers(tiny_dir, tmp_path):
 
 
 def test_sweep_refuses_bad_options_and_foreign_directories(tmp_path, capsys):
-    from lorakit.cli import main
-    from lorakit.sweep import SweepOptions, run_sweep
+    from lorakit.cli.main import main
+    from lorakit.lab.sweep import SweepOptions, run_sweep
 
     data = str(ROOT / "data/demo/train.jsonl")
     assert main(["sweep", "--data", str(tmp_path / "nope.jsonl"), "--eval-data", data, "-o", str(tmp_path)]) == 2
@@ -116,7 +116,7 @@ def test_sweep_refuses_bad_options_and_foreign_directories(tmp_path, capsys):
 
 
 def test_one_sweep_per_directory(tmp_path):
-    from lorakit.sweep import SweepOptions, _Lock, run_sweep
+    from lorakit.lab.sweep import SweepOptions, _Lock, run_sweep
 
     data = str(ROOT / "data/demo/train.jsonl")
     o = SweepOptions(data=data, eval_data=data)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, TrainConfig, load_adapter
-from lorakit.data import IGNORE, Example
+from lorakit.train.data import IGNORE, Example
 from lorakit.models import tiny_llama as _tiny
-from lorakit.train import lr_at, train
+from lorakit.train.loop import lr_at, train
 
 TOK = SimpleNamespace(pad_token_id=0)
 
@@ -102,7 +102,7 @@ def test_loss_on_target_positions_only_equals_full_logits_loss(plain_head, monke
     import torch.nn.functional as F
 
     from lorakit import add_adapter
-    from lorakit.train import _body_and_head, causal_lm_loss
+    from lorakit.train.loop import _body_and_head, causal_lm_loss
 
     m = tiny_llama()
     if not plain_head:

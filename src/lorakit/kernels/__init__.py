@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from lorakit.kernels import reference
 
 LoraDelta = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -25,11 +25,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..adapter import read_adapter
-from ..generate import encode_prompt
-from . import protocol as P
-from .engine import AdapterUse, Engine, GenRequest
-from .registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref
+from lorakit.adapters.files import read_adapter
+from lorakit.generate import encode_prompt
+from lorakit.serve import protocol as P
+from lorakit.serve.engine import AdapterUse, Engine, GenRequest
+from lorakit.adapters.registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref
 
 log = logging.getLogger("lorakit.serve")
 

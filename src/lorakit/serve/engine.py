@@ -25,10 +25,10 @@ from typing import Callable
 
 import torch
 
-from ..adapter import AdapterFile, fingerprint
-from ..generate import stop_ids
-from . import forward
-from .slots import SlotBank
+from lorakit.adapters.files import AdapterFile, fingerprint
+from lorakit.generate import stop_ids
+from lorakit.serve import forward
+from lorakit.serve.slots import SlotBank
 
 log = logging.getLogger("lorakit.serve")
 

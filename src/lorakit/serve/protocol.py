@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .registry import parse_ref
+from lorakit.adapters.registry import parse_ref
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STACK = 8

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import kernels
-from ..adapter import AdapterFile, check_compatible
-from ..lora import LoraLinear, _get_parent, _pattern
+from lorakit import kernels
+from lorakit.adapters.files import AdapterFile, check_compatible
+from lorakit.core.inject import LoraLinear, _get_parent, _pattern
 
 
 @dataclass

@@ -72,12 +72,12 @@ def register(sub) -> None:
 
 # ---------------------------------------------------------------- adapters
 def _open_registry(path: str, model: str | None = None):
-    from .registry import Registry
+    from lorakit.adapters.registry import Registry
 
     if model is None:
         return Registry(path)
-    from ..adapter import fingerprint
-    from ..models import load_base, model_name
+    from lorakit.adapters.files import fingerprint
+    from lorakit.models import load_base, model_name
 
     m, _ = load_base(model, device="cpu")
     return Registry(path, base_fp=fingerprint(m), base_name=model_name(model))
@@ -131,8 +131,8 @@ def cmd_adapters(args) -> int:
 
 # ---------------------------------------------------------------- serve
 def _register_dir(reg, directory: str) -> list[str]:
-    from ..adapter import CONFIG_NAME
-    from .registry import NAME_RE
+    from lorakit.adapters.files import CONFIG_NAME
+    from lorakit.adapters.registry import NAME_RE
 
     root = Path(directory)
     if not root.is_dir():
@@ -153,11 +153,11 @@ def _register_dir(reg, directory: str) -> list[str]:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ..adapter import fingerprint
-    from ..config import ServeConfig
-    from ..models import load_base, model_name
-    from .app import build_app, make_state
-    from .registry import Registry
+    from lorakit.adapters.files import fingerprint
+    from lorakit.config import ServeConfig
+    from lorakit.models import load_base, model_name
+    from lorakit.serve.app import build_app, make_state
+    from lorakit.adapters.registry import Registry
 
     keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]
     cfg = ServeConfig(host=args.host, port=args.port, api_keys=keys, admin_key=args.admin_key,

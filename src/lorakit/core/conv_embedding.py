@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LoraConfig
-from .linear import LoraLinear, LoraPair
+from lorakit.config import LoraConfig
+from lorakit.core.layer import LoraLinear, LoraPair
 
 
 class LoraConv(LoraLinear):

@@ -80,7 +80,7 @@ def padded_rank(*ranks: int) -> int:
 def swiglu_lora_fwd(y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     if not _triton_ok(y):
         return swiglu_lora_fwd_ref(y, a)
-    from .triton_mlp import swiglu_lora_fwd as kernel
+    from lorakit.kernels.triton_mlp import swiglu_lora_fwd as kernel
 
     r = a.shape[0]
     h, ha = kernel(y.contiguous(), _pad_rows(a.to(y.dtype), padded_rank(r)).contiguous())
@@ -97,7 +97,7 @@ def swiglu_lora_bwd(y: Tensor, dhb: Tensor, dsha: Tensor, a: Tensor, sxa_g: Tens
                     bg: Tensor, bu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if not _triton_ok(y):
         return swiglu_lora_bwd_ref(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu)
-    from .triton_mlp import swiglu_lora_bwd as kernel
+    from lorakit.kernels.triton_mlp import swiglu_lora_bwd as kernel
 
     dt = y.dtype
     rd, rg, ru = a.shape[0], bg.shape[1], bu.shape[1]

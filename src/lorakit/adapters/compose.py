@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .adapter import CONFIG_NAME, EMBEDDING_SUFFIXES, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter
-from .config import LoraConfig
-from .files import atomic_write_dir
-from .lora import _pattern
+from lorakit.version import __version__
+from lorakit.adapters.files import CONFIG_NAME, EMBEDDING_SUFFIXES, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter
+from lorakit.config import LoraConfig
+from lorakit.files import atomic_write_dir
+from lorakit.core.inject import _pattern
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
 

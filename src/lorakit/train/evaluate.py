@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
-from .generate import generate_ids
-from .lora import active_adapters, disabled
-from .train import target_logits
+from lorakit.train.data import build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
+from lorakit.generate import generate_ids
+from lorakit.core.inject import active_adapters, disabled
+from lorakit.train.loop import target_logits
 
 
 def normalize(text: str) -> str:

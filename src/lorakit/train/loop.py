@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .adapter import save_adapter
-from .config import LoraConfig, TrainConfig
-from .data import IGNORE, Example, collate
-from .files import atomic_write_dir, atomic_write_json, atomic_write_text
-from .lora import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
+from lorakit.adapters.files import save_adapter
+from lorakit.config import LoraConfig, TrainConfig
+from lorakit.train.data import IGNORE, Example, collate
+from lorakit.files import atomic_write_dir, atomic_write_json, atomic_write_text
+from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
 
 CKPT = "checkpoint"
 DONE = "train_done.json"

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .generate import chat_prompt
+from lorakit.generate import chat_prompt
 
 IGNORE = -100
 FORMATS = {

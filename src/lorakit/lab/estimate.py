@@ -80,7 +80,7 @@ def load_config(model: str):
 
     from transformers import AutoConfig
 
-    from .models import resolve_model_path
+    from lorakit.models import resolve_model_path
 
     p = Path(model)
     if p.is_file() and p.name.endswith(".json"):
@@ -95,7 +95,7 @@ def load_config(model: str):
 
 
 def arch_of(config, name: str = "") -> Arch:
-    from .lora import _output_head_paths, count_params
+    from lorakit.core.inject import _output_head_paths, count_params
 
     meta = _meta_model(config)
     heads = config.num_attention_heads
@@ -111,8 +111,8 @@ def arch_of(config, name: str = "") -> Arch:
 
 
 def lora_modules(arch: Arch, targets) -> list[str]:
-    from .config import TARGET_PRESETS
-    from .lora import find_targets
+    from lorakit.config import TARGET_PRESETS
+    from lorakit.core.inject import find_targets
 
     if isinstance(targets, str):
         targets = TARGET_PRESETS.get(targets, targets)
@@ -256,7 +256,7 @@ def _build(spec: dict):
     """The model a measurement trains: random weights from config fields, or a base load_base knows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import load_base
+    from lorakit.models import load_base
 
     if not isinstance(spec["model"], dict):
         return load_base(spec["model"], dtype=spec["dtype"], device=spec["device"])[0]
@@ -275,9 +275,9 @@ def _child(spec: dict) -> dict:
     import tempfile
     import types
 
-    from .config import LoraConfig, TrainConfig
-    from .data import Example
-    from .train import train
+    from lorakit.config import LoraConfig, TrainConfig
+    from lorakit.train.data import Example
+    from lorakit.train.loop import train
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     cuda = spec["device"].startswith("cuda")
@@ -321,7 +321,7 @@ def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, tar
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            # fixed mmap threshold: big tensors go straight back to the OS when freed, so RSS tracks live memory
            "MALLOC_MMAP_THRESHOLD_": "131072"}
-    code = "import json,sys; from lorakit.estimate import _child; print(json.dumps(_child(json.loads(sys.argv[1]))))"
+    code = "import json,sys; from lorakit.lab.estimate import _child; print(json.dumps(_child(json.loads(sys.argv[1]))))"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {method} failed:\n{out.stderr[-2000:]}")
@@ -331,7 +331,7 @@ def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, tar
 def parse_targets(s: str):
     """CLI target spec: a preset (all-linear, attn, mlp, qv), a regex (has regex characters), or module names
     separated by ',' or '+'."""
-    from .config import TARGET_PRESETS
+    from lorakit.config import TARGET_PRESETS
 
     if s in TARGET_PRESETS or any(c in s for c in "*().|\\[?$^"):
         return s

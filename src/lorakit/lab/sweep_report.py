@@ -8,7 +8,7 @@ import platform
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .files import atomic_write_text
+from lorakit.files import atomic_write_text
 
 PLOTS = ["quality_vs_rank.png", "cost_vs_rank.png", "loss_curves.png", "svd_energy.png"]
 COLUMNS = ["name", "method", "targets", "r", "trainable_params", "trainable_pct", "file_mib", "peak_mib",
@@ -17,7 +17,7 @@ COLUMNS = ["name", "method", "targets", "r", "trainable_params", "trainable_pct"
 
 
 def load_results(out: Path, runs: list[dict]) -> list[dict | None]:
-    from .sweep_run import RESULT
+    from lorakit.lab.sweep_run import RESULT
 
     res = []
     for r in runs:
@@ -218,7 +218,7 @@ def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: l
 def predict_peaks(o, results: list[dict | None]) -> None:
     """Fill each training run's predicted_peak_mib from the current memory model (lorakit estimate) and the
     run's longest training example, so the report always sets measurement beside today's prediction."""
-    from .estimate import arch_of, estimate, load_config
+    from lorakit.lab.estimate import arch_of, estimate, load_config
 
     todo = [r for r in results if r and r["kind"] != "base" and r.get("seq_max")]
     if not todo:
@@ -243,7 +243,7 @@ def write_outputs(out: Path, results: list[dict | None], o, plots: bool = True) 
         if importlib.util.find_spec("matplotlib") is None:
             print("plots skipped: matplotlib is not installed (pip install 'lorakit[plot]')")
         else:
-            from .plots import write_all
+            from lorakit.lab.plots import write_all
 
             pngs = [str(p) for p in write_all(out, results, analysis)]
     else:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoraLinear, _check_names, lora_layers, set_routing
+from lorakit.core.inject import LoraLinear, _check_names, lora_layers, set_routing
 
 ROUTER_FILE = "router.safetensors"
 ROUTER_CONFIG = "router.json"

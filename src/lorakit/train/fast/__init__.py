@@ -1,7 +1,7 @@
 """Fast LoRA (and full fine-tuning) training path for Llama-family models on GPU.
 
     from lorakit import LoraConfig, add_adapter
-    from lorakit import fast
+    from lorakit.train import fast
     add_adapter(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
     fm = fast.prepare(model)                 # compile on CUDA, fp32 adapters, fused q/k/v
     opt = fast.adamw(fm, lr=2e-4)
@@ -11,10 +11,10 @@
 The plain path (the HF model's own forward with lorakit's LoraLinear) stays the reference; the
 tests check that both give the same losses and gradients.
 """
-from .fuse import fuse_projections, unfuse_projections
-from .layer import LayerSpec, decoder_layer, rms_norm
-from .loss import chunk_loss_and_grad, linear_cross_entropy, shift_targets
-from .model import FastLlama, adamw, prepare
+from lorakit.train.fast.fuse import fuse_projections, unfuse_projections
+from lorakit.train.fast.layer import LayerSpec, decoder_layer, rms_norm
+from lorakit.train.fast.loss import chunk_loss_and_grad, linear_cross_entropy, shift_targets
+from lorakit.train.fast.model import FastLlama, adamw, prepare
 
 __all__ = ["prepare", "adamw", "FastLlama", "linear_cross_entropy", "chunk_loss_and_grad", "shift_targets",
            "fuse_projections", "unfuse_projections", "decoder_layer", "rms_norm", "LayerSpec"]

@@ -19,7 +19,7 @@ LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Module path -> weight (out, in) for every linear layer inside the decoder layers (LoRA's targets)."""
-    from .lora import LoraLinear
+    from lorakit.core.inject import LoraLinear
 
     return {path: mod.weight for path, mod in model.named_modules()
             if isinstance(mod, (nn.Linear, LoraLinear)) and LAYER_RE.search(path)}

@@ -2,7 +2,7 @@
 budget, measured side by side (quality, cost, behaviour change, forgetting, the SVD of the full fine-tune's
 weight change) -> results.csv, report.md and PNG plots.
 
-Each run is a subprocess (`lorakit.sweep_run`), which isolates its peak memory and makes resuming simple:
+Each run is a subprocess (`lorakit.lab.sweep_run`), which isolates its peak memory and makes resuming simple:
 a run is done when its runs/<name>/result.json exists; a killed sweep starts again at the first run without
 one (a half-finished run is redone from step 0). `lorakit estimate` is registered here too.
 """
@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_json
+from lorakit.files import atomic_write_json
 
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64]
 DEFAULT_TARGETS = ["attn", "all-linear"]
@@ -71,7 +71,7 @@ def target_label(t: str) -> str:
 
 def plan_runs(o: SweepOptions) -> list[dict]:
     """The runs in order: base, full fine-tuning, then LoRA per target set and rank."""
-    from .estimate import parse_targets
+    from lorakit.lab.estimate import parse_targets
 
     common = {k: v for k, v in asdict(o).items() if k not in ("ranks", "targets", "full", "lr", "full_lr")}
     runs = [{**common, "name": "base", "kind": "base"}]
@@ -153,7 +153,7 @@ def _launch(spec: dict, run_dir: Path, threads: int, bar) -> None:
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     with (run_dir / "log.txt").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lorakit.sweep_run", str(run_dir / "spec.json")],
+        proc = subprocess.Popen([sys.executable, "-m", "lorakit.lab.sweep_run", str(run_dir / "spec.json")],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             shown = 0
@@ -188,8 +188,8 @@ def run_sweep(o: SweepOptions, out: str | Path, progress: bool = True, max_runs:
 
 def _run_plan(o: SweepOptions, out: Path, runs: list[dict], progress: bool, max_runs: int,
               plots: bool) -> list[dict]:
-    from .sweep_report import load_results, write_outputs
-    from .sweep_run import RESULT
+    from lorakit.lab.sweep_report import load_results, write_outputs
+    from lorakit.lab.sweep_run import RESULT
 
     todo = [r for r in runs if not (out / "runs" / r["name"] / RESULT).exists()]
     n_done = len(runs) - len(todo)
@@ -307,6 +307,6 @@ def register(sub) -> None:
 
 
 def cmd_estimate(args) -> int:
-    from .estimate import cmd_estimate as run
+    from lorakit.lab.estimate import cmd_estimate as run
 
     return run(args)

@@ -19,10 +19,10 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import LoraConfig
-from .files import atomic_write_dir, atomic_write_file, atomic_write_json
-from .lora import (LoraLinear, _pattern, adapter_configs, add_adapter, lora_layers, mark_trainable, set_active,
+from lorakit.version import __version__
+from lorakit.config import LoraConfig
+from lorakit.files import atomic_write_dir, atomic_write_file, atomic_write_json
+from lorakit.core.inject import (LoraLinear, _pattern, adapter_configs, add_adapter, lora_layers, mark_trainable, set_active,
                    wrapper_for)
 
 CONFIG_NAME = "adapter_config.json"

@@ -9,10 +9,10 @@ import sys
 
 # modules that add subcommands (in help order)
 COMMAND_MODULES = [
-    "lorakit.commands",        # train, eval, generate, merge, inspect
-    "lorakit.compose",         # compose
-    "lorakit.sweep",           # sweep, estimate
-    "lorakit.serve.cli",       # serve, adapters
+    "lorakit.cli.commands",        # train, eval, generate, merge, inspect
+    "lorakit.adapters.compose",         # compose
+    "lorakit.lab.sweep",           # sweep, estimate
+    "lorakit.cli.serve",       # serve, adapters
 ]
 
 

@@ -9,7 +9,7 @@ which ones run. DoRA (magnitude vector + direction) is a per-adapter option.
 
 A model-level `routing` hook lets serving (per-row adapter index) and mixtures of LoRAs (per-token
 gates) replace the sum above without touching the layer code; see `lorakit.kernels`.
-The functions that put layers into a model and take them out are in `lorakit.lora`.
+The functions that put layers into a model and take them out are in `lorakit.core.inject`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LoraConfig
+from lorakit.config import LoraConfig
 
 # A routing hook: (layer, x) -> delta to add to the base output (same shape as the output).
 Routing = Callable[["LoraLinear", torch.Tensor], torch.Tensor]

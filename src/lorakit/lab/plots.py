@@ -17,7 +17,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    from .files import atomic_write_file
+    from lorakit.files import atomic_write_file
 
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     _plt().close(fig)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mlp import fusable_mlp, fused_mlp
+from lorakit.train.fast.mlp import fusable_mlp, fused_mlp
 
 
 class Lora(NamedTuple):

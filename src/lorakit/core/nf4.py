@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoraLinear, find_targets
+from lorakit.core.inject import LoraLinear, find_targets
 
 BLOCK = 64  # values per absmax constant
 SCALER_BLOCK = 256  # absmax constants per fp32 scale (double quantization)
@@ -185,7 +185,7 @@ class LoraNF4Linear(LoraLinear):
     def merge(self, names: list[str] | None = None) -> None:
         raise ValueError("cannot merge an adapter into a 4-bit NF4 base: re-quantizing W + dW is lossy, not "
                          "exact; load the adapter on the full-precision base to merge it, or run "
-                         "lorakit.quant.dequantize_model(model) first")
+                         "lorakit.core.nf4.dequantize_model(model) first")
 
     def unmerge(self) -> None:
         pass  # never merged

@@ -40,7 +40,7 @@ def chunk_loss_and_grad_inplace(logits: Tensor, targets: Tensor, inv_n: Tensor, 
                                 ) -> tuple[Tensor, Tensor]:
     """`chunk_loss_and_grad` through the Triton kernel (CUDA): one streaming pass for the loss, one
     for the gradient, written over `logits` (no second (c, V) buffer)."""
-    from .triton_ce import ce_chunk_inplace
+    from lorakit.kernels.triton_ce import ce_chunk_inplace
 
     return ce_chunk_inplace(logits, targets, inv_n, ignore_index)
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter
+from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SCHEMA = """

@@ -26,9 +26,9 @@ def _adapter_spec(spec: str) -> tuple[str, float]:
 
 
 def _load(args, adapters: list[str] | None = None, trainable: bool = False):
-    from .adapter import load_adapter
-    from .lora import set_active
-    from .models import load_base
+    from lorakit.adapters.files import load_adapter
+    from lorakit.core.inject import set_active
+    from lorakit.models import load_base
 
     model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
     weights = {}
@@ -49,12 +49,12 @@ def _split_targets(s: str):
 
 # ------------------------------------------------------------------ train
 def cmd_train(args) -> int:
-    from .config import LoraConfig, TrainConfig, load_config_file
-    from .data import build_examples, load_rows
-    from .evaluate import evaluate, format_report
-    from .files import atomic_write_json
-    from .models import model_name
-    from .train import train
+    from lorakit.config import LoraConfig, TrainConfig, load_config_file
+    from lorakit.train.data import build_examples, load_rows
+    from lorakit.train.evaluate import evaluate, format_report
+    from lorakit.files import atomic_write_json
+    from lorakit.models import model_name
+    from lorakit.train.loop import train
 
     file_cfg = load_config_file(args.config) if args.config else {}
     lora_kw = dict(file_cfg.get("lora", {}))
@@ -124,9 +124,9 @@ def _add_train(sub) -> None:
 
 # ------------------------------------------------------------------ eval
 def cmd_eval(args) -> int:
-    from .data import load_rows
-    from .evaluate import evaluate, format_report
-    from .models import load_base
+    from lorakit.train.data import load_rows
+    from lorakit.train.evaluate import evaluate, format_report
+    from lorakit.models import load_base
 
     rows, _ = load_rows(args.data)
     if args.limit:
@@ -141,7 +141,7 @@ def cmd_eval(args) -> int:
                    compare=bool(args.adapter or base is not None))
     print(format_report(rep, n_examples=args.examples))
     if args.json:
-        from .files import atomic_write_json
+        from lorakit.files import atomic_write_json
 
         atomic_write_json(args.json, rep.to_dict())
     return 0
@@ -165,7 +165,7 @@ def _add_eval(sub) -> None:
 
 # ------------------------------------------------------------------ generate
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from lorakit.generate import generate
 
     model, tok = _load(args, args.adapter)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -194,13 +194,13 @@ def _add_generate(sub) -> None:
 
 # ------------------------------------------------------------------ merge
 def cmd_merge(args) -> int:
-    from .lora import unload
-    from .models import _save_hf_dir
+    from lorakit.core.inject import unload
+    from lorakit.models import _save_hf_dir
 
     model, tok = _load(args, args.adapter)
     unload(model, merge_active=True)
     if args.save_dtype:
-        from .models import resolve_dtype
+        from lorakit.models import resolve_dtype
 
         model.to(resolve_dtype(args.save_dtype, next(model.parameters()).device))
     _save_hf_dir(model, tok, Path(args.output))
@@ -219,7 +219,7 @@ def _add_merge(sub) -> None:
 
 # ------------------------------------------------------------------ inspect
 def inspect_adapter(path: str) -> dict:
-    from .adapter import read_adapter
+    from lorakit.adapters.files import read_adapter
 
     af = read_adapter(path)
     mods = af.modules()

@@ -1,7 +1,7 @@
 """Putting LoRA layers into a model and taking them out: targets, add/delete adapters, the active set
 (with weights), disable, merge/unmerge, unload, parameter counts, and the routing hook.
 
-The layer itself (`LoraLinear`, y = W x + b + sum_k w_k * s_k * B_k A_k dropout(x)) is in `lorakit.linear`.
+The layer itself (`LoraLinear`, y = W x + b + sum_k w_k * s_k * B_k A_k dropout(x)) is in `lorakit.core.layer`.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .linear import LoraLinear, Routing
+from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.core.layer import LoraLinear, Routing
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     for path, mod in model.named_modules():
@@ -32,8 +32,8 @@ def _output_head_paths(model: nn.Module) -> set[str]:
 def wrapper_types() -> dict[type, type[LoraLinear]]:
     """base module type -> the LoRA layer class that takes it over (conv/embedding: layers.py,
     4-bit linear: quant.py)."""
-    from .layers import WRAPPERS as layer_wrappers
-    from .quant import WRAPPERS as quant_wrappers
+    from lorakit.core.conv_embedding import WRAPPERS as layer_wrappers
+    from lorakit.core.nf4 import WRAPPERS as quant_wrappers
 
     return {nn.Linear: LoraLinear, **layer_wrappers, **quant_wrappers}
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..lora import LoraLinear
-from .fuse import GROUPS, fuse_projections, stacked
-from .layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
-from .loss import (IGNORE_INDEX, chunk_loss_and_grad, chunk_loss_and_grad_inplace, default_chunk,
+from lorakit.core.inject import LoraLinear
+from lorakit.train.fast.fuse import GROUPS, fuse_projections, stacked
+from lorakit.train.fast.layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
+from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, chunk_loss_and_grad_inplace, default_chunk,
                    linear_cross_entropy, shift_targets)
 
 SUPPORTED = ("llama",)

@@ -1,4 +1,4 @@
-"""One run of a sweep, in its own process: `python -m lorakit.sweep_run <run_dir>/spec.json`.
+"""One run of a sweep, in its own process: `python -m lorakit.lab.sweep_run <run_dir>/spec.json`.
 
 kind "base":  the untouched model's held-out loss, accuracy and answers, and its loss on the general text.
 kind "lora":  train an adapter (r, targets), then measure it; the base is the same model with adapters disabled.
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .estimate import _status_mib, reset_peak_rss, resident_weights
-from .files import atomic_write_json
+from lorakit.lab.estimate import _status_mib, reset_peak_rss, resident_weights
+from lorakit.files import atomic_write_json
 
 RESULT = "result.json"
 
 
 def _rows(path: str | None, n: int, skip: int = 0) -> list[dict]:
-    from .data import load_rows
+    from lorakit.train.data import load_rows
 
     if not path:
         return []
@@ -37,14 +37,14 @@ def _rows(path: str | None, n: int, skip: int = 0) -> list[dict]:
 def _held_out(model, tok, spec: dict, rows: list[dict], ex, pad: int, compare: bool = False,
               base_model=None) -> dict:
     """Held-out loss, greedy answers and accuracy; with `compare`, KL to the base from the same pass."""
-    from .evaluate import accuracy, greedy_answers, loss_and_kl
+    from lorakit.train.evaluate import accuracy, greedy_answers, loss_and_kl
 
     scores = loss_and_kl(model, ex, pad, spec["batch_size"], compare, base_model)
     out = {"eval_loss": scores["loss"]}
     if compare:
         out["kl"] = scores["kl"]
     answers = greedy_answers(model, tok, rows, spec["template"], spec["max_new_tokens"], 16)
-    from .data import prompt_and_answer
+    from lorakit.train.data import prompt_and_answer
 
     out["accuracy"] = accuracy(answers, [prompt_and_answer(r)[1] for r in rows])
     out["answers"] = answers
@@ -52,8 +52,8 @@ def _held_out(model, tok, spec: dict, rows: list[dict], ex, pad: int, compare: b
 
 
 def _general_loss(model, tok, spec: dict, pad: int) -> float | None:
-    from .data import build_examples
-    from .train import evaluate_loss
+    from lorakit.train.data import build_examples
+    from lorakit.train.loop import evaluate_loss
 
     rows = _rows(spec.get("general"), spec.get("general_rows", 0))
     if not rows:
@@ -72,7 +72,7 @@ def file_bytes(model, trainable_only: bool) -> int:
 
 
 def _predicted_mib(model, spec: dict, lora, seq: int) -> float:
-    from .estimate import arch_of, estimate
+    from lorakit.lab.estimate import arch_of, estimate
 
     arch = arch_of(model.config)
     method = "full" if spec["kind"] == "full" else "lora"
@@ -81,11 +81,11 @@ def _predicted_mib(model, spec: dict, lora, seq: int) -> float:
 
 
 def run(spec: dict) -> dict:
-    from .config import LoraConfig, TrainConfig
-    from .data import build_examples
-    from .evaluate import normalize
-    from .models import load_base
-    from .train import train
+    from lorakit.config import LoraConfig, TrainConfig
+    from lorakit.train.data import build_examples
+    from lorakit.train.evaluate import normalize
+    from lorakit.models import load_base
+    from lorakit.train.loop import train
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -135,7 +135,7 @@ def run(spec: dict) -> dict:
         / max(len(base_answers), 1)
     res["general_loss"] = _general_loss(model, tok, spec, pad)
     if full:
-        from .analysis import analyze
+        from lorakit.lab.analysis import analyze
 
         atomic_write_json(run_dir / "analysis.json", analyze(model, base_model, spec["svd_ranks"]))
     res["wall_seconds"] = time.perf_counter() - t_start
@@ -144,7 +144,7 @@ def run(spec: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m lorakit.sweep_run <run_dir>/spec.json", file=sys.stderr)
+        print("usage: python -m lorakit.lab.sweep_run <run_dir>/spec.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,1 @@
+"""Adapter files (the PEFT layout), composition, and the versioned registry shared by the CLI and the server."""

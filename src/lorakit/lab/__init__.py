@@ -1,0 +1,1 @@
+"""Experiments on top of the library: rank sweeps, reports, plots, low-rank analysis, memory estimates."""

@@ -1,0 +1,2 @@
+"""Training: one loop (`train`) for LoRA, DoRA, QLoRA, full fine-tuning and the mixture router; data, evaluation;
+`fast/` is a backend of that loop."""
