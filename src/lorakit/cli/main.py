@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # modules that add subcommands (in help order)
 COMMAND_MODULES = [
-    "lorakit.cli.commands",        # train, eval, generate, merge, inspect
+    "lorakit.cli.train",           # train, train-router
+    "lorakit.cli.commands",        # eval, generate, merge, inspect
     "lorakit.adapters.compose",         # compose
     "lorakit.lab.sweep",           # sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
@@ -30,12 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The library logs through `logging` ("lorakit.*"); the CLI shows INFO and up, or errors only with --quiet."""
+    logger = logging.getLogger("lorakit")
+    if not any(getattr(h, "_lorakit_cli", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._lorakit_cli = True
+        logger.addHandler(h)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
