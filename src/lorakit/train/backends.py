@@ -139,10 +139,11 @@ class FastBackend:
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
-        n = int((labels[:, 1:] != IGNORE).sum())
+        n = batch["n_targets"] if "n_targets" in batch else int((labels[:, 1:] != IGNORE).sum())
         if n == 0:
-            return torch.zeros((), device=labels.device, requires_grad=False), 0
-        mean = self.fm(batch["input_ids"], labels=labels, attention_mask=batch["attention_mask"])
+            return torch.zeros((), device=labels.device), 0
+        mask = None if batch.get("unpadded") else batch["attention_mask"]  # no padding: no mask to check
+        mean = self.fm(batch["input_ids"], labels=labels, attention_mask=mask)
         return mean * (n / denom), n
 
     def close(self) -> None:

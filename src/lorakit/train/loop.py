@@ -288,7 +288,10 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                 loss_sum = torch.zeros((), device=device)
                 for b in micro:
+                    n_targets = int((b["labels"][:, 1:] != IGNORE).sum())  # counted on the host: no device sync
+                    unpadded = bool(b["attention_mask"].all())
                     b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                    b["n_targets"], b["unpadded"] = n_targets, unpadded
                     loss, _ = backend.loss(b, denom)
                     loss.backward()
                     loss_sum += loss.detach()
