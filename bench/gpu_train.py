@@ -205,14 +205,15 @@ def run_cli(case: str, variant: dict, args, env: dict) -> dict:
 
     from transformers import AutoTokenizer
 
-    from lorakit.models import embedded_dir
-
     shape, batch, seq, mode, _ = CASES[case]
     steps = args.warmup + args.steps
     work = tempfile.mkdtemp(prefix="lorakit-cli-", dir=os.environ.get("TMPDIR"))
     model = build(shape)
     model.save_pretrained(os.path.join(work, "model"))
-    AutoTokenizer.from_pretrained(embedded_dir()).save_pretrained(os.path.join(work, "model"))
+    from lorakit.models import embedded_dir
+
+    tok_dir = os.environ.get("LORAKIT_BENCH_TOKENIZER") or embedded_dir()  # any tokenizer: the rows are token ids
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(os.path.join(work, "model"))
     del model
     gc.collect()
     if DEV == "cuda":
