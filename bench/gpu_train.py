@@ -43,6 +43,7 @@ CASES = {  # name: (shape, batch, seq, mode, checkpointing in the HF run)
     "1b": ("llama-1b", 8, 2048, "lora", False),
     "1b-ckpt": ("llama-1b", 8, 2048, "lora", True),
     "1b-full-ckpt": ("llama-1b", 8, 2048, "full", True),
+    "8b": ("llama-8b", 4, 2048, "lora", False),
     "8b-ckpt": ("llama-8b", 4, 2048, "lora", True),
     "8b-q4": ("llama-8b", 1, 2048, "qlora", True),  # issue 7: 4-bit base, batch 1 x 2048, peak <= 8 GiB
     "tiny": ("tiny", 2, 64, "lora", False),
@@ -208,24 +209,25 @@ def run_cli(case: str, variant: dict, args, env: dict) -> dict:
     shape, batch, seq, mode, _ = CASES[case]
     steps = args.warmup + args.steps
     work = tempfile.mkdtemp(prefix="lorakit-cli-", dir=os.environ.get("TMPDIR"))
-    model = build(shape)
-    model.save_pretrained(os.path.join(work, "model"))
+    model_dir = os.path.join(tempfile.gettempdir(), f"lorakit-bench-{shape}")  # saved once per shape and process
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        model = build(shape)
+        model.save_pretrained(model_dir)
+        del model
     from lorakit.models import embedded_dir
 
     tok_dir = os.environ.get("LORAKIT_BENCH_TOKENIZER") or embedded_dir()  # any tokenizer: the rows are token ids
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(os.path.join(work, "model"))
-    del model
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(model_dir)
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
     ids = torch.randint(0, SHAPES[shape]["vocab"], (batch, seq), device=DEV,
                         generator=torch.Generator(device=DEV).manual_seed(1)).cpu()
-    with open(os.path.join(work, "data.jsonl"), "w") as f:
-        for _ in range(steps):  # every step sees the bench's batch, as in the other runs
-            for row in ids.tolist():
-                f.write(json.dumps({"input_ids": row}) + "\n")
+    with open(os.path.join(work, "data.jsonl"), "w") as f:  # one batch of rows: every step trains on the bench's batch
+        for row in ids.tolist():
+            f.write(json.dumps({"input_ids": row}) + "\n")
     rec = variant.get("rec", "0")
-    cmd = [sys.executable, "-m", "lorakit", "train", "--model", os.path.join(work, "model"), "--data",
+    cmd = [sys.executable, "-m", "lorakit", "train", "--model", model_dir, "--data",
            os.path.join(work, "data.jsonl"), "-o", os.path.join(work, "out"), "--r", str(R), "--alpha", str(ALPHA),
            "--dropout", "0", "--targets", "all-linear", "--lr", "1e-4", "--batch-size", str(batch),
            "--max-steps", str(steps), "--max-len", str(seq), "--warmup-ratio", "0", "--max-grad-norm", "0",
@@ -233,6 +235,8 @@ def run_cli(case: str, variant: dict, args, env: dict) -> dict:
            "--dtype", "bfloat16", "--device", DEV]
     if mode == "full":
         cmd += ["--full", "--lr", "1e-5"]
+    if mode == "qlora":
+        cmd += ["--quantize", "nf4"]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.time() - t0
