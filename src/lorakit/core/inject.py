@@ -6,7 +6,6 @@ The layer itself (`LoraLinear`, y = W x + b + sum_k w_k * s_k * B_k A_k dropout(
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import re
 from typing import Iterator
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.core.conv_embedding import WRAPPERS as CONV_EMBEDDING_WRAPPERS
 from lorakit.core.layer import LoraLinear, Routing
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -28,14 +28,13 @@ def _output_head_paths(model: nn.Module) -> set[str]:
     return {p for p, m in model.named_modules() if head is not None and m is head}
 
 
-@functools.cache
-def wrapper_types() -> dict[type, type[LoraLinear]]:
-    """base module type -> the LoRA layer class that takes it over (conv/embedding: layers.py,
-    4-bit linear: quant.py)."""
-    from lorakit.core.conv_embedding import WRAPPERS as layer_wrappers
-    from lorakit.core.nf4 import WRAPPERS as quant_wrappers
+# base module type -> the LoRA layer class that takes it over. Conv/embedding layers come from conv_embedding.py;
+# the 4-bit linear of nf4.py adds itself when that module is imported (only it makes NF4Linear modules).
+WRAPPERS: dict[type, type[LoraLinear]] = {nn.Linear: LoraLinear, **CONV_EMBEDDING_WRAPPERS}
 
-    return {nn.Linear: LoraLinear, **layer_wrappers, **quant_wrappers}
+
+def wrapper_types() -> dict[type, type[LoraLinear]]:
+    return WRAPPERS
 
 
 def wrapper_for(mod: nn.Module) -> type[LoraLinear] | None:

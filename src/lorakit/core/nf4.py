@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.core.inject import LoraLinear, find_targets
+from lorakit.core.inject import WRAPPERS as LORA_WRAPPERS, find_targets
+from lorakit.core.layer import LoraLinear
 
 BLOCK = 64  # values per absmax constant
 SCALER_BLOCK = 256  # absmax constants per fp32 scale (double quantization)
@@ -195,6 +196,7 @@ class LoraNF4Linear(LoraLinear):
 
 
 WRAPPERS: dict[type, type[LoraLinear]] = {NF4Linear: LoraNF4Linear}
+LORA_WRAPPERS.update(WRAPPERS)  # add_adapter can now wrap 4-bit linears
 
 
 # ---------------------------------------------------------------- model-level

@@ -1,0 +1,92 @@
+"""The package's architecture holds: no import circles between modules, no import from a lower part to a higher
+one (cli > lab, serve > train > adapters > core > the base modules), no module over 400 lines, no print in
+library code (the CLI decides what a person sees)."""
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "lorakit"
+# part -> rank; a module may import only from parts of lower or equal rank
+RANK = {"version": 0, "files": 0, "config": 0, "generate": 1, "kernels": 1, "core": 2, "models": 3, "adapters": 4,
+        "train": 5, "lab": 6, "serve": 6, "cli": 7, "__init__": 8, "__main__": 8}
+PRINT_OK = {"cli", "__main__"}
+
+
+def _modules():
+    for f in sorted(SRC.rglob("*.py")):
+        rel = f.relative_to(SRC.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        if name.endswith(".__init__"):
+            name = name[: -len(".__init__")]
+        yield name, f
+
+
+def _part(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(f: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorakit"):
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            pkg = SRC.parent.joinpath(*node.module.split("."))
+            modules = [s for s in subs if pkg.joinpath(s.rsplit(".", 1)[1]).with_suffix(".py").exists()
+                       or pkg.joinpath(s.rsplit(".", 1)[1], "__init__.py").exists()]
+            out += modules if len(modules) == len(subs) else [node.module] + modules
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.startswith("lorakit")]
+    return out
+
+
+def test_no_import_from_a_higher_part():
+    mods = dict(_modules())
+    bad = []
+    for name, f in mods.items():
+        src = _part(name)
+        for imp in _imports(f):
+            if imp not in mods:
+                continue
+            dst = _part(imp)
+            if RANK[dst] > RANK[src]:
+                bad.append(f"{name} -> {imp}")
+    assert not bad, bad
+
+
+def test_no_import_circles():
+    mods = dict(_modules())
+    graph = {n: {i for i in _imports(f) if i in mods and i != n} for n, f in mods.items()}
+    # a package importing its own submodules (re-exports) is not a circle
+    for n in graph:
+        graph[n] = {i for i in graph[n] if not (i.startswith(n + ".") and mods[n].name == "__init__.py")
+                    and not (n.startswith(i + ".") and mods[i].name == "__init__.py")}
+    seen, stack, cycles = set(), [], []
+
+    def visit(n):
+        if n in stack:
+            cycles.append(stack[stack.index(n):] + [n])
+            return
+        if n in seen:
+            return
+        seen.add(n)
+        stack.append(n)
+        for m in sorted(graph[n]):
+            visit(m)
+        stack.pop()
+    for n in sorted(graph):
+        visit(n)
+    assert not cycles, cycles
+
+
+def test_modules_are_small_and_library_code_does_not_print():
+    big, prints = [], []
+    for name, f in _modules():
+        text = f.read_text()
+        if text.count("\n") > 400:
+            big.append(f"{name}: {text.count(chr(10))} lines")
+        if _part(name) not in PRINT_OK:
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                    prints.append(f"{name}:{node.lineno}")
+    assert not big, big
+    assert not prints, prints
