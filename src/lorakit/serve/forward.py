@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+from lorakit.arch import LLAMA_LIKE as SUPPORTED, head_dim
 
 
 def check_supported(model: nn.Module) -> None:
@@ -39,7 +39,7 @@ class RowCache:
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         w = next(model.parameters())
         self.dtype, self.device = w.dtype, w.device
         self.max_rows, self.chunk = max_rows, chunk
@@ -100,7 +100,7 @@ def _layer(layer: nn.Module, i: int, h: torch.Tensor, cos_sin, cache: RowCache, 
 
 
 def _rotary(q, k, cos, sin):
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from lorakit.arch import apply_rotary as apply_rotary_pos_emb
 
     return apply_rotary_pos_emb(q, k, cos, sin)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.arch import body_and_head, decoder_layers, model_type
 from lorakit.core.inject import lora_layers
 from lorakit.train.data import IGNORE
 
@@ -25,26 +26,13 @@ BACKENDS = ("auto", "plain", "fast")
 # logits computed at once above this many (tokens x vocab) values go through the chunked loss instead
 CHUNK_ABOVE = 1 << 26
 
-# Architectures whose causal-LM head is exactly `lm_head(decoder(x).last_hidden_state)`: no logit scaling or
-# soft-capping after the head. For these the loss computes logits only where there is a target token.
-_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "starcoder2"}
-
-
-def _body_and_head(model):
-    """(decoder, head) when the logits can be computed on a subset of positions, else None."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD or not hasattr(model, "get_output_embeddings"):
-        return None
-    body, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
-    if body is None or body is model or head is None:
-        return None
-    return body, head
+_body_and_head = body_and_head  # (the name the tests use)
 
 
 def target_hidden(model, batch: dict[str, torch.Tensor]):
     """(hidden (n, d), head, targets (n,)) at the positions that predict a target token, or None when the
     architecture's head is not a plain projection of the last hidden state."""
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     if parts is None:
         return None
     body, head = parts
@@ -131,7 +119,7 @@ class FastBackend:
     def __init__(self, model: nn.Module, recompute: int | str = 0):
         from lorakit.train.fast import prepare
 
-        n_layers = len(model.model.layers)
+        n_layers = len(decoder_layers(model))
         layers = n_layers if recompute == "all" else int(recompute or 0)
         self.model = model
         # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are
@@ -156,7 +144,7 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
 
     if routing:
         return "the mixture router routes every layer through its gates (the fast backend trains one adapter)"
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+    kind = model_type(model)
     if kind not in SUPPORTED:
         return f"model type {kind!r} is not one the fast backend knows ({', '.join(SUPPORTED)})"
     try:

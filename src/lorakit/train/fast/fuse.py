@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lorakit.arch import decoder_layers
+
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
@@ -70,7 +72,7 @@ def fuse_projections(model: nn.Module) -> int:
     """Stack q/k/v and gate/up weights of every decoder layer whose weights are frozen.
     Returns how many groups are stacked afterwards (already stacked ones count)."""
     count = 0
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         for parent_name, names in GROUPS:
             parent = getattr(layer, parent_name)
             mods = [getattr(parent, n) for n in names]
@@ -86,7 +88,7 @@ def fuse_projections(model: nn.Module) -> int:
 
 def unfuse_projections(model: nn.Module) -> None:
     """Give every stacked weight (and bias) its own storage again."""
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         for parent_name, names in GROUPS:
             parent = getattr(layer, parent_name)
             for n in names:

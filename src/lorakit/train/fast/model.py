@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lorakit.arch import decoder_layers, head_dim as head_dim_of, model_type
 from lorakit.core.inject import LoraLinear
 from lorakit.train.fast.fuse import GROUPS, fuse_projections, stacked
 from lorakit.train.fast.layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
@@ -53,7 +54,7 @@ def _lora_of(mod: nn.Module, path: str) -> Lora | None:
 
 def _check_model(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
-    kind = getattr(cfg, "model_type", None)
+    kind = model_type(model)
     if kind not in SUPPORTED:
         raise ValueError(f"the fast path supports model types {SUPPORTED}, got {kind!r}")
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -90,11 +91,11 @@ class FastLlama(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.config
-        n_layers = len(model.model.layers)
+        n_layers = len(decoder_layers(model))
         if not isinstance(recompute_layers, int) or not 0 <= recompute_layers <= n_layers:
             raise ValueError(f"recompute_layers must be an integer in [0, {n_layers}], got {recompute_layers!r}")
         self.recompute_layers, self.chunk, self.fuse, self.wide = recompute_layers, chunk, fuse, wide
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = head_dim_of(cfg)
         w = model.lm_head.weight
         if gqa == "auto":
             gqa = _probe_gqa(head_dim, w.dtype, w.device)
@@ -128,7 +129,7 @@ class FastLlama(nn.Module):
 
     def layer_params(self) -> list[LayerParams]:
         out = []
-        for i, layer in enumerate(self.model.model.layers):
+        for i, layer in enumerate(decoder_layers(self.model)):
             path = f"model.layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
             if hasattr(attn, "q_norm"):
