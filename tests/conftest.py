@@ -46,3 +46,21 @@ def tiny_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Honest markers: a test that loads the embedded model, starts a subprocess or a server, or lives in
+    tests/integration is `slow` (`pytest -m "not slow"` is the quick loop), whether or not it says so itself."""
+    import inspect
+
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn else ""
+        except (OSError, TypeError):
+            src = ""
+        if ("integration" in item.path.parts or "embedded" in getattr(item, "fixturenames", ())
+                or "subprocess" in src or "sys.executable" in src or "Popen" in src):
+            item.add_marker(pytest.mark.slow)

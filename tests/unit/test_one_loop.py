@@ -114,3 +114,15 @@ def test_resume_on_the_same_loop_gives_the_uninterrupted_curve(tmp_path):
     res = train(again, None, _examples(), tmp_path / "cut", LoraConfig(r=4, alpha=8, targets="all-linear"), cfg,
                 progress=False, resume=True)
     assert max(abs(a - b) for a, b in zip(full.losses, res.losses)) < 1e-5
+
+
+def test_fast_backend_names_a_quantized_base_as_the_reason():
+    from lorakit.core.nf4 import quantize_model
+    from lorakit.train.backends import fast_unsupported
+
+    m = tiny_llama()
+    quantize_model(m, "all-linear")
+    add_adapter(m, LoraConfig(r=4, targets="all-linear"))
+    assert "LoraNF4Linear" in fast_unsupported(m)
+    with pytest.raises(ValueError, match="LoraNF4Linear"):
+        choose_backend(m, "fast")
