@@ -132,12 +132,25 @@ class LoraLinear(nn.Module):
                 continue
             p = self.adapters[name]
             xd = p.dropout(x).to(p.lora_A.dtype)
+            if p.lora_magnitude_vector is None and type(self).lora_forward is LoraLinear.lora_forward:
+                y = self._add_low_rank(y, p, xd, p.scale * w)
+                continue
             lora = self.lora_forward(p, xd) * (p.scale * w)  # (..., out)
             if p.lora_magnitude_vector is None:
                 y = y + lora.to(y.dtype)
             else:
                 y = y + self._dora_extra(p, w, xd, y0, lora).to(y.dtype)
         return y
+
+    @staticmethod
+    def _add_low_rank(y: torch.Tensor, p: "LoraPair", xd: torch.Tensor, scale: float) -> torch.Tensor:
+        """y + scale B A xd, with the scale on the narrow (..., r) tensor and the add inside the B matmul (one
+        GEMM with a beta term): no full-width multiply or add pass, forward or backward."""
+        h = F.linear(xd, p.lora_A) * scale                              # (..., r)
+        if h.dtype != y.dtype or y.dim() < 2:
+            return y + F.linear(h, p.lora_B).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), p.lora_B.t())  # (n, out)
+        return out.view(y.shape)
 
     def _dora_extra(self, p: LoraPair, w: float, xd, y0, lora) -> torch.Tensor:
         """DoRA: alone, an adapter makes W' = m * (W + dW) / ||W + dW||_row, the norm detached (DoRA paper,
