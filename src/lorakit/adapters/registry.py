@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter
+from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter, validate_adapter
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SCHEMA = """
@@ -208,7 +208,7 @@ class Registry:
         validate_name(name)
         src = Path(src)
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
-        af.modules()
+        validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
         self.check_fits(af, force)
         sha = _sha256(src)
         cur = self._current_row(name)

@@ -278,11 +278,12 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
     async def add_adapter(request: Request):
         require_admin(state, request)
         body = await read_body(state, request)
-        name, path = body.get("name"), body.get("path")
+        name, path, desc = body.get("name"), body.get("path"), body.get("description") or ""
         if not isinstance(path, str) or not path:
             raise P.bad("'path' must name the adapter directory on the server", "path")
-        v = await asyncio.to_thread(call, reg.add, name, path, description=str(body.get("description") or ""),
-                                    force=bool(body.get("force")))
+        if not isinstance(desc, str):
+            raise P.bad(f"'description' must be a string, got {desc!r}", "description")
+        v = await asyncio.to_thread(call, reg.add, name, path, description=desc, force=P.flag(body, "force"))
         return JSONResponse(v.to_json(), status_code=201)
 
     @app.get("/admin/adapters/{name}")
