@@ -102,7 +102,8 @@ def resolve_stack(state: ServerState, stack: list[tuple[str, float]]) -> list[Ad
         except ValueError as e:
             raise registry_error(e) from None
         path = v.path
-        uses.append(AdapterUse(f"{v.name}@{v.version}", lambda path=path: read_adapter(path), weight))
+        # the slot key is the content hash: a name re-added with other files can never hit stale weights
+        uses.append(AdapterUse(v.sha256, lambda path=path: read_adapter(path), weight, f"{v.name}@{v.version}"))
     return uses
 
 
@@ -137,8 +138,12 @@ async def complete(state: ServerState, request: Request, kind: str):
     body = await read_body(state, request)
     p = P.parse_request(body, kind, state.base_ids, state.limits)
     uses = resolve_stack(state, p.stack)
-    ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
-        else encode_prompt(state.tok, p.prompt)
+    try:
+        ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
+            else encode_prompt(state.tok, p.prompt)
+    except (UnicodeError, ValueError, TypeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise P.bad(f"the prompt cannot be tokenized: {type(e).__name__}: {e}",
+                    "messages" if kind == "chat" else "prompt") from None
     max_tokens = P.check_prompt(list(ids), p.max_tokens, kind, state.limits)
     req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos)
     stream = P.TextStream(state.tok, p.stop)
@@ -149,13 +154,29 @@ async def complete(state: ServerState, request: Request, kind: str):
         await evs.aclose()
         raise P.APIError(500, first[1], "generation_failed")
     if not p.stream:
+        watch = asyncio.create_task(_cancel_on_disconnect(request, req))
         try:
             reason = await _collect(first, evs, stream, req)
         finally:
+            watch.cancel()
             await evs.aclose()
         return P.response(p, rid, stream.text, reason, stream.ids, len(ids))
     return StreamingResponse(_stream(p, rid, first, evs, stream, req, len(ids)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def _cancel_on_disconnect(request: Request, req: GenRequest) -> None:
+    """A non-streaming request whose client has gone away stops decoding (its row is freed at the next
+    step). Streaming requests need no watcher: the failed write ends the stream, whose cleanup cancels."""
+    while not req.cancelled:
+        if await request.is_disconnected():
+            log.info("client disconnected; cancelling its request")
+            req.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 async def _collect(first, evs, stream: P.TextStream, req: GenRequest) -> str:
@@ -304,8 +325,7 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
     async def remove(ref: str, request: Request):
         require_admin(state, request)
         gone = call(reg.remove, ref)
-        name = call(parse_ref, ref)[0]
-        unloaded = await asyncio.wrap_future(state.engine.unload(name))
+        unloaded = await asyncio.wrap_future(state.engine.unload([v.sha256 for v in gone]))
         return {"removed": [f"{v.name}@{v.version}" for v in gone], "unloaded": unloaded}
 
     @app.post("/admin/adapters/{ref}/evals")

@@ -12,10 +12,16 @@ Each turn of the loop
 A request that arrives while others decode joins at the next turn. Results leave through each
 request's `sink(event)`, called on the engine thread: ("token", id), ("done", reason) with reason
 "stop" | "length" | "cancelled", or ("error", message).
+
+Isolation: one request's numbers never reach another row. A row's KV cache is zeroed when a new
+request takes it; a request whose adapter cannot be loaded, whose prefill or decode raises, or whose
+logits are not finite (NaN/+inf) is retired alone with an error, the others carry on; `_fail_all` is
+kept for faults of the engine itself (a step that fails for every row).
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 from collections import deque
@@ -33,11 +39,15 @@ from lorakit.serve.slots import SlotBank
 log = logging.getLogger("lorakit.serve")
 
 
+MAX_WEIGHT = 10.0  # |stack weight| the engine accepts
+
+
 @dataclass
 class AdapterUse:
-    key: str  # "name@version": what a slot holds
+    key: str  # what a slot holds: the version's content hash, so a re-added name never reuses stale weights
     load: Callable[[], AdapterFile]
     weight: float = 1.0
+    label: str = ""  # "name@version", for /health and logs (default: the key)
 
 
 @dataclass
@@ -64,7 +74,11 @@ class _Row:
     next_token: int = -1
     generated: int = 0
     gen: torch.Generator | None = None
-    finished: str | None = None
+    finished: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str = ""
+
+    def fail(self, message: str) -> None:
+        self.finished, self.error = "error", message
 
 
 class Engine:
@@ -86,8 +100,9 @@ class Engine:
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-adapter-load")
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.labels: dict[str, str] = {}  # adapter key -> "name@version"
         self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "adapter_loads": 0,
-                      "errors": 0}
+                      "errors": 0, "cancelled": 0, "tokens": 0}
 
     # ---------------------------------------------------------------- public (any thread)
     def start(self) -> "Engine":
@@ -104,6 +119,7 @@ class Engine:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, req: GenRequest) -> GenRequest:
+        check_request(req)
         keys = {a.key for a in req.adapters}
         if len(keys) > self.bank.max_slots:
             raise ValueError(f"the request stacks {len(keys)} adapters; this server holds at most "
@@ -112,6 +128,7 @@ class Engine:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             for a in req.adapters:
+                self.labels[a.key] = a.label or a.key
                 self._ensure_prefetch(a)
             self.waiting.append(req)
             self._wake = True
@@ -140,14 +157,15 @@ class Engine:
             self._cv.notify_all()
         return fut
 
-    def unload(self, name: str) -> Future:
-        """Drop every resident version of adapter `name` that no running request uses."""
+    def unload(self, keys: list[str]) -> Future:
+        """Drop the resident adapters `keys` that no running request uses; the result lists their labels."""
         def run():
-            return [k for k in list(self.bank.resident) if k.split("@")[0] == name and self.bank.unload(k)]
+            return [self.labels.get(k, k) for k in keys if self.bank.unload(k)]
         return self.call(run)
 
     def info(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "resident": list(self.bank.resident),
+        resident = [self.labels.get(k, k) for k in self.bank.resident]
+        return {"running": len(self.running), "waiting": len(self.waiting), "resident": resident,
                 "max_slots": self.bank.max_slots, "max_batch": self.max_batch, "slot_bytes": self.bank.nbytes(),
                 "kv_bytes": self.cache.nbytes(), **self.stats}
 
@@ -200,6 +218,7 @@ class Engine:
                 req = self.waiting.popleft()
                 if req.cancelled:
                     req.sink(("done", "cancelled"))
+                    self.stats["cancelled"] += 1
                     continue
                 want = [a.key for a in req.adapters]
                 fits = (len(self.running) + len(taken) < self.max_batch
@@ -246,8 +265,15 @@ class Engine:
                 self.stats["errors"] += 1
                 req.sink(("error", f"adapter could not be loaded: {e}"))
                 continue
-            seed = req.seed if req.seed is not None else random.getrandbits(63)
-            gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
+            try:
+                seed = req.seed if req.seed is not None else random.getrandbits(63)
+                gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
+            except (ValueError, RuntimeError, OverflowError) as e:
+                for s in slots:
+                    self.bank.release(s)
+                self.stats["errors"] += 1
+                req.sink(("error", f"invalid seed {req.seed!r}: {e}"))
+                continue
             rows.append(_Row(req, slots, len(req.prompt), gen=gen))
         if rows:
             self._prefill(rows)
@@ -278,7 +304,11 @@ class Engine:
     def _step(self) -> None:
         rows = self.running
         self._set_batch(rows)
-        logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows])
+        try:
+            logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows])
+        except Exception:  # noqa: BLE001 - find the row at fault: run them one by one
+            log.exception("decode step failed; retrying row by row")
+            logits = self._decode_each(rows)
         for r in rows:
             r.length += 1
         self.stats["decode_steps"] += 1
@@ -286,6 +316,23 @@ class Engine:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         self._emit(rows, logits)
         self._retire()
+
+    def _decode_each(self, rows: list[_Row]) -> torch.Tensor:
+        """Decode each row alone; a row that still fails is retired with its error. If every row fails,
+        the fault is the engine's, not a request's: raise (the loop fails them all)."""
+        out, last = [], None
+        for i, r in enumerate(rows):
+            self._set_batch([r])
+            try:
+                out.append(forward.decode(self.model, self.cache, [r.next_token], [r.length], rows=[i])[0])
+            except Exception as e:  # noqa: BLE001
+                last = e
+                r.fail(f"generation failed for this request: {type(e).__name__}: {e}")
+                out.append(None)
+        if all(o is None for o in out):
+            raise last
+        like = next(o for o in out if o is not None)
+        return torch.stack([like.new_zeros(like.shape) if o is None else o for o in out])
 
     def _set_batch(self, rows: list[_Row]) -> None:
         k = max(1, max(len(r.slots) for r in rows))
@@ -297,18 +344,32 @@ class Engine:
         self.bank.set_batch(idx, coef)
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token from logits (n, vocab), send it, and mark finished rows."""
+        """Pick each row's next token from logits (n, vocab), send it, and mark finished rows.
+        A row whose logits are not finite, or whose sampling fails, is retired alone with an error."""
         greedy = logits.argmax(-1).tolist()
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()
         for i, r in enumerate(rows):
+            if r.finished is not None:
+                continue
             if r.req.cancelled:
                 r.finished = "cancelled"
+                self.stats["cancelled"] += 1
                 continue
-            tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+            if broken[i]:
+                r.fail("generation failed for this request: the model produced non-finite logits (NaN/inf); "
+                       "the adapter or stack weights it uses overflow")
+                continue
+            try:
+                tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+            except Exception as e:  # noqa: BLE001 - this request's sampling, nobody else's
+                r.fail(f"sampling failed for this request: {type(e).__name__}: {e}")
+                continue
             if tok in self.stops and not r.req.ignore_eos:
                 r.finished = "stop"
                 continue
             r.req.sink(("token", tok))
             r.generated += 1
+            self.stats["tokens"] += 1
             r.next_token = tok
             if r.generated >= r.req.max_tokens or r.length + 1 >= self.max_len:
                 r.finished = "length"
@@ -320,7 +381,11 @@ class Engine:
             if r.finished is None:
                 i += 1
                 continue
-            r.req.sink(("done", r.finished))
+            if r.finished == "error":
+                self.stats["errors"] += 1
+                r.req.sink(("error", r.error))
+            else:
+                r.req.sink(("done", r.finished))
             for s in r.slots:
                 self.bank.release(s)
             self._wake = True  # a row and maybe a slot are free
@@ -331,9 +396,28 @@ class Engine:
             self.running.pop()
 
 
+def check_request(req: GenRequest) -> None:
+    """What the engine needs of a request (the HTTP layer checks the same with friendlier messages)."""
+    if not req.prompt or not all(isinstance(t, int) and t >= 0 for t in req.prompt):
+        raise ValueError("the prompt must be a non-empty list of token ids")
+    if not (isinstance(req.max_tokens, int) and req.max_tokens >= 1):
+        raise ValueError(f"max_tokens must be a positive integer, got {req.max_tokens!r}")
+    if not (math.isfinite(req.temperature) and req.temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+    if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+    for a in req.adapters:
+        if not (math.isfinite(a.weight) and abs(a.weight) <= MAX_WEIGHT):
+            raise ValueError(f"stack weight {a.weight!r} of {a.label or a.key!r} must be finite and at most "
+                             f"{MAX_WEIGHT:g} in size")
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from logits (vocab,) at `temperature`, keeping the smallest top-p nucleus."""
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    """One token from logits (vocab,) at `temperature`, keeping the smallest top-p nucleus. Computed in
+    float64 from logits minus their maximum, so any temperature > 0 (1e-45 included) gives finite
+    probabilities: the arguments of exp are <= 0, a tiny temperature sends all but the maxima to -inf."""
+    x = logits.double().cpu()
+    probs = torch.softmax((x - x.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the first
