@@ -18,10 +18,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from lorakit.adapters.registry import parse_ref
+from lorakit.serve.request import MAX_WEIGHT  # |w| of a stack weight: larger only pushes toward overflow
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STACK = 8
-MAX_WEIGHT = 10.0  # |w| of a stack weight: larger ones only push activations toward overflow
 
 
 class APIError(Exception):
