@@ -170,12 +170,12 @@ class Engine:
         self._fail_all("the server is shutting down")
         with self._cv:
             for req in self.waiting:
-                req.sink(("error", "the server is shutting down"))
+                _send(req, ("error", "the server is shutting down"))
             self.waiting.clear()
 
     def _fail_all(self, message: str) -> None:
         for row in self.running:
-            row.req.sink(("error", message))
+            _send(row.req, ("error", message))
             for s in row.slots:
                 self.bank.release(s)
         self.stats["errors"] += len(self.running)
@@ -190,7 +190,7 @@ class Engine:
             while self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled:
-                    req.sink(("done", "cancelled"))
+                    _send(req, ("done", "cancelled"))
                     self.stats["cancelled"] += 1
                     continue
                 want = [a.key for a in req.adapters]
@@ -236,7 +236,7 @@ class Engine:
                 for s in slots:
                     self.bank.release(s)
                 self.stats["errors"] += 1
-                req.sink(("error", f"adapter could not be loaded: {e}"))
+                _send(req, ("error", f"adapter could not be loaded: {e}"))
                 continue
             try:
                 seed = req.seed if req.seed is not None else random.getrandbits(63)
@@ -245,7 +245,7 @@ class Engine:
                 for s in slots:
                     self.bank.release(s)
                 self.stats["errors"] += 1
-                req.sink(("error", f"invalid seed {req.seed!r}: {e}"))
+                _send(req, ("error", f"invalid seed {req.seed!r}: {e}"))
                 continue
             rows.append(_Row(req, slots, len(req.prompt), gen=gen))
         if rows:
@@ -265,7 +265,7 @@ class Engine:
                     self._prefill([r])
                 return
             log.exception("prefill failed")
-            rows[0].req.sink(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            _send(rows[0].req, ("error", f"prefill failed: {type(e).__name__}: {e}"))
             for s in rows[0].slots:
                 self.bank.release(s)
             self.stats["errors"] += 1
@@ -340,7 +340,10 @@ class Engine:
             if tok in self.stops and not r.req.ignore_eos:
                 r.finished = "stop"
                 continue
-            r.req.sink(("token", tok))
+            if not _send(r.req, ("token", tok)):
+                r.finished = "cancelled"  # nobody can receive it
+                self.stats["cancelled"] += 1
+                continue
             r.generated += 1
             self.stats["tokens"] += 1
             r.next_token = tok
@@ -356,9 +359,9 @@ class Engine:
                 continue
             if r.finished == "error":
                 self.stats["errors"] += 1
-                r.req.sink(("error", r.error))
+                _send(r.req, ("error", r.error))
             else:
-                r.req.sink(("done", r.finished))
+                _send(r.req, ("done", r.finished))
             for s in r.slots:
                 self.bank.release(s)
             self._wake = True  # a row and maybe a slot are free
@@ -367,3 +370,15 @@ class Engine:
                 self.cache.move(last, i)
                 self.running[i] = self.running[last]
             self.running.pop()
+
+
+def _send(req: GenRequest, ev: tuple) -> bool:
+    """Deliver an event; a sink that raises (its client's loop is gone, a bug in a caller) cancels its
+    request and nothing else. False if it raised."""
+    try:
+        req.sink(ev)
+        return True
+    except Exception:  # noqa: BLE001 - one request's receiver, never the batch's problem
+        log.exception("could not deliver %s to a request; cancelling it", ev[0])
+        req.cancel()
+        return False
