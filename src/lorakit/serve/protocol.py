@@ -70,7 +70,7 @@ class Parsed:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON, bad UTF-8, an integer of more than 4300 digits
         raise bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
         raise bad("request body is nested too deeply", code="invalid_json") from None
