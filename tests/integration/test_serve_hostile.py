@@ -22,7 +22,7 @@ from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, fingerprint
 from lorakit.adapters.registry import Registry
 from lorakit.config import ServeConfig
 from lorakit.models import embedded_dir, load_base, tiny_llama
-from lorakit.serve.app import ServerThread, build_app, make_state
+from lorakit.serve.app import ServerThread, build_app, cpu_threads, make_state
 
 pytestmark = pytest.mark.slow
 KEY, ADMIN = "sk-hostile", "sk-hostile-admin"
@@ -43,7 +43,9 @@ def _save(model, path, cfg, seed):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())  # what `lorakit serve` picks: 2 spin-waiting threads on a busy
+    root = tmp_path_factory.mktemp("hostile")  # 2-core machine made every decode step ~50x slower here
     tok = AutoTokenizer.from_pretrained(embedded_dir())
     tiny = tiny_llama(vocab_size=49152, hidden=128, layers=4)
     tiny.config.max_position_embeddings = 1024
@@ -54,6 +56,7 @@ def srv(tmp_path_factory):
     _save(model, root / "a", qv, 1)
     _save(model, root / "b", LoraConfig(r=8, alpha=8, targets="all-linear", init_lora_weights=False), 2)
     _save(model, root / "c", qv, 3)
+    _save(model, root / "d", qv, 4)  # registered by a test, under another name
     _poison(root)
     reg = Registry(root / "reg.sqlite", base_fp=fingerprint(model), base_name="tiny")
     for n in "abc":
@@ -66,6 +69,7 @@ def srv(tmp_path_factory):
     server.stop()
     state.engine.stop()
     reg.close()
+    torch.set_num_threads(threads)
 
 
 def _poison(root):
@@ -123,10 +127,17 @@ def _value(rng, field):
     return rng.choice(WEIRD)
 
 
-def hostile_bodies(seed=0, n=160):
-    """(path, raw body) pairs: mutated valid requests, then raw byte-level attacks."""
+def hostile_bodies(seed=0, n=100):
+    """(path, raw body) pairs: every field set to every weird value, random mutations of valid requests,
+    then raw byte-level attacks and admin bodies."""
     rng = random.Random(seed)
     out = []
+    for f in FIELDS:
+        for v in WEIRD + (MODELS if f == "model" else []):
+            if f in ("max_tokens", "max_completion_tokens") and v is None:
+                continue  # the default length: long, and valid
+            body = {"model": "a@1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, f: v}
+            out.append(("/v1/chat/completions", json.dumps(body).encode()))
     for _ in range(n):
         kind = rng.choice(["chat", "chat", "completion"])
         body = {"model": rng.choice(["a@1", "b", "tiny", "a:0.5+b:-0.5"]), "max_tokens": rng.choice([1, 3, 6])}
@@ -226,7 +237,7 @@ def test_poisoned_files_over_the_admin_api(srv, name, status, msg):
 def test_a_stored_file_poisoned_after_registration_fails_only_its_requests(srv):
     reg, eng, url = srv["state"].registry, srv["state"].engine, srv["url"]
     want = _victim(url, 0)
-    v = reg.add("late", srv["root"] / "c")
+    v = reg.add("late", srv["root"] / "d")  # content no resident slot holds (slots are keyed by content)
     shutil.copyfile(srv["root"] / "poison-nan" / WEIGHTS_NAME, v.path / WEIGHTS_NAME)  # tampered on disk
     r = httpx.post(url + "/v1/chat/completions", headers=H, timeout=60,
                    json={"model": "late", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})

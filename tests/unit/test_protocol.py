@@ -1,5 +1,6 @@
 """Request parsing refuses hostile bodies with a 400 naming the field (no server needed)."""
 import json
+import math
 
 import pytest
 
@@ -71,3 +72,17 @@ def test_nan_and_infinity_in_numeric_fields():
 
 def test_tiny_temperature_is_accepted():
     assert parse({**BASE, "temperature": 1e-45}).temperature == 1e-45
+
+
+@pytest.mark.parametrize("key,value", [("logprobs", []), ("logprobs", 0), ("logprobs", True), ("echo", 1),
+                                       ("tools", [{}]), ("suffix", "x"), ("n", []), ("presence_penalty", math.nan)])
+def test_unsupported_fields_are_refused_by_name(key, value):
+    with pytest.raises(P.APIError, match=f"'{key}'") as e:
+        parse({**BASE, key: value})
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize("key,value", [("logprobs", False), ("logprobs", None), ("tools", []), ("echo", False),
+                                       ("suffix", "")])
+def test_unsupported_fields_left_empty_are_fine(key, value):
+    assert parse({**BASE, key: value}).model == "a"

@@ -97,8 +97,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not ver.isdigit() or int(ver) < 1:
-        raise ValueError(f"invalid adapter version in {ref!r}: expected name@N with N a positive integer")
+    if not re.fullmatch(r"[0-9]{1,18}", ver) or int(ver) < 1:
+        raise ValueError(f"invalid adapter version in {ref!r}: expected name@N with N a positive integer "
+                         "(at most 18 digits)")
     return name, int(ver)
 
 

@@ -169,9 +169,10 @@ def _refuse_unsupported(body: dict) -> None:
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad(f"'{key}' is not supported (only 0)", key)
-    if body.get("logprobs") not in (None, False) or body.get("echo") or body.get("suffix") or body.get("tools"):
-        key = next(k for k in ("logprobs", "echo", "suffix", "tools") if body.get(k) not in (None, False, []))
-        raise bad(f"'{key}' is not supported by this server", key)
+    for key in ("logprobs", "echo", "suffix", "tools"):
+        v = body.get(key)
+        if not (v is None or v is False or (key != "logprobs" and isinstance(v, (str, list, dict)) and not v)):
+            raise bad(f"'{key}' is not supported by this server", key)
 
 
 def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> Parsed:
