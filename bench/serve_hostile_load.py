@@ -150,6 +150,7 @@ def main() -> None:
                 httpx.post(server.url + "/v1/chat/completions", headers=H, timeout=600,
                            json={"model": m, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
             mem0, before, cpu0 = _mem(server.proc.pid), server.stats(), server.cpu_s()
+            load0 = os.getloadavg()[0]
             res = asyncio.run(run(server.url, names, args))
             time.sleep(1.0)  # let abandoned rows be retired
             mem1, after, cpu = _mem(server.proc.pid), server.stats(), server.cpu_s() - cpu0
@@ -176,7 +177,8 @@ def main() -> None:
                                     max(after["decode_steps"] - before["decode_steps"], 1), 2),
            "rss_before_mib": mem0["rss_mib"], "rss_after_mib": mem1["rss_mib"], "peak_rss_mib": mem1["peak_rss_mib"],
            "server_os_threads": mem1["os_threads"], "server_torch_threads": threads,
-           "server_cpu_s": round(cpu, 1), "loadavg_1m_after": round(os.getloadavg()[0], 2),
+           "server_cpu_s": round(cpu, 1), "loadavg_1m_before": round(load0, 2),
+           "loadavg_1m_after": round(os.getloadavg()[0], 2),
            "cpu_count": os.cpu_count(), "torch": _torch_version(), "note": args.note}
     print(json.dumps(row, indent=2), flush=True)
     if args.out:
