@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="repeat base + mixed cases (alternating)")
     ap.add_argument("--churn-slots", type=int, default=4, help="slots for the churn case (0: skip)")
     ap.add_argument("--no-peer", action="store_true", help="skip the one-at-a-time peer")
-    ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: the server's own choice)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     ms = [int(m) for m in args.adapters.split(",") if m]

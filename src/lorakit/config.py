@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,15 @@ class LoraConfig(_FromDict):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}")
         for k, v in self.rank_pattern.items():
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise ValueError(f"alpha must be a number, got alpha={self.alpha!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
+        if not _positive_number(self.alpha):
+            raise ValueError(f"alpha must be a finite positive number, got alpha={self.alpha!r}")
+        for k, v in self.alpha_pattern.items():
+            if not _positive_number(v):
+                raise ValueError(f"alpha_pattern[{k!r}] must be a finite positive number, got {v!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not (0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if isinstance(self.targets, str):
             self.targets = TARGET_PRESETS.get(self.targets, self.targets)
@@ -104,10 +109,20 @@ class LoraConfig(_FromDict):
         targets = d.get("target_modules")
         if targets is None:
             raise ValueError("adapter_config.json has no target_modules")
+        if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"target_modules must be a string or a list of strings, got {targets!r}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise ValueError(f"{key} must be an object, got {d.get(key)!r}")
+        for key in ("use_rslora", "use_dora"):
+            if not isinstance(d.get(key) or False, bool):
+                raise ValueError(f"{key} must be true or false, got {d.get(key)!r}")
+        if not isinstance(d.get("modules_to_save") or [], list):
+            raise ValueError(f"modules_to_save must be a list, got {d.get('modules_to_save')!r}")
         return cls(
-            r=int(d.get("r", 8)),
+            r=d.get("r", 8),
             alpha=d.get("lora_alpha", 8),
-            dropout=float(d.get("lora_dropout", 0.0) or 0.0),
+            dropout=d.get("lora_dropout", 0.0) or 0.0,
             targets=targets if isinstance(targets, str) else list(targets),
             use_rslora=bool(d.get("use_rslora", False)),
             use_dora=bool(d.get("use_dora", False)),
@@ -115,6 +130,10 @@ class LoraConfig(_FromDict):
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
             modules_to_save=list(d.get("modules_to_save") or []),
         )
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @dataclass

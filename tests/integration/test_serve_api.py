@@ -210,7 +210,7 @@ def test_errors_are_reported_and_server_keeps_serving(env):
 
 def test_corrupt_adapter_file_fails_only_its_requests(env):
     reg = env["state"].registry
-    env["state"].engine.unload("c").result(10)
+    env["state"].engine.unload([reg.resolve("c").sha256]).result(10)
     stored = reg.resolve("c").path / WEIGHTS_NAME
     stored.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(openai.InternalServerError, match="could not be loaded"):

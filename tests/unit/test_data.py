@@ -91,3 +91,16 @@ def test_chat_template_labels_assistant_turns_only(embedded):
     ids, labels = tokenize_row(tok, {"prompt": "2+2?", "completion": "4"}, "chat", 512)
     assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE]) == "4<|im_end|>"
     assert "<|im_start|>user\n2+2?<|im_end|>" in tok.decode(ids)
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:3: not UTF-8 text \(byte b'\\xe9'"):
+        load_rows(p)
+    c = tmp_path / "latin1.csv"
+    c.write_bytes(b"prompt,completion\nhello,world\nna\xefve,x\n")
+    with pytest.raises(ValueError, match=r"latin1\.csv:3: not UTF-8"):
+        load_rows(c)
+    c.write_bytes(b"\xef\xbb\xbfprompt,completion\n\"two\nlines\",ok\n")  # a BOM and a quoted newline are fine
+    assert load_rows(c) == ([{"prompt": "two\nlines", "completion": "ok"}], "prompt/completion")

@@ -155,3 +155,33 @@ def test_cli_refuses_other_base_with_reason(tmp_path, reg):
     assert p.returncode == 2
     assert "adapter is for another base" in p.stderr and "(32, 32)" in p.stderr
     assert reg.list() == []
+
+
+def test_numbers_never_repeat_after_removing_everything(tmp_path, reg):
+    a1, a2 = _adapter(tmp_path / "a1", seed=1), _adapter(tmp_path / "a2", seed=2)
+    assert reg.add("n", a1).version == 1
+    reg.remove("n@1")  # the last version
+    with pytest.raises(UnknownAdapter):
+        reg.resolve("n")
+    assert reg.add("n", a2).version == 2
+    reg.remove("n")  # the whole name
+    assert [v.name for v in reg.list()] == []
+    v = reg.add("n", a1)
+    assert v.version == 3 and reg.describe("n")["versions"][0]["version"] == 3
+    reg.close()
+    assert Registry(tmp_path / "reg.sqlite").add("n", a2).version == 4  # persisted
+
+
+def test_opening_removes_leftovers_of_interrupted_changes(tmp_path, reg):
+    v = reg.add("k", _adapter(tmp_path / "k"))
+    tmp = reg.store / "k" / ".v2.tmp-99999-123"  # a killed add's copy in progress
+    tmp.mkdir()
+    (tmp / WEIGHTS_NAME).write_bytes(b"half")
+    orphan = reg.store / "k" / "v7"  # renamed into place, killed before the row was committed
+    orphan.mkdir()
+    reg.close()
+    again = Registry(tmp_path / "reg.sqlite")
+    assert not tmp.exists() and not orphan.exists() and v.path.exists()
+    assert sorted(p.name for p in (again.store / "k").iterdir()) == ["v1"]
+    assert again.add("k", tmp_path / "k").version == 2
+    again.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from lorakit.version import __version__
 from lorakit.config import LoraConfig
 from lorakit.files import atomic_write_dir, atomic_write_file, atomic_write_json
-from lorakit.core.inject import (LoraLinear, _pattern, adapter_configs, add_adapter, lora_layers, mark_trainable, set_active,
-                   wrapper_for)
+from lorakit.core.inject import (LoraLinear, _pattern, active_adapters, adapter_configs, add_adapter, delete_adapter,
+                                 lora_layers, mark_trainable, set_active, wrapper_for)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -188,7 +189,10 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
     if not isinstance(peft_cfg, dict):
         raise ValueError(f"{str(cfg_file)!r} must hold a JSON object")
-    config = LoraConfig.from_peft(peft_cfg)
+    try:
+        config = LoraConfig.from_peft(peft_cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{str(cfg_file)!r}: {e}") from None
     try:
         tensors = load_file(str(w_file))
         from safetensors import safe_open
@@ -202,13 +206,62 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return AdapterFile(path, config, peft_cfg, tensors, header)
 
 
+# The largest per-entry weight change an adapter may make, bounded by s * r * max|A| * max|B|
+# (s = alpha/r or alpha/sqrt(r)). Real adapters are below 1e3; larger values overflow bf16/fp16 activations.
+MAX_DELTA_BOUND = 1e6
+
+
+def validate_adapter(af: AdapterFile, base_fp: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The one check every entry point runs (registry add, load_adapter, merge, the server's slot load),
+    before anything changes: every tensor floating-point and finite; r and alpha (and their per-module
+    patterns) finite and positive; A and B ranks agree with each other and with the config; a DoRA
+    magnitude exactly where use_dora says, of B's output size; the weight change bounded (MAX_DELTA_BOUND);
+    and, given the base's fingerprint, every module's shape as on the base. Returns af.modules()."""
+    where, cfg = str(af.path / WEIGHTS_NAME), af.config
+    mods = af.modules()
+    for path, parts in mods.items():
+        for attr, t in parts.items():
+            key = f"{path}.{attr}"
+            if not t.is_floating_point():
+                raise ValueError(f"{where}: tensor {key!r} has dtype {t.dtype}; expected a floating-point tensor")
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{where}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
+        A, B = parts["lora_A"], parts["lora_B"]
+        if A.dim() < 2 or B.dim() < 2 or A.shape[0] != B.shape[1] or any(d != 1 for d in B.shape[2:]):
+            raise ValueError(f"{where}: module {path!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+                             "expected A (r, in, ...) and B (out, r, 1...) of the same rank r")
+        r_cfg = _pattern(cfg.rank_pattern, path, cfg.r)
+        if A.shape[0] != r_cfg:
+            raise ValueError(f"{where}: module {path!r} has rank {A.shape[0]} in its tensors but r={r_cfg} in "
+                             f"{CONFIG_NAME} (r / rank_pattern)")
+        mag = parts.get("lora_magnitude_vector")
+        if mag is not None and not cfg.use_dora:
+            raise ValueError(f"{where}: module {path!r} has a DoRA magnitude but use_dora is false")
+        if cfg.use_dora and (mag is None or tuple(mag.shape) != (B.shape[0],)):
+            raise ValueError(f"{where}: use_dora is true but module {path!r} has magnitude "
+                             f"{None if mag is None else tuple(mag.shape)}; expected ({B.shape[0]},)")
+        alpha = _pattern(cfg.alpha_pattern, path, cfg.alpha)
+        scale = float(alpha) / (math.sqrt(r_cfg) if cfg.use_rslora else r_cfg)
+        bound = scale * r_cfg * float(A.abs().max()) * float(B.abs().max())
+        if not bound <= MAX_DELTA_BOUND:
+            raise ValueError(f"{where}: module {path!r} could change a weight by up to {bound:.3g} "
+                             f"(alpha {alpha}, max|A| {float(A.abs().max()):.3g}, max|B| {float(B.abs().max()):.3g}); "
+                             f"the limit is {MAX_DELTA_BOUND:g}")
+    if base_fp is not None:
+        check_compatible(af.module_shapes(), base_fp)
+    return mods
+
+
 def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, trainable: bool = False,
                  activate: bool = True, dtype: torch.dtype | None = None) -> AdapterFile:
-    """Attach an adapter written by lorakit or PEFT. Shapes are checked against the model before
-    anything is changed: a mismatch raises ValueError naming the module and both shapes."""
+    """Attach an adapter written by lorakit or PEFT. The file is validated (`validate_adapter`: finite
+    tensors, consistent ranks, shapes against this model) before anything is changed; a refused load
+    leaves the model as it was."""
     af = read_adapter(path)
-    mods = af.modules()
-    check_compatible(af.module_shapes(), fingerprint(model))
+    mods = validate_adapter(af, fingerprint(model))
+    if name in adapter_configs(model):
+        raise ValueError(f"adapter {name!r} already exists on this model; delete it first")
     cfg = af.config
     # Attach exactly the modules the file has (robust to target-spec differences between tools).
     attach_cfg = LoraConfig(**{**cfg.to_dict(), "targets": "|".join(_re_escape(p) for p in mods),
@@ -217,17 +270,20 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, t
     alphas = {p: _pattern(cfg.alpha_pattern, p, cfg.alpha) for p in mods}
     attach_cfg.rank_pattern = {_re_escape(p): r for p, r in ranks.items()}
     attach_cfg.alpha_pattern = {_re_escape(p): a for p, a in alphas.items()}
+    before = (active_adapters(model), [p for p in model.parameters() if p.requires_grad])
     add_adapter(model, attach_cfg, name, activate=False, dtype=dtype)
-    adapter_configs(model)[name] = cfg
-    with torch.no_grad():
-        for path_, layer in lora_layers(model):
-            if path_ not in mods:
-                continue
-            pair = layer.adapters[name]
-            for attr, t in mods[path_].items():
-                if attr == "lora_magnitude_vector" and pair.lora_magnitude_vector is None:
-                    raise ValueError(f"{af.path}: module {path_!r} has a DoRA magnitude but use_dora is false")
-                getattr(pair, attr).copy_(t)
+    try:
+        adapter_configs(model)[name] = cfg
+        with torch.no_grad():
+            for path_, layer in lora_layers(model):
+                for attr, t in mods.get(path_, {}).items():
+                    getattr(layer.adapters[name], attr).copy_(t)
+    except BaseException:  # validated above, so not expected: still, leave the model as it was
+        delete_adapter(model, name)
+        set_active(model, before[0])
+        for p in before[1]:
+            p.requires_grad_(True)
+        raise
     mark_trainable(model, name if trainable else None)
     if activate:
         set_active(model, name)

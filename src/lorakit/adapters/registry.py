@@ -10,13 +10,17 @@ they were added), which version is current, and evaluation results per adapter v
     reg.resolve("support@1").path
 
 Adding is atomic: the files are copied to a temp name and renamed, and the database row is written
-in the same transaction; a failure leaves neither. An adapter whose shapes (or base weights) do not
-fit the registry's base is refused with the reason (`IncompatibleAdapter`, HTTP 409).
+in the same transaction; a failure leaves neither, and a process killed in between leaves at most a
+temp or unrecorded directory, which the next open of the registry removes. An adapter whose shapes
+(or base weights) do not fit the registry's base is refused with the reason (`IncompatibleAdapter`,
+HTTP 409). Version numbers never repeat for a name, even after every version was removed: the
+`adapters` row stays behind as the name's counter.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,8 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter
+from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter, validate_adapter
 
+log = logging.getLogger("lorakit.registry")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS base (id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT,
@@ -92,8 +97,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not ver.isdigit() or int(ver) < 1:
-        raise ValueError(f"invalid adapter version in {ref!r}: expected name@N with N a positive integer")
+    if not re.fullmatch(r"[0-9]{1,18}", ver) or int(ver) < 1:
+        raise ValueError(f"invalid adapter version in {ref!r}: expected name@N with N a positive integer "
+                         "(at most 18 digits)")
     return name, int(ver)
 
 
@@ -123,6 +129,33 @@ class Registry:
             self._db.close()
             raise ValueError(f"{str(self.path)!r} is not a usable SQLite registry: {e}") from None
         self.base_fp, self.base_name = self._init_base(base_fp, base_name)
+        self.clean_store()
+
+    def clean_store(self) -> list[Path]:
+        """Remove what an interrupted add or remove left in the store: temp directories and version
+        directories without a database row. Runs under the write lock, so no add is half done meanwhile
+        (an add copies and renames inside its transaction). Returns what was removed."""
+        if not self.store.is_dir():
+            return []
+        gone = []
+        try:
+            with self._write() as db:
+                known = {r[0] for r in db.execute("SELECT path FROM versions")}
+                for d in sorted(self.store.iterdir()):
+                    if not d.is_dir() or not NAME_RE.fullmatch(d.name):
+                        continue
+                    for sub in d.iterdir():
+                        stale = (sub.name.startswith(".") and ".tmp-" in sub.name) or \
+                            (re.fullmatch(r"v\d+", sub.name) and f"{d.name}/{sub.name}" not in known)
+                        if stale:
+                            shutil.rmtree(sub, ignore_errors=True)
+                            gone.append(sub)
+        except (OSError, sqlite3.Error) as e:  # a read-only store: serve what is there
+            log.warning("could not clean the registry store %s: %s", self.store, e)
+        if gone:
+            log.warning("removed %d leftover(s) of interrupted registry changes: %s", len(gone),
+                        ", ".join(str(g) for g in gone))
+        return gone
 
     # ---------------------------------------------------------------- base record
     def _init_base(self, base_fp: dict | None, base_name: str | None) -> tuple[dict | None, str | None]:
@@ -208,7 +241,7 @@ class Registry:
         validate_name(name)
         src = Path(src)
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
-        af.modules()
+        validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
         self.check_fits(af, force)
         sha = _sha256(src)
         cur = self._current_row(name)
@@ -221,9 +254,8 @@ class Registry:
             if row is None:
                 db.execute("INSERT INTO adapters (name, description, next_version, created_at) VALUES (?,?,1,?)",
                            (name, description, now))
-                version = 1
-            else:
-                version = row["next_version"]
+            top = db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0] or 0
+            version = max(row["next_version"] if row else 1, top + 1)
             rel = f"{name}/v{version}"
             dest = self.store / rel
             _copy_adapter_dir(src, dest)
@@ -267,18 +299,17 @@ class Registry:
         gone = [v for v in self.versions(name) if version is None or v.version == version]
         if not gone:
             raise UnknownAdapter(f"unknown adapter {ref!r}")
-        with self._write() as db:
+        with self._write() as db:  # the adapters row stays: its next_version keeps numbers from repeating
             if version is None:
                 db.execute("DELETE FROM versions WHERE name = ?", (name,))
-                db.execute("DELETE FROM adapters WHERE name = ?", (name,))
             else:
                 db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
                 left = db.execute("SELECT MAX(version) AS v, MAX(current) AS c FROM versions WHERE name = ?",
                                   (name,)).fetchone()
-                if left["v"] is None:
-                    db.execute("DELETE FROM adapters WHERE name = ?", (name,))
-                elif not left["c"]:
+                if left["v"] is not None and not left["c"]:
                     db.execute("UPDATE versions SET current = 1 WHERE name = ? AND version = ?", (name, left["v"]))
+            if not db.execute("SELECT 1 FROM versions WHERE name = ?", (name,)).fetchone():
+                db.execute("UPDATE adapters SET description = '' WHERE name = ?", (name,))
         for v in gone:
             shutil.rmtree(v.path, ignore_errors=True)
         if version is None:

@@ -38,7 +38,8 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1_000_000)
     s.add_argument("--max-prompt-tokens", type=int, default=2048)
     s.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 1 on a machine of up to "
+                   "4 usable cores, else half of them, at most 16: more threads fight the HTTP loop and other jobs)")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_serve)
@@ -168,10 +169,12 @@ def cmd_serve(args) -> int:
                       ("max_new_tokens", cfg.max_new_tokens), ("max_prompt_tokens", cfg.max_prompt_tokens)):
         if v < 1:
             raise ValueError(f"--{field_.replace('_', '-')} must be at least 1, got {v}")
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from lorakit.serve.app import cpu_threads
+
+    torch.set_num_threads(cpu_threads(args.threads))
+    print(f"torch CPU threads: {torch.get_num_threads()}", file=sys.stderr)
     model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
     name = model_name(args.model)
     if os.path.exists(args.model):  # a path: clients name the base by its directory (or file) name

@@ -209,12 +209,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     model._lorakit_active = {n: w for n, w in active_adapters(model).items() if n != name}
 
 
-def merge(model: nn.Module, names: list[str] | None = None) -> None:
-    """Fold the active adapters (with their weights) into the base weights."""
+def merge(model: nn.Module, names: list[str] | None = None, keep_original: bool = True) -> None:
+    """Fold the active adapters (with their weights) into the base weights, in float32, rounded once.
+    `keep_original` keeps a copy of each merged layer's base weight so that unmerge is exact bit for bit
+    (memory: one more copy of those weights); unload(merge_active=True) skips it."""
     if names is not None:
         _check_names(model, names)
-    for _, layer in lora_layers(model):
-        layer.merge(names)
+    fresh = []  # layers this call merges first: unmerged again if a later layer refuses
+    try:
+        for _, layer in lora_layers(model):
+            if not layer.merged:
+                fresh.append(layer)
+            layer.merge(names, keep_original=keep_original)
+    except ValueError:
+        for layer in fresh:
+            layer.unmerge()
+        raise
 
 
 def unmerge(model: nn.Module) -> None:
@@ -225,7 +235,7 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
     """Put plain nn.Linear modules back (after merging the active adapters if asked)."""
     if merge_active:
-        merge(model)
+        merge(model, keep_original=False)
     for path, layer in list(lora_layers(model)):
         if layer.merged and not merge_active:
             layer.unmerge()

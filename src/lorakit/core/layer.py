@@ -63,6 +63,8 @@ class LoraLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: dict[str, float] = {}  # name -> weight; insertion order is application order
         self.merged: list[tuple[str, float, torch.Tensor | None]] = []  # (name, weight, DoRA gain g) in order
+        # the base weight as it was before the first merge (a buffer: moves with .to(), not in state_dict)
+        self.register_buffer("original", None, persistent=False)
         self.routing: Routing | None = None
         self.tied_with: list[str] = []  # other modules that share this weight (set by add_adapter)
 
@@ -187,18 +189,25 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def _pristine_weight(self) -> torch.Tensor:
-        """The base weight without any merged adapter (float32 when something is merged)."""
+        """The base weight without any merged adapter: the kept copy when there is one, else solved from
+        the merged weight (float32; off by the merged weight's dtype rounding)."""
         W = self.base_weight()
         if not self.merged:
             return W
+        if self.original is not None:
+            return self.original
         scale, add = self._merge_terms(W)
         W0 = W.float() - add
         return W0 if scale is None else W0 / scale[:, None]
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
+    def merge(self, names: list[str] | None = None, keep_original: bool = True) -> None:
         """Fold active adapters (or `names`) into the base weight. Idempotent; the merged layer computes
-        what the unmerged one does (DoRA included, several adapters included)."""
+        what the unmerged one does (DoRA included, several adapters included). The sum W0 + dW is formed
+        in float32 and rounded to the weight's dtype once. `keep_original` keeps a copy of the base
+        weight (its dtype, its device) so that unmerge restores it bit for bit; without it unmerge
+        solves for W0 from the rounded merged weight (in bf16 off by up to one rounding step,
+        2^-8 relative)."""
         if self.tied_with:
             raise ValueError(f"this layer's weight is shared with {self.tied_with} (tied weights): merging "
                              f"would change those modules too; use the adapter unmerged")
@@ -208,6 +217,7 @@ class LoraLinear(nn.Module):
         if not todo:
             return
         W0 = self._pristine_weight().float()
+        before = len(self.merged)
         for name in todo:
             p = self.adapters[name]
             g = None
@@ -215,16 +225,23 @@ class LoraLinear(nn.Module):
                 g = p.lora_magnitude_vector.float() / self._dora_norm(W0, self.delta_weight(p))  # (out,)
             self.merged.append((name, self.active.get(name, 1.0), g))
         scale, add = self._merge_terms(W0)
-        new = (W0 if scale is None else W0 * scale[:, None]) + add
-        self.weight.data.copy_(new.to(self.weight.dtype))
+        new = ((W0 if scale is None else W0 * scale[:, None]) + add).to(self.weight.dtype)
+        if not torch.isfinite(new).all():
+            del self.merged[before:]
+            raise ValueError(f"merging {todo} would put non-finite values (inf/NaN) in a {tuple(new.shape)} "
+                             f"{self.weight.dtype} weight; nothing was changed")
+        if before == 0 and keep_original:
+            self.original = self.weight.detach().clone()
+        self.weight.data.copy_(new)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo every merge: exact up to the weight dtype's rounding."""
+        """Undo every merge: bit for bit from the kept copy, else up to the weight dtype's rounding."""
         if self.merged:
             W0 = self._pristine_weight()
             self.merged.clear()
             self.weight.data.copy_(W0.to(self.weight.dtype))
+            self.original = None
 
     def extra_repr(self) -> str:
         ranks = {n: p.r for n, p in self.adapters.items()}

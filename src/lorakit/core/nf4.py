@@ -183,7 +183,7 @@ class LoraNF4Linear(LoraLinear):
     def base_weight(self) -> torch.Tensor:
         return self.weight.dequantize()
 
-    def merge(self, names: list[str] | None = None) -> None:
+    def merge(self, names: list[str] | None = None, keep_original: bool = True) -> None:
         raise ValueError("cannot merge an adapter into a 4-bit NF4 base: re-quantizing W + dW is lossy, not "
                          "exact; load the adapter on the full-precision base to merge it, or run "
                          "lorakit.core.nf4.dequantize_model(model) first")

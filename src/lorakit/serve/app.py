@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ def resolve_stack(state: ServerState, stack: list[tuple[str, float]]) -> list[Ad
         except ValueError as e:
             raise registry_error(e) from None
         path = v.path
-        uses.append(AdapterUse(f"{v.name}@{v.version}", lambda path=path: read_adapter(path), weight))
+        # the slot key is the content hash: a name re-added with other files can never hit stale weights
+        uses.append(AdapterUse(v.sha256, lambda path=path: read_adapter(path), weight, f"{v.name}@{v.version}"))
     return uses
 
 
@@ -137,8 +139,12 @@ async def complete(state: ServerState, request: Request, kind: str):
     body = await read_body(state, request)
     p = P.parse_request(body, kind, state.base_ids, state.limits)
     uses = resolve_stack(state, p.stack)
-    ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
-        else encode_prompt(state.tok, p.prompt)
+    try:
+        ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
+            else encode_prompt(state.tok, p.prompt)
+    except (UnicodeError, ValueError, TypeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise P.bad(f"the prompt cannot be tokenized: {type(e).__name__}: {e}",
+                    "messages" if kind == "chat" else "prompt") from None
     max_tokens = P.check_prompt(list(ids), p.max_tokens, kind, state.limits)
     req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos)
     stream = P.TextStream(state.tok, p.stop)
@@ -149,13 +155,29 @@ async def complete(state: ServerState, request: Request, kind: str):
         await evs.aclose()
         raise P.APIError(500, first[1], "generation_failed")
     if not p.stream:
+        watch = asyncio.create_task(_cancel_on_disconnect(request, req))
         try:
             reason = await _collect(first, evs, stream, req)
         finally:
+            watch.cancel()
             await evs.aclose()
         return P.response(p, rid, stream.text, reason, stream.ids, len(ids))
     return StreamingResponse(_stream(p, rid, first, evs, stream, req, len(ids)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def _cancel_on_disconnect(request: Request, req: GenRequest) -> None:
+    """A non-streaming request whose client has gone away stops decoding (its row is freed at the next
+    step). Streaming requests need no watcher: the failed write ends the stream, whose cleanup cancels."""
+    while not req.cancelled:
+        if await request.is_disconnected():
+            log.info("client disconnected; cancelling its request")
+            req.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 async def _collect(first, evs, stream: P.TextStream, req: GenRequest) -> str:
@@ -278,11 +300,12 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
     async def add_adapter(request: Request):
         require_admin(state, request)
         body = await read_body(state, request)
-        name, path = body.get("name"), body.get("path")
+        name, path, desc = body.get("name"), body.get("path"), body.get("description") or ""
         if not isinstance(path, str) or not path:
             raise P.bad("'path' must name the adapter directory on the server", "path")
-        v = await asyncio.to_thread(call, reg.add, name, path, description=str(body.get("description") or ""),
-                                    force=bool(body.get("force")))
+        if not isinstance(desc, str):
+            raise P.bad(f"'description' must be a string, got {desc!r}", "description")
+        v = await asyncio.to_thread(call, reg.add, name, path, description=desc, force=P.flag(body, "force"))
         return JSONResponse(v.to_json(), status_code=201)
 
     @app.get("/admin/adapters/{name}")
@@ -303,8 +326,7 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
     async def remove(ref: str, request: Request):
         require_admin(state, request)
         gone = call(reg.remove, ref)
-        name = call(parse_ref, ref)[0]
-        unloaded = await asyncio.wrap_future(state.engine.unload(name))
+        unloaded = await asyncio.wrap_future(state.engine.unload([v.sha256 for v in gone]))
         return {"removed": [f"{v.name}@{v.version}" for v in gone], "unloaded": unloaded}
 
     @app.post("/admin/adapters/{ref}/evals")
@@ -316,6 +338,22 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
 
 
 # ---------------------------------------------------------------- running
+def cpu_threads(requested: int = 0) -> int:
+    """Torch CPU threads for the server: `requested` if > 0, else 1 where at most 4 cores are usable and
+    half of them (at most 16) above that. The decode step of a small batch gains little from more
+    threads, and threads that spin-wait fight the HTTP loop, the adapter loader and other programs:
+    on a busy 2-core machine 2 threads served 9x slower than 1."""
+    if requested < 0:
+        raise ValueError(f"--threads must be 0 (automatic) or positive, got {requested}")
+    if requested:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(cores // 2, 16)
+
+
 def make_state(model, tok, registry: Registry, cfg, base_name: str, max_prefill_tokens: int = 4096) -> ServerState:
     """Engine (started) + registry + limits from a ServeConfig."""
     engine = Engine(model, tok, max_slots=cfg.max_slots, max_batch=cfg.max_batch,

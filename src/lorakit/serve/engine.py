@@ -12,6 +12,11 @@ Each turn of the loop
 A request that arrives while others decode joins at the next turn. Results leave through each
 request's `sink(event)`, called on the engine thread: ("token", id), ("done", reason) with reason
 "stop" | "length" | "cancelled", or ("error", message).
+
+Isolation: one request's numbers never reach another row. A row's KV cache is zeroed when a new
+request takes it; a request whose adapter cannot be loaded, whose prefill or decode raises, or whose
+logits are not finite (NaN/+inf) is retired alone with an error, the others carry on; `_fail_all` is
+kept for faults of the engine itself (a step that fails for every row).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import random
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,32 +33,10 @@ import torch
 from lorakit.adapters.files import AdapterFile, fingerprint
 from lorakit.generate import stop_ids
 from lorakit.serve import forward
+from lorakit.serve.request import AdapterUse, GenRequest, check_request, sample  # noqa: F401 (AdapterUse re-exported)
 from lorakit.serve.slots import SlotBank
 
 log = logging.getLogger("lorakit.serve")
-
-
-@dataclass
-class AdapterUse:
-    key: str  # "name@version": what a slot holds
-    load: Callable[[], AdapterFile]
-    weight: float = 1.0
-
-
-@dataclass
-class GenRequest:
-    prompt: list[int]
-    adapters: list[AdapterUse] = field(default_factory=list)  # empty: the base model; several: a weighted stack
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: always produce max_tokens
-    sink: Callable[[tuple], None] = lambda ev: None
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass
@@ -64,7 +47,11 @@ class _Row:
     next_token: int = -1
     generated: int = 0
     gen: torch.Generator | None = None
-    finished: str | None = None
+    finished: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str = ""
+
+    def fail(self, message: str) -> None:
+        self.finished, self.error = "error", message
 
 
 class Engine:
@@ -86,8 +73,9 @@ class Engine:
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-adapter-load")
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.labels: dict[str, str] = {}  # adapter key -> "name@version"
         self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "adapter_loads": 0,
-                      "errors": 0}
+                      "errors": 0, "cancelled": 0, "tokens": 0}
 
     # ---------------------------------------------------------------- public (any thread)
     def start(self) -> "Engine":
@@ -104,6 +92,7 @@ class Engine:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, req: GenRequest) -> GenRequest:
+        check_request(req)
         keys = {a.key for a in req.adapters}
         if len(keys) > self.bank.max_slots:
             raise ValueError(f"the request stacks {len(keys)} adapters; this server holds at most "
@@ -112,6 +101,7 @@ class Engine:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             for a in req.adapters:
+                self.labels[a.key] = a.label or a.key
                 self._ensure_prefetch(a)
             self.waiting.append(req)
             self._wake = True
@@ -140,14 +130,15 @@ class Engine:
             self._cv.notify_all()
         return fut
 
-    def unload(self, name: str) -> Future:
-        """Drop every resident version of adapter `name` that no running request uses."""
+    def unload(self, keys: list[str]) -> Future:
+        """Drop the resident adapters `keys` that no running request uses; the result lists their labels."""
         def run():
-            return [k for k in list(self.bank.resident) if k.split("@")[0] == name and self.bank.unload(k)]
+            return [self.labels.get(k, k) for k in keys if self.bank.unload(k)]
         return self.call(run)
 
     def info(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "resident": list(self.bank.resident),
+        resident = [self.labels.get(k, k) for k in self.bank.resident]
+        return {"running": len(self.running), "waiting": len(self.waiting), "resident": resident,
                 "max_slots": self.bank.max_slots, "max_batch": self.max_batch, "slot_bytes": self.bank.nbytes(),
                 "kv_bytes": self.cache.nbytes(), **self.stats}
 
@@ -179,12 +170,12 @@ class Engine:
         self._fail_all("the server is shutting down")
         with self._cv:
             for req in self.waiting:
-                req.sink(("error", "the server is shutting down"))
+                _send(req, ("error", "the server is shutting down"))
             self.waiting.clear()
 
     def _fail_all(self, message: str) -> None:
         for row in self.running:
-            row.req.sink(("error", message))
+            _send(row.req, ("error", message))
             for s in row.slots:
                 self.bank.release(s)
         self.stats["errors"] += len(self.running)
@@ -199,7 +190,8 @@ class Engine:
             while self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled:
-                    req.sink(("done", "cancelled"))
+                    _send(req, ("done", "cancelled"))
+                    self.stats["cancelled"] += 1
                     continue
                 want = [a.key for a in req.adapters]
                 fits = (len(self.running) + len(taken) < self.max_batch
@@ -244,10 +236,17 @@ class Engine:
                 for s in slots:
                     self.bank.release(s)
                 self.stats["errors"] += 1
-                req.sink(("error", f"adapter could not be loaded: {e}"))
+                _send(req, ("error", f"adapter could not be loaded: {e}"))
                 continue
-            seed = req.seed if req.seed is not None else random.getrandbits(63)
-            gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
+            try:
+                seed = req.seed if req.seed is not None else random.getrandbits(63)
+                gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
+            except (ValueError, RuntimeError, OverflowError) as e:
+                for s in slots:
+                    self.bank.release(s)
+                self.stats["errors"] += 1
+                _send(req, ("error", f"invalid seed {req.seed!r}: {e}"))
+                continue
             rows.append(_Row(req, slots, len(req.prompt), gen=gen))
         if rows:
             self._prefill(rows)
@@ -266,7 +265,7 @@ class Engine:
                     self._prefill([r])
                 return
             log.exception("prefill failed")
-            rows[0].req.sink(("error", f"prefill failed: {type(e).__name__}: {e}"))
+            _send(rows[0].req, ("error", f"prefill failed: {type(e).__name__}: {e}"))
             for s in rows[0].slots:
                 self.bank.release(s)
             self.stats["errors"] += 1
@@ -278,7 +277,11 @@ class Engine:
     def _step(self) -> None:
         rows = self.running
         self._set_batch(rows)
-        logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows])
+        try:
+            logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows])
+        except Exception:  # noqa: BLE001 - find the row at fault: run them one by one
+            log.exception("decode step failed; retrying row by row")
+            logits = self._decode_each(rows)
         for r in rows:
             r.length += 1
         self.stats["decode_steps"] += 1
@@ -286,6 +289,23 @@ class Engine:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         self._emit(rows, logits)
         self._retire()
+
+    def _decode_each(self, rows: list[_Row]) -> torch.Tensor:
+        """Decode each row alone; a row that still fails is retired with its error. If every row fails,
+        the fault is the engine's, not a request's: raise (the loop fails them all)."""
+        out, last = [], None
+        for i, r in enumerate(rows):
+            self._set_batch([r])
+            try:
+                out.append(forward.decode(self.model, self.cache, [r.next_token], [r.length], rows=[i])[0])
+            except Exception as e:  # noqa: BLE001
+                last = e
+                r.fail(f"generation failed for this request: {type(e).__name__}: {e}")
+                out.append(None)
+        if all(o is None for o in out):
+            raise last
+        like = next(o for o in out if o is not None)
+        return torch.stack([like.new_zeros(like.shape) if o is None else o for o in out])
 
     def _set_batch(self, rows: list[_Row]) -> None:
         k = max(1, max(len(r.slots) for r in rows))
@@ -297,18 +317,35 @@ class Engine:
         self.bank.set_batch(idx, coef)
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token from logits (n, vocab), send it, and mark finished rows."""
+        """Pick each row's next token from logits (n, vocab), send it, and mark finished rows.
+        A row whose logits are not finite, or whose sampling fails, is retired alone with an error."""
         greedy = logits.argmax(-1).tolist()
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()
         for i, r in enumerate(rows):
+            if r.finished is not None:
+                continue
             if r.req.cancelled:
                 r.finished = "cancelled"
+                self.stats["cancelled"] += 1
                 continue
-            tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+            if broken[i]:
+                r.fail("generation failed for this request: the model produced non-finite logits (NaN/inf); "
+                       "the adapter or stack weights it uses overflow")
+                continue
+            try:
+                tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+            except Exception as e:  # noqa: BLE001 - this request's sampling, nobody else's
+                r.fail(f"sampling failed for this request: {type(e).__name__}: {e}")
+                continue
             if tok in self.stops and not r.req.ignore_eos:
                 r.finished = "stop"
                 continue
-            r.req.sink(("token", tok))
+            if not _send(r.req, ("token", tok)):
+                r.finished = "cancelled"  # nobody can receive it
+                self.stats["cancelled"] += 1
+                continue
             r.generated += 1
+            self.stats["tokens"] += 1
             r.next_token = tok
             if r.generated >= r.req.max_tokens or r.length + 1 >= self.max_len:
                 r.finished = "length"
@@ -320,7 +357,11 @@ class Engine:
             if r.finished is None:
                 i += 1
                 continue
-            r.req.sink(("done", r.finished))
+            if r.finished == "error":
+                self.stats["errors"] += 1
+                _send(r.req, ("error", r.error))
+            else:
+                _send(r.req, ("done", r.finished))
             for s in r.slots:
                 self.bank.release(s)
             self._wake = True  # a row and maybe a slot are free
@@ -331,11 +372,13 @@ class Engine:
             self.running.pop()
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from logits (vocab,) at `temperature`, keeping the smallest top-p nucleus."""
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the first
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+def _send(req: GenRequest, ev: tuple) -> bool:
+    """Deliver an event; a sink that raises (its client's loop is gone, a bug in a caller) cancels its
+    request and nothing else. False if it raised."""
+    try:
+        req.sink(ev)
+        return True
+    except Exception:  # noqa: BLE001 - one request's receiver, never the batch's problem
+        log.exception("could not deliver %s to a request; cancelling it", ev[0])
+        req.cancel()
+        return False

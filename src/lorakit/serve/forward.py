@@ -59,6 +59,12 @@ class RowCache:
             new[:, :, :self.cap].copy_(old)
         self.k, self.v, self.cap = new_k, new_v, cap
 
+    def zero(self, rows: slice) -> None:
+        """Forget what earlier requests left in `rows`: positions a new row masks must hold zeros, not stale
+        values (a masked position is multiplied by 0, and 0 x NaN = NaN)."""
+        for t in self.k + self.v:
+            t[rows].zero_()
+
     def move(self, src: int, dst: int) -> None:
         """Row `src` takes the place of row `dst` (compaction when a request retires)."""
         for t in self.k + self.v:
@@ -125,6 +131,7 @@ def prefill(model: nn.Module, cache: RowCache, rows: slice, prompts: list[list[i
     ids = ids.to(dev)
     pos = torch.arange(width, device=dev).expand(n, width)
     cache.ensure(width + 1)
+    cache.zero(rows)
 
     def write(K, V, k, v):
         K[rows, :, :width].copy_(k)
@@ -139,13 +146,16 @@ def prefill(model: nn.Module, cache: RowCache, rows: slice, prompts: list[list[i
 
 
 @torch.no_grad()
-def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-    """One step for rows 0..n-1: token i goes to position lengths[i]. Returns logits (n, vocab)."""
+def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[int],
+           rows: list[int] | None = None) -> torch.Tensor:
+    """One step for cache rows `rows` (default 0..n-1): token i goes to position lengths[i] of row rows[i].
+    Returns logits (n, vocab)."""
     n, dev = len(tokens), cache.device
     cache.ensure(max(lengths) + 1)
     ids = torch.tensor(tokens, device=dev)[:, None]  # (n, 1)
     pos_t = torch.tensor(lengths, device=dev)
-    rows = torch.arange(n, device=dev)
+    leading = rows is None  # rows 0..n-1: slice, no gather
+    rows = torch.arange(n, device=dev) if leading else torch.tensor(rows, device=dev)
     width = max(lengths) + 1
     same = min(lengths) == max(lengths)
     mask = None if same else (torch.arange(width, device=dev)[None, :] <= pos_t[:, None])[:, None, None, :]
@@ -155,7 +165,9 @@ def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[i
         V[rows, :, pos_t] = v[:, :, 0]
 
     def read(K, V, k, v):
-        return K[:n, :, :width], V[:n, :, :width], mask, False
+        if leading:
+            return K[:n, :, :width], V[:n, :, :width], mask, False
+        return K[rows, :, :width], V[rows, :, :width], mask, False
 
     h = _run(model, ids, pos_t[:, None], cache, write, read)  # (n, 1, hidden)
     return model.lm_head(h)[:, 0].float()  # (n, vocab)

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from lorakit.adapters.registry import parse_ref
+from lorakit.serve.request import MAX_WEIGHT  # |w| of a stack weight: larger only pushes toward overflow
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STACK = 8
@@ -69,8 +70,10 @@ class Parsed:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON, bad UTF-8, an integer of more than 4300 digits
         raise bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -98,8 +101,9 @@ def parse_model(model: object, base_ids: set[str]) -> list[tuple[str, float]]:
                 weight = float(w)
             except ValueError:
                 raise bad(f"'model' {model!r}: weight {w!r} of {ref!r} is not a number", "model") from None
-            if not math.isfinite(weight):
-                raise bad(f"'model' {model!r}: weight of {ref!r} must be finite", "model")
+            if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+                raise bad(f"'model' {model!r}: weight {w!r} of {ref!r} must be a finite number between "
+                          f"{-MAX_WEIGHT:g} and {MAX_WEIGHT:g}", "model")
         stack.append((ref, weight))
     if len({r for r, _ in stack}) != len(stack):
         raise bad(f"'model' {model!r} names an adapter twice", "model")
@@ -115,6 +119,14 @@ def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool =
     if not (lo <= v <= hi):
         raise bad(f"'{key}' must be between {lo} and {hi}, got {v!r}", key)
     return v
+
+
+def flag(body: dict, key: str) -> bool:
+    """An optional boolean field: JSON true/false (or null/absent: false), never a string like "false"."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise bad(f"'{key}' must be true or false, got {v!r}", key)
+    return bool(v)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -157,9 +169,10 @@ def _refuse_unsupported(body: dict) -> None:
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad(f"'{key}' is not supported (only 0)", key)
-    if body.get("logprobs") not in (None, False) or body.get("echo") or body.get("suffix") or body.get("tools"):
-        key = next(k for k in ("logprobs", "echo", "suffix", "tools") if body.get(k) not in (None, False, []))
-        raise bad(f"'{key}' is not supported by this server", key)
+    for key in ("logprobs", "echo", "suffix", "tools"):
+        v = body.get(key)
+        if not (v is None or v is False or (key != "logprobs" and isinstance(v, (str, list, dict)) and not v)):
+            raise bad(f"'{key}' is not supported by this server", key)
 
 
 def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> Parsed:
@@ -177,15 +190,13 @@ def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> 
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad(f"'stream' must be true or false, got {stream!r}", "stream")
+    stream = flag(body, "stream")
     return Parsed(kind, body["model"], prompt, stack, max_tokens,
                   temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                   top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
                   seed=_number(body, "seed", None, -(2 ** 63), 2 ** 63 - 1, integer=True),
-                  stop=stop, stream=stream, include_usage=bool(opts.get("include_usage")),
-                  return_token_ids=bool(body.get("return_token_ids")), ignore_eos=bool(body.get("ignore_eos")))
+                  stop=stop, stream=stream, include_usage=flag(opts, "include_usage"),
+                  return_token_ids=flag(body, "return_token_ids"), ignore_eos=flag(body, "ignore_eos"))
 
 
 def check_prompt(ids: list[int], max_tokens: int | None, kind: str, limits: Limits) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lorakit import kernels
-from lorakit.adapters.files import AdapterFile, check_compatible
+from lorakit.adapters.files import AdapterFile, validate_adapter
 from lorakit.core.inject import LoraLinear, _get_parent, _pattern
 
 
@@ -116,7 +116,7 @@ class SlotBank:
         raise NoFreeSlot(f"all {self.max_slots} adapter slots are in use by running requests")
 
     def _checked(self, af: AdapterFile) -> AdapterFile:
-        check_compatible(af.module_shapes(), self.base_fp)
+        validate_adapter(af, self.base_fp)  # the same checks as registry add and load_adapter
         return af
 
     # ---------------------------------------------------------------- tensors

@@ -11,6 +11,7 @@ are rendered as a user turn and an assistant turn; loss falls on the assistant's
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -85,20 +86,21 @@ def load_rows(path: str | Path) -> tuple[list[dict], str]:
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     rows: list[tuple[int, dict]] = []
+    text = _utf8(path)
     if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            for i, r in enumerate(csv.DictReader(f), start=2):
-                rows.append((i, {k: v for k, v in r.items() if k is not None and v is not None}))
+        for i, r in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):
+            rows.append((i, {k: v for k, v in r.items() if k is not None and v is not None}))
     else:
-        with path.open() as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") \
-                        from None
+        for i, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") \
+                    from None
+            except RecursionError:
+                raise ValueError(f"{path}:{i}: JSON nested too deeply") from None
     if not rows:
         raise ValueError(f"data file {str(path)!r} is empty; expected rows in one of the formats "
                          f"{list(FORMATS)}")
@@ -109,6 +111,17 @@ def load_rows(path: str | Path) -> tuple[list[dict], str]:
     for line, row in rows:
         _check_row(row, fmt, f"{path}:{line}")
     return [r for _, r in rows], fmt
+
+
+def _utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the file, line and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "save the file as UTF-8") from None
 
 
 def row_format(row: dict) -> str:

@@ -1,0 +1,68 @@
+"""What the engine is asked to do: a generation request, the adapters it uses, their checks, and sampling.
+
+`GenRequest.sink(event)` receives ("token", id), ("done", reason) or ("error", message) on the engine thread.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lorakit.adapters.files import AdapterFile
+
+MAX_WEIGHT = 10.0  # |stack weight| the engine accepts
+
+
+@dataclass
+class AdapterUse:
+    key: str  # what a slot holds: the version's content hash, so a re-added name never reuses stale weights
+    load: Callable[[], AdapterFile]
+    weight: float = 1.0
+    label: str = ""  # "name@version", for /health and logs (default: the key)
+
+
+@dataclass
+class GenRequest:
+    prompt: list[int]
+    adapters: list[AdapterUse] = field(default_factory=list)  # empty: the base model; several: a weighted stack
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens
+    sink: Callable[[tuple], None] = lambda ev: None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def check_request(req: GenRequest) -> None:
+    """What the engine needs of a request (the HTTP layer checks the same with friendlier messages)."""
+    if not req.prompt or not all(isinstance(t, int) and t >= 0 for t in req.prompt):
+        raise ValueError("the prompt must be a non-empty list of token ids")
+    if not (isinstance(req.max_tokens, int) and req.max_tokens >= 1):
+        raise ValueError(f"max_tokens must be a positive integer, got {req.max_tokens!r}")
+    if not (math.isfinite(req.temperature) and req.temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+    if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+    for a in req.adapters:
+        if not (math.isfinite(a.weight) and abs(a.weight) <= MAX_WEIGHT):
+            raise ValueError(f"stack weight {a.weight!r} of {a.label or a.key!r} must be finite and at most "
+                             f"{MAX_WEIGHT:g} in size")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token from logits (vocab,) at `temperature`, keeping the smallest top-p nucleus. Computed in
+    float64 from logits minus their maximum, so any temperature > 0 (1e-45 included) gives finite
+    probabilities: the arguments of exp are <= 0, a tiny temperature sends all but the maxima to -inf."""
+    x = logits.double().cpu()
+    probs = torch.softmax((x - x.max()) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the first
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
