@@ -143,7 +143,7 @@ def main() -> int:
         else:
             res = run_lorakit(args, group=case == "lorakit")
         rep = accuracy(res.pop("out"), min(args.limit, 200) if args.limit else 0)
-        m = rep.get("adapter") or rep.get("metrics") or rep
+        m = {k: v for k, v in rep.items() if k != "examples"}
         rec = {"bench": "train_task", "task": "data/classify (10-class routing)", "case": case, "r": args.r,
                "targets": args.targets, "lr": args.lr, "batch": args.batch, "epochs": 1, **res,
                "tokens_per_s": round(res["tokens_per_s"], 1), "heldout": m, "threads": args.threads,
