@@ -41,10 +41,12 @@ class LoraConfig(_FromDict):
     """One adapter's shape. `targets` is a list of module names (suffix match), a regex string
     (full match on the module path), or "all-linear" (every nn.Linear except the output head)."""
 
-    r: int = 8
-    alpha: float = 16.0
+    # lorakit's defaults: every linear layer at r=16 (on the demo task all-linear beats attention-only at every rank,
+    # docs/sweep/report.md). PEFT's own defaults (r=8, alpha=8, q_proj/v_proj) are `LoraConfig.peft_defaults()`.
+    r: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    targets: list[str] | str = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -77,6 +79,11 @@ class LoraConfig(_FromDict):
                 raise ValueError("targets is empty; name at least one module, a regex, or 'all-linear'")
 
     # ---- PEFT adapter_config.json ----
+    @classmethod
+    def peft_defaults(cls, **overrides) -> "LoraConfig":
+        """HF PEFT's defaults for a Llama model: r=8, lora_alpha=8, dropout 0, target_modules q_proj and v_proj."""
+        return cls(**{"r": 8, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **overrides})
+
     def to_peft(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
         """The adapter_config.json PEFT reads. Only PEFT's own keys: lorakit metadata lives elsewhere."""
         return {

@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
     from lorakit.train.loop import train
 
     file_cfg = load_config_file(args.config) if args.config else {}
-    lora_kw = dict(file_cfg.get("lora", {}))
+    lora_kw = {**(LoraConfig.peft_defaults().to_dict() if args.preset == "peft" else {}), **file_cfg.get("lora", {})}
     for k, v in (("r", args.r), ("alpha", args.alpha), ("dropout", args.dropout), ("use_rslora", args.rslora or None),
                  ("use_dora", args.dora or None)):
         if v is not None:
@@ -125,6 +125,9 @@ def _add_train(sub) -> None:
     p.add_argument("--dropout", type=float, help=f"dropout on the adapter's input (default: {d.dropout:g})")
     p.add_argument("--targets", help="comma list (q_proj,v_proj), a regex, or all-linear / attn / mlp / qv "
                                      f"(default: {targets})")
+    p.add_argument("--preset", choices=["lorakit", "peft"], default="lorakit",
+                   help="starting values of r/alpha/dropout/targets: lorakit's (above) or HF PEFT's defaults "
+                        "(r=8, alpha=8, q_proj,v_proj); flags and --config override them (default: lorakit)")
     p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude vector too")
     p.add_argument("--full", action="store_true", help="full fine-tuning (every weight), for comparison")
