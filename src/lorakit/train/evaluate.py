@@ -31,6 +31,17 @@ def greedy_answers(model, tok, rows: list[dict], template: str = "auto", max_new
     return [tok.decode(o, skip_special_tokens=True) for o in outs]
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (95% at z=1.96): how far an accuracy measured on n
+    rows can be trusted. Unlike the normal approximation it stays inside [0, 1] and is sound at 0% and 100%."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def accuracy(preds: list[str], refs: list[str]) -> float:
     return sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / max(len(refs), 1)
 
@@ -159,6 +170,11 @@ def format_report(rep: Report, n_examples: int = 5, width: int = 38) -> str:
     keys = [k for k in ("loss", "ppl", "accuracy") if k in rep.after]
     for k in keys:
         lines.append(f"{k:<12}{_fmt(rep.before.get(k)):>12}{_fmt(rep.after.get(k)):>12}")
+    if "accuracy" in rep.after:
+        ci = {k: wilson(round(d["accuracy"] * rep.n), rep.n) for k, d in (("base", rep.before), ("adapter", rep.after))
+              if "accuracy" in d}
+        lines.append(f"accuracy, 95% interval on {rep.n} rows (Wilson): "
+                     + ", ".join(f"{k} {100 * lo:.0f}-{100 * hi:.0f}%" for k, (lo, hi) in ci.items()))
     if rep.changed is not None:
         lines.append(f"answers changed vs base: {100 * rep.changed:.1f}%")
     if rep.kl is not None:
