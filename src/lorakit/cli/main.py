@@ -14,6 +14,7 @@ import warnings
 # modules that add subcommands (in help order)
 COMMAND_MODULES = [
     "lorakit.cli.commands",        # train, eval, generate, merge, inspect
+    "lorakit.cli.export",          # export (GGUF)
     "lorakit.adapters.compose",         # compose
     "lorakit.lab.sweep",           # sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
