@@ -294,6 +294,7 @@ def register(subparsers) -> None:
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="compose adapters whose bases have equal shapes but different weights or names")
     p.add_argument("-o", "--output", required=True, help="output adapter directory")
+    p.add_argument("--quiet", action="store_true", help="print nothing (errors still go to stderr)")
     p.set_defaults(func=_cli)
 
 
@@ -303,6 +304,8 @@ def _cli(args) -> int:
                   allow_base_mismatch=args.allow_base_mismatch)
     res.save(args.output)
     rep = res.report
+    if args.quiet:
+        return 0
     worst = max(rep["rel_error"], key=rep["rel_error"].get)
     print(f"composed {len(specs)} adapters with {rep['method']}: {rep['modules']} modules, rank {rep['rank']}"
           f" (max {rep['max_rank']}) -> {args.output}")
