@@ -53,13 +53,17 @@ def quiet_libraries(quiet: bool) -> None:
         for cat in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=cat)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as tlog
-
-    tlog.set_verbosity_error()  # its warnings are advice to library developers (deprecations, defaults)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its warnings are advice to library developers
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
-        tlog.disable_progress_bar()
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         logging.getLogger("lorakit").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported already (a caller in-process): the variables came too late
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        if quiet:
+            tlog.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
