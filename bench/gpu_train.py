@@ -43,6 +43,7 @@ CASES = {  # name: (shape, batch, seq, mode, checkpointing in the HF run)
     "1b": ("llama-1b", 8, 2048, "lora", False),
     "1b-ckpt": ("llama-1b", 8, 2048, "lora", True),
     "1b-full-ckpt": ("llama-1b", 8, 2048, "full", True),
+    "8b": ("llama-8b", 4, 2048, "lora", False),
     "8b-ckpt": ("llama-8b", 4, 2048, "lora", True),
     "8b-q4": ("llama-8b", 1, 2048, "qlora", True),  # issue 7: 4-bit base, batch 1 x 2048, peak <= 8 GiB
     "tiny": ("tiny", 2, 64, "lora", False),
@@ -117,11 +118,19 @@ def flops_per_token(shape: str, seq: int, mode: str) -> float:
 
 # ---------------------------------------------------------------- the two tools
 def setup_peft(model, mode: str, ckpt: bool, variant: dict):
+    """PEFT at its defaults (fp32 adapters), or as its strongest users run it: bf16=1 keeps the adapters in the
+    model's dtype (autocast_adapter_dtype=False), liger=1 first patches the model with Liger kernels
+    (liger_kernel.transformers.apply_liger_kernel_to_llama: fused RMSNorm, RoPE, SwiGLU, linear cross-entropy)."""
+    if variant.get("liger") == "1":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=variant.get("bf16") != "1")
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -187,8 +196,77 @@ def setup_lorakit_qlora(model, mode: str, ckpt: bool, variant: dict):
     return model, opt, loss_fn, {"quant": "nf4", "chunk": chunk}
 
 
+# ---------------------------------------------------------------- the user path: `lorakit train`
+def run_cli(case: str, variant: dict, args, env: dict) -> dict:
+    """`python -m lorakit train` in a subprocess on the same random model (saved as a Hugging Face dir) and the
+    same token ids (a pre-tokenized JSONL file, rows of `seq` tokens, loss on every token): what a user runs.
+    Step times and per-step memory peaks come from the run's metrics.jsonl (the loop records them)."""
+    import subprocess
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    shape, batch, seq, mode, _ = CASES[case]
+    steps = args.warmup + args.steps
+    work = tempfile.mkdtemp(prefix="lorakit-cli-", dir=os.environ.get("TMPDIR"))
+    model_dir = os.path.join(tempfile.gettempdir(), f"lorakit-bench-{shape}")  # saved once per shape and process
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        model = build(shape)
+        model.save_pretrained(model_dir)
+        del model
+    from lorakit.models import embedded_dir
+
+    tok_dir = os.environ.get("LORAKIT_BENCH_TOKENIZER") or embedded_dir()  # any tokenizer: the rows are token ids
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(model_dir)
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    ids = torch.randint(0, SHAPES[shape]["vocab"], (batch, seq), device=DEV,
+                        generator=torch.Generator(device=DEV).manual_seed(1)).cpu()
+    with open(os.path.join(work, "data.jsonl"), "w") as f:  # one batch of rows: every step trains on the bench's batch
+        for row in ids.tolist():
+            f.write(json.dumps({"input_ids": row}) + "\n")
+    rec = variant.get("rec", "0")
+    cmd = [sys.executable, "-m", "lorakit", "train", "--model", model_dir, "--data",
+           os.path.join(work, "data.jsonl"), "-o", os.path.join(work, "out"), "--r", str(R), "--alpha", str(ALPHA),
+           "--dropout", "0", "--targets", "all-linear", "--lr", "1e-4", "--batch-size", str(batch),
+           "--max-steps", str(steps), "--max-len", str(seq), "--warmup-ratio", "0", "--max-grad-norm", "0",
+           "--no-group-by-length", "--backend", variant.get("backend", "auto"), "--recompute", rec,
+           "--dtype", "bfloat16", "--device", DEV]
+    if mode == "full":
+        cmd += ["--full", "--lr", "1e-5"]
+    if mode == "qlora":
+        cmd += ["--quantize", "nf4"]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.time() - t0
+    if p.returncode:
+        raise RuntimeError(f"lorakit train exited {p.returncode}: {p.stderr[-600:]}")
+    rows = [json.loads(x) for x in open(os.path.join(work, "out", "metrics.jsonl")) if '"loss"' in x]
+    secs = [r["seconds"] for r in rows]
+    times = [b - a for a, b in zip([0.0] + secs, secs)]
+    timed = rows[args.warmup:]
+    step = statistics.median(times[args.warmup:])
+    tok_s = batch * seq / step
+    fpt = flops_per_token(shape, seq, mode)
+    backend_line = next((x for x in p.stderr.splitlines() if x.startswith("backend:")), "")
+    return dict(tool="cli", case=case, variant=variant, shape=shape, mode=mode, batch=batch, seq=seq,
+                tokens_per_s=round(tok_s, 1), step_ms=round(step * 1e3, 2),
+                step_ms_all=[round(x * 1e3, 2) for x in times[args.warmup:]], first_step_s=round(times[0], 2),
+                peak_gib=max(r.get("cuda_peak_alloc_gib", 0) for r in timed),
+                reserved_gib=max(r.get("cuda_peak_reserved_gib", 0) for r in timed),
+                peak_gib_warmup=max(r.get("cuda_peak_alloc_gib", 0) for r in rows[:args.warmup]),
+                flops_per_token=fpt, mfu=round(fpt * tok_s / PEAK_BF16, 4),
+                mfu_vs_gemm=round(fpt * tok_s / env["gemm_flops"], 4) if env.get("gemm_flops") else None,
+                loss_first=round(rows[0]["loss"], 5), loss_last=round(rows[-1]["loss"], 5),
+                losses=[round(r["loss"], 5) for r in rows], backend=backend_line, wall_s=round(wall, 1),
+                command="lorakit " + " ".join(cmd[3:]), **env["ids"])
+
+
 # ---------------------------------------------------------------- one run
 def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> dict:
+    if tool == "cli":
+        return run_cli(case, variant, args, env)
     shape, batch, seq, mode, ckpt = CASES[case]
     if variant.get("rec") == "match":
         variant = dict(variant, rec=str(match_recompute(case, results)))
@@ -220,6 +298,7 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
         sync()
         times.append(time.perf_counter() - t0)
     peak = mem("peak")
+    reserved = torch.cuda.max_memory_reserved() if DEV == "cuda" else 0
     step = statistics.median(times[args.warmup:])
     tok_s = batch * seq / step
     fpt = flops_per_token(shape, seq, mode)
@@ -227,7 +306,8 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
                hf_gradient_checkpointing=ckpt if tool == "peft" else None,
                tokens_per_s=round(tok_s, 1), step_ms=round(step * 1e3, 2),
                step_ms_all=[round(t * 1e3, 2) for t in times[args.warmup:]], first_step_s=round(times[0], 2),
-               peak_gib=round(peak / 2**30, 3), peak_gib_warmup=round(peak_warm / 2**30, 3),
+               peak_gib=round(peak / 2**30, 3), reserved_gib=round(reserved / 2**30, 3),
+               peak_gib_warmup=round(peak_warm / 2**30, 3), losses=[round(x, 5) for x in losses],
                static_gib=round(static / 2**30, 3),
                flops_per_token=fpt, mfu=round(fpt * tok_s / PEAK_BF16, 4),
                mfu_vs_gemm=round(fpt * tok_s / env["gemm_flops"], 4) if env.get("gemm_flops") else None,
@@ -333,7 +413,7 @@ def micro() -> dict:
 
 def parse_run(spec: str) -> tuple[str, str, dict]:
     parts = spec.split("/")
-    if len(parts) < 2 or parts[0] not in CASES or parts[1] not in ("peft", "lorakit"):
+    if len(parts) < 2 or parts[0] not in CASES or parts[1] not in ("peft", "lorakit", "cli"):
         raise ValueError(f"run spec {spec!r}: expected CASE/TOOL[/k=v,...], CASE in {list(CASES)}")
     variant = dict(kv.split("=", 1) for kv in parts[2].split(",")) if len(parts) > 2 and parts[2] else {}
     return parts[0], parts[1], variant

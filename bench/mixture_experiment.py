@@ -26,7 +26,9 @@ import torch
 from lorakit import LoraConfig, add_adapter, load_adapter, read_adapter, save_adapter, set_active
 from lorakit.generate import generate_ids
 from lorakit.core.inject import lora_layers, mark_trainable, set_routing
-from lorakit.core.mixture import Router, lm_loss, train_router, uniform_routing
+from lorakit.config import TrainConfig
+from lorakit.core.mixture import Router, lm_loss, uniform_routing
+from lorakit.train.router import train_router
 from lorakit.models import load_base
 
 WORDS = ("cat dog sun moon tree fish bird car book door hat cup milk rain snow wind fire stone road ship king "
@@ -187,8 +189,10 @@ def main():
     set_active(model, names)  # the router decides the weights; the adapters just need to be present
     router = Router(model, names)
     router_rows = [r for t in TASKS for r in data[t]["router"]]
-    router_curve = train_router(model, router, batches(encode(tok, router_rows), args.batch, pad, args.seed + 1),
-                                args.router_steps, lr=args.router_lr, log_every=20)
+    router_curve = train_router(model, router, encode(tok, router_rows), tok=tok, progress=True,
+                                cfg=TrainConfig(max_steps=args.router_steps, lr=args.router_lr, batch_size=args.batch,
+                                                seed=args.seed + 1, warmup_ratio=0.0, max_grad_norm=0.0,
+                                                group_by_length=False)).losses
     router.attach(model)
     results["router"] = evaluate(model, tok, test_rows, test_pairs, pad)
     print("router", json.dumps(results["router"]), flush=True)

@@ -41,7 +41,7 @@ def run_case(case: str, args) -> dict:
     torch.manual_seed(0)
     from lorakit import LoraConfig, add_adapter, load_base
     from lorakit.train.data import build_examples, collate, load_rows
-    from lorakit.train.loop import causal_lm_loss
+    from lorakit.train.backends import causal_lm_loss
 
     model, tok = load_base("embedded", dtype="float32", device="cpu")
     rows, _ = load_rows(ROOT / "data" / "demo" / "train.jsonl")

@@ -2,7 +2,8 @@
 # Create .venv and install lorakit with everything the demo and the tests need. Idempotent.
 #   TORCH_SPEC   the torch requirement (default torch==2.13.0: the CPU build; on a CUDA machine
 #                set e.g. TORCH_SPEC=torch to let pip choose)
-#   EXTRAS       pip extras of lorakit to install (default: serve,plot,test; empty: the library alone)
+#   EXTRAS       pip extras of lorakit to install (default: serve,plot,test; empty: the library alone;
+#                add ",kernels" for Triton on a CPU machine: the kernel tests under its interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

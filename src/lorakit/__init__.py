@@ -19,7 +19,8 @@ from lorakit.core.inject import (  # noqa: E402
 from lorakit.adapters.files import fingerprint, load_adapter, read_adapter, save_adapter  # noqa: E402
 from lorakit.models import load_base  # noqa: E402
 from lorakit.adapters.compose import compose  # noqa: E402
-from lorakit.core.mixture import Router, train_router  # noqa: E402
+from lorakit.core.mixture import Router  # noqa: E402
+from lorakit.train.router import train_router  # noqa: E402
 from lorakit.core.nf4 import quantize_model  # noqa: E402
 
 __all__ = [

@@ -133,6 +133,10 @@ class TrainConfig(_FromDict):
     save_every: int = 0  # steps; 0 = only at the end
     log_every: int = 1
     full: bool = False  # full fine-tuning instead of LoRA
+    backend: str = "auto"  # auto | plain | fast (train/backends.py)
+    recompute: int | str = 0  # layers whose activations are recomputed in backward: 0, N, or "all"
+    group_by_length: bool = True  # batches of rows of similar length (less padding)
+    threads: int = 0  # torch CPU threads; 0 = the cores this process may use
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -143,6 +147,14 @@ class TrainConfig(_FromDict):
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.backend not in ("auto", "plain", "fast"):
+            raise ValueError(f"backend must be auto, plain or fast, got {self.backend!r}")
+        if isinstance(self.recompute, str) and self.recompute != "all":
+            if not self.recompute.isdigit():
+                raise ValueError(f"recompute must be a number of layers or 'all', got {self.recompute!r}")
+            self.recompute = int(self.recompute)
+        if isinstance(self.recompute, bool) or (isinstance(self.recompute, int) and self.recompute < 0):
+            raise ValueError(f"recompute must be a number of layers >= 0 or 'all', got {self.recompute!r}")
 
 
 @dataclass

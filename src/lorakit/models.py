@@ -188,6 +188,11 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
         from lorakit.core.nf4 import quantize_model
 
         quantize_model(model, "all-linear", quant)
+        if dev.type == "cuda":  # hand the freed dense weights back: the 4-bit model's reserved memory stays small
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
     return model, tok
 
 

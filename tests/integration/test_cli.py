@@ -35,8 +35,12 @@ def trained(tiny_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "ad"
     p = lorakit("train", "--model", tiny_dir, "--data", data / "train.jsonl", "--eval-data", data / "test.jsonl",
                 "--r", 8, "--alpha", 16, "--targets", "all-linear", "--lr", 5e-3, "--max-steps", 30,
-                "--batch-size", 8, "--quiet", "-o", out)
+                "--batch-size", 8, "-o", out)
     assert "done: 30 steps" in p.stdout
+    assert "backend: plain (device is cpu" in p.stderr  # auto says which backend and why
+    quiet = lorakit("train", "--model", tiny_dir, "--data", data / "train.jsonl", "--max-steps", 2, "--quiet",
+                    "-o", out.parent / "quiet")
+    assert quiet.stdout == "" and "backend" not in quiet.stderr and "train:" not in quiet.stderr
     return out
 
 
@@ -46,6 +50,8 @@ def test_train_writes_peft_adapter_and_loss_falls(trained):
     losses = [json.loads(line)["loss"] for line in (trained / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert all(json.loads(line).get("backend", "plain") == "plain"
+               for line in (trained / "metrics.jsonl").read_text().splitlines())
 
 
 def test_inspect(trained):

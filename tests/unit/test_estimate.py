@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lorakit.config import LoraConfig
 from lorakit.lab.estimate import NF4_BYTES, activation_bytes, arch_of, estimate, lora_params, measure
 from lorakit.core.inject import add_adapter, count_params
-from lorakit.train.loop import causal_lm_loss
+from lorakit.train.backends import causal_lm_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 MID = dict(model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

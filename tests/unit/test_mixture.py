@@ -5,7 +5,10 @@ import torch
 
 from lorakit import LoraConfig, add_adapter, set_active
 from lorakit.core.inject import mark_trainable, set_routing
-from lorakit.core.mixture import Router, lm_loss, train_router, uniform_routing
+from lorakit.config import TrainConfig
+from lorakit.core.mixture import Router, lm_loss, uniform_routing
+from lorakit.train.data import Example
+from lorakit.train.router import train_router
 from lorakit.models import tiny_llama
 
 
@@ -47,7 +50,7 @@ def _loss(m, batch):
         return lm_loss(m(input_ids=batch["input_ids"]).logits, batch["labels"]).item()
 
 
-def test_trained_router_beats_single_adapters_and_uniform_mix():
+def test_trained_router_beats_single_adapters_and_uniform_mix(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     m = tiny_llama()
@@ -73,8 +76,14 @@ def test_trained_router_beats_single_adapters_and_uniform_mix():
         scores[label] = _loss(m, test)
     set_active(m, ["up", "down"])
     router = Router(m, ["up", "down"])
-    losses = train_router(m, router, iter(lambda: mixed(8), None), steps=60, lr=5e-2)
-    assert losses[-1] < losses[0]
+    rows = mixed(8 * 60)  # 2 epochs of 60 steps of 16 rows, through the one training loop
+    examples = [Example(i.tolist(), lab.tolist()) for i, lab in zip(rows["input_ids"], rows["labels"])]
+    res = train_router(m, router, examples, tmp_path / "router",
+                       cfg=TrainConfig(lr=5e-2, batch_size=16, warmup_ratio=0.0, max_grad_norm=0.0, epochs=2))
+    losses = res.losses
+    assert len(losses) == 120 and losses[-1] < losses[0]
+    assert (tmp_path / "router" / "router.safetensors").exists()
+    assert Router.load(m, tmp_path / "router").state_dict().keys() == router.state_dict().keys()
     router.attach(m)
     scores["router"] = _loss(m, test)
     assert scores["router"] < min(scores["up"], scores["down"], scores["uniform"]) - 0.1, scores

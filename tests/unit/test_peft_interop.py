@@ -32,3 +32,22 @@ def test_peft_adapter_loads_in_lorakit(tmp_path, ids, dora):
     m = tiny_llama()
     load_adapter(m, tmp_path / "peft_ad")
     assert (m(ids).logits - want).abs().max() <= 1e-5
+
+
+def test_adapter_with_dropout_follows_the_models_eval_mode(tmp_path, ids):
+    """An adapter added or loaded on a model in eval mode is in eval mode too: dropout 0.1 is off, two forward
+    passes are equal, and the logits equal PEFT's for the same file (PEFT loads adapters in eval mode)."""
+    m = tiny_llama()  # eval mode
+    torch.manual_seed(0)
+    add_adapter(m, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear", init_lora_weights=False))
+    a, b = m(ids).logits, m(ids).logits
+    assert torch.equal(a, b)
+    save_adapter(m, tmp_path / "ad")
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "ad")
+    got = fresh(ids).logits
+    assert torch.equal(got, fresh(ids).logits) and (got - a).abs().max() <= 1e-6
+    want = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ad")(ids).logits
+    assert (got - want).abs().max() <= 1e-5
+    m.train()  # and training mode turns dropout on again
+    assert not torch.equal(m(ids).logits, m(ids).logits)

@@ -95,15 +95,19 @@ def test_full_finetune_trains_every_weight(tmp_path):
     assert all(not torch.equal(before[n], p) for n, p in m.named_parameters())
 
 
-@pytest.mark.parametrize("plain_head", [True, False])
-def test_loss_on_target_positions_only_equals_full_logits_loss(plain_head, monkeypatch):
+@pytest.mark.parametrize("plain_head,chunked", [(True, False), (False, False), (True, True)])
+def test_loss_on_target_positions_only_equals_full_logits_loss(plain_head, chunked, monkeypatch):
     """causal_lm_loss runs the head only where a target token is predicted; loss and gradients equal the
-    loss over full logits (and models outside the allow-list take the full-logits path)."""
+    loss over full logits (and models outside the allow-list take the full-logits path); above a size the
+    loss runs in chunks of positions (never the whole (n, vocab) logits) with the same value and gradients."""
     import torch.nn.functional as F
 
     from lorakit import add_adapter
-    from lorakit.train.loop import _body_and_head, causal_lm_loss
+    from lorakit.train import backends
+    from lorakit.train.backends import _body_and_head, causal_lm_loss
 
+    if chunked:
+        monkeypatch.setattr(backends, "CHUNK_ABOVE", 0)
     m = tiny_llama()
     if not plain_head:
         monkeypatch.setattr(m.config, "model_type", "gemma2")  # soft-capped logits: must not be bypassed

@@ -67,13 +67,6 @@ def _template(args, tok) -> str:
     return template
 
 
-def _template_meta(tok, template: str) -> dict:
-    """What `train` records in the adapter's lorakit metadata about how rows were rendered."""
-    from lorakit.train.data import template_info
-
-    return template_info(tok, template)
-
-
 def _say(args, msg: str) -> None:
     """A status line (stdout) unless --quiet."""
     if not getattr(args, "quiet", False):
@@ -85,81 +78,6 @@ def _template_arg(p: argparse.ArgumentParser) -> None:
                    help="how prompts are rendered: chat (the model's chat template, a user turn) or plain text; "
                         "auto: chat if the model has a template (default: the template the adapter was trained "
                         "with, recorded in its metadata; auto without one)")
-
-
-# ------------------------------------------------------------------ train
-def cmd_train(args) -> int:
-    from lorakit.config import LoraConfig, TrainConfig, load_config_file
-    from lorakit.train.data import build_examples, load_rows
-    from lorakit.train.evaluate import evaluate, format_report
-    from lorakit.files import atomic_write_json
-    from lorakit.models import model_name
-    from lorakit.train.loop import train
-
-    file_cfg = load_config_file(args.config) if args.config else {}
-    lora_kw = dict(file_cfg.get("lora", {}))
-    train_kw = dict(file_cfg.get("train", {}))
-    for k, v in (("r", args.r), ("alpha", args.alpha), ("dropout", args.dropout), ("use_rslora", args.rslora or None),
-                 ("use_dora", args.dora or None)):
-        if v is not None:
-            lora_kw[k] = v
-    if args.targets is not None:
-        lora_kw["targets"] = _split_targets(args.targets)
-    for k in ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_len", "seed", "eval_every",
-              "save_every", "warmup_ratio", "weight_decay", "max_grad_norm"):
-        v = getattr(args, k)
-        if v is not None:
-            train_kw[k] = v
-    if args.full:
-        train_kw["full"] = True
-    lora_cfg = LoraConfig.from_dict(lora_kw)
-    train_cfg = TrainConfig.from_dict(train_kw)
-    rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
-    eval_rows = load_rows(args.eval_data)[0] if args.eval_data else None
-    model, tok = _load(args)
-    examples = build_examples(tok, rows, args.template, train_cfg.max_len)
-    eval_examples = build_examples(tok, eval_rows, args.template, train_cfg.max_len) if eval_rows else None
-    print(f"data: {len(rows)} {fmt} rows from {args.data}" + (f", {len(eval_rows)} eval rows" if eval_rows else ""))
-    compare = bool(eval_rows and args.compare and not train_cfg.full)
-    # --compare measures the held-out loss itself (with the base's beside it): no duplicate final eval in train
-    train_eval = None if compare and not train_cfg.eval_every else eval_examples
-    res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,
-                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model),
-                metadata={"data": str(args.data), "rows": len(rows), **_template_meta(tok, args.template)})
-    print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
-          f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
-    if compare:
-        rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens, batch_size=32)
-        print(format_report(rep))
-        atomic_write_json(Path(args.output) / "eval.json", rep.to_dict())
-    return 0
-
-
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with LoRA (or --full) on a JSONL/CSV data file")
-    _model_args(p)
-    p.add_argument("--data", required=True, help="JSONL/CSV: prompt/completion, messages, alpaca or text rows")
-    p.add_argument("--eval-data", help="held-out rows for periodic eval loss (and before/after with --compare)")
-    p.add_argument("-o", "--output", required=True, help="output dir: adapter files, metrics.jsonl, checkpoints")
-    p.add_argument("--config", help="YAML/JSON with 'lora' and 'train' sections (flags override it)")
-    p.add_argument("--r", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--targets", help="comma list (q_proj,v_proj), a regex, or all-linear / attn / mlp / qv")
-    p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude vector too")
-    p.add_argument("--full", action="store_true", help="full fine-tuning (every weight), for comparison")
-    for k, t in (("lr", float), ("epochs", float), ("max-steps", int), ("batch-size", int), ("grad-accum", int),
-                 ("max-len", int), ("seed", int), ("eval-every", int), ("save-every", int),
-                 ("warmup-ratio", float), ("weight-decay", float), ("max-grad-norm", float)):
-        p.add_argument(f"--{k}", type=t)
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
-                   help="how prompt/completion rows are rendered (auto: the chat template if the model has one)")
-    p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
-    p.add_argument("--compare", action="store_true", help="after training, evaluate before/after on --eval-data")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
 
 
 # ------------------------------------------------------------------ eval
@@ -288,8 +206,23 @@ def inspect_adapter(path: str) -> dict:
     }
 
 
+def inspect_router(path: str) -> dict:
+    """A router directory (lorakit train-router): the adapters it gates and its size."""
+    from safetensors import safe_open
+
+    cfg = json.loads((Path(path) / "router.json").read_text())
+    with safe_open(str(Path(path) / "router.safetensors"), "pt") as f:
+        params = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape()[1:] or [1])[0] for k in f.keys())
+        layers = len({k.rsplit(".", 1)[0] for k in f.keys()})
+    done = Path(path) / "train_done.json"
+    return {"path": str(path), "kind": "mixture router", "adapters": cfg["adapters"],
+            "temperature": cfg.get("temperature"), "routed_layers": layers, "params": params,
+            "training": json.loads(done.read_text()) if done.exists() else None}
+
+
 def cmd_inspect(args) -> int:
-    info = inspect_adapter(args.adapter)
+    info = inspect_router(args.adapter) if (Path(args.adapter) / "router.json").exists() \
+        else inspect_adapter(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -305,26 +238,6 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def _show_config_defaults(p: argparse.ArgumentParser) -> None:
-    """Flags left at None take LoraConfig's/TrainConfig's defaults (after a --config file's values): say which
-    in --help, read from the dataclasses so the text never drifts from them."""
-    import dataclasses
-
-    from lorakit.config import LoraConfig, TrainConfig
-
-    defaults = {}
-    for cls in (LoraConfig, TrainConfig):
-        for f in dataclasses.fields(cls):
-            v = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            defaults[{"use_rslora": "rslora", "use_dora": "dora"}.get(f.name, f.name)] = v
-    for a in p._actions:
-        if a.dest in defaults and a.default is None and a.option_strings and "default" not in (a.help or ""):
-            v = defaults[a.dest]
-            text = ",".join(v) if isinstance(v, list) else str(v)
-            a.help = (a.help + " " if a.help else "") + f"(default: {text})"
-
-
 def register(sub) -> None:
-    for add in (_add_train, _add_eval, _add_generate, _add_merge, _add_inspect):
+    for add in (_add_eval, _add_generate, _add_merge, _add_inspect):
         add(sub)
-    _show_config_defaults(sub.choices["train"])

@@ -13,7 +13,8 @@ import warnings
 
 # modules that add subcommands (in help order)
 COMMAND_MODULES = [
-    "lorakit.cli.commands",        # train, eval, generate, merge, inspect
+    "lorakit.cli.train",           # train, train-router
+    "lorakit.cli.commands",        # eval, generate, merge, inspect
     "lorakit.cli.export",          # export (GGUF)
     "lorakit.adapters.compose",         # compose
     "lorakit.lab.sweep",           # sweep, estimate
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The library logs through `logging` ("lorakit.*"); the CLI shows INFO and up, or errors only with --quiet."""
+    logger = logging.getLogger("lorakit")
+    if not any(getattr(h, "_lorakit_cli", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._lorakit_cli = True
+        logger.addHandler(h)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -87,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet_libraries(bool(getattr(args, "quiet", False)))
+    _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

@@ -109,13 +109,17 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
         p.requires_grad_(False)
     for path in paths:
         mod = model.get_submodule(path)
+        training = mod.training  # a new layer or adapter takes the train/eval mode of the module it adapts
         if not isinstance(mod, LoraLinear):
             parent, child = _get_parent(model, path)
             mod = wrapper_for(mod)(mod)
             mod.tied_with = [o for o in owners.get(id(mod.weight), []) if o != path]
             setattr(parent, child, mod)
-        mod.add(name, _pattern(config.rank_pattern, path, config.r), _pattern(config.alpha_pattern, path, config.alpha),
-                config.dropout, config.use_rslora, config.use_dora, config.init_lora_weights, dtype=dtype)
+        pair = mod.add(name, _pattern(config.rank_pattern, path, config.r),
+                       _pattern(config.alpha_pattern, path, config.alpha), config.dropout, config.use_rslora,
+                       config.use_dora, config.init_lora_weights, dtype=dtype)
+        mod.train(training)
+        pair.train(training)
     configs[name] = config
     if activate:
         set_active(model, name)

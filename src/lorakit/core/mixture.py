@@ -10,15 +10,13 @@ between layers, so it fits the `LoraLinear.routing` hook as a plain (layer, x) -
 different depths may prefer different adapters. It costs K * in parameters per layer (a few thousand).
 The router starts at zero: every gate is 1/K, i.e. training starts from the uniform mix.
 
-Only the router trains (`train_router`); the adapters and the base stay frozen. DoRA adapters and
+Only the router trains (`lorakit.train.router.train_router`, through the one training loop); the adapters and the base stay frozen. DoRA adapters and
 conv/embedding layers are refused (the routed sum is the plain LoRA one).
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -118,38 +116,6 @@ def uniform_routing(names: list[str]):
     """The baseline a router starts from: every adapter at weight 1/K (same as set_active with 1/K each)."""
     w = 1.0 / len(names)
     return {n: w for n in names}
-
-
-def train_router(model: nn.Module, router: Router, batches: Iterable[dict], steps: int, lr: float = 2e-3,
-                 log_every: int = 0) -> list[float]:
-    """Train the router alone on batches of {input_ids, attention_mask, labels} (labels -100 where no loss).
-    The adapters and the base stay frozen. Returns the loss per step."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(router.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    router.attach(model)
-    losses: list[float] = []
-    it = iter(batches)
-    dev = next(router.parameters()).device
-    try:
-        for step in range(steps):
-            b = next(it)
-            out = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
-            loss = lm_loss(out.logits, b["labels"].to(dev))
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if log_every and (step + 1) % log_every == 0:
-                print(f"router step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
-    finally:
-        set_routing(model, None)
-    return losses
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

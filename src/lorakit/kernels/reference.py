@@ -2,17 +2,30 @@
 
 The resident adapters of one linear layer are stacked into slot tensors:
 
-    A_slots (S, r, in)    B_slots (S, out, r)     ranks zero-padded to a common r; slot 0 is all zeros
+    A_slots (S, r, in)    B_slots (S, out, r)     ranks zero-padded to a common r (zero rows of A /
+                                                  columns of B add exactly nothing)
 
-and every row of a batch names up to k slots with a coefficient each (a weighted stack is k > 1;
-padding entries use slot 0 or coefficient 0):
+and every row of a batch names up to k slots with a coefficient each (a weighted stack is k > 1):
 
     idx (b, k) long       coef (b, k) float       coef = stack weight * the adapter's scale (alpha / r)
 
     delta[b] = sum_j coef[b, j] * (x[b] @ A_slots[idx[b, j]].T) @ B_slots[idx[b, j]].T
 
+An entry with idx = -1 or coef = 0 adds nothing (a row of such entries only is a base row; SlotBank
+also keeps slot 0 all zeros for that). x, A_slots and B_slots share one dtype; delta has it too.
 A weighted stack is computed as one low-rank product by concatenating ranks, so it is the exact
 weighted sum of the adapters' weight changes (no cross terms).
+
+DoRA, optional (`dora` and `base` given together). A DoRA adapter alone makes W' = g * (W + c B A)
+row-wise, g = m / ||W + c B A||_row (out,). Stacked with weight w it adds w (W' - W) x, the rule of
+core/layer.py (relative to the frozen W, so DoRA adapters stack independently of order). With
+
+    dora (S, out)         zero for a plain LoRA slot; (g - 1) / c for a DoRA slot
+    B_slots[slot]         g * B (rows scaled) for a DoRA slot        (both from `dora_slot`)
+    base (b, s, out)      W x, the base layer's output without its bias
+
+the row's extra output is delta[b] + (sum_j coef[b, j] * dora[idx[b, j]]) * base[b]:
+coef * (g - 1) / c = w (g - 1), so this is exactly sum_j w_j ((g_j - 1) W x + g_j c B_j A_j x).
 """
 from __future__ import annotations
 
@@ -20,21 +33,44 @@ import torch
 
 
 def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
-               coef: torch.Tensor) -> torch.Tensor:
+               coef: torch.Tensor, dora: torch.Tensor | None = None, base: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """x (b, s, in) -> delta (b, s, out). Gather each row's A/B, then two batched matmuls."""
     b, k = idx.shape
     r = A_slots.shape[1]
-    flat = idx.reshape(-1)
+    cf = coef.float() * (idx >= 0)  # (b, k); slot -1 adds nothing (no host sync: CUDA-graph safe)
+    coef = cf.to(x.dtype)
+    flat = idx.clamp(min=0).reshape(-1)
     A = A_slots.index_select(0, flat)  # (b*k, r, in)  (index_select: far cheaper than A_slots[idx] on CPU)
     B = B_slots.index_select(0, flat)  # (b*k, out, r)
     if k == 1:
         h = torch.bmm(x, A.transpose(1, 2))  # (b, s, r)
-        return torch.bmm(h, B.transpose(1, 2)) * coef.to(x.dtype)[:, :, None]  # (b, s, out)
-    A = A.reshape(b, k * r, -1)  # (b, k*r, in): the stack's ranks concatenated
-    B = B.reshape(b, k, B.shape[1], r).permute(0, 2, 1, 3).reshape(b, B.shape[1], k * r)  # (b, out, k*r)
-    h = torch.bmm(x, A.transpose(1, 2))  # (b, s, k*r)
-    h = h * coef.to(x.dtype).repeat_interleave(r, dim=1)[:, None, :]  # each rank block times its coefficient
-    return torch.bmm(h, B.transpose(1, 2))  # (b, s, out)
+        out = torch.bmm(h, B.transpose(1, 2)) * coef[:, :, None]  # (b, s, out)
+    else:
+        A = A.reshape(b, k * r, -1)  # (b, k*r, in): the stack's ranks concatenated
+        B = B.reshape(b, k, B.shape[1], r).permute(0, 2, 1, 3).reshape(b, B.shape[1], k * r)  # (b, out, k*r)
+        h = torch.bmm(x, A.transpose(1, 2))  # (b, s, k*r)
+        h = h * coef.repeat_interleave(r, dim=1)[:, None, :]  # each rank block times its coefficient
+        out = torch.bmm(h, B.transpose(1, 2))  # (b, s, out)
+    if dora is None:
+        return out
+    if base is None or base.shape != out.shape:
+        raise ValueError(f"DoRA needs base (W x) of shape {tuple(out.shape)}, got "
+                         f"{None if base is None else tuple(base.shape)}")
+    d = dora.index_select(0, flat).reshape(b, k, -1).float()  # (b, k, out)
+    gain = (cf[:, :, None] * d).sum(1)  # (b, out): sum_j w_j (g_j - 1), in fp32
+    return out + (gain[:, None, :] * base.float()).to(out.dtype)
+
+
+def dora_slot(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scale: float,
+              coef_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a DoRA adapter's slot holds: W (out, in) base weight, A (r, in), B (out, r), magnitude (out,),
+    scale its alpha / r -> (B to store (out, r), dora row (out,)), for coef = w * coef_scale (default scale)."""
+    c = scale if coef_scale is None else coef_scale
+    if c == 0:
+        raise ValueError("coef_scale must be non-zero for a DoRA slot")
+    g = magnitude.float() / torch.linalg.norm(W.float() + scale * (B.float() @ A.float()), dim=1)  # (out,)
+    return (B.float() * (g * (scale / c))[:, None]).to(B.dtype), (g - 1) / c
 
 
 def lora_delta_loop(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
@@ -44,5 +80,6 @@ def lora_delta_loop(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tenso
     for row in range(idx.shape[0]):
         for j in range(idx.shape[1]):
             s = int(idx[row, j])
-            out[row] += float(coef[row, j]) * (x[row] @ A_slots[s].T) @ B_slots[s].T
+            if s >= 0:
+                out[row] += float(coef[row, j]) * (x[row] @ A_slots[s].T) @ B_slots[s].T
     return out

@@ -28,6 +28,7 @@ FORMATS = {
     "messages": ({"messages"}, set()),
     "alpaca": ({"instruction", "output"}, {"input"}),
     "text": ({"text"}, set()),
+    "tokens": ({"input_ids"}, {"labels"}),  # pre-tokenized; loss on every token, or where labels != -100
 }
 ROLES = {"system", "user", "assistant"}
 
@@ -51,6 +52,14 @@ def _check_row(row, fmt: str, where: str) -> None:
     if extra:
         raise ValueError(f"{where}: unexpected key(s) {sorted(extra)} for the {fmt} format; "
                          f"expected {sorted(required | optional)}")
+    if fmt == "tokens":
+        ids, labels = row["input_ids"], row.get("labels", row["input_ids"])
+        for k, v in (("input_ids", ids), ("labels", labels)):
+            if not isinstance(v, list) or not v or not all(type(x) is int for x in v):
+                raise ValueError(f"{where}: {k!r} must be a non-empty list of integers")
+        if len(labels) != len(ids) or min(ids) < 0:
+            raise ValueError(f"{where}: 'labels' must be as long as 'input_ids' ({len(ids)}) and ids >= 0")
+        return
     if fmt == "messages":
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -215,6 +224,8 @@ def _segments(tok, row: dict, template: str) -> list[tuple[str, bool]]:
 
 def tokenize_row(tok, row: dict, template: str, max_len: int) -> tuple[list[int], list[int]]:
     """-> (input_ids, labels), labels = IGNORE outside the target text. Truncated to max_len."""
+    if "input_ids" in row:  # pre-tokenized
+        return list(row["input_ids"][:max_len]), list(row.get("labels", row["input_ids"])[:max_len])
     ids: list[int] = []
     labels: list[int] = []
     if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):

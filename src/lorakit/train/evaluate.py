@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lorakit.train.data import build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
 from lorakit.generate import generate_ids
 from lorakit.core.inject import active_adapters, disabled
-from lorakit.train.loop import target_logits
+from lorakit.train.backends import target_logits
 
 
 def normalize(text: str) -> str:

@@ -1,15 +1,21 @@
-"""One readable training loop for LoRA and full fine-tuning.
+"""The one training loop: LoRA, DoRA, rsLoRA, QLoRA (a 4-bit base), full fine-tuning and the mixture router.
 
 AdamW, linear warmup then cosine decay, gradient accumulation (loss normalised over the target tokens
 of the whole accumulated batch, so accumulation equals a bigger batch), gradient clipping, periodic eval,
 metrics as JSONL, atomic checkpoints every N steps, and resume that reproduces the uninterrupted run.
 
-Output directory (`out_dir`): the adapter files (PEFT layout) or, with full fine-tuning, a Hugging Face
-model directory; `metrics.jsonl`; `train_config.json`; `checkpoint/` while a run is unfinished.
+The loss of a micro-batch comes from a backend (backends.py): `plain` (the model's own forward) or `fast`
+(train/fast: fused Llama layers, compiled on CUDA); `auto` takes fast on CUDA where it can and says why not
+otherwise. Everything else is shared: trainable adapter tensors are fp32 master weights (compute stays in the
+model's dtype), one AdamW set-up, one schedule, one checkpoint format, one metrics file.
+
+Output directory (`out_dir`): the adapter files (PEFT layout), the router files, or, with full fine-tuning, a
+Hugging Face model directory; `metrics.jsonl`; `train_config.json`; `checkpoint/` while a run is unfinished.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,16 +26,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from lorakit.adapters.files import save_adapter
 from lorakit.config import LoraConfig, TrainConfig
-from lorakit.train.data import IGNORE, Example, collate
-from lorakit.files import atomic_write_dir, atomic_write_json, atomic_write_text
 from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
+from lorakit.files import atomic_write_json, atomic_write_text
+from lorakit.train.backends import causal_lm_loss, choose_backend
+from lorakit.train.checkpoint import CKPT, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint
+from lorakit.train.data import IGNORE, Example, collate
 
-CKPT = "checkpoint"
+log = logging.getLogger("lorakit.train")
+
 DONE = "train_done.json"
 
 
@@ -57,49 +64,6 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# Architectures whose causal-LM head is exactly `lm_head(decoder(x).last_hidden_state)`: no logit scaling or
-# soft-capping after the head. For these the loss computes logits only where there is a target token.
-_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "starcoder2"}
-
-
-def _body_and_head(model):
-    """(decoder, head) when the logits can be computed on a subset of positions, else None."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD or not hasattr(model, "get_output_embeddings"):
-        return None
-    body, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
-    if body is None or body is model or head is None:
-        return None
-    return body, head
-
-
-def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) at the positions that predict a target token: (n, vocab) and (n,).
-
-    The vocabulary projection runs only on those positions (for a chat or prompt/completion row, the
-    completion): prompt positions never reach the head, which saves its matmul, the softmax over the
-    vocabulary and their memory. The values equal the full logits' rows."""
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    parts = _body_and_head(model)
-    if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
-    else:
-        body, head = parts
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-    return logits, labels[keep]
-
-
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens / denom (default: their count), and the count."""
-    logits, targets = target_logits(model, batch)
-    n = targets.numel()
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss / (denom if denom is not None else max(n, 1)), n
-
-
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> dict:
     """Mean loss per target token and perplexity."""
@@ -118,24 +82,81 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int =
 
 
 class MicroBatches:
-    """Micro-batch number m -> the same batch every time (epoch order seeded by (seed, epoch))."""
+    """Micro-batch number m -> the same batch every time (epoch order seeded by (seed, epoch)).
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+    group_by_length: each epoch's shuffled order is cut into windows of `window` optimizer batches (`unit` rows:
+    batch size x accumulation steps); each window is sorted by length and its batches are shuffled again. Rows of a
+    batch then have similar lengths, so little compute goes to padding, the epoch order stays random at the scale
+    of windows, and an optimizer step sees the same rows however it is split into micro-batches."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
+                 group_by_length: bool = False, window: int = 32, unit: int | None = None):
         import random
 
         self.examples, self.bs, self.seed, self.pad = examples, batch_size, seed, pad_id
+        self.group, self.window, self.unit = group_by_length, window, unit or batch_size
         self.per_epoch = math.ceil(len(examples) / batch_size)
         self._rand = random.Random
         self._orders: dict[int, list[int]] = {}
 
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            rng = self._rand(self.seed * 100_003 + epoch)
+            order = list(range(len(self.examples)))
+            rng.shuffle(order)
+            if self.group:
+                span = self.unit * self.window
+                grouped = []
+                for w in range(0, len(order), span):
+                    part = sorted(order[w:w + span], key=lambda j: len(self.examples[j].input_ids))
+                    chunks = [part[i:i + self.unit] for i in range(0, len(part), self.unit)]
+                    rng.shuffle(chunks)
+                    grouped += [j for c in chunks for j in c]
+                order = grouped
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
     def get(self, m: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(m, self.per_epoch)
-        if epoch not in self._orders:
-            order = list(range(len(self.examples)))
-            self._rand(self.seed * 100_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}
-        idx = self._orders[epoch][i * self.bs:(i + 1) * self.bs]
+        idx = self.order(epoch)[i * self.bs:(i + 1) * self.bs]
         return collate([self.examples[j] for j in idx], self.pad)
+
+
+def trim_to_targets(examples: list[Example]) -> list[Example]:
+    """Drop the tokens after each row's last target token: nothing is predicted from them."""
+    out = []
+    for e in examples:
+        last = max((i for i, lab in enumerate(e.labels) if lab != IGNORE), default=len(e.labels) - 1)
+        out.append(e if last == len(e.labels) - 1 else Example(e.input_ids[:last + 1], e.labels[:last + 1]))
+    return out
+
+
+def set_threads(threads: int) -> int:
+    """Torch CPU threads: `threads` if > 0, else the cores this process may use (physical ones where known)."""
+    if threads <= 0:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def _fp32_masters(model) -> None:
+    """Trainable adapter tensors in float32 (the optimizer's small updates survive); compute keeps the model dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _cuda_peaks(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    out = {"cuda_peak_alloc_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+           "cuda_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -147,80 +168,77 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _save_checkpoint(out_dir: Path, step: int, state: dict, params: dict, opt: torch.optim.Optimizer) -> None:
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-    for n, p in params.items():
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"opt.{n}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-
-    def write(tmp: Path):
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-
-    atomic_write_dir(out_dir / CKPT, write)
-
-
-def _load_checkpoint(out_dir: Path, params: dict, opt: torch.optim.Optimizer) -> dict:
-    ck = out_dir / CKPT
-    state = json.loads((ck / "state.json").read_text())
-    tensors = load_file(str(ck / "state.safetensors"))
-    with torch.no_grad():
-        for n, p in params.items():
-            key = f"param.{n}"
-            if key not in tensors:
-                raise ValueError(f"checkpoint {str(ck)!r} has no tensor for trainable parameter {n!r}")
-            p.copy_(tensors[key])
-            st = {k[len(f"opt.{n}."):]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
-            if st:
-                opt.state[p] = st
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
-
-
 def _read_metrics(path: Path, upto: int) -> list[dict]:
     if not path.exists():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= upto]
 
 
+def _setup_trainable(model, lora: LoraConfig, cfg: TrainConfig, router) -> dict[str, torch.nn.Parameter]:
+    """Make exactly the tensors this run trains require grad (adapter, router or every weight); -> them by name."""
+    if router is not None:
+        if cfg.full:
+            raise ValueError("a router trains alone over frozen adapters: full=True does not apply")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        router.to(next(model.parameters()).device)
+        for p in router.parameters():
+            p.requires_grad_(True)
+        router.attach(model)
+        return dict(router.named_parameters(prefix="router"))
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if "default" not in adapter_configs(model):
+            add_adapter(model, lora, "default")
+        else:
+            set_active(model, "default")
+            mark_trainable(model, "default")
+        _fp32_masters(model)
+    return _trainable(model)
+
+
 def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: LoraConfig | None = None,
           cfg: TrainConfig | None = None, eval_examples: list[Example] | None = None, resume: bool = False,
           progress: bool = True, base_name: str | None = None, metadata: dict | None = None,
-          on_step: Callable[[int, float], None] | None = None, save_final: bool = True) -> TrainResult:
-    """Fine-tune `model` in place (LoRA adapter "default", or every weight with cfg.full) and write `out_dir`."""
+          on_step: Callable[[int, float], None] | None = None, save_final: bool = True,
+          router=None) -> TrainResult:
+    """Fine-tune `model` in place and write `out_dir`: LoRA adapter "default" (DoRA/rsLoRA per `lora`; a QLoRA
+    base is simply a model loaded with quant="nf4"), every weight with cfg.full, or only `router` (a
+    core.mixture.Router over the model's frozen adapters). cfg.backend picks how the loss is computed."""
     cfg = cfg or TrainConfig()
     lora = lora or LoraConfig()
     if not train_examples:
         raise ValueError("no training examples")
     out_dir = Path(out_dir)
+    threads = set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    if cfg.full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif "default" not in adapter_configs(model):
-        add_adapter(model, lora, "default")
+    params = _setup_trainable(model, lora, cfg, router)
+    backend, why = choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None)
+    log.info("backend: %s (%s)", backend.name, why)
+    if router is not None:
+        trainable = sum(p.numel() for p in params.values())
+        total = trainable + sum(p.numel() for p in model.parameters())
     else:
-        set_active(model, "default")
-        mark_trainable(model, "default")
-    params = _trainable(model)
-    trainable, total = count_params(model)
+        trainable, total = count_params(model)
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                             fused=device.type == "cuda")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    mb = MicroBatches(train_examples, cfg.batch_size, cfg.seed, pad_id)
+    pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    train_examples = trim_to_targets(train_examples)
+    mb = MicroBatches(train_examples, cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
+                      unit=cfg.batch_size * cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * mb.per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup_ratio * total_steps)
-    config_echo = {"lora": None if cfg.full else lora.to_dict(), "train": asdict(cfg), "total_steps": total_steps,
-                   "n_train": len(train_examples)}
+    what = "router" if router is not None else "full" if cfg.full else "lora"
+    config_echo = {"lora": lora.to_dict() if what == "lora" else None, "train": asdict(cfg),
+                   "total_steps": total_steps, "n_train": len(train_examples), "what": what}
+    if router is not None:
+        config_echo["router"] = {"adapters": router.names, "temperature": router.temperature}
     metrics_path = out_dir / "metrics.jsonl"
     result = TrainResult(out_dir, 0, trainable=trainable, total=total)
     start_step, done_tokens, done_secs = 0, 0, 0.0
@@ -234,16 +252,18 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
         history = _read_metrics(metrics_path, start_step)
         result.losses = [r["loss"] for r in history if "loss" in r]
         result.evals = [r for r in history if "eval_loss" in r]
+        log.info("resumed from step %d of %d (%s)", start_step, total_steps, out_dir)
     elif resume and (out_dir / DONE).exists():
         raise ValueError(f"{str(out_dir)!r} holds a finished run; nothing to resume")
-    elif resume and progress:
-        print(f"no checkpoint in {str(out_dir)!r}; starting from step 0")
+    elif resume:
+        log.info("no checkpoint in %r; starting from step 0", str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DONE).unlink(missing_ok=True)
-    atomic_write_json(out_dir / "train_config.json", config_echo)
+    atomic_write_json(out_dir / "train_config.json", {**config_echo, "backend": backend.name,
+                                                      "backend_reason": why, "threads": threads})
     atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    if progress:
-        print(("full fine-tuning: " if cfg.full else "LoRA: ") + trainable_report(model))
+    log.info("%s: %s", {"router": "router", "full": "full fine-tuning", "lora": "LoRA"}[what],
+             f"trainable params: {trainable:,} of {total:,}" if router is not None else trainable_report(model))
 
     bar = None
     if progress:
@@ -251,63 +271,91 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
 
         bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     model.train()
+    if router is not None:
+        router.train()
+    _cuda_peaks(device)
     t0 = time.perf_counter()
     tokens = done_tokens
-    with metrics_path.open("a") as mlog:
-        for step in range(start_step, total_steps):
-            lr = lr_at(step, total_steps, warmup, cfg.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            micro = [mb.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-            denom = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
-            loss_sum = 0.0
-            for b in micro:
-                b = {k: v.to(device) for k, v in b.items()}
-                loss, _ = causal_lm_loss(model, b, denom=denom)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                tokens += int(b["attention_mask"].sum())
-            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) \
-                if cfg.max_grad_norm > 0 else torch.tensor(0.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            secs = done_secs + time.perf_counter() - t0
-            rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm), "tokens": tokens,
-                   "tokens_per_s": (tokens - done_tokens) / max(secs - done_secs, 1e-9), "seconds": secs}
-            result.losses.append(loss_sum)
-            if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-                ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size)
-                rec.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
-                result.evals.append(rec)
-            mlog.write(json.dumps(rec) + "\n")
-            mlog.flush()
+    last_eval = None
+    try:
+        with metrics_path.open("a") as mlog:
+            for step in range(start_step, total_steps):
+                lr = lr_at(step, total_steps, warmup, cfg.lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                micro = [mb.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+                denom = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
+                step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                loss_sum = torch.zeros((), device=device)
+                for b in micro:
+                    n_targets = int((b["labels"][:, 1:] != IGNORE).sum())  # counted on the host: no device sync
+                    unpadded = bool(b["attention_mask"].all())
+                    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                    b["n_targets"], b["unpadded"] = n_targets, unpadded
+                    loss, _ = backend.loss(b, denom)
+                    loss.backward()
+                    loss_sum += loss.detach()
+                tokens += step_tokens
+                gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) \
+                    if cfg.max_grad_norm > 0 else torch.zeros(())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss_f, gnorm_f = (float(v) for v in torch.stack([loss_sum, gnorm.to(loss_sum)]).cpu())  # one sync
+                secs = done_secs + time.perf_counter() - t0
+                rec = {"step": step + 1, "loss": loss_f, "lr": lr, "grad_norm": gnorm_f, "tokens": tokens,
+                       "tokens_per_s": (tokens - done_tokens) / max(secs - done_secs, 1e-9), "seconds": secs,
+                       "backend": backend.name, **_cuda_peaks(device)}
+                result.losses.append(loss_f)
+                if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+                    ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size)
+                    rec.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+                    result.evals.append(rec)
+                    last_eval = ev["loss"]
+                    log.info("step %d: eval loss %.4f (ppl %.2f)", step + 1, ev["loss"], ev["ppl"])
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                if bar:
+                    post = {"loss": f"{loss_f:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
+                    if last_eval is not None:
+                        post["eval"] = f"{last_eval:.4f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                    _save_checkpoint(out_dir, step + 1, {"tokens": tokens, "seconds": secs, "config": config_echo},
+                                     params, opt)
+                if on_step:
+                    on_step(step + 1, loss_f)
             if bar:
-                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                bar.update(1)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                _save_checkpoint(out_dir, step + 1, {"tokens": tokens, "seconds": secs, "config": config_echo},
-                                 params, opt)
-            if on_step:
-                on_step(step + 1, loss_sum)
-        if bar:
-            bar.close()
-        result.steps = total_steps
-        result.tokens = tokens - done_tokens
-        result.seconds = time.perf_counter() - t0
-        if eval_examples:
-            ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size)
-            rec = {"step": total_steps, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
-            result.evals.append(rec)
-            mlog.write(json.dumps(rec) + "\n")
+                bar.close()
+            result.steps = total_steps
+            result.tokens = tokens - done_tokens
+            result.seconds = time.perf_counter() - t0
+            if eval_examples:
+                ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size)
+                rec = {"step": total_steps, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+                result.evals.append(rec)
+                mlog.write(json.dumps(rec) + "\n")
+                log.info("final eval loss %.4f (ppl %.2f)", ev["loss"], ev["ppl"])
+    finally:
+        backend.close()
+        if router is not None:
+            from lorakit.core.inject import set_routing
+
+            set_routing(model, None)
+            router.eval()
     model.eval()
     if save_final:
-        meta = {**(metadata or {}), "steps": total_steps, "final_loss": result.losses[-1] if result.losses else None}
-        if cfg.full:
+        meta = {**(metadata or {}), "steps": total_steps, "final_loss": result.losses[-1] if result.losses else None,
+                "backend": backend.name}
+        if router is not None:
+            router.save(out_dir)
+        elif cfg.full:
             save_full_model(model, tok, out_dir)
         else:
             save_adapter(model, out_dir, "default", base_name=base_name, metadata=meta)
     atomic_write_json(out_dir / DONE, {"steps": total_steps, "final_loss": result.losses[-1],
-                                        "evals": result.evals, "trainable": trainable, "total": total})
+                                        "evals": result.evals, "trainable": trainable, "total": total,
+                                        "backend": backend.name})
     shutil.rmtree(out_dir / CKPT, ignore_errors=True)
     return result
 

@@ -1,0 +1,210 @@
+"""`lorakit train` and `lorakit train-router`: thin front ends of the one training loop (lorakit.train.loop)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from lorakit.cli.commands import _model_args, _split_targets
+
+log = logging.getLogger("lorakit.cli")
+
+TRAIN_FLAGS = (("lr", float, "peak learning rate"), ("epochs", float, "passes over the data"),
+               ("max-steps", int, "optimizer steps (>0 overrides --epochs)"), ("batch-size", int, "rows a micro-batch"),
+               ("grad-accum", int, "micro-batches an optimizer step"), ("max-len", int, "tokens a row (truncated)"),
+               ("seed", int, "data order and adapter init"), ("eval-every", int, "steps between held-out losses"),
+               ("save-every", int, "steps between checkpoints"), ("warmup-ratio", float, "share of steps warming up"),
+               ("weight-decay", float, "AdamW weight decay"), ("max-grad-norm", float, "gradient clipping (0: off)"),
+               ("threads", int, "torch CPU threads (0: the cores this process may use)"))
+
+
+def _train_config(args, file_cfg: dict):
+    from lorakit.config import TrainConfig
+
+    train_kw = dict(file_cfg.get("train", {}))
+    for flag, _, _ in TRAIN_FLAGS:
+        v = getattr(args, flag.replace("-", "_"))
+        if v is not None:
+            train_kw[flag.replace("-", "_")] = v
+    for k in ("backend", "recompute"):
+        if getattr(args, k, None) is not None:
+            train_kw[k] = getattr(args, k)
+    if getattr(args, "grad_checkpointing", False):
+        train_kw["recompute"] = "all"
+    if getattr(args, "no_group_by_length", False):
+        train_kw["group_by_length"] = False
+    if getattr(args, "full", False):
+        train_kw["full"] = True
+    return TrainConfig.from_dict(train_kw)
+
+
+def _load_for_training(args):
+    from lorakit.models import load_base
+
+    return load_base(args.model, dtype=args.dtype, device=args.device, quant=args.quantize)
+
+
+def cmd_train(args) -> int:
+    from lorakit.config import LoraConfig, load_config_file
+    from lorakit.files import atomic_write_json
+    from lorakit.models import model_name
+    from lorakit.train.data import build_examples, load_rows
+    from lorakit.train.evaluate import evaluate, format_report
+    from lorakit.train.loop import train
+
+    file_cfg = load_config_file(args.config) if args.config else {}
+    lora_kw = dict(file_cfg.get("lora", {}))
+    for k, v in (("r", args.r), ("alpha", args.alpha), ("dropout", args.dropout), ("use_rslora", args.rslora or None),
+                 ("use_dora", args.dora or None)):
+        if v is not None:
+            lora_kw[k] = v
+    if args.targets is not None:
+        lora_kw["targets"] = _split_targets(args.targets)
+    lora_cfg = LoraConfig.from_dict(lora_kw)
+    train_cfg = _train_config(args, file_cfg)
+    if args.quantize and train_cfg.full:
+        raise ValueError("--quantize nf4 holds the base in 4 bits, frozen: it does not go with --full")
+    rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
+    eval_rows = load_rows(args.eval_data)[0] if args.eval_data else None
+    model, tok = _load_for_training(args)
+    examples = build_examples(tok, rows, args.template, train_cfg.max_len)
+    eval_examples = build_examples(tok, eval_rows, args.template, train_cfg.max_len) if eval_rows else None
+    log.info("data: %d %s rows from %s%s", len(rows), fmt, args.data,
+             f", {len(eval_rows)} eval rows" if eval_rows else "")
+    compare = bool(eval_rows and args.compare and not train_cfg.full)
+    # --compare measures the held-out loss itself (with the base's beside it): no duplicate final eval in train
+    train_eval = None if compare and not train_cfg.eval_every else eval_examples
+    meta = {"data": str(args.data), "rows": len(rows)}
+    if args.quantize:
+        meta["base_quant"] = args.quantize
+    res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,
+                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model), metadata=meta)
+    if not args.quiet:
+        print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
+              f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
+    if compare:
+        rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens, batch_size=32)
+        if not args.quiet:
+            print(format_report(rep))
+        atomic_write_json(Path(args.output) / "eval.json", rep.to_dict())
+    return 0
+
+
+def _loop_args(p: argparse.ArgumentParser) -> None:
+    """Flags every training command shares (defaults: TrainConfig)."""
+    from lorakit.config import TrainConfig
+
+    d = TrainConfig()
+    for flag, typ, what in TRAIN_FLAGS:
+        p.add_argument(f"--{flag}", type=typ, help=f"{what} (default: {getattr(d, flag.replace('-', '_'))})")
+    p.add_argument("--backend", choices=["auto", "plain", "fast"],
+                   help="how the loss is computed: fast (fused Llama layers, CUDA) or plain; auto picks fast where "
+                        "it can and says why not (default: auto)")
+    p.add_argument("--recompute", help="layers whose activations are recomputed in backward: N or 'all' (default: 0)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="same as --recompute all")
+    p.add_argument("--no-group-by-length", action="store_true",
+                   help="batch rows in plain shuffled order (default: rows of similar length together)")
+    p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages, errors only")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with LoRA (or --full) on a JSONL/CSV data file")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="JSONL/CSV: prompt/completion, messages, alpaca or text rows")
+    p.add_argument("--eval-data", help="held-out rows for periodic eval loss (and before/after with --compare)")
+    p.add_argument("-o", "--output", required=True, help="output dir: adapter files, metrics.jsonl, checkpoints")
+    p.add_argument("--config", help="YAML/JSON with 'lora' and 'train' sections (flags override it)")
+    from lorakit.config import LoraConfig
+
+    d = LoraConfig()
+    targets = d.targets if isinstance(d.targets, str) else ",".join(d.targets)
+    p.add_argument("--r", type=int, help=f"rank (default: {d.r})")
+    p.add_argument("--alpha", type=float, help=f"scale numerator: the update is alpha/r B A (default: {d.alpha:g})")
+    p.add_argument("--dropout", type=float, help=f"dropout on the adapter's input (default: {d.dropout:g})")
+    p.add_argument("--targets", help="comma list (q_proj,v_proj), a regex, or all-linear / attn / mlp / qv "
+                                     f"(default: {targets})")
+    p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude vector too")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (every weight), for comparison")
+    p.add_argument("--quantize", choices=["nf4"], help="QLoRA: hold the frozen base's linear layers in 4-bit NF4")
+    _loop_args(p)
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="how prompt/completion rows are rendered (auto: the chat template if the model has one)")
+    p.add_argument("--compare", action="store_true", help="after training, evaluate before/after on --eval-data")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for --compare (default: 32)")
+    p.set_defaults(func=cmd_train)
+
+
+# ------------------------------------------------------------------ train-router
+def _named(spec: str) -> tuple[str, str]:
+    """'name=dir' or 'dir' (name: the directory's name) -> (name, dir)."""
+    import re
+
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path, name = spec, Path(spec.rstrip("/")).name
+    name = re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"adapter directory {path!r} (in --adapters {spec!r}) does not exist")
+    return name, path
+
+
+def cmd_train_router(args) -> int:
+    from lorakit.adapters.files import load_adapter
+    from lorakit.config import load_config_file
+    from lorakit.core.inject import set_active
+    from lorakit.core.mixture import Router
+    from lorakit.train.data import build_examples, load_rows
+    from lorakit.train.router import train_router
+
+    specs = [_named(s) for s in args.adapters.split(",") if s.strip()]
+    if len(specs) < 2:
+        raise ValueError(f"--adapters needs at least two adapter dirs to route between, got {args.adapters!r}")
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names {names} repeat; name them with name=dir")
+    file_cfg = load_config_file(args.config) if args.config else {}
+    if "lr" not in file_cfg.get("train", {}) and args.lr is None:
+        args.lr = 2e-3  # the router's own default: higher rates saturate the normalised gates
+    if "warmup_ratio" not in file_cfg.get("train", {}) and args.warmup_ratio is None:
+        args.warmup_ratio = 0.0
+    cfg = _train_config(args, file_cfg)
+    rows, fmt = load_rows(args.data)
+    eval_rows = load_rows(args.eval_data)[0] if args.eval_data else None
+    model, tok = _load_for_training(args)
+    for name, path in specs:
+        load_adapter(model, path, name, activate=False)
+    set_active(model, names)
+    examples = build_examples(tok, rows, args.template, cfg.max_len)
+    eval_examples = build_examples(tok, eval_rows, args.template, cfg.max_len) if eval_rows else None
+    router = Router(model, names, args.temperature)
+    res = train_router(model, router, examples, args.output, cfg=cfg, tok=tok, eval_examples=eval_examples,
+                       resume=args.resume, progress=not args.quiet,
+                       metadata={"data": str(args.data), "adapters": dict(specs)})
+    (Path(args.output) / "router_adapters.json").write_text(json.dumps(dict(specs), indent=2))
+    if not args.quiet:
+        print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; router over "
+              f"{', '.join(names)} in {args.output}")
+    return 0
+
+
+def _add_train_router(sub) -> None:
+    p = sub.add_parser("train-router", help="train a mixture-of-LoRAs router over frozen adapters (same loop)")
+    _model_args(p)
+    p.add_argument("--adapters", required=True, help="comma list of adapter dirs (or name=dir) to route between")
+    p.add_argument("--data", required=True, help="rows of the mixed tasks (same formats as train)")
+    p.add_argument("--eval-data", help="held-out rows for eval loss")
+    p.add_argument("-o", "--output", required=True, help="output dir: router files, metrics.jsonl, checkpoints")
+    p.add_argument("--config", help="YAML/JSON with a 'train' section (flags override it)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the gates (default: 1.0)")
+    p.add_argument("--quantize", choices=["nf4"], help="hold the frozen base's linear layers in 4-bit NF4")
+    _loop_args(p)
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"])
+    p.set_defaults(func=cmd_train_router)
+
+
+def register(sub) -> None:
+    _add_train(sub)
+    _add_train_router(sub)

@@ -1,0 +1,192 @@
+"""How the one training loop computes a micro-batch's loss: the plain backend (the Hugging Face model's own
+forward with lorakit's layers, any architecture, any device) or the fast backend (`train/fast`: fused
+Llama-family layers, compiled on CUDA). The loop, its optimizer, schedule, checkpoints and metrics are the same
+for both; `choose_backend` picks one and says why.
+
+A backend is any object with
+    name: str
+    loss(batch, denom) -> (summed loss over the batch's target tokens / denom, target count)
+    close() -> None          (undo what the backend changed in the model, if anything)
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lorakit.core.inject import lora_layers
+from lorakit.train.data import IGNORE
+
+log = logging.getLogger("lorakit.train")
+
+BACKENDS = ("auto", "plain", "fast")
+# logits computed at once above this many (tokens x vocab) values go through the chunked loss instead
+CHUNK_ABOVE = 1 << 26
+
+# Architectures whose causal-LM head is exactly `lm_head(decoder(x).last_hidden_state)`: no logit scaling or
+# soft-capping after the head. For these the loss computes logits only where there is a target token.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "starcoder2"}
+
+
+def _body_and_head(model):
+    """(decoder, head) when the logits can be computed on a subset of positions, else None."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD or not hasattr(model, "get_output_embeddings"):
+        return None
+    body, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
+    if body is None or body is model or head is None:
+        return None
+    return body, head
+
+
+def target_hidden(model, batch: dict[str, torch.Tensor]):
+    """(hidden (n, d), head, targets (n,)) at the positions that predict a target token, or None when the
+    architecture's head is not a plain projection of the last hidden state."""
+    parts = _body_and_head(model)
+    if parts is None:
+        return None
+    body, head = parts
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state                      # (b, s, d)
+    return hidden[:, :-1][keep], head, labels[keep]
+
+
+def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions that predict a target token: (n, vocab) and (n,).
+
+    The vocabulary projection runs only on those positions (for a chat or prompt/completion row, the
+    completion): prompt positions never reach the head, which saves its matmul, the softmax over the
+    vocabulary and their memory. The values equal the full logits' rows."""
+    got = target_hidden(model, batch)
+    if got is None:
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+        return logits, labels[keep]
+    hidden, head, targets = got
+    return head(hidden), targets
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens / denom (default: their count), and the count.
+    Where the head is a plain bias-free linear and the logits would be large, the loss runs in chunks of
+    positions and never holds the (n, vocab) logits (train/fast/loss.py; same value and gradients)."""
+    got = target_hidden(model, batch)
+    if got is None:
+        logits, targets = target_logits(model, batch)
+        n = targets.numel()
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss / (denom if denom is not None else max(n, 1)), n
+    hidden, head, targets = got                                             # (n, d), head, (n,)
+    n = targets.numel()
+    scale = 1.0 / (denom if denom is not None else max(n, 1))
+    vocab = head.weight.shape[0]
+    plain_head = type(head) is nn.Linear and head.bias is None
+    if n * vocab <= CHUNK_ABOVE or not plain_head:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum") * scale, n
+    from lorakit.train.fast.loss import default_chunk, linear_cross_entropy
+
+    chunk = default_chunk(vocab, CHUNK_ABOVE)
+    if torch.is_grad_enabled():
+        return linear_cross_entropy(hidden, head.weight, targets, chunk=chunk) * (n * scale), n
+    total = sum(F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="sum")
+                for i in range(0, n, chunk))
+    return total * scale, n
+
+
+class PlainBackend:
+    """The model's own forward. Recompute: Hugging Face gradient checkpointing on every layer."""
+
+    name = "plain"
+
+    def __init__(self, model: nn.Module, recompute: int | str = 0):
+        self.model = model
+        self.recompute = recompute
+        if recompute:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing "
+                                 f"(recompute={recompute!r}); train without it")
+            if recompute not in ("all", getattr(model.config, "num_hidden_layers", None)):
+                log.info("plain backend: recompute=%s rounds up to every layer (Hugging Face checkpointing)",
+                         recompute)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
+        return causal_lm_loss(self.model, batch, denom)
+
+    def close(self) -> None:
+        if self.recompute:
+            self.model.gradient_checkpointing_disable()
+
+
+class FastBackend:
+    """train/fast: fused Llama layers, chunked loss, compiled on CUDA. Takes right-padded batches."""
+
+    name = "fast"
+
+    def __init__(self, model: nn.Module, recompute: int | str = 0):
+        from lorakit.train.fast import prepare
+
+        n_layers = len(model.model.layers)
+        layers = n_layers if recompute == "all" else int(recompute or 0)
+        self.model = model
+        # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are
+        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None)
+
+    def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
+        labels = batch["labels"]
+        n = batch["n_targets"] if "n_targets" in batch else int((labels[:, 1:] != IGNORE).sum())
+        if n == 0:
+            return torch.zeros((), device=labels.device), 0
+        mask = None if batch.get("unpadded") else batch["attention_mask"]  # no padding: no mask to check
+        mean = self.fm(batch["input_ids"], labels=labels, attention_mask=mask)
+        return mean * (n / denom), n
+
+    def close(self) -> None:
+        pass  # fused q/k/v (gate/up) stay views of one buffer: the HF forward and adapter files are unaffected
+
+
+def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
+    """Why the fast backend cannot train this set-up, or None if it can."""
+    from lorakit.train.fast.model import SUPPORTED, _check_model, _lora_of
+
+    if routing:
+        return "the mixture router routes every layer through its gates (the fast backend trains one adapter)"
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} is not one the fast backend knows ({', '.join(SUPPORTED)})"
+    try:
+        _check_model(model)
+        for path, mod in lora_layers(model):
+            if ".layers." in path:
+                _lora_of(mod, path)
+                if type(mod).__name__ != "LoraLinear":
+                    return f"{path} is a {type(mod).__name__} (a quantized or non-linear base layer)"
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int | str = 0,
+                   routing: bool = False) -> tuple[object, str]:
+    """-> (backend, why). `auto`: fast on CUDA where the set-up allows it, else plain; `fast` raises with the
+    reason when it cannot take the set-up."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    device = next(model.parameters()).device
+    if requested == "plain":
+        return PlainBackend(model, recompute), "asked for"
+    reason = fast_unsupported(model, routing=routing)
+    if requested == "fast":
+        if reason:
+            raise ValueError(f"--backend fast cannot train this set-up: {reason}")
+        return FastBackend(model, recompute), "asked for"
+    if device.type != "cuda":
+        return PlainBackend(model, recompute), f"device is {device.type} (the fast backend is for CUDA)"
+    if reason:
+        return PlainBackend(model, recompute), reason
+    return FastBackend(model, recompute), f"CUDA and a supported {model.config.model_type} model"

@@ -1,0 +1,48 @@
+"""Training checkpoints: trainable tensors, optimizer state and RNG state in one safetensors file, written
+atomically (a directory renamed into place), so a killed run resumes from its last whole checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.files import atomic_write_dir
+
+CKPT = "checkpoint"
+
+
+def save_checkpoint(out_dir: Path, step: int, state: dict, params: dict, opt: torch.optim.Optimizer) -> None:
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{n}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+
+    def write(tmp: Path):
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+
+    atomic_write_dir(out_dir / CKPT, write)
+
+
+def load_checkpoint(out_dir: Path, params: dict, opt: torch.optim.Optimizer) -> dict:
+    ck = out_dir / CKPT
+    state = json.loads((ck / "state.json").read_text())
+    tensors = load_file(str(ck / "state.safetensors"))
+    with torch.no_grad():
+        for n, p in params.items():
+            key = f"param.{n}"
+            if key not in tensors:
+                raise ValueError(f"checkpoint {str(ck)!r} has no tensor for trainable parameter {n!r}")
+            p.copy_(tensors[key])
+            st = {k[len(f"opt.{n}."):]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+            if st:
+                opt.state[p] = st
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
