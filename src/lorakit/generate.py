@@ -1,7 +1,7 @@
 """Offline text generation (greedy by default), the reference the server must match token for token."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,8 +32,10 @@ def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(model, tok, prompts: Sequence[list[int]], max_new_tokens: int = 64,
-                 batch_size: int = 8, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-    """Generate for token-id prompts; returns only the new ids (stopping at EOS, which is dropped)."""
+                 batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
+                 on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Generate for token-id prompts; returns only the new ids (stopping at EOS, which is dropped).
+    `on_batch(n)` is called after each batch of n prompts (a progress bar's update)."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(stops, default=0)
@@ -77,6 +79,8 @@ def generate_ids(model, tok, prompts: Sequence[list[int]], max_new_tokens: int =
             cur_pos = cur_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=mask.dtype, device=device)], dim=1)
         out.extend(new)
+        if on_batch is not None:
+            on_batch(len(chunk))
     model.train(was_training)
     return out
 

@@ -91,7 +91,8 @@ def _save_hf_dir(model, tok, target: Path) -> None:
 
 
 def resolve_model_path(name: str) -> tuple[Path | str, str | None]:
-    """-> (directory or hub id, gguf file name or None)"""
+    """-> (directory, gguf file name or None). A hub id ('org/name') is read from the local Hugging Face
+    cache only; anything else that is not a local file or directory fails at once, naming where it looked."""
     if name in (EMBEDDED, "default", "", None):
         return embedded_dir(), None
     p = Path(name)
@@ -104,9 +105,51 @@ def resolve_model_path(name: str) -> tuple[Path | str, str | None]:
                 return p, ggufs[0].name
             raise FileNotFoundError(f"model directory {name!r} has no config.json (not a Hugging Face model)")
         return p, None
-    if p.is_absolute() or name.startswith((".", "~")) or os.sep in name and name.count("/") != 1:
-        raise FileNotFoundError(f"model path {name!r} does not exist")
-    return name, None  # a hub id: only the local cache is consulted (local_files_only)
+    cached = hub_cache_snapshot(name)
+    if cached is not None:
+        return cached, None
+    cache = hf_cache_dir()
+    where = (f"not in the local Hugging Face cache either (looked for {str(cache / _hub_folder(name))!r})"
+             if _looks_like_hub_id(name) else f"not a hub id (org/name) to look up in the local Hugging Face "
+             f"cache ({str(cache)!r}) either")
+    raise FileNotFoundError(
+        f"model {name!r} is not a local directory or .gguf file, and {where}. lorakit reads only local model "
+        f"directories, the local Hugging Face cache, .gguf files and 'embedded'; it never downloads. Fetch the "
+        f"model first (e.g. `huggingface-cli download {name}`) or pass its directory")
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache, as huggingface_hub finds it (read from the environment on each call)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "~", "/")) and all(name.split("/"))
+
+
+def _hub_folder(name: str) -> str:
+    return "models--" + name.replace("/", "--")
+
+
+def hub_cache_snapshot(name: str) -> Path | None:
+    """The snapshot directory of hub id `name` in the local cache (the one refs/main names, else the newest
+    that has a config.json), or None. Never touches the network."""
+    if not _looks_like_hub_id(name):
+        return None
+    repo = hf_cache_dir() / _hub_folder(name)
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").exists():
+            return snap
+    snaps = sorted((d for d in (repo / "snapshots").glob("*") if (d / "config.json").exists()),
+                   key=lambda d: d.stat().st_mtime) if (repo / "snapshots").is_dir() else []
+    return snaps[-1] if snaps else None
 
 
 def model_name(name: str) -> str:

@@ -260,3 +260,22 @@ def test_lorakit_serve_command(env, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "adapters: a@1, b@1" in out
+
+
+def test_chat_request_rendered_as_the_adapter_was_trained(env):
+    """An adapter trained on plain-rendered rows (recorded in its metadata) gets a single user turn as its
+    text, as `lorakit generate` renders it by default; a chat-recorded one gets the chat template."""
+    from lorakit.train.data import template_info
+
+    model, tok = load_base(str(env["root"] / "base"), device="cpu")
+    torch.manual_seed(5)
+    add_adapter(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init_lora_weights=False), "x")
+    for how in ("plain", "chat"):
+        save_adapter(model, env["root"] / how, "x", metadata=template_info(tok, how))
+        env["state"].registry.add(f"t{how}", env["root"] / how)
+    text = MSGS[0]["content"]
+    want_plain = generate_ids(model, tok, [encode_prompt(tok, text)], max_new_tokens=8)[0]
+    want_chat = generate_ids(model, tok, [encode_prompt(tok, MSGS)], max_new_tokens=8)[0]
+    assert want_plain != want_chat
+    assert chat(env, "tplain", n=8)[0] == want_plain
+    assert chat(env, "tchat", n=8)[0] == want_chat

@@ -221,3 +221,46 @@ def test_cli(tmp_path, two):
     bad = subprocess.run([sys.executable, "-m", "lorakit", "compose", "--adapter", f"{a}:heavy", "-o",
                           str(tmp_path / "x")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "weight 'heavy'" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_lorakit_plus_peft_on_one_base_named_two_ways(tmp_path, ids):
+    """A lorakit adapter naming its base 'SmolLM2-135M-Instruct' and a PEFT adapter naming a cache path compose
+    (shapes agree); the result equals the two stacked. Different weights under fingerprints name the CLI flag."""
+    peft = pytest.importorskip("peft")
+    from lorakit.adapters.compose import base_key
+
+    m = tiny_llama()
+    torch.manual_seed(2)
+    add_adapter(m, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init_lora_weights=False))
+    save_adapter(m, tmp_path / "ours", base_name="SmolLM2-135M-Instruct")
+    base = tiny_llama()
+    base.name_or_path = "/root/.cache/huggingface/hub/models--org--Other-Name/snapshots/abc"  # PEFT records it
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"],
+                                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "theirs")
+    cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"].endswith("snapshots/abc")  # named differently, as in the issue
+    assert read_adapter(tmp_path / "theirs").fingerprint is None
+    c = compose([(tmp_path / "ours", 0.5), (tmp_path / "theirs", 1.0)], "cat")
+    c.save(tmp_path / "mix")
+    want = _stacked_logits([(tmp_path / "ours", 0.5), (tmp_path / "theirs", 1.0)], ids)
+    assert (_composed_logits(tmp_path / "mix", ids) - want).abs().max() <= 1e-5
+
+    # two PEFT files: no fingerprints, so names decide (reduced to the model's own name)
+    assert base_key("/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/1a2b") \
+        == base_key("HuggingFaceTB/SmolLM2-135M-Instruct") == base_key("/x/SmolLM2-135M-Instruct/") \
+        == "smollm2-135m-instruct"
+    cfg["base_model_name_or_path"] = "org/another-model"
+    import shutil
+    shutil.copytree(tmp_path / "theirs", tmp_path / "theirs2")
+    (tmp_path / "theirs2" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="name different bases.*--allow-base-mismatch"):
+        compose([(tmp_path / "theirs", 1.0), (tmp_path / "theirs2", 1.0)])
+    assert compose([(tmp_path / "theirs", 1.0), (tmp_path / "theirs2", 1.0)], allow_base_mismatch=True)
+
+    retrained = tiny_llama(seed=7)
+    add_adapter(retrained, LoraConfig(r=4, targets=["q_proj"], init_lora_weights=False))
+    save_adapter(retrained, tmp_path / "other_weights", base_name="SmolLM2-135M-Instruct")
+    with pytest.raises(ValueError, match=r"different weights.*pass --allow-base-mismatch") as e:
+        compose([(tmp_path / "ours", 1.0), (tmp_path / "other_weights", 1.0)])
+    assert "allow_base_mismatch" not in str(e.value)

@@ -110,9 +110,27 @@ def _factors(af: AdapterFile, weight: float) -> dict[str, Factor]:
     return out
 
 
+ALLOW = "pass --allow-base-mismatch to compose them anyway"
+
+
+def base_key(name: str | None) -> str | None:
+    """A base's name as two tools may write it, reduced to the model's own name: 'SmolLM2-135M-Instruct',
+    '/root/.cache/lorakit/SmolLM2-135M-Instruct', 'HuggingFaceTB/SmolLM2-135M-Instruct' and a hub cache
+    path '.../models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/<sha>' all give 'smollm2-135m-instruct'."""
+    if not name:
+        return None
+    parts = [p for p in re.split(r"[\\/]", str(name)) if p]
+    hub = next((p for p in reversed(parts) if p.startswith("models--")), None)
+    last = hub.split("--")[-1] if hub else (parts[-1] if parts else str(name))
+    return re.sub(r"\.gguf$", "", last).lower()
+
+
 def check_same_base(files: list[AdapterFile], allow_base_mismatch: bool = False) -> None:
-    """Refuse adapters made for different bases: architecture/shape fingerprints, module shapes, or (unless
-    allowed) different base weights or base names."""
+    """Refuse adapters made for different bases. Module shapes must agree always (so a PEFT file, which has
+    no fingerprint, is checked by its shapes); where both adapters carry lorakit's base fingerprint, the
+    architecture and shape hash must agree and, unless allowed, the weight hash (names are then ignored: one
+    base goes by many names). Where neither has a fingerprint, the base names (reduced by `base_key`) must
+    agree unless allowed."""
     first = files[0]
     seen: dict[str, tuple[tuple, str]] = {}  # module -> (shape, adapter)
     for af in files:
@@ -122,22 +140,25 @@ def check_same_base(files: list[AdapterFile], allow_base_mismatch: bool = False)
                 raise ValueError(f"adapters are for different bases: module {path!r} is (out, in, ...)={shape} in "
                                  f"{str(af.path)!r} but {seen[path][0]} in {seen[path][1]!r}")
             seen.setdefault(path, (shape, str(af.path)))
-        a, b = first.fingerprint, af.fingerprint
-        if a and b:
-            for key in ("architecture", "shape_hash"):
-                if a.get(key) != b.get(key):
-                    raise ValueError(f"adapters are for different bases: {key} is {a.get(key)!r} "
-                                     f"(hidden {a.get('hidden_size')}) in {str(first.path)!r} but {b.get(key)!r} "
-                                     f"(hidden {b.get('hidden_size')}) in {str(af.path)!r}")
-            if a.get("weight_hash") != b.get("weight_hash") and not allow_base_mismatch:
-                raise ValueError(f"adapters {str(first.path)!r} and {str(af.path)!r} were trained on bases of the "
-                                 f"same shape but different weights (weight_hash {a.get('weight_hash')} vs "
-                                 f"{b.get('weight_hash')}: e.g. base vs instruct, or a 4-bit base); pass "
-                                 f"allow_base_mismatch=True (--allow-base-mismatch) to compose them anyway")
+    fps = [(af, af.fingerprint) for af in files if af.fingerprint]
+    for af, b in fps[1:]:
+        ref, a = fps[0]
+        for key in ("architecture", "shape_hash"):
+            if a.get(key) != b.get(key):
+                raise ValueError(f"adapters are for different bases: {key} is {a.get(key)!r} "
+                                 f"(hidden {a.get('hidden_size')}) in {str(ref.path)!r} but {b.get(key)!r} "
+                                 f"(hidden {b.get('hidden_size')}) in {str(af.path)!r}")
+        if a.get("weight_hash") != b.get("weight_hash") and not allow_base_mismatch:
+            raise ValueError(f"adapters {str(ref.path)!r} and {str(af.path)!r} were trained on bases of the "
+                             f"same shape but different weights (weight_hash {a.get('weight_hash')} vs "
+                             f"{b.get('weight_hash')}: e.g. base vs instruct, or a 4-bit base); {ALLOW}")
+    if fps or allow_base_mismatch:
+        return
+    for af in files[1:]:
         na, nb = first.peft_config.get("base_model_name_or_path"), af.peft_config.get("base_model_name_or_path")
-        if na and nb and na != nb and not allow_base_mismatch:
+        if na and nb and base_key(na) != base_key(nb):
             raise ValueError(f"adapters name different bases: {na!r} ({str(first.path)!r}) vs {nb!r} "
-                             f"({str(af.path)!r}); pass allow_base_mismatch=True to compose them anyway")
+                             f"({str(af.path)!r}) and carry no weight fingerprint to tell; {ALLOW}")
 
 
 # ---------------------------------------------------------------- the methods, per module
@@ -273,6 +294,7 @@ def register(subparsers) -> None:
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="compose adapters whose bases have equal shapes but different weights or names")
     p.add_argument("-o", "--output", required=True, help="output adapter directory")
+    p.add_argument("--quiet", action="store_true", help="print nothing (errors still go to stderr)")
     p.set_defaults(func=_cli)
 
 
@@ -282,6 +304,8 @@ def _cli(args) -> int:
                   allow_base_mismatch=args.allow_base_mismatch)
     res.save(args.output)
     rep = res.report
+    if args.quiet:
+        return 0
     worst = max(rep["rel_error"], key=rep["rel_error"].get)
     print(f"composed {len(specs)} adapters with {rep['method']}: {rep['modules']} modules, rank {rep['rank']}"
           f" (max {rep['max_rank']}) -> {args.output}")

@@ -253,6 +253,26 @@ def validate_adapter(af: AdapterFile, base_fp: dict | None = None) -> dict[str, 
     return mods
 
 
+def read_metadata(path: str | Path) -> dict:
+    """An adapter's lorakit metadata (the safetensors header's "lorakit.metadata"), without reading its
+    tensors; {} for an adapter written by another tool."""
+    from safetensors import safe_open
+
+    w_file = Path(path) / WEIGHTS_NAME
+    if not w_file.exists():
+        raise FileNotFoundError(f"adapter {str(path)!r} has no {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(w_file), "pt") as f:
+            raw = (f.metadata() or {}).get("lorakit.metadata")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{str(w_file)!r} is not a readable safetensors file: {e}") from None
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise ValueError(f"{str(w_file)!r}: lorakit.metadata in its header is not JSON") from None
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, trainable: bool = False,
                  activate: bool = True, dtype: torch.dtype | None = None) -> AdapterFile:
     """Attach an adapter written by lorakit or PEFT. The file is validated (`validate_adapter`: finite

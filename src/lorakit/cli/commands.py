@@ -9,7 +9,8 @@ from pathlib import Path
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
-                   help="'embedded' (SmolLM2-135M-Instruct, the default), a local HF model dir, or a .gguf file")
+                   help="'embedded' (SmolLM2-135M-Instruct), a local HF model dir, a hub id already in the local "
+                        "Hugging Face cache, or a .gguf file (nothing is downloaded)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
@@ -47,6 +48,38 @@ def _split_targets(s: str):
         else [t.strip() for t in s.split(",") if t.strip()]
 
 
+def _adapter_meta(adapters: list[str] | None) -> dict[str, dict]:
+    """adapter name (as `_load` names them) -> its lorakit metadata ({} for a PEFT adapter)."""
+    from lorakit.adapters.files import read_metadata
+
+    specs = adapters or []
+    return {(f"a{i}" if len(specs) > 1 else "default") + f" ({_adapter_spec(s)[0]})": read_metadata(_adapter_spec(s)[0])
+            for i, s in enumerate(specs)}
+
+
+def _template(args, tok) -> str:
+    """--template if given, else the adapters' recorded one ('auto' without); mismatches warn on stderr."""
+    from lorakit.train.data import pick_template
+
+    template, warnings = pick_template(tok, args.template, _adapter_meta(args.adapter))
+    for w in warnings:
+        print(f"lorakit {args.command}: warning: {w}", file=sys.stderr)
+    return template
+
+
+def _say(args, msg: str) -> None:
+    """A status line (stdout) unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(msg, flush=True)
+
+
+def _template_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", default=None, choices=["auto", "chat", "plain"],
+                   help="how prompts are rendered: chat (the model's chat template, a user turn) or plain text; "
+                        "auto: chat if the model has a template (default: the template the adapter was trained "
+                        "with, recorded in its metadata; auto without one)")
+
+
 # ------------------------------------------------------------------ eval
 def cmd_eval(args) -> int:
     from lorakit.train.data import load_rows
@@ -57,18 +90,19 @@ def cmd_eval(args) -> int:
     if args.limit:
         rows = rows[:args.limit]
     model, tok = _load(args, args.adapter)
+    template = _template(args, tok)
     base = None
     if args.base_model:
         base, _ = load_base(args.base_model, dtype=args.dtype, device=args.device)
-    elif not args.adapter:
-        base = None
-    rep = evaluate(model, tok, rows, args.template, args.max_new_tokens, args.batch_size, base_model=base,
-                   compare=bool(args.adapter or base is not None))
-    print(format_report(rep, n_examples=args.examples))
+    _say(args, f"eval: {len(rows)} rows of {args.data}, prompts rendered {template}")
+    rep = evaluate(model, tok, rows, template, args.max_new_tokens, args.batch_size, base_model=base,
+                   compare=bool(args.adapter or base is not None), progress=not args.quiet)
     if args.json:
         from lorakit.files import atomic_write_json
 
         atomic_write_json(args.json, rep.to_dict())
+    if not (args.quiet and args.json):  # --quiet with --json: the file is the output
+        print(format_report(rep, n_examples=0 if args.quiet else args.examples))
     return 0
 
 
@@ -79,12 +113,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--base-model", help="compare against this model instead of the adapter-free base "
                                         "(e.g. the original model when --model is a full fine-tune)")
     p.add_argument("--data", required=True)
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"])
+    _template_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only (0: all)")
     p.add_argument("--examples", type=int, default=5, help="example answers to print")
     p.add_argument("--json", help="write the full report (metrics and every answer) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines; with --json, no report")
     p.set_defaults(func=cmd_eval)
 
 
@@ -92,11 +127,16 @@ def _add_eval(sub) -> None:
 def cmd_generate(args) -> int:
     from lorakit.generate import generate
 
+    if args.chat:
+        if args.template not in (None, "chat"):
+            raise ValueError(f"--chat and --template {args.template} disagree; pass one of them")
+        args.template = "chat"
     model, tok = _load(args, args.adapter)
+    template = _template(args, tok)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ValueError("no prompt: pass --prompt or lines on stdin")
-    inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if template == "chat" else prompts
     outs = generate(model, tok, inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     seed=args.seed)
     for o in outs:
@@ -109,11 +149,13 @@ def _add_generate(sub) -> None:
     _model_args(p)
     p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: stdin lines)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    _template_arg(p)
+    p.add_argument("--chat", action="store_true", help="the same as --template chat")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per output line")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the answers are still printed)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -129,7 +171,7 @@ def cmd_merge(args) -> int:
 
         model.to(resolve_dtype(args.save_dtype, next(model.parameters()).device))
     _save_hf_dir(model, tok, Path(args.output))
-    print(f"wrote merged model to {args.output} (loads with transformers alone)")
+    _say(args, f"wrote merged model to {args.output} (loads with transformers alone)")
     return 0
 
 
@@ -139,6 +181,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--adapter", action="append", required=True, help="adapter dir ('dir:weight'; repeat to stack)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--save-dtype", help="dtype of the saved weights (default: the load dtype)")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
 
 

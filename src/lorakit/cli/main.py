@@ -4,22 +4,71 @@ imports happen inside the handlers so `lorakit --help` stays fast."""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
+import os
 import sys
+import warnings
 
 # modules that add subcommands (in help order)
 COMMAND_MODULES = [
     "lorakit.cli.train",           # train, train-router
     "lorakit.cli.commands",        # eval, generate, merge, inspect
+    "lorakit.cli.export",          # export (GGUF)
     "lorakit.adapters.compose",         # compose
     "lorakit.lab.sweep",           # sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
 ]
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except where it says nothing (None, off switches) or the help
+    text already states it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in h):
+            return h
+        return h + (" " if h else "") + "(default: %(default)s)"
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)  # argparse shows no help line at all for help=None
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*a, **kw)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """What a CLI user should not see: transformers' and torch's deprecation/FutureWarnings and transformers'
+    advisory log lines (a user can do nothing about them); with --quiet also the libraries' progress bars and
+    info logs. An explicit -W/PYTHONWARNINGS wins over the warning filters."""
+    if not sys.warnoptions:
+        for cat in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=cat)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its warnings are advice to library developers
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        logging.getLogger("lorakit").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported already (a caller in-process): the variables came too late
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        if quiet:
+            tlog.disable_progress_bar()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and serving")
+    parser = _Parser(prog="lorakit", description="LoRA fine-tuning, adapters and serving")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -50,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    quiet_libraries(bool(getattr(args, "quiet", False)))
     _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
         return int(args.func(args) or 0)

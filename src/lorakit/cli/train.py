@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
     from lorakit.config import LoraConfig, load_config_file
     from lorakit.files import atomic_write_json
     from lorakit.models import model_name
-    from lorakit.train.data import build_examples, load_rows
+    from lorakit.train.data import build_examples, load_rows, template_info
     from lorakit.train.evaluate import evaluate, format_report
     from lorakit.train.loop import train
 
@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
     compare = bool(eval_rows and args.compare and not train_cfg.full)
     # --compare measures the held-out loss itself (with the base's beside it): no duplicate final eval in train
     train_eval = None if compare and not train_cfg.eval_every else eval_examples
-    meta = {"data": str(args.data), "rows": len(rows)}
+    meta = {"data": str(args.data), "rows": len(rows), **template_info(tok, args.template)}  # how rows were rendered
     if args.quantize:
         meta["base_quant"] = args.quantize
     res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,

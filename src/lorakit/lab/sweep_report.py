@@ -9,6 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from lorakit.files import atomic_write_text
+from lorakit.train.evaluate import wilson
 
 PLOTS = ["quality_vs_rank.png", "cost_vs_rank.png", "loss_curves.png", "svd_energy.png"]
 COLUMNS = ["name", "method", "targets", "r", "trainable_params", "trainable_pct", "file_mib", "peak_mib",
@@ -48,13 +49,30 @@ def rows(results: list[dict | None], analysis: dict | None) -> list[dict]:
                "peak_mib": r.get("peak_mib"), "predicted_peak_mib": r.get("predicted_peak_mib"),
                "train_seconds": r.get("train_seconds"), "tokens_per_s": r.get("tokens_per_s"),
                "train_loss": r.get("train_loss_last5"), "eval_loss": r.get("eval_loss"),
-               "accuracy": r.get("accuracy"), "answers_changed": r.get("answers_changed"), "kl": r.get("kl"),
+               "accuracy": r.get("accuracy"), "n_eval": r.get("n_eval"), "answers_changed": r.get("answers_changed"), "kl": r.get("kl"),
                "general_loss": r.get("general_loss"),
                "forgetting": (r["general_loss"] - base["general_loss"]) if base and r.get("general_loss") is not None
                and base.get("general_loss") is not None and r["kind"] != "base" else None,
                "full_ft_energy_at_r": energy.get(r.get("r")) if r["kind"] == "lora" else None}
+        if row["accuracy"] is not None and row["n_eval"]:
+            row["accuracy_lo"], row["accuracy_hi"] = wilson(round(row["accuracy"] * row["n_eval"]), row["n_eval"])
         out.append(row)
     return out
+
+
+def _ci(t: dict) -> str:
+    """'96% (86-99)': accuracy and its 95% Wilson interval."""
+    if t.get("accuracy_lo") is None:
+        return _pct(t.get("accuracy"))
+    return f"{_pct(t['accuracy'])} ({100 * t['accuracy_lo']:.0f}-{100 * t['accuracy_hi']:.0f})"
+
+
+def within_noise(a: dict, b: dict) -> bool:
+    """Two runs' accuracies are not told apart when their 95% Wilson intervals overlap (a conservative test:
+    with 50 rows, 96% and 88% overlap; 96% and 72% do not)."""
+    if a.get("accuracy_lo") is None or b.get("accuracy_lo") is None:
+        return a.get("accuracy") == b.get("accuracy")
+    return a["accuracy_lo"] <= b["accuracy_hi"] and b["accuracy_lo"] <= a["accuracy_hi"]
 
 
 def _fmt(v, key: str = "") -> str:
@@ -85,6 +103,8 @@ def command_line(o) -> str:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "full":
             parts.append("--full" if v else "--no-full")
+        elif f.name == "full_lr" and not o.full or f.name in ("lr", "alpha_ratio") and not o.targets:
+            continue  # options of a method that was not run
         elif v in (None, ""):
             continue
         elif isinstance(v, list):
@@ -110,7 +130,7 @@ def _pct(v) -> str:
 
 def results_table(table: list[dict]) -> str:
     header = ["run", "trainable", "file MiB", "peak MiB (pred.)", "train s", "tok/s", "train loss",
-              "held-out loss", "accuracy", "changed", "KL", "general loss (Δ)"]
+              "held-out loss", "accuracy (95% CI)", "changed", "KL", "general loss (Δ)"]
     body = []
     for t in table:
         train = t["trainable_params"]
@@ -120,7 +140,7 @@ def results_table(table: list[dict]) -> str:
             _fmt(t["file_mib"]),
             "" if t["peak_mib"] is None else f"{t['peak_mib']:.0f} ({_int(t['predicted_peak_mib'])})",
             _int(t["train_seconds"]), _int(t["tokens_per_s"]),
-            _fmt(t["train_loss"]), _fmt(t["eval_loss"]), _pct(t["accuracy"]), _pct(t["answers_changed"]),
+            _fmt(t["train_loss"]), _fmt(t["eval_loss"]), _ci(t), _pct(t["answers_changed"]),
             _fmt(t["kl"]),
             _fmt(t["general_loss"]) + ("" if t["forgetting"] is None else f" ({t['forgetting']:+.3f})")])
     return _md_table(header, body)
@@ -152,41 +172,75 @@ def svd_table(analysis: dict, table: list[dict]) -> str:
 
 
 def headline(table: list[dict]) -> list[str]:
-    """A few sentences computed from the table (no judgement added)."""
+    """A few sentences computed from the table. A run is called best only when its accuracy is above every
+    other LoRA run's beyond noise (95% Wilson intervals apart); otherwise the runs within noise are named."""
     full = next((t for t in table if t["method"] == "full"), None)
     base = next((t for t in table if t["method"] == "base"), None)
-    lora = [t for t in table if t["method"] == "lora"]
-    if not lora:
-        return []
-    best = max(lora, key=lambda t: (t["accuracy"], -t["eval_loss"]))
-    out = [f"- Best LoRA run: **{best['name']}**, accuracy {_pct(best['accuracy'])}, held-out loss "
-           f"{best['eval_loss']:.4f}, {best['trainable_params']:,} trainable parameters."]
+    lora = [t for t in table if t["method"] == "lora" and t["accuracy"] is not None]
+    out = []
+    top = max(lora, key=lambda t: (t["accuracy"], -t["eval_loss"])) if lora else None
+    if top:
+        tied = [t for t in lora if t is not top and within_noise(t, top)]
+        n = top.get("n_eval")
+        if not tied:
+            out.append(f"- Best LoRA run: **{top['name']}**, accuracy {_ci(top)}, held-out loss "
+                       f"{top['eval_loss']:.4f}, {top['trainable_params']:,} trainable parameters; above every "
+                       f"other LoRA run beyond noise (95% intervals apart).")
+        else:
+            out.append(f"- No single best LoRA run: the top accuracy is {_ci(top)} (**{top['name']}**), and "
+                       f"{len(tied)} other run(s) are within noise of it on {n or '?'} held-out rows (95% intervals "
+                       f"overlap): " + ", ".join(f"{t['name']} {_pct(t['accuracy'])}" for t in tied) + ".")
     if full:
-        out.append(f"- Full fine-tuning: accuracy {_pct(full['accuracy'])}, held-out loss {full['eval_loss']:.4f}, "
-                   f"{full['trainable_params']:,} trainable parameters "
-                   f"({full['trainable_params'] / best['trainable_params']:.0f}x the best LoRA run's)"
-                   + (f", peak memory {full['peak_mib']:.0f} MiB vs {best['peak_mib']:.0f} MiB"
-                      if full["peak_mib"] and best["peak_mib"] else "") + ".")
+        line = (f"- Full fine-tuning: accuracy {_ci(full)}, held-out loss {full['eval_loss']:.4f}, "
+                f"{full['trainable_params']:,} trainable parameters")
+        if top:
+            rel = "within noise of" if within_noise(full, top) else \
+                ("above" if full["accuracy"] > top["accuracy"] else "below") + " (beyond noise)"
+            line += (f" ({full['trainable_params'] / top['trainable_params']:.0f}x {top['name']}'s); its accuracy is "
+                     f"{rel} the top LoRA run's"
+                     + (f"; peak memory {full['peak_mib']:.0f} MiB vs {top['peak_mib']:.0f} MiB"
+                        if full["peak_mib"] and top["peak_mib"] else ""))
+        out.append(line + ".")
     if base:
-        out.append(f"- Base model: accuracy {_pct(base['accuracy'])}, held-out loss {base['eval_loss']:.4f}.")
+        out.append(f"- Base model: accuracy {_ci(base)}, held-out loss {base['eval_loss']:.4f}.")
     for tset in sorted({t["targets"] for t in lora}):
         rs = sorted((t for t in lora if t["targets"] == tset), key=lambda t: t["r"])
-        top = max(t["accuracy"] for t in rs)
-        first = next(t for t in rs if t["accuracy"] >= top - 0.02)
+        best = max(rs, key=lambda t: t["accuracy"])
+        first = next(t for t in rs if within_noise(t, best))
         out.append(f"- LoRA on {tset}: accuracy from {_pct(rs[0]['accuracy'])} (r={rs[0]['r']}) to "
-                   f"{_pct(rs[-1]['accuracy'])} (r={rs[-1]['r']}); best {_pct(top)}, first within 2 points of it "
-                   f"at r={first['r']}.")
+                   f"{_pct(rs[-1]['accuracy'])} (r={rs[-1]['r']}); top {_pct(best['accuracy'])} (r={best['r']}); "
+                   f"the smallest rank within noise of it: r={first['r']}.")
     return out
+
+
+def title(o, table: list[dict]) -> str:
+    """The report's title, from what was run (no full fine-tuning words without a full fine-tuning run)."""
+    has_full = any(t["method"] == "full" for t in table) or (o.full and not table)
+    parts = []
+    if o.targets:
+        parts.append("rank" if len(o.ranks) > 1 else f"rank {o.ranks[0]}")
+        if len(o.targets) > 1:
+            parts.append("target set")
+    if o.full and has_full:
+        parts.append("full fine-tuning")
+    what = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
+    return f"# {'LoRA sweep' if o.targets else 'Fine-tuning run'}: {what}"
 
 
 def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: list[str]) -> str:
     base = next((t for t in table if t["method"] == "base"), None)
-    lines = ["# LoRA sweep: rank, target set and full fine-tuning", "",
+    lrs = ([f"LoRA lr {o.lr}, alpha = {o.alpha_ratio:g}·r"] if o.targets else []) + \
+        ([f"full fine-tuning lr {o.full_lr}"] if o.full else [])
+    n_eval = next((t["n_eval"] for t in table if t.get("n_eval")), None)
+    lines = [title(o, table), "",
              f"{len(table)} of {n_runs} runs done. Model `{o.model}` ({o.dtype}), training data `{o.data}`, "
-             f"{o.steps} steps at batch {o.batch_size} for every run (LoRA lr {o.lr}, alpha = {o.alpha_ratio:g}·r; "
-             f"full fine-tuning lr {o.full_lr}), warmup {o.warmup_ratio:g}, seed {o.seed}. Held-out: "
-             f"{o.eval_rows or 'all'} rows of `{o.eval_data}` (greedy, {o.max_new_tokens} new tokens, exact match). "
+             f"{o.steps} steps at batch {o.batch_size} for every run ({'; '.join(lrs)}), warmup "
+             f"{o.warmup_ratio:g}, seed {o.seed}. Held-out: {n_eval or o.eval_rows or 'all'} rows of "
+             f"`{o.eval_data}` (greedy, {o.max_new_tokens} new tokens, exact match). "
              f"General text for forgetting: `{o.general or 'none'}`.", "",
+             f"Accuracy is measured on {n_eval or 'the'} held-out rows"
+             + (f", so one answer is {100 / n_eval:.2g} points" if n_eval else "")
+             + ": in brackets its 95% Wilson interval. Runs whose intervals overlap are not told apart here.", "",
              f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}; "
              f"{o.threads or 'default'} thread(s) per run.", "", "Command:", "", "```", command_line(o), "```", ""]
     if base:
@@ -194,8 +248,9 @@ def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: l
                   f"general-text loss {_fmt(base['general_loss'])}.", ""]
     lines += ["## Headline", ""] + headline(table) + [""]
     lines += ["## Results", "", results_table([t for t in table if t["method"] != "base"]), "",
-              "Columns: *trainable* parameters (share of the model); *file*: the adapter file (full fine-tuning: "
-              "the model's fp32 weights); *peak*: the base weights' bytes plus the rise of the run's peak "
+              "Columns: *trainable* parameters (share of the model); *file*: the adapter file"
+              + (" (full fine-tuning: the model's fp32 weights)" if any(t["method"] == "full" for t in table) else "")
+              + "; *peak*: the base weights' bytes plus the rise of the run's peak "
               "resident memory (VmHWM, reset just before training) over its memory at the start of training; "
               "the framework, tokenizer and data are not in it; in brackets `lorakit estimate`'s prediction "
               "for the run's longest example; *train s* and *tok/s*: training only; *train loss*: mean of the "

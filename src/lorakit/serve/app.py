@@ -12,6 +12,7 @@ an asyncio queue. Any bad request gets an OpenAI-style error body and the server
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorakit.adapters.files import read_adapter
+from lorakit.adapters.files import read_adapter, read_metadata
 from lorakit.generate import encode_prompt
 from lorakit.serve import protocol as P
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest
@@ -108,6 +109,35 @@ def resolve_stack(state: ServerState, stack: list[tuple[str, float]]) -> list[Ad
     return uses
 
 
+@functools.lru_cache(maxsize=256)
+def _adapter_meta(path: str) -> dict:
+    return read_metadata(path)  # a registry version's files never change
+
+
+_warned: set[str] = set()
+
+
+def chat_prompt_for(state: ServerState, p: P.Parsed) -> str | list[dict]:
+    """A chat request's prompt as the named adapter saw its rows in training: a single user turn for an
+    adapter trained on plain-rendered rows is its text as is; otherwise the chat template renders the messages
+    (as for the base). Mismatches inside a stack are logged once."""
+    from lorakit.train.data import pick_template
+
+    msgs = p.prompt
+    if p.kind != "chat" or not p.stack:
+        return msgs
+    metas = {ref: _adapter_meta(str(state.registry.resolve(ref).path)) for ref, _ in p.stack}
+    if not any(m.get("template") for m in metas.values()):
+        return msgs  # a PEFT adapter records nothing: the chat template, as for the base
+    template, warns = pick_template(state.tok, None, metas)
+    for w in warns:
+        if w not in _warned:
+            _warned.add(w)
+            log.warning(w)
+    single_user = len(msgs) == 1 and msgs[0]["role"] == "user"
+    return msgs[0]["content"] if template == "plain" and single_user else msgs
+
+
 async def events(state: ServerState, req: GenRequest) -> AsyncIterator[tuple]:
     """Submit to the engine and yield its events; cancels the request if the consumer goes away."""
     loop = asyncio.get_running_loop()
@@ -141,7 +171,7 @@ async def complete(state: ServerState, request: Request, kind: str):
     uses = resolve_stack(state, p.stack)
     try:
         ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
-            else encode_prompt(state.tok, p.prompt)
+            else encode_prompt(state.tok, chat_prompt_for(state, p))
     except (UnicodeError, ValueError, TypeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
         raise P.bad(f"the prompt cannot be tokenized: {type(e).__name__}: {e}",
                     "messages" if kind == "chat" else "prompt") from None

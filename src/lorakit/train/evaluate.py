@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,24 @@ def normalize(text: str) -> str:
 
 
 def greedy_answers(model, tok, rows: list[dict], template: str = "auto", max_new_tokens: int = 32,
-                   batch_size: int = 16) -> list[str]:
+                   batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[str]:
     template = resolve_template(tok, template)
     prompts = [tok(render_prompt(tok, prompt_and_answer(r)[0], template), add_special_tokens=False)["input_ids"]
                for r in rows]
-    outs = generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outs = generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        on_batch=on_batch)
     return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (95% at z=1.96): how far an accuracy measured on n
+    rows can be trusted. Unlike the normal approximation it stays inside [0, 1] and is sound at 0% and 100%."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def accuracy(preds: list[str], refs: list[str]) -> float:
@@ -35,7 +48,7 @@ def accuracy(preds: list[str], refs: list[str]) -> float:
 
 @torch.no_grad()
 def loss_and_kl(model, examples, pad_id: int, batch_size: int = 8, compare: bool = True,
-                base_model=None) -> dict:
+                base_model=None, on_batch: Callable[[int], None] | None = None) -> dict:
     """One pass over the examples: the model's mean loss per target token and, with `compare`, the base's
     loss and the mean KL(p_model || p_base) per target token, from the same batches (two forwards a batch).
     The base is `base_model`, or `model` with its adapters disabled."""
@@ -55,6 +68,8 @@ def loss_and_kl(model, examples, pad_id: int, batch_size: int = 8, compare: bool
             base_loss += float(F.nll_loss(logq, targets, reduction="sum"))
             kl += float((logp.exp() * (logp - logq)).sum())
         count += targets.numel()
+        if on_batch is not None:
+            on_batch(len(examples[i:i + batch_size]))
     model.train(was)
     n = max(count, 1)
     out = {"loss": loss / n, "tokens": count}
@@ -78,9 +93,11 @@ class Report:
 
 
 def evaluate(model, tok, rows: list[dict], template: str = "auto", max_new_tokens: int = 32,
-             batch_size: int = 16, base_model=None, compare: bool = True, max_len: int = 512) -> Report:
+             batch_size: int = 16, base_model=None, compare: bool = True, max_len: int = 512,
+             progress: bool = False) -> Report:
     """Loss, perplexity and (for completion-style rows) greedy exact-match, for the model as it is and,
-    with `compare`, for the base (adapters disabled, or `base_model`), plus the behaviour change."""
+    with `compare`, for the base (adapters disabled, or `base_model`), plus the behaviour change.
+    `progress`: a tqdm bar (stderr) per pass: the loss pass, then the answers of each model."""
     if not rows:
         raise ValueError("no evaluation rows")
     template = resolve_template(tok, template)
@@ -91,11 +108,14 @@ def evaluate(model, tok, rows: list[dict], template: str = "auto", max_new_token
     if compare and base_model is None and not active_adapters(model):
         raise ValueError("nothing to compare: the model has no active adapter (pass base_model or compare=False)")
 
-    scores = loss_and_kl(model, examples, pad, batch_size, compare, base_model)
+    with _bar(progress, len(rows), "eval loss" + (" + KL" if compare else "")) as up:
+        scores = loss_and_kl(model, examples, pad, batch_size, compare, base_model, on_batch=up)
 
-    def answers(m, ctx) -> list[str]:
-        with ctx:
-            return greedy_answers(m, tok, rows, template, max_new_tokens, batch_size) if completion_style else []
+    def answers(m, ctx, who: str) -> list[str]:
+        if not completion_style:
+            return []
+        with ctx, _bar(progress, len(rows), f"answers ({who})") as up:
+            return greedy_answers(m, tok, rows, template, max_new_tokens, batch_size, on_batch=up)
 
     def metrics(loss: float, preds: list[str]) -> dict:
         res = {"loss": loss, "ppl": perplexity(loss)}
@@ -103,11 +123,11 @@ def evaluate(model, tok, rows: list[dict], template: str = "auto", max_new_token
             res["accuracy"] = accuracy(preds, [prompt_and_answer(r)[1] for r in rows])
         return res
 
-    after = answers(model, contextlib.nullcontext())
+    after = answers(model, contextlib.nullcontext(), "adapter" if compare else "model")
     rep.after = metrics(scores["loss"], after)
     if compare:
         base, ctx = (model, disabled(model)) if base_model is None else (base_model, contextlib.nullcontext())
-        before = answers(base, ctx)
+        before = answers(base, ctx, "base")
         rep.before = metrics(scores["base_loss"], before)
         rep.kl = scores["kl"]
         if completion_style:
@@ -120,6 +140,21 @@ def evaluate(model, tok, rows: list[dict], template: str = "auto", max_new_token
             rep.examples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "reference": ref,
                                  "before": b, "after": a})
     return rep
+
+
+@contextlib.contextmanager
+def _bar(on: bool, total: int, desc: str):
+    """A tqdm bar over `total` rows, yielding its update function (a no-op when `on` is false)."""
+    if not on:
+        yield None
+        return
+    from tqdm import tqdm
+
+    import sys
+
+    with tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+        yield bar.update
 
 
 def _fmt(v) -> str:
@@ -135,6 +170,11 @@ def format_report(rep: Report, n_examples: int = 5, width: int = 38) -> str:
     keys = [k for k in ("loss", "ppl", "accuracy") if k in rep.after]
     for k in keys:
         lines.append(f"{k:<12}{_fmt(rep.before.get(k)):>12}{_fmt(rep.after.get(k)):>12}")
+    if "accuracy" in rep.after:
+        ci = {k: wilson(round(d["accuracy"] * rep.n), rep.n) for k, d in (("base", rep.before), ("adapter", rep.after))
+              if "accuracy" in d}
+        lines.append(f"accuracy, 95% interval on {rep.n} rows (Wilson): "
+                     + ", ".join(f"{k} {100 * lo:.0f}-{100 * hi:.0f}%" for k, (lo, hi) in ci.items()))
     if rep.changed is not None:
         lines.append(f"answers changed vs base: {100 * rep.changed:.1f}%")
     if rep.kl is not None:

@@ -1,0 +1,256 @@
+"""The README's "Results" table, generated from the committed result files, so prose never drifts from them.
+
+    python scripts/results_table.py           # rewrite README.md between <!-- results:begin --> and <!-- results:end -->
+    python scripts/results_table.py --check   # exit 1 (and show the difference) if a file disagrees
+
+Every number in the table is read from a file under bench/results/ or docs/ (named in the row's source column);
+the row texts around the numbers are fixed here. The same for the `lorakit estimate` examples in
+docs/experiments.md (between <!-- estimate:begin --> and <!-- estimate:end -->), computed by lorakit.lab.estimate.
+tests/unit/test_results_table.py compares both with what is committed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lorakit.train.evaluate import wilson  # noqa: E402
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+DEMO = "bench/results/demo_output_cpu-2core_2026-11-23.txt"
+SPEED = "bench/results/train_speed_cpu-2core_2026-11-23.jsonl"
+GPU_1B = "bench/results/gpu_train_h100_2026-11-23_r2.jsonl"
+GPU_8B = "bench/results/gpu_train_h100_2026-11-23.jsonl"
+SERVE = "bench/results/serve_load_cpu-quiet_2026-11-23.jsonl"
+QUANT = "bench/results/quant_memory-cpu-2core.jsonl"
+MIX = "bench/results/mixture-cpu.json"
+MIX_RUN1 = "bench/results/mixture-cpu-run1-unnormalized-router.json"
+SWEEP_CSV = "docs/sweep/results.csv"
+SWEEP_JSON = "docs/sweep/results.json"
+
+
+def _jsonl(root: Path, rel: str) -> list[dict]:
+    return [json.loads(line) for line in (root / rel).read_text().splitlines() if line.strip()]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+def _ci(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * lo:.0f}-{100 * hi:.0f}%"
+
+
+def _link(*paths: str) -> str:
+    return ", ".join(f"[{p}]({p})" for p in paths)
+
+
+def _span(xs, fmt: str) -> str:
+    lo, hi = format(min(xs), fmt), format(max(xs), fmt)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+# ---------------------------------------------------------------- one function per row: (what, result, source)
+def demo(root: Path) -> tuple[str, str, str]:
+    text = (root / DEMO).read_text()
+    n = int(re.search(r"evaluated on (\d+) rows", text).group(1))
+    metric = {m.group(1): (float(m.group(2)), float(m.group(3)))
+              for m in re.finditer(r"^(loss|accuracy)\s+([\d.]+)\s+([\d.]+)$", text, re.M)}
+    changed = float(re.search(r"answers changed vs base: ([\d.]+)%", text).group(1))
+    kl = float(re.search(r"per target token: ([\d.]+) nats", text).group(1))
+    mins, secs = re.search(r"^real\s+(\d+)m([\d.]+)s", text, re.M).groups()
+    (acc0, acc1), (loss0, loss1) = metric["accuracy"], metric["loss"]
+    result = (f"exact match {_pct(acc0)} (base) -> {_pct(acc1)} (adapter; 95% interval {_ci(round(acc1 * n), n)}) "
+              f"on {n} held-out rows; loss {loss0:.3f} -> {loss1:.3f}; {changed:.0f}% of answers changed, "
+              f"KL {kl:.2f} nats; {int(mins)} min {float(secs):.0f} s for `./demo.sh` on a fresh clone of this "
+              f"2-core machine, setup included")
+    return "demo task (dates to ISO 8601), embedded SmolLM2-135M, CPU", result, _link(DEMO)
+
+
+def cpu_speed(root: Path) -> tuple[str, str, str]:
+    rows = _jsonl(root, SPEED)
+    by = {t: [r for r in rows if r["tool"] == t] for t in ("lorakit", "peft")}
+    tps = {t: _mean(r["tokens_per_s"] for r in rs) for t, rs in by.items()}
+    rss = {t: _mean(r["peak_rss_mib"] for r in rs) / 1024 for t, rs in by.items()}
+    rounds = len({r["round"] for r in rows})
+    peft = re.search(r'"peft==([\d.]+)"', (root / "pyproject.toml").read_text()).group(1)
+    r0 = rows[0]
+    what = (f"CPU training speed vs PEFT {peft} (r={r0['r']} {r0['targets']}, batch {r0['batch']}, "
+            f"{r0['threads']} cores)")
+    result = (f"lorakit {tps['lorakit']:.1f} tokens/s vs PEFT {tps['peft']:.1f} ({tps['lorakit'] / tps['peft']:.2f}x, "
+              f"{rounds} interleaved rounds), peak RSS {rss['lorakit']:.2f} vs {rss['peft']:.2f} GiB "
+              f"({100 * (rss['lorakit'] / rss['peft'] - 1):+.0f}%)")
+    return what, result, _link(SPEED)
+
+
+def gpu_speed(root: Path) -> tuple[str, str, str]:
+    r2 = [r for r in _jsonl(root, GPU_1B) if "error" not in r and r["case"] == "1b"]
+    peft = {r["device_call"]: r for r in r2 if r["tool"] == "peft"}
+    ours = [r for r in r2 if r["tool"] == "lorakit" and r["variant"] == {"mlp": "0", "ce": "0"}]
+    ratios = [r["tokens_per_s"] / peft[r["device_call"]]["tokens_per_s"] for r in ours]
+    v1 = [r for r in _jsonl(root, GPU_8B) if r["case"] == "8b-ckpt" and r["variant"] == {}]
+    p8 = next(r for r in v1 if r["tool"] == "peft")
+    l8 = next(r for r in v1 if r["tool"] == "lorakit")
+    result = (f"llama-1b shape: {_span([r['tokens_per_s'] / 1e3 for r in ours], '.1f')}k tokens/s, "
+              f"{_span(ratios, '.2f')}x PEFT (same device call) at {_span([r['peak_gib'] for r in ours], '.1f')} GiB "
+              f"(PEFT {peft[ours[0]['device_call']]['peak_gib']:.1f}); llama-8b shape: "
+              f"{l8['tokens_per_s'] / 1e3:.1f}k tokens/s, {l8['tokens_per_s'] / p8['tokens_per_s']:.2f}x PEFT")
+    return f"GPU training speed vs PEFT ({ours[0]['device'].split()[1]}, bf16)", result, \
+        _link(GPU_1B, GPU_8B) + "; [docs/gpu.md](docs/gpu.md)"
+
+
+def serving(root: Path) -> tuple[str, str, str]:
+    rows = _jsonl(root, SERVE)
+
+    def case(c):
+        return [r for r in rows if r["case"] == c]
+
+    result = (f"quiet 2-core machine: base {_span([r['tokens_per_s'] for r in case('base')], '.0f')} tokens/s; "
+              f"4 mixed adapters {_span([r['vs_base'] for r in case('mixed-4')], '.2f')}x, 16 adapters "
+              f"{_span([r['vs_base'] for r in case('mixed-16')], '.2f')}x of base throughput "
+              f"({len(case('base'))} rounds); one request at a time "
+              f"{_span([r['vs_base'] for r in case('one-at-a-time-4')], '.2f')}x")
+    return "serving, CPU: mixed adapters in one batch vs base-only traffic", result, \
+        _link(SERVE) + "; [docs/serving.md](docs/serving.md)"
+
+
+def qlora_memory(root: Path) -> tuple[str, str, str]:
+    rows = {r["case"]: r for r in _jsonl(root, QUANT)}
+    mem, rec = rows["memory"], rows["reconstruction"]
+    result = (f"{mem['model_fp32_bytes'] / 1e6:.0f} MB fp32 -> {mem['model_nf4_bytes'] / 1e6:.0f} MB NF4 "
+              f"({mem['bits_per_weight']:.2f} bits per linear weight)")
+    if rec.get("bnb_code_agreement_min") == 1.0:
+        result += "; codes bit-identical to bitsandbytes'"
+    return "QLoRA base memory (embedded model)", result, _link(QUANT) + "; [docs/variants.md](docs/variants.md)"
+
+
+def mixture(root: Path) -> tuple[str, str, str]:
+    now = json.loads((root / MIX).read_text())
+    run1 = json.loads((root / MIX_RUN1).read_text())["results"]  # the baselines' exact match (same adapters)
+    n = 2 * now["args"]["n_test"]
+    router = now["results"]["router"]["exact_mixed"]
+    result = (f"router {_pct(router)} exact match (95% interval {_ci(round(router * n), n)}, {n} rows) vs "
+              f"{_pct(run1['only_reverse']['exact_mixed'])} / {_pct(run1['only_upper']['exact_mixed'])} for each "
+              f"single adapter, {_pct(run1['uniform_mix']['exact_mixed'])} for a uniform mix")
+    return "mixture of LoRAs (two tasks, mixed held-out set)", result, \
+        _link(MIX, MIX_RUN1) + "; [docs/mixture.md](docs/mixture.md)"
+
+
+def sweep(root: Path) -> tuple[str, str, str]:
+    rows = list(csv.DictReader((root / SWEEP_CSV).open()))
+    n = next(r["n_eval"] for r in json.loads((root / SWEEP_JSON).read_text())["runs"] if r.get("n_eval"))
+    num = [{k: (float(v) if k not in ("name", "method", "targets") and v != "" else v) for k, v in r.items()}
+           for r in rows]
+    full = next(r for r in num if r["method"] == "full")
+    lora = [r for r in num if r["method"] == "lora"]
+    label = {"all-linear": "all-linear", "attn": "attention-only"}
+    tops = []
+    for t in ("all-linear", "attn"):
+        rs = sorted((r for r in lora if r["targets"] == t), key=lambda r: (-r["accuracy"], r["r"]))
+        tops.append((t, rs[0], next(r for r in lora if r["targets"] == t and r["r"] == 1)))
+    best = max(lora, key=lambda r: r["accuracy"])
+    k = lambda r: round(r["accuracy"] * n)  # noqa: E731
+    lo_b, hi_b = wilson(k(best), n)
+    lo_f, hi_f = wilson(k(full), n)
+    overlap = lo_b <= hi_f and lo_f <= hi_b
+    forget = [r["forgetting"] for r in lora]
+    (t1, a1, a1r1), (t2, a2, a2r1) = tops
+    result = (f"held-out exact match ({n} rows): full fine-tuning {_pct(full['accuracy'])} "
+              f"({full['trainable_params'] / 1e6:.1f}M trainable params, peak {full['peak_mib']:.0f} MiB); LoRA "
+              f"{label[t1]} r={a1['r']:.0f} {_pct(a1['accuracy'])} ({a1['trainable_params'] / 1e6:.1f}M, "
+              f"{a1['peak_mib']:.0f} MiB), {label[t2]} r={a2['r']:.0f} {_pct(a2['accuracy'])} "
+              f"({a2['trainable_params'] / 1e6:.1f}M); LoRA at r=1 already {_pct(a1r1['accuracy'])} ({label[t1]}) / "
+              f"{_pct(a2r1['accuracy'])} ({label[t2]}). 95% intervals: {_pct(best['accuracy'])} is "
+              f"{_ci(k(best), n)}, {_pct(full['accuracy'])} is {_ci(k(full), n)}: "
+              + ("LoRA and full fine-tuning are within noise of each other at this size" if overlap
+                 else "LoRA and full fine-tuning differ beyond noise")
+              + f". Forgetting on general text {min(forget):+.4f} to {max(forget):+.4f} nats for LoRA, "
+              f"{full['forgetting']:+.4f} for full FT")
+    return "LoRA rank sweep vs full fine-tuning", result, _link(SWEEP_CSV) + "; [docs/sweep/report.md](docs/sweep/report.md)"
+
+
+ROWS = [demo, cpu_speed, gpu_speed, serving, qlora_memory, mixture, sweep]
+
+
+def table(root: Path = ROOT) -> str:
+    lines = ["<!-- generated by scripts/results_table.py from the files in the source column: edit the script or "
+             "the files, not this table -->", "| what | result | source |", "|---|---|---|"]
+    lines += ["| " + " | ".join(row(root)) + " |" for row in ROWS]
+    return "\n".join(lines)
+
+
+def estimate_examples() -> str:
+    """The docs/experiments.md paragraph of `lorakit estimate` examples, from the estimator itself."""
+    from transformers import LlamaConfig
+
+    from lorakit.lab.estimate import arch_of, estimate, load_config
+
+    small = arch_of(load_config("embedded"), "embedded")
+    big = arch_of(LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False), "llama-3-8b")
+    e = {m: estimate(small, m, 16, 8, 512, "all-linear", "float32") for m in ("lora", "qlora", "full")}
+    b = {m: estimate(big, m, 16, 4, 1024, "all-linear", "bfloat16", checkpointing=True) for m in e}
+    gib = lambda x: f"{x.total / 2 ** 30:.{2 if x.total < 10 * 2 ** 30 else 1}f} GiB"  # noqa: E731
+    share = (e["lora"].activations + e["lora"].logits) / e["lora"].total
+    return (f"Examples (predictions, not measurements; this paragraph is generated by `scripts/results_table.py`):\n"
+            f"`lorakit estimate --model embedded --r 16 --batch 8 --seq 512` gives LoRA {gib(e['lora'])}, QLoRA "
+            f"{gib(e['qlora'])}, full {gib(e['full'])} in fp32 ({share:.0%} of LoRA's peak is activations and "
+            f"logits); for a Llama-3-8B-shaped config (hidden 4096, 32 layers, 8 KV heads, vocabulary 128,256) in "
+            f"bf16 at batch 4 x 1024 with checkpointing: LoRA {gib(b['lora'])}, QLoRA {gib(b['qlora'])}, full "
+            f"{gib(b['full'])} (bf16 weights, gradients and AdamW states).")
+
+
+def between(text: str, begin: str, end: str, body: str, name: str) -> str:
+    """`text` with `body` between the one `begin` ... `end` pair."""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{name} must hold one {begin} ... {end} pair")
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end)[1]}"
+
+
+def render(readme: str, root: Path = ROOT) -> str:
+    """README text with the generated table between the markers."""
+    return between(readme, BEGIN, END, table(root), "README.md")
+
+
+TARGETS = {"README.md": render,
+           "docs/experiments.md": lambda text: between(text, "<!-- estimate:begin -->", "<!-- estimate:end -->",
+                                                       estimate_examples(), "docs/experiments.md")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a file disagrees")
+    args = ap.parse_args(argv)
+    bad = 0
+    for rel, fn in TARGETS.items():
+        path = ROOT / rel
+        old = path.read_text()
+        new = fn(old)
+        if args.check:
+            if old != new:
+                sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel,
+                                                           "generated"))
+                bad = 1
+            continue
+        if old != new:
+            path.write_text(new)
+        print(f"{rel}: " + ("updated" if old != new else "already up to date"))
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main())
