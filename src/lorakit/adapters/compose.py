@@ -282,33 +282,3 @@ def _assemble(files, weights, parts, errors, method, rank, density, seed) -> Com
 
 
 # ---------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("compose", help="combine adapters into one (linear, cat, svd, ties, dare)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter", action="append", required=True, metavar="PATH[:WEIGHT]",
-                   help="an adapter directory and its weight (default 1.0); repeat for each adapter")
-    p.add_argument("--method", default="linear", choices=METHODS)
-    p.add_argument("--rank", type=int, default=None, help="target rank for svd/ties/dare (default: largest input)")
-    p.add_argument("--density", type=float, default=0.5, help="fraction kept by ties/dare (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="dare's random drop seed")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="compose adapters whose bases have equal shapes but different weights or names")
-    p.add_argument("-o", "--output", required=True, help="output adapter directory")
-    p.add_argument("--quiet", action="store_true", help="print nothing (errors still go to stderr)")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    specs = [parse_spec(s) for s in args.adapter]
-    res = compose(specs, args.method, rank=args.rank, density=args.density, seed=args.seed,
-                  allow_base_mismatch=args.allow_base_mismatch)
-    res.save(args.output)
-    rep = res.report
-    if args.quiet:
-        return 0
-    worst = max(rep["rel_error"], key=rep["rel_error"].get)
-    print(f"composed {len(specs)} adapters with {rep['method']}: {rep['modules']} modules, rank {rep['rank']}"
-          f" (max {rep['max_rank']}) -> {args.output}")
-    print(f"relative Frobenius error: overall {rep['rel_error_overall']:.3e}, worst {rep['rel_error_max']:.3e}"
-          f" ({worst})")
-    return 0

@@ -16,8 +16,7 @@ COMMAND_MODULES = [
     "lorakit.cli.train",           # train, train-router
     "lorakit.cli.commands",        # eval, generate, merge, inspect
     "lorakit.cli.export",          # export (GGUF)
-    "lorakit.adapters.compose",         # compose
-    "lorakit.lab.sweep",           # sweep, estimate
+    "lorakit.cli.lab",             # compose, sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
 ]
 

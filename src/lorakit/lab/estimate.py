@@ -336,31 +336,3 @@ def parse_targets(s: str):
     if s in TARGET_PRESETS or any(c in s for c in "*().|\\[?$^"):
         return s
     return [t.strip() for t in s.replace("+", ",").split(",") if t.strip()]
-
-
-def cmd_estimate(args) -> int:
-    targets = parse_targets(args.targets)
-    arch = arch_of(load_config(args.model), args.model)
-    ests = [estimate(arch, m, args.r, args.batch, args.seq, targets, args.dtype, args.checkpointing)
-            for m in METHODS]
-    measured = {}
-    if args.measure:
-        if args.device == "cpu" and (args.dtype != "float32" or args.checkpointing):
-            raise ValueError("--measure on the CPU trains in float32 without checkpointing; drop --dtype/"
-                             "--checkpointing, or measure on a GPU with --device cuda")
-        for m in ("lora", "full"):
-            measured[m] = measure(args.model, m, args.r, args.batch, args.seq, targets, device=args.device,
-                                  dtype=args.dtype, checkpointing=args.checkpointing)
-    if args.json:
-        print(json.dumps({"model": args.model, "r": args.r, "targets": targets, "batch": args.batch,
-                          "seq": args.seq, "dtype": args.dtype,
-                          "estimates": [e.to_dict() for e in ests], "measured": measured}, indent=2))
-        return 0
-    head = (f"{arch.name}: {arch.params:,} parameters; r={args.r}, targets={targets}, batch {args.batch} x "
-            f"seq {args.seq}, {args.dtype}" + (", checkpointing" if args.checkpointing else ""))
-    print(format_estimates(ests, head))
-    for m, res in measured.items():
-        pred = next(e for e in ests if e.method == m).total / 2 ** 20
-        print(f"measured {m} ({args.device}): peak {res['measured_mib']:.0f} MiB = base weights + the rise during "
-              f"2 training steps (predicted {pred:.0f} MiB, {100 * (res['measured_mib'] / pred - 1):+.0f}%)")
-    return 0

@@ -9,6 +9,7 @@ one (a half-finished run is redone from step 0). `lorakit estimate` is registere
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorakit.files import atomic_write_json
+
+log = logging.getLogger("lorakit.lab")
 
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64]
 DEFAULT_TARGETS = ["attn", "all-linear"]
@@ -150,11 +153,11 @@ def _launch(spec: dict, run_dir: Path, threads: int, bar) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    src = str(Path(__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[2])  # the directory that holds the lorakit package
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    with (run_dir / "log.txt").open("w") as log:
+    with (run_dir / "log.txt").open("w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "lorakit.lab.sweep_run", str(run_dir / "spec.json")],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                stdout=logf, stderr=subprocess.STDOUT, env=env)
         try:
             shown = 0
             while proc.poll() is None:
@@ -197,8 +200,8 @@ def _run_plan(o: SweepOptions, out: Path, runs: list[dict], progress: bool, max_
         todo = todo[:max_runs]
     train_steps = sum(o.steps for r in todo if r["kind"] != "base")
     if progress:
-        print(f"sweep: {len(runs)} runs, {n_done} done before, {len(todo)} to run now "
-              f"({train_steps} training steps) -> {out}", flush=True)
+        log.info("sweep: %d runs, %d done before, %d to run now (%d training steps) -> %s", len(runs), n_done,
+                 len(todo), train_steps, out)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -229,84 +232,3 @@ def _run_plan(o: SweepOptions, out: Path, runs: list[dict], progress: bool, max_
 
 
 # ------------------------------------------------------------------ CLI
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def cmd_sweep(args) -> int:
-    o = SweepOptions(data=args.data, eval_data=args.eval_data, general=args.general, model=args.model,
-                     dtype=args.dtype, ranks=_ints(args.ranks),
-                     targets=[t.strip() for t in args.targets.split(",") if t.strip()], full=args.full,
-                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, full_lr=args.full_lr,
-                     alpha_ratio=args.alpha_ratio, warmup_ratio=args.warmup_ratio, train_rows=args.train_rows,
-                     eval_rows=args.eval_rows, general_rows=args.general_rows, max_new_tokens=args.max_new_tokens,
-                     max_len=args.max_len, template=args.template, seed=args.seed, threads=args.threads)
-    if not o.eval_data:
-        raise ValueError("--eval-data is required: held-out rows for loss, accuracy and behaviour change")
-    try:
-        results = run_sweep(o, args.output, progress=not args.quiet, max_runs=args.max_runs,
-                            plots=not args.no_plots)
-    except RuntimeError as e:  # a run failed: its log says why; the finished runs are kept
-        print(f"lorakit sweep: {e}\nre-run the same command to resume", file=sys.stderr)
-        return 1
-    done = sum(1 for r in results if r is not None)
-    print(f"{done}/{len(results)} runs done; report: {Path(args.output) / 'report.md'}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("sweep", help="LoRA at several ranks and target sets vs full fine-tuning: report + plots")
-    p.add_argument("--model", default="embedded", help="'embedded' (default), a local HF model dir")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")
-    p.add_argument("--data", required=True, help="training rows (JSONL/CSV, completion-style for accuracy)")
-    p.add_argument("--eval-data", help="held-out rows: loss, exact-match accuracy, answers changed, KL")
-    p.add_argument("--general", help="general text rows unrelated to the task (forgetting: loss before vs "
-                                     "after), e.g. data/general/general.jsonl")
-    p.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)), help="comma-separated LoRA ranks")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                   help="comma-separated target sets: attn, mlp, qv, all-linear, or modules joined by '+'")
-    p.add_argument("--full", action=__import__("argparse").BooleanOptionalAction, default=True,
-                   help="include full fine-tuning (default: yes)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the same budget for all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
-    p.add_argument("--full-lr", type=float, default=3e-5, help="full fine-tuning learning rate")
-    p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio * r (default 2)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--train-rows", type=int, default=0, help="use the first N training rows (0 = all)")
-    p.add_argument("--eval-rows", type=int, default=100, help="first N held-out rows (0 = all)")
-    p.add_argument("--general-rows", type=int, default=0, help="first N general-text rows (0 = all)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--template", default="auto", help="auto, chat or plain")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="OMP threads per run (0 = torch's default)")
-    p.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (resume later)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("-o", "--output", required=True, help="sweep directory (re-run the command to resume)")
-    p.set_defaults(func=cmd_sweep)
-
-    e = sub.add_parser("estimate", help="predicted trainable params, optimizer state and peak memory: "
-                                        "LoRA, QLoRA, full fine-tuning")
-    e.add_argument("--model", default="embedded", help="'embedded', a local HF model dir, or a config.json")
-    e.add_argument("--r", type=int, default=16)
-    e.add_argument("--targets", default="all-linear", help="all-linear, attn, mlp, qv, or modules joined by ','")
-    e.add_argument("--batch", type=int, default=8)
-    e.add_argument("--seq", type=int, default=512)
-    e.add_argument("--dtype", default="float32", help="weights/compute dtype for LoRA and full: float32, bfloat16")
-    e.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
-    e.add_argument("--measure", action="store_true",
-                   help="also train 2 real steps on random tokens (in a subprocess) and print the measured peak")
-    e.add_argument("--device", default="cpu", help="where --measure trains: cpu (peak RSS) or cuda (allocator peak)")
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    e.set_defaults(func=cmd_estimate)
-
-
-def cmd_estimate(args) -> int:
-    from lorakit.lab.estimate import cmd_estimate as run
-
-    return run(args)

@@ -1,6 +1,8 @@
 """A sweep's outputs from its runs' result.json files: results.csv, report.md, PNG plots."""
 from __future__ import annotations
 
+import logging
+
 import csv
 import io
 import json
@@ -296,7 +298,8 @@ def write_outputs(out: Path, results: list[dict | None], o, plots: bool = True) 
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
-            print("plots skipped: matplotlib is not installed (pip install 'lorakit[plot]')")
+            logging.getLogger("lorakit.lab").warning("plots skipped: matplotlib is not installed "
+                                                     "(pip install 'lorakit[plot]')")
         else:
             from lorakit.lab.plots import write_all
 

@@ -12,6 +12,7 @@ The run's last act is writing result.json atomically: a run is done when that fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from lorakit.lab.estimate import _status_mib, reset_peak_rss, resident_weights
 from lorakit.files import atomic_write_json
 
 RESULT = "result.json"
+
+log = logging.getLogger("lorakit.lab")
 
 
 def _rows(path: str | None, n: int, skip: int = 0) -> list[dict]:
@@ -143,14 +146,16 @@ def run(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    """The entry of one sweep run's subprocess; its log lines go to stderr (the sweep keeps them in run.log)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if len(argv) != 1:
-        print("usage: python -m lorakit.lab.sweep_run <run_dir>/spec.json", file=sys.stderr)
+        log.error("usage: python -m lorakit.lab.sweep_run <run_dir>/spec.json")
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res = run(spec)
     atomic_write_json(Path(spec["run_dir"]) / RESULT, res)
-    print(f"{spec['name']}: done in {res['wall_seconds']:.0f} s")
+    log.info("%s: done in %.0f s", spec["name"], res["wall_seconds"])
     return 0
 
 
