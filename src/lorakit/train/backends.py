@@ -128,14 +128,16 @@ class FastBackend:
 
     name = "fast"
 
-    def __init__(self, model: nn.Module, recompute: int | str = 0):
+    def __init__(self, model: nn.Module, recompute: int | str = 0, device: torch.device | None = None):
         from lorakit.train.fast import prepare
 
         n_layers = len(model.model.layers)
         layers = n_layers if recompute == "all" else int(recompute or 0)
         self.model = model
-        # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are
-        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None)
+        # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are.
+        # compiled on CUDA: the device it trains on (under FSDP the model may still be on the CPU here)
+        device = device or next(model.parameters()).device
+        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, compile=device.type == "cuda")
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
@@ -172,21 +174,21 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
 
 
 def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int | str = 0,
-                   routing: bool = False) -> tuple[object, str]:
+                   routing: bool = False, device: torch.device | None = None) -> tuple[object, str]:
     """-> (backend, why). `auto`: fast on CUDA where the set-up allows it, else plain; `fast` raises with the
-    reason when it cannot take the set-up."""
+    reason when it cannot take the set-up. `device`: where the model trains (default: where it is now)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     if requested == "plain":
         return PlainBackend(model, recompute), "asked for"
     reason = fast_unsupported(model, routing=routing)
     if requested == "fast":
         if reason:
             raise ValueError(f"--backend fast cannot train this set-up: {reason}")
-        return FastBackend(model, recompute), "asked for"
+        return FastBackend(model, recompute, device), "asked for"
     if device.type != "cuda":
         return PlainBackend(model, recompute), f"device is {device.type} (the fast backend is for CUDA)"
     if reason:
         return PlainBackend(model, recompute), reason
-    return FastBackend(model, recompute), f"CUDA and a supported {model.config.model_type} model"
+    return FastBackend(model, recompute, device), f"CUDA and a supported {model.config.model_type} model"

@@ -101,6 +101,9 @@ class FastLlama(nn.Module):
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                               float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
+        # True under FSDP (train/distributed.py): each layer runs as its module's forward, so the module's hooks
+        # gather its sharded weights before and free them after (and reduce-scatter their gradients)
+        self.through_modules = False
         if compile:
             _raise_recompile_limit()
             opts = dict(compile_options or {}) or None
@@ -127,20 +130,33 @@ class FastLlama(nn.Module):
         return Proj(tuple(m.weight for m in mods), tuple(getattr(m, "bias", None) for m in mods), loras, sizes)
 
     def layer_params(self) -> list[LayerParams]:
-        out = []
-        for i, layer in enumerate(self.model.model.layers):
-            path = f"model.layers.{i}"
-            attn, mlp = layer.self_attn, layer.mlp
-            if hasattr(attn, "q_norm"):
-                raise ValueError(f"{path}: attention with q/k norms is not supported")
-            out.append(LayerParams(
-                layer.input_layernorm.weight,
-                self._proj(attn, GROUPS[0][1], f"{path}.self_attn"),
-                self._proj(attn, ("o_proj",), f"{path}.self_attn"),
-                layer.post_attention_layernorm.weight,
-                self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
-                self._proj(mlp, ("down_proj",), f"{path}.mlp")))
-        return out
+        return [self._layer_params(i, layer) for i, layer in enumerate(self.model.model.layers)]
+
+    def _layer_params(self, i: int, layer: nn.Module) -> LayerParams:
+        path = f"model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        if hasattr(attn, "q_norm"):
+            raise ValueError(f"{path}: attention with q/k norms is not supported")
+        return LayerParams(
+            layer.input_layernorm.weight,
+            self._proj(attn, GROUPS[0][1], f"{path}.self_attn"),
+            self._proj(attn, ("o_proj",), f"{path}.self_attn"),
+            layer.post_attention_layernorm.weight,
+            self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
+            self._proj(mlp, ("down_proj",), f"{path}.mlp"))
+
+    def _run_layer(self, i: int, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        fn = self._ckpt_layer if i < self.recompute_layers else self._layer
+
+        def forward(x, cos, sin):  # the parameters are read here: inside the module call, when FSDP gathered them
+            return fn(x, cos, sin, self._layer_params(i, layer), self.spec, self.training)
+        if not self.through_modules:
+            return forward(x, cos, sin)
+        layer.forward = forward  # for this call only: the module's hooks run around the fast layer
+        try:
+            return layer(x, cos, sin)
+        finally:
+            del layer.forward
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -166,9 +182,8 @@ class FastLlama(nn.Module):
         pos = torch.arange(s, device=input_ids.device)[None]                # (1, s)
         cos, sin = base.rotary_emb(x, pos)                                  # (1, s, d) each
         cos, sin = cos[0], sin[0]                                           # (s, d)
-        for i, p in enumerate(self.layer_params()):
-            fn = self._ckpt_layer if i < self.recompute_layers else self._layer
-            x = fn(x, cos, sin, p, self.spec, self.training)
+        for i, layer in enumerate(base.layers):
+            x = self._run_layer(i, layer, x, cos, sin)
         x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
         targets = shift_targets(labels)                                     # (b * s,)
         return linear_cross_entropy(x.view(b * s, -1), self.model.lm_head.weight, targets,
