@@ -129,7 +129,8 @@ def _train(args, ctx) -> int:
     if args.quantize:
         meta["base_quant"] = args.quantize
     res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,
-                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model), metadata=meta)
+                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model), metadata=meta,
+                save_final=not args.no_save)
     if not args.quiet:
         print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
               f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
@@ -182,6 +183,8 @@ def _add_train(sub) -> None:
     p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude vector too")
     p.add_argument("--full", action="store_true", help="full fine-tuning (every weight), for comparison")
     p.add_argument("--quantize", choices=["nf4"], help="QLoRA: hold the frozen base's linear layers in 4-bit NF4")
+    p.add_argument("--no-save", action="store_true",
+                   help="write no adapter or model at the end, only metrics.jsonl (benchmarks, dry runs)")
     p.add_argument("--nproc", type=int, help="train on N local processes (GPUs) through torchrun; --batch-size is "
                                              "per process (multi-node: run torchrun yourself, docs/distributed.md)")
     _loop_args(p)
