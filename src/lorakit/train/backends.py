@@ -135,9 +135,8 @@ class FastBackend:
         layers = n_layers if recompute == "all" else int(recompute or 0)
         self.model = model
         # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are.
-        # compiled on CUDA: the device it trains on (under FSDP the model may still be on the CPU here)
-        device = device or next(model.parameters()).device
-        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, compile=device.type == "cuda")
+        # `device`: where it trains (under FSDP the model may still be on the CPU here): compile, kernels
+        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device)
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]

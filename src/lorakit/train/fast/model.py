@@ -86,7 +86,7 @@ class FastLlama(nn.Module):
 
     def __init__(self, model: nn.Module, *, compile: bool, recompute_layers: int, chunk: int,
                  fuse: bool, gqa: str, attn_backends: tuple, wide: bool = True, fused_mlp: bool = False,
-                 compile_options: dict | None = None, ce_kernel: bool = True):
+                 compile_options: dict | None = None, ce_kernel: bool = True, device: torch.device | None = None):
         super().__init__()
         self.model = model
         cfg = model.config
@@ -97,7 +97,7 @@ class FastLlama(nn.Module):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         w = model.lm_head.weight
         if gqa == "auto":
-            gqa = _probe_gqa(head_dim, w.dtype, w.device)
+            gqa = _probe_gqa(head_dim, w.dtype, device or w.device)
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                               float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
@@ -111,7 +111,7 @@ class FastLlama(nn.Module):
             self._ckpt_layer = torch.compile(checkpointed_layer, dynamic=False, options=opts)
             self._norm = torch.compile(rms_norm, dynamic=False, options=opts)
             self._chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False, options=opts)
-            if ce_kernel and w.device.type == "cuda" and _has_triton():
+            if ce_kernel and (device or w.device).type == "cuda" and _has_triton():
                 self._chunk_fn = chunk_loss_and_grad_inplace
         else:
             self._layer, self._ckpt_layer = decoder_layer, checkpointed_layer
@@ -222,7 +222,8 @@ def _raise_recompile_limit(n: int = 64) -> None:
 def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: int = 0,
             chunk: int | None = None, fuse: bool = True, adapter_dtype: torch.dtype | None = torch.float32,
             gqa: str = "auto", attn_backends: tuple = (), wide: bool = True, fused_mlp: bool = False,
-            compile_options: dict | None = None, ce_kernel: bool = True) -> FastLlama:
+            compile_options: dict | None = None, ce_kernel: bool = True,
+            device: torch.device | str | None = None) -> FastLlama:
     """Wrap a HF Llama for fast training. Trains what requires grad: the active lorakit adapter
     (after `add_adapter`), or the base weights for full fine-tuning.
 
@@ -238,6 +239,8 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     (gradient written over the logits) instead of the compiled plain-torch chunk function.
     adapter_dtype: dtype for the trainable adapter tensors (float32: the optimizer's update is not lost
     to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
+    device: where the model will train (default: where its weights are now; FSDP moves a CPU-loaded model's
+    shards to the GPU after this): decides compile, the attention probe and the loss kernel.
     """
     _check_model(model)
     if gqa not in ("auto", "native", "expand"):
@@ -249,14 +252,14 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
                     p.data = p.data.to(adapter_dtype)
     if fuse:
         fuse_projections(model)
-    dev = model.lm_head.weight.device
+    dev = torch.device(device) if device is not None else model.lm_head.weight.device
     if compile is None:
         compile = dev.type == "cuda"
     if chunk is None:
         chunk = default_chunk(model.lm_head.weight.shape[0])
     return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
                      gqa=gqa, attn_backends=tuple(attn_backends), wide=wide, fused_mlp=fused_mlp,
-                     compile_options=compile_options, ce_kernel=ce_kernel)
+                     compile_options=compile_options, ce_kernel=ce_kernel, device=dev)
 
 
 def _lora_modules(model: nn.Module):
