@@ -85,14 +85,16 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = 
     n = targets.numel()
     scale = 1.0 / (denom if denom is not None else max(n, 1))
     vocab = head.weight.shape[0]
-    plain_head = type(head) is nn.Linear and head.bias is None
+    plain_head = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward and head.bias is None
     if n * vocab <= CHUNK_ABOVE or not plain_head:
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum") * scale, n
     from lorakit.train.fast.loss import default_chunk, linear_cross_entropy
+    from lorakit.train.fast.model import as_forward
 
     chunk = default_chunk(vocab, CHUNK_ABOVE)
-    if torch.is_grad_enabled():
-        return linear_cross_entropy(hidden, head.weight, targets, chunk=chunk) * (n * scale), n
+    if torch.is_grad_enabled():  # as the head's forward: under FSDP its hooks gather the head's weight
+        return as_forward(head, lambda h: linear_cross_entropy(h, head.weight, targets, chunk=chunk), hidden) \
+            * (n * scale), n
     total = sum(F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="sum")
                 for i in range(0, n, chunk))
     return total * scale, n

@@ -6,9 +6,10 @@ drives the model through a `Runner`:
   ddp   the model stays whole on every device; DDP all-reduces the gradients of the trainable tensors only
         (the LoRA adapters; frozen weights have no gradient and no bucket); micro-batches before the last
         of an optimizer step skip the all-reduce (`no_sync`).
-  fsdp  FSDP2: every decoder layer (the model's `_no_split_modules` classes) and the root are `fully_shard`ed,
-        so each device holds 1/world of every weight (frozen base, adapters, optimizer state) and gathers one
-        layer at a time; gradients are reduce-scattered. Works for LoRA and for full fine-tuning.
+  fsdp  FSDP2: every decoder layer (the model's `_no_split_modules` classes), the input embedding and the output
+        head (when they are two weights, not one tied) and the root are `fully_shard`ed, so each device holds
+        1/world of every weight (frozen base, adapters, optimizer state) and gathers one unit at a time;
+        gradients are reduce-scattered. Works for LoRA and for full fine-tuning.
   auto  DDP when the base's weights take at most AUTO_SHARE of one device's memory, else FSDP; DDP for a
         4-bit (QLoRA) base, which FSDP does not shard.
 Both engines average gradients over ranks; the loss each rank backpropagates is its rows' summed token loss
@@ -170,6 +171,16 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP's units below the root: the decoder layers, then the input embedding and the output head when they
+    hold two weights (a tied pair stays with the root, which is gathered for the whole step)."""
+    units = decoder_layers(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and head is not None and emb.weight is not head.weight:
+        units += [emb, head]
+    return units
+
+
 class _Loss(nn.Module):
     """The root the engines wrap: its forward is a micro-batch's loss through the backend (or, with `fn`, any
     computation that must run inside the root, such as an eval forward under FSDP)."""
@@ -210,12 +221,9 @@ class Runner:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-            for layer in decoder_layers(model):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.root, mesh=mesh)
-            fm = getattr(backend, "fm", None)
-            if fm is not None:
-                fm.through_modules = True  # the fast path runs each layer as its module's forward (FSDP hooks)
+            for unit in shard_units(model):
+                fully_shard(unit, mesh=mesh)
+            fully_shard(self.root, mesh=mesh)  # the fast backend runs each unit as its module (fast.as_forward)
         elif mode != "none":
             raise ValueError(f"unknown parallel mode {mode!r}")
 

@@ -101,9 +101,6 @@ class FastLlama(nn.Module):
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                               float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
-        # True under FSDP (train/distributed.py): each layer runs as its module's forward, so the module's hooks
-        # gather its sharded weights before and free them after (and reduce-scatter their gradients)
-        self.through_modules = False
         if compile:
             _raise_recompile_limit()
             opts = dict(compile_options or {}) or None
@@ -150,13 +147,7 @@ class FastLlama(nn.Module):
 
         def forward(x, cos, sin):  # the parameters are read here: inside the module call, when FSDP gathered them
             return fn(x, cos, sin, self._layer_params(i, layer), self.spec, self.training)
-        if not self.through_modules:
-            return forward(x, cos, sin)
-        layer.forward = forward  # for this call only: the module's hooks run around the fast layer
-        try:
-            return layer(x, cos, sin)
-        finally:
-            del layer.forward
+        return as_forward(layer, forward, x, cos, sin)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -186,8 +177,24 @@ class FastLlama(nn.Module):
             x = self._run_layer(i, layer, x, cos, sin)
         x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
         targets = shift_targets(labels)                                     # (b * s,)
-        return linear_cross_entropy(x.view(b * s, -1), self.model.lm_head.weight, targets,
-                                    chunk=self.chunk, chunk_fn=self._chunk_fn)
+        head = self.model.lm_head
+
+        def loss(h):                                                        # h (b * s, hidden)
+            return linear_cross_entropy(h, head.weight, targets, chunk=self.chunk, chunk_fn=self._chunk_fn)
+        return as_forward(head, loss, x.view(b * s, -1))
+
+
+def as_forward(module: nn.Module, fn, *args):
+    """fn(*args), run as `module`'s forward where the module has forward hooks, so they run around it: FSDP2's
+    (train/distributed.py) gather the module's sharded weights before, free them after and reduce-scatter their
+    gradients. Without hooks, a plain call."""
+    if not (module._forward_pre_hooks or module._forward_hooks):
+        return fn(*args)
+    module.forward = fn  # an instance attribute, for this call only
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def _mask_right_padding(labels: Tensor, mask: Tensor) -> Tensor:
