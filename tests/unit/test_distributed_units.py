@@ -67,3 +67,23 @@ def test_fsdp_shards_the_decoder_layers():
     assert decoder_layers(model) == list(model.model.layers)
     with pytest.raises(ValueError, match="no decoder layer classes"):
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("backend", ["plain", "fast"])
+def test_a_rank_without_targets_still_runs_forward_and_backward_with_zero_weight(backend):
+    """Every rank must join the collectives of each micro-batch: a micro-batch without targets (here one row of
+    one token, which predicts nothing) still runs, and adds exactly zero to the loss and the gradients."""
+    from lorakit import LoraConfig, add_adapter
+    from lorakit.train.backends import choose_backend
+    from lorakit.train.distributed import Runner
+
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4, targets="all-linear", init_lora_weights=False))
+    be, _ = choose_backend(model, backend)
+    runner = Runner(model, be, "none", Context(world=2, device=torch.device("cpu")))
+    batch = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+             "labels": torch.tensor([[5]]), "n_targets": 0, "unpadded": True}
+    loss = runner.loss(batch, 7.0)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert float(loss) == 0.0 and grads and all(g is not None and not g.abs().sum() for g in grads)

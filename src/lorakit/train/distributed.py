@@ -218,7 +218,12 @@ class Runner:
                               find_unused_parameters=False, **quiet)
         elif mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:
+                raise ValueError(f"--parallel fsdp needs FSDP2 (torch >= 2.6), this is torch {torch.__version__}; "
+                                 "use --parallel ddp") from None
 
             mesh = init_device_mesh(ctx.device.type, (ctx.world,))
             for unit in shard_units(model):
@@ -230,11 +235,13 @@ class Runner:
     def loss(self, batch: dict, denom: float) -> torch.Tensor:
         """This rank's share of the global loss (summed token loss / denom, times world for the engines'
         gradient average). A rank whose micro-batch has no target runs a real forward and backward anyway (the
-        engines' collectives need every rank) on the same rows with every token a target, weighted zero."""
+        engines' collectives need every rank): its rows, each led by a copy of its first token so that every row
+        predicts at least one, with every token a target, weighted zero."""
         if self.ctx.world > 1 and batch["n_targets"] == 0:
-            mask = batch["attention_mask"].bool()
-            batch = {**batch, "labels": batch["input_ids"].masked_fill(~mask, IGNORE),
-                     "n_targets": max(1, int(batch["attention_mask"][:, 1:].sum()))}
+            ids = torch.cat([batch["input_ids"][:, :1], batch["input_ids"]], 1)               # (b, s + 1)
+            mask = torch.cat([batch["attention_mask"][:, :1], batch["attention_mask"]], 1)     # still right-padded
+            batch = {**batch, "input_ids": ids, "attention_mask": mask, "unpadded": bool(mask.all()),
+                     "labels": ids.masked_fill(mask == 0, IGNORE), "n_targets": int(mask[:, 1:].sum())}
             return self.engine(batch, 1.0)[0] * 0.0
         return self.engine(batch, denom / self.ctx.world)[0]
 
