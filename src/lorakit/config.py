@@ -162,7 +162,8 @@ class TrainConfig(_FromDict):
     backend: str = "auto"  # auto | plain | fast (train/backends.py)
     recompute: int | str = 0  # layers whose activations are recomputed in backward: 0, N, or "all"
     group_by_length: bool = True  # batches of rows of similar length (less padding)
-    threads: int = 0  # torch CPU threads; 0 = the cores this process may use
+    threads: int = 0  # torch CPU threads; 0 = the cores this process may use (shared among a node's ranks)
+    parallel: str = "auto"  # under torchrun: auto | ddp | fsdp (train/distributed.py); ignored in one process
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -175,6 +176,8 @@ class TrainConfig(_FromDict):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.backend not in ("auto", "plain", "fast"):
             raise ValueError(f"backend must be auto, plain or fast, got {self.backend!r}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if isinstance(self.recompute, str) and self.recompute != "all":
             if not self.recompute.isdigit():
                 raise ValueError(f"recompute must be a number of layers or 'all', got {self.recompute!r}")

@@ -55,6 +55,7 @@ def fingerprint(model: nn.Module) -> dict:
     h = hashlib.sha256()
     for path in sorted(shapes)[:8]:
         w = model.get_submodule(path).weight
+        w = w.to_local() if hasattr(w, "to_local") else w  # FSDP shard: rank 0's holds the first rows (values)
         if isinstance(w, torch.Tensor) and w.is_floating_point() and w.device.type != "meta":
             h.update(w.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return {

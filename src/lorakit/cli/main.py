@@ -94,7 +94,11 @@ def _log_to_stderr(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m lorakit -- train ...` (some Pythons pass the separator on)
+        argv = argv[1:]
     args = parser.parse_args(argv)
+    args.argv = argv  # e.g. for `train --nproc` to start torchrun
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # torchrun
+        print(f"lorakit {args.command}: error: {rank}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

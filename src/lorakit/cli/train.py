@@ -1,9 +1,15 @@
-"""`lorakit train` and `lorakit train-router`: thin front ends of the one training loop (lorakit.train.loop)."""
+"""`lorakit train` and `lorakit train-router`: thin front ends of the one training loop (lorakit.train.loop).
+
+`lorakit train --nproc N ...` starts `torchrun --standalone --nproc-per-node N -m lorakit train ...` (the same
+arguments without --nproc); a process that torchrun started joins its group here (lorakit.train.distributed)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lorakit.cli.commands import _model_args, _split_targets
@@ -27,7 +33,7 @@ def _train_config(args, file_cfg: dict):
         v = getattr(args, flag.replace("-", "_"))
         if v is not None:
             train_kw[flag.replace("-", "_")] = v
-    for k in ("backend", "recompute"):
+    for k in ("backend", "recompute", "parallel"):
         if getattr(args, k, None) is not None:
             train_kw[k] = getattr(args, k)
     if getattr(args, "grad_checkpointing", False):
@@ -39,13 +45,55 @@ def _train_config(args, file_cfg: dict):
     return TrainConfig.from_dict(train_kw)
 
 
-def _load_for_training(args):
-    from lorakit.models import load_base
+def _load_for_training(args, ctx=None, parallel: str = "auto"):
+    """The base on this process's device. Under torchrun: cuda:LOCAL_RANK (or cpu), and on the CPU first where
+    FSDP may shard it (fsdp, or auto, which decides by its size): fully_shard moves each shard to the device."""
+    from lorakit.models import load_base, resolve_device, resolve_dtype
 
-    return load_base(args.model, dtype=args.dtype, device=args.device, quant=args.quantize)
+    if ctx is None or ctx.world == 1:
+        return load_base(args.model, dtype=args.dtype, device=args.device, quant=args.quantize)
+    dtype = resolve_dtype(args.dtype, ctx.device)
+    device = "cpu" if parallel != "ddp" and not args.quantize else ctx.device
+    return load_base(args.model, dtype=dtype, device=str(resolve_device(str(device))), quant=args.quantize)
+
+
+def _spawn(args) -> int:
+    """Run this command under torchrun on `args.nproc` local processes; -> torchrun's exit status."""
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+           "-m", "lorakit", "--", *argv]  # `--`: torchrun's parser would take e.g. --r for its --rdzv-*/--role
+    rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if rc:
+        print(f"lorakit train: error: a training process failed (torchrun exited {rc}); its message is above",
+              file=sys.stderr)
+    return rc
 
 
 def cmd_train(args) -> int:
+    from lorakit.train import distributed
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if (args.nproc or 1) > 1 and not distributed.launched():
+        return _spawn(args)
+    ctx = distributed.init(args.device)
+    try:
+        if not ctx.main:  # one voice: rank 0 logs and prints; every rank still reports its own error
+            logging.getLogger("lorakit").setLevel(logging.ERROR)
+            args.quiet = True
+        return _train(args, ctx)
+    finally:
+        distributed.teardown()
+
+
+def _train(args, ctx) -> int:
     from lorakit.config import LoraConfig, load_config_file
     from lorakit.files import atomic_write_json
     from lorakit.models import model_name
@@ -65,9 +113,11 @@ def cmd_train(args) -> int:
     train_cfg = _train_config(args, file_cfg)
     if args.quantize and train_cfg.full:
         raise ValueError("--quantize nf4 holds the base in 4 bits, frozen: it does not go with --full")
+    if ctx.world > 1 and args.compare:
+        raise ValueError("--compare runs in one process: train with torchrun, then run `lorakit eval`")
     rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
     eval_rows = load_rows(args.eval_data)[0] if args.eval_data else None
-    model, tok = _load_for_training(args)
+    model, tok = _load_for_training(args, ctx, train_cfg.parallel)
     examples = build_examples(tok, rows, args.template, train_cfg.max_len)
     eval_examples = build_examples(tok, eval_rows, args.template, train_cfg.max_len) if eval_rows else None
     log.info("data: %d %s rows from %s%s", len(rows), fmt, args.data,
@@ -79,7 +129,8 @@ def cmd_train(args) -> int:
     if args.quantize:
         meta["base_quant"] = args.quantize
     res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,
-                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model), metadata=meta)
+                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model), metadata=meta,
+                save_final=not args.no_save)
     if not args.quiet:
         print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
               f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
@@ -103,6 +154,9 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                         "it can and says why not (default: auto)")
     p.add_argument("--recompute", help="layers whose activations are recomputed in backward: N or 'all' (default: 0)")
     p.add_argument("--grad-checkpointing", action="store_true", help="same as --recompute all")
+    p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"],
+                   help="under torchrun / --nproc: ddp (replicate the base, all-reduce the adapters' gradients), "
+                        "fsdp (shard every weight), auto: ddp if the base fits one device easily (default: auto)")
     p.add_argument("--no-group-by-length", action="store_true",
                    help="batch rows in plain shuffled order (default: rows of similar length together)")
     p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
@@ -132,6 +186,10 @@ def _add_train(sub) -> None:
     p.add_argument("--dora", action="store_true", help="DoRA: learn a magnitude vector too")
     p.add_argument("--full", action="store_true", help="full fine-tuning (every weight), for comparison")
     p.add_argument("--quantize", choices=["nf4"], help="QLoRA: hold the frozen base's linear layers in 4-bit NF4")
+    p.add_argument("--no-save", action="store_true",
+                   help="write no adapter or model at the end, only metrics.jsonl (benchmarks, dry runs)")
+    p.add_argument("--nproc", type=int, help="train on N local processes (GPUs) through torchrun; --batch-size is "
+                                             "per process (multi-node: run torchrun yourself, docs/distributed.md)")
     _loop_args(p)
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="how prompt/completion rows are rendered (auto: the chat template if the model has one)")

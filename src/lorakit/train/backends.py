@@ -73,14 +73,16 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = 
     n = targets.numel()
     scale = 1.0 / (denom if denom is not None else max(n, 1))
     vocab = head.weight.shape[0]
-    plain_head = type(head) is nn.Linear and head.bias is None
+    plain_head = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward and head.bias is None
     if n * vocab <= CHUNK_ABOVE or not plain_head:
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum") * scale, n
     from lorakit.train.fast.loss import default_chunk, linear_cross_entropy
+    from lorakit.train.fast.model import as_forward
 
     chunk = default_chunk(vocab, CHUNK_ABOVE)
-    if torch.is_grad_enabled():
-        return linear_cross_entropy(hidden, head.weight, targets, chunk=chunk) * (n * scale), n
+    if torch.is_grad_enabled():  # as the head's forward: under FSDP its hooks gather the head's weight
+        return as_forward(head, lambda h: linear_cross_entropy(h, head.weight, targets, chunk=chunk), hidden) \
+            * (n * scale), n
     total = sum(F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="sum")
                 for i in range(0, n, chunk))
     return total * scale, n
@@ -116,14 +118,15 @@ class FastBackend:
 
     name = "fast"
 
-    def __init__(self, model: nn.Module, recompute: int | str = 0):
+    def __init__(self, model: nn.Module, recompute: int | str = 0, device: torch.device | None = None):
         from lorakit.train.fast import prepare
 
         n_layers = len(decoder_layers(model))
         layers = n_layers if recompute == "all" else int(recompute or 0)
         self.model = model
-        # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are
-        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None)
+        # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are.
+        # `device`: where it trains (under FSDP the model may still be on the CPU here): compile, kernels
+        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device)
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
@@ -160,21 +163,21 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
 
 
 def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int | str = 0,
-                   routing: bool = False) -> tuple[object, str]:
+                   routing: bool = False, device: torch.device | None = None) -> tuple[object, str]:
     """-> (backend, why). `auto`: fast on CUDA where the set-up allows it, else plain; `fast` raises with the
-    reason when it cannot take the set-up."""
+    reason when it cannot take the set-up. `device`: where the model trains (default: where it is now)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     if requested == "plain":
         return PlainBackend(model, recompute), "asked for"
     reason = fast_unsupported(model, routing=routing)
     if requested == "fast":
         if reason:
             raise ValueError(f"--backend fast cannot train this set-up: {reason}")
-        return FastBackend(model, recompute), "asked for"
+        return FastBackend(model, recompute, device), "asked for"
     if device.type != "cuda":
         return PlainBackend(model, recompute), f"device is {device.type} (the fast backend is for CUDA)"
     if reason:
         return PlainBackend(model, recompute), reason
-    return FastBackend(model, recompute), f"CUDA and a supported {model.config.model_type} model"
+    return FastBackend(model, recompute, device), f"CUDA and a supported {model.config.model_type} model"

@@ -1,5 +1,9 @@
 """Training checkpoints: trainable tensors, optimizer state and RNG state in one safetensors file, written
-atomically (a directory renamed into place), so a killed run resumes from its last whole checkpoint."""
+atomically (a directory renamed into place), so a killed run resumes from its last whole checkpoint.
+
+Under several processes every rank calls `save_checkpoint` (FSDP shards are gathered whole, a collective) and
+only the writer (rank 0) writes; the file holds full tensors, so a run resumes on any number of processes:
+`load_checkpoint` lays each tensor out as its parameter is (this rank's shard under FSDP)."""
 from __future__ import annotations
 
 import json
@@ -9,24 +13,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.files import atomic_write_dir
+from lorakit.train.distributed import full, place
 
 CKPT = "checkpoint"
 
 
-def save_checkpoint(out_dir: Path, step: int, state: dict, params: dict, opt: torch.optim.Optimizer) -> None:
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+def save_checkpoint(out_dir: Path, step: int, state: dict, params: dict, opt: torch.optim.Optimizer,
+                    write: bool = True) -> None:
+    if not write and not any(hasattr(p, "full_tensor") for p in params.values()):
+        return  # nothing to gather: only the writer has work
+    tensors = {}
     for n, p in params.items():
+        tensors[f"param.{n}"] = full(p).detach().cpu().contiguous()
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"opt.{n}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+            tensors[f"opt.{n}.{k}"] = full(v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    if not write:
+        return
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
 
-    def write(tmp: Path):
+    def write_files(tmp: Path):
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
 
-    atomic_write_dir(out_dir / CKPT, write)
+    atomic_write_dir(out_dir / CKPT, write_files)
 
 
 def load_checkpoint(out_dir: Path, params: dict, opt: torch.optim.Optimizer) -> dict:
@@ -38,8 +49,9 @@ def load_checkpoint(out_dir: Path, params: dict, opt: torch.optim.Optimizer) -> 
             key = f"param.{n}"
             if key not in tensors:
                 raise ValueError(f"checkpoint {str(ck)!r} has no tensor for trainable parameter {n!r}")
-            p.copy_(tensors[key])
-            st = {k[len(f"opt.{n}."):]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+            p.copy_(place(tensors[key], p))
+            st = {k[len(f"opt.{n}."):]: (place(v, p) if v.dim() else v.to(p.device))
+                  for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
             if st:
                 opt.state[p] = st
     torch.set_rng_state(tensors["rng.cpu"])

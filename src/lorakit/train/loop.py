@@ -9,6 +9,9 @@ The loss of a micro-batch comes from a backend (backends.py): `plain` (the model
 otherwise. Everything else is shared: trainable adapter tensors are fp32 master weights (compute stays in the
 model's dtype), one AdamW set-up, one schedule, one checkpoint format, one metrics file.
 
+Under torchrun the same loop runs on every rank (train/distributed.py: DDP or FSDP2). `batch_size` is per rank: a
+step's batch_size x grad_accum x world rows, order, loss and gradients are one process's at batch_size x world.
+
 Output directory (`out_dir`): the adapter files (PEFT layout), the router files, or, with full fine-tuning, a
 Hugging Face model directory; `metrics.jsonl`; `train_config.json`; `checkpoint/` while a run is unfinished.
 """
@@ -31,6 +34,7 @@ from lorakit.adapters.files import save_adapter
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
 from lorakit.files import atomic_write_json, atomic_write_text
+from lorakit.train import distributed
 from lorakit.train.backends import causal_lm_loss, choose_backend
 from lorakit.train.checkpoint import CKPT, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint
 from lorakit.train.data import IGNORE, Example, collate
@@ -65,15 +69,15 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> dict:
-    """Mean loss per target token and perplexity."""
+def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, call=None) -> dict:
+    """Mean loss per target token and perplexity. `call(fn)` runs each forward (a Runner's, under FSDP)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        loss, n = causal_lm_loss(model, batch, denom=1.0)
+        loss, n = (call or (lambda f: f()))(lambda: causal_lm_loss(model, batch, denom=1.0))
         total += float(loss)
         count += n
     model.train(was)
@@ -87,15 +91,21 @@ class MicroBatches:
     group_by_length: each epoch's shuffled order is cut into windows of `window` optimizer batches (`unit` rows:
     batch size x accumulation steps); each window is sorted by length and its batches are shuffled again. Rows of a
     batch then have similar lengths, so little compute goes to padding, the epoch order stays random at the scale
-    of windows, and an optimizer step sees the same rows however it is split into micro-batches."""
+    of windows, and an optimizer step sees the same rows however it is split into micro-batches.
+
+    With `world` ranks a micro-batch is global (batch_size x world rows) and `get` returns rank `rank`'s share;
+    a rank left without rows (a short last micro-batch) gets one row with no target."""
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
-                 group_by_length: bool = False, window: int = 32, unit: int | None = None):
+                 group_by_length: bool = False, window: int = 32, unit: int | None = None,
+                 rank: int = 0, world: int = 1):
         import random
 
-        self.examples, self.bs, self.seed, self.pad = examples, batch_size, seed, pad_id
-        self.group, self.window, self.unit = group_by_length, window, unit or batch_size
-        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self.examples, self.bs, self.seed, self.pad = examples, batch_size * world, seed, pad_id
+        self.group, self.window, self.unit = group_by_length, window, unit or batch_size * world
+        self.rank, self.world = rank, world
+        self.per_epoch = math.ceil(len(examples) / self.bs)
+        self.targets = [sum(lab != IGNORE for lab in e.labels[1:]) for e in examples]
         self._rand = random.Random
         self._orders: dict[int, list[int]] = {}
 
@@ -116,10 +126,18 @@ class MicroBatches:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
-    def get(self, m: int) -> dict[str, torch.Tensor]:
+    def indices(self, m: int) -> list[int]:
+        """The rows of global micro-batch m."""
         epoch, i = divmod(m, self.per_epoch)
-        idx = self.order(epoch)[i * self.bs:(i + 1) * self.bs]
-        return collate([self.examples[j] for j in idx], self.pad)
+        return self.order(epoch)[i * self.bs:(i + 1) * self.bs]
+
+    def get(self, m: int) -> dict[str, torch.Tensor]:
+        idx = self.indices(m)
+        part = idx[self.rank * len(idx) // self.world:(self.rank + 1) * len(idx) // self.world]
+        batch = collate([self.examples[j] for j in part or idx[:1]], self.pad)
+        if not part:
+            batch["labels"].fill_(IGNORE)
+        return batch
 
 
 def trim_to_targets(examples: list[Example]) -> list[Example]:
@@ -148,15 +166,6 @@ def _fp32_masters(model) -> None:
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
-
-
-def _cuda_peaks(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    out = {"cuda_peak_alloc_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
-           "cuda_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
-    torch.cuda.reset_peak_memory_stats(device)
-    return out
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -212,17 +221,23 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     if not train_examples:
         raise ValueError("no training examples")
     out_dir = Path(out_dir)
-    threads = set_threads(cfg.threads)
+    ctx = distributed.context()  # one process, or this rank of a torchrun group
+    threads = set_threads(cfg.threads or distributed.default_threads(ctx))
     torch.manual_seed(cfg.seed)
-    device = next(model.parameters()).device
+    mode = distributed.place_model(model, cfg.parallel, ctx, routing=router is not None)
+    device = ctx.device or next(model.parameters()).device
     params = _setup_trainable(model, lora, cfg, router)
-    backend, why = choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None)
+    backend, why = choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None,
+                                  device=device)
     log.info("backend: %s (%s)", backend.name, why)
     if router is not None:
         trainable = sum(p.numel() for p in params.values())
         total = trainable + sum(p.numel() for p in model.parameters())
     else:
         trainable, total = count_params(model)
+    runner = distributed.Runner(model, backend, mode, ctx)
+    if mode == "fsdp":
+        params = _trainable(model)  # FSDP replaced each parameter by its shard
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -231,11 +246,11 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     train_examples = trim_to_targets(train_examples)
     mb = MicroBatches(train_examples, cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
-                      unit=cfg.batch_size * cfg.grad_accum)
+                      unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * mb.per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup_ratio * total_steps)
     what = "router" if router is not None else "full" if cfg.full else "lora"
-    config_echo = {"lora": lora.to_dict() if what == "lora" else None, "train": asdict(cfg),
+    config_echo = {"lora": lora.to_dict() if what == "lora" else None, "train": distributed.echo(asdict(cfg), ctx),
                    "total_steps": total_steps, "n_train": len(train_examples), "what": what}
     if router is not None:
         config_echo["router"] = {"adapters": router.names, "temperature": router.temperature}
@@ -257,57 +272,62 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
         raise ValueError(f"{str(out_dir)!r} holds a finished run; nothing to resume")
     elif resume:
         log.info("no checkpoint in %r; starting from step 0", str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DONE).unlink(missing_ok=True)
-    atomic_write_json(out_dir / "train_config.json", {**config_echo, "backend": backend.name,
-                                                      "backend_reason": why, "threads": threads})
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    distributed.barrier(ctx)  # every rank has read what it needs before rank 0 writes
+    if ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / DONE).unlink(missing_ok=True)
+        atomic_write_json(out_dir / "train_config.json", {
+            **config_echo, "backend": backend.name, "backend_reason": why, "threads": threads, "world": ctx.world,
+            "parallel": mode, "batch_size_per_rank": cfg.batch_size})
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     log.info("%s: %s", {"router": "router", "full": "full fine-tuning", "lora": "LoRA"}[what],
              f"trainable params: {trainable:,} of {total:,}" if router is not None else trainable_report(model))
 
     bar = None
-    if progress:
+    if progress and ctx.main:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     if router is not None:
         router.train()
-    _cuda_peaks(device)
+    runner.peaks()
     t0 = time.perf_counter()
     tokens = done_tokens
     last_eval = None
     try:
-        with metrics_path.open("a") as mlog:
+        with (metrics_path if ctx.main else Path(os.devnull)).open("a") as mlog:
             for step in range(start_step, total_steps):
                 lr = lr_at(step, total_steps, warmup, cfg.lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                micro = [mb.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-                denom = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
-                step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                micro = [step * cfg.grad_accum + k for k in range(cfg.grad_accum)]
+                rows = [j for m in micro for j in mb.indices(m)]  # the global step's rows, all ranks
+                denom = max(1, sum(mb.targets[j] for j in rows))  # counted on the host: no device sync
+                step_tokens = sum(len(train_examples[j].input_ids) for j in rows)
                 loss_sum = torch.zeros((), device=device)
-                for b in micro:
-                    n_targets = int((b["labels"][:, 1:] != IGNORE).sum())  # counted on the host: no device sync
+                for k, m in enumerate(micro):
+                    b = mb.get(m)  # this rank's rows
+                    n_targets = int((b["labels"][:, 1:] != IGNORE).sum())
                     unpadded = bool(b["attention_mask"].all())
                     b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
                     b["n_targets"], b["unpadded"] = n_targets, unpadded
-                    loss, _ = backend.loss(b, denom)
-                    loss.backward()
+                    with runner.no_sync(last=k == len(micro) - 1):
+                        loss = runner.loss(b, denom)
+                        loss.backward()
                     loss_sum += loss.detach()
                 tokens += step_tokens
-                gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) \
-                    if cfg.max_grad_norm > 0 else torch.zeros(())
+                gnorm = runner.clip(list(params.values()), cfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                loss_f, gnorm_f = (float(v) for v in torch.stack([loss_sum, gnorm.to(loss_sum)]).cpu())  # one sync
+                loss_f, gnorm_f = (float(v) for v in torch.stack([runner.mean(loss_sum), gnorm.to(loss_sum)]).cpu())
                 secs = done_secs + time.perf_counter() - t0
                 rec = {"step": step + 1, "loss": loss_f, "lr": lr, "grad_norm": gnorm_f, "tokens": tokens,
                        "tokens_per_s": (tokens - done_tokens) / max(secs - done_secs, 1e-9), "seconds": secs,
-                       "backend": backend.name, **_cuda_peaks(device)}
+                       "backend": backend.name, **runner.peaks()}
                 result.losses.append(loss_f)
                 if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-                    ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size)
+                    ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size, call=runner.call)
                     rec.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
                     result.evals.append(rec)
                     last_eval = ev["loss"]
@@ -322,7 +342,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                     bar.update(1)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                     _save_checkpoint(out_dir, step + 1, {"tokens": tokens, "seconds": secs, "config": config_echo},
-                                     params, opt)
+                                     params, opt, write=ctx.main)
                 if on_step:
                     on_step(step + 1, loss_f)
             if bar:
@@ -331,7 +351,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
             result.tokens = tokens - done_tokens
             result.seconds = time.perf_counter() - t0
             if eval_examples:
-                ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size)
+                ev = evaluate_loss(model, eval_examples, pad_id, cfg.batch_size, call=runner.call)
                 rec = {"step": total_steps, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
                 result.evals.append(rec)
                 mlog.write(json.dumps(rec) + "\n")
@@ -344,19 +364,22 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
             set_routing(model, None)
             router.eval()
     model.eval()
-    if save_final:
-        meta = {**(metadata or {}), "steps": total_steps, "final_loss": result.losses[-1] if result.losses else None,
-                "backend": backend.name}
-        if router is not None:
-            router.save(out_dir)
-        elif cfg.full:
-            save_full_model(model, tok, out_dir)
-        else:
-            save_adapter(model, out_dir, "default", base_name=base_name, metadata=meta)
-    atomic_write_json(out_dir / DONE, {"steps": total_steps, "final_loss": result.losses[-1],
-                                        "evals": result.evals, "trainable": trainable, "total": total,
-                                        "backend": backend.name})
-    shutil.rmtree(out_dir / CKPT, ignore_errors=True)
+    with distributed.whole_params(model, params if save_final else {}, ctx):  # FSDP: full tensors on rank 0 (all ranks gather)
+        if save_final and ctx.main:
+            meta = {**(metadata or {}), "steps": total_steps, "backend": backend.name,
+                    "final_loss": result.losses[-1] if result.losses else None}
+            if router is not None:
+                router.save(out_dir)
+            elif cfg.full:
+                save_full_model(model, tok, out_dir)
+            else:
+                save_adapter(model, out_dir, "default", base_name=base_name, metadata=meta)
+    if ctx.main:
+        atomic_write_json(out_dir / DONE, {"steps": total_steps, "final_loss": result.losses[-1],
+                                            "evals": result.evals, "trainable": trainable, "total": total,
+                                            "backend": backend.name})
+        shutil.rmtree(out_dir / CKPT, ignore_errors=True)
+    distributed.barrier(ctx)  # the run's files are complete when train returns on any rank
     return result
 
 

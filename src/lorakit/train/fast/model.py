@@ -87,7 +87,7 @@ class FastLlama(nn.Module):
 
     def __init__(self, model: nn.Module, *, compile: bool, recompute_layers: int, chunk: int,
                  fuse: bool, gqa: str, attn_backends: tuple, wide: bool = True, fused_mlp: bool = False,
-                 compile_options: dict | None = None, ce_kernel: bool = True):
+                 compile_options: dict | None = None, ce_kernel: bool = True, device: torch.device | None = None):
         super().__init__()
         self.model = model
         cfg = model.config
@@ -98,7 +98,7 @@ class FastLlama(nn.Module):
         head_dim = head_dim_of(cfg)
         w = model.lm_head.weight
         if gqa == "auto":
-            gqa = _probe_gqa(head_dim, w.dtype, w.device)
+            gqa = _probe_gqa(head_dim, w.dtype, device or w.device)
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                               float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
@@ -109,7 +109,7 @@ class FastLlama(nn.Module):
             self._ckpt_layer = torch.compile(checkpointed_layer, dynamic=False, options=opts)
             self._norm = torch.compile(rms_norm, dynamic=False, options=opts)
             self._chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False, options=opts)
-            if ce_kernel and w.device.type == "cuda" and _has_triton():
+            if ce_kernel and (device or w.device).type == "cuda" and _has_triton():
                 self._chunk_fn = chunk_loss_and_grad_inplace
         else:
             self._layer, self._ckpt_layer = decoder_layer, checkpointed_layer
@@ -128,20 +128,27 @@ class FastLlama(nn.Module):
         return Proj(tuple(m.weight for m in mods), tuple(getattr(m, "bias", None) for m in mods), loras, sizes)
 
     def layer_params(self) -> list[LayerParams]:
-        out = []
-        for i, layer in enumerate(decoder_layers(self.model)):
-            path = f"model.layers.{i}"
-            attn, mlp = layer.self_attn, layer.mlp
-            if hasattr(attn, "q_norm"):
-                raise ValueError(f"{path}: attention with q/k norms is not supported")
-            out.append(LayerParams(
-                layer.input_layernorm.weight,
-                self._proj(attn, GROUPS[0][1], f"{path}.self_attn"),
-                self._proj(attn, ("o_proj",), f"{path}.self_attn"),
-                layer.post_attention_layernorm.weight,
-                self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
-                self._proj(mlp, ("down_proj",), f"{path}.mlp")))
-        return out
+        return [self._layer_params(i, layer) for i, layer in enumerate(decoder_layers(self.model))]
+
+    def _layer_params(self, i: int, layer: nn.Module) -> LayerParams:
+        path = f"model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        if hasattr(attn, "q_norm"):
+            raise ValueError(f"{path}: attention with q/k norms is not supported")
+        return LayerParams(
+            layer.input_layernorm.weight,
+            self._proj(attn, GROUPS[0][1], f"{path}.self_attn"),
+            self._proj(attn, ("o_proj",), f"{path}.self_attn"),
+            layer.post_attention_layernorm.weight,
+            self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
+            self._proj(mlp, ("down_proj",), f"{path}.mlp"))
+
+    def _run_layer(self, i: int, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        fn = self._ckpt_layer if i < self.recompute_layers else self._layer
+
+        def forward(x, cos, sin):  # the parameters are read here: inside the module call, when FSDP gathered them
+            return fn(x, cos, sin, self._layer_params(i, layer), self.spec, self.training)
+        return as_forward(layer, forward, x, cos, sin)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -167,13 +174,28 @@ class FastLlama(nn.Module):
         pos = torch.arange(s, device=input_ids.device)[None]                # (1, s)
         cos, sin = base.rotary_emb(x, pos)                                  # (1, s, d) each
         cos, sin = cos[0], sin[0]                                           # (s, d)
-        for i, p in enumerate(self.layer_params()):
-            fn = self._ckpt_layer if i < self.recompute_layers else self._layer
-            x = fn(x, cos, sin, p, self.spec, self.training)
+        for i, layer in enumerate(base.layers):
+            x = self._run_layer(i, layer, x, cos, sin)
         x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
         targets = shift_targets(labels)                                     # (b * s,)
-        return linear_cross_entropy(x.view(b * s, -1), self.model.lm_head.weight, targets,
-                                    chunk=self.chunk, chunk_fn=self._chunk_fn)
+        head = self.model.lm_head
+
+        def loss(h):                                                        # h (b * s, hidden)
+            return linear_cross_entropy(h, head.weight, targets, chunk=self.chunk, chunk_fn=self._chunk_fn)
+        return as_forward(head, loss, x.view(b * s, -1))
+
+
+def as_forward(module: nn.Module, fn, *args):
+    """fn(*args), run as `module`'s forward where the module has forward hooks, so they run around it: FSDP2's
+    (train/distributed.py) gather the module's sharded weights before, free them after and reduce-scatter their
+    gradients. Without hooks, a plain call."""
+    if not (module._forward_pre_hooks or module._forward_hooks):
+        return fn(*args)
+    module.forward = fn  # an instance attribute, for this call only
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def _mask_right_padding(labels: Tensor, mask: Tensor) -> Tensor:
@@ -208,7 +230,8 @@ def _raise_recompile_limit(n: int = 64) -> None:
 def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: int = 0,
             chunk: int | None = None, fuse: bool = True, adapter_dtype: torch.dtype | None = torch.float32,
             gqa: str = "auto", attn_backends: tuple = (), wide: bool = True, fused_mlp: bool = False,
-            compile_options: dict | None = None, ce_kernel: bool = True) -> FastLlama:
+            compile_options: dict | None = None, ce_kernel: bool = True,
+            device: torch.device | str | None = None) -> FastLlama:
     """Wrap a HF Llama for fast training. Trains what requires grad: the active lorakit adapter
     (after `add_adapter`), or the base weights for full fine-tuning.
 
@@ -224,6 +247,8 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     (gradient written over the logits) instead of the compiled plain-torch chunk function.
     adapter_dtype: dtype for the trainable adapter tensors (float32: the optimizer's update is not lost
     to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
+    device: where the model will train (default: where its weights are now; FSDP moves a CPU-loaded model's
+    shards to the GPU after this): decides compile, the attention probe and the loss kernel.
     """
     _check_model(model)
     if gqa not in ("auto", "native", "expand"):
@@ -235,14 +260,14 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
                     p.data = p.data.to(adapter_dtype)
     if fuse:
         fuse_projections(model)
-    dev = model.lm_head.weight.device
+    dev = torch.device(device) if device is not None else model.lm_head.weight.device
     if compile is None:
         compile = dev.type == "cuda"
     if chunk is None:
         chunk = default_chunk(model.lm_head.weight.shape[0])
     return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
                      gqa=gqa, attn_backends=tuple(attn_backends), wide=wide, fused_mlp=fused_mlp,
-                     compile_options=compile_options, ce_kernel=ce_kernel)
+                     compile_options=compile_options, ce_kernel=ce_kernel, device=dev)
 
 
 def _lora_modules(model: nn.Module):
