@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "lorakit.adapters.compose",         # compose
     "lorakit.lab.sweep",           # sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
+    "lorakit.cli.ui",          # ui (the dashboard without a model)
 ]
 
 
