@@ -90,10 +90,10 @@ def build(root: Path, real_run: bool = False, steps: int = 10, xss: bool = True)
     delete_adapter(learner, "default")
     attn = LoraConfig(r=8, alpha=16, targets="attn", init_lora_weights=False)
     if not real_run:
-        _random_adapter(model, root / "iso-dates-v1", attn, 1, 0.02)
-    _random_adapter(model, root / "iso-dates-v2", attn, 2, 0.02)
+        _random_adapter(model, root / "iso-dates-v1", attn, 1, 0.06)
+    _random_adapter(model, root / "iso-dates-v2", attn, 2, 0.06)
     _random_adapter(model, root / "noisy", LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False),
-                    3, 0.04)
+                    3, 0.06)
     reg = Registry(root / "registry.sqlite", base_fp=fingerprint(model), base_name="SmolLM2-135M-Instruct")
     reg.add("iso-dates", run if real_run else root / "iso-dates-v1",
             description="ISO dates: LoRA r=8 on the demo task" + (" " + XSS if xss else ""))
