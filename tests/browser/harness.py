@@ -2,7 +2,7 @@
 
 build(root) trains a small real run (a few LoRA steps on the demo date task: metrics.jsonl, train_config.json,
 eval.json, the adapter) and registers two adapters in a registry for the embedded base:
-  iso-dates  v1 = the trained adapter (or a random one), v2 = random A and B (rollback changes answers)
+  iso-dates  v1 = random A and B, v2 = random too (tests) or the trained adapter (screenshots); v2 is current
   noisy      v1 = random A and small random B on every linear layer (answers drift from the base's)
 and a runs dir holding the trained run, a run named with HTML in it, and a "live" run a test appends to.
 start(root, port) starts `python -m lorakit serve` on it and waits for /health.
@@ -60,8 +60,8 @@ def _random_adapter(model, path: Path, cfg, seed: int, b_scale: float) -> None:
 
 def build(root: Path, real_run: bool = False, steps: int = 10, xss: bool = True) -> dict:
     """Make the run, the adapters and the registry under `root`; returns the paths. The run trains the
-    embedded model with `real_run` (minutes on a small CPU; its adapter becomes iso-dates v1), else a tiny
-    random Llama with the embedded tokenizer (seconds; iso-dates v1 is then a random adapter too)."""
+    embedded model with `real_run` (minutes on a small CPU; its adapter becomes iso-dates v2), else a tiny
+    random Llama with the embedded tokenizer (seconds; iso-dates v2 is then a random adapter too)."""
     import torch
 
     from lorakit import LoraConfig, TrainConfig, delete_adapter, fingerprint, load_base, set_active
@@ -89,17 +89,17 @@ def build(root: Path, real_run: bool = False, steps: int = 10, xss: bool = True)
     atomic_write_json(run / "eval.json", rep.to_dict())
     delete_adapter(learner, "default")
     attn = LoraConfig(r=8, alpha=16, targets="attn", init_lora_weights=False)
-    if not real_run:
-        _random_adapter(model, root / "iso-dates-v1", attn, 1, 0.06)
+    _random_adapter(model, root / "iso-dates-v1", attn, 1, 0.06)
     _random_adapter(model, root / "iso-dates-v2", attn, 2, 0.06)
     _random_adapter(model, root / "noisy", LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False),
                     3, 0.06)
     reg = Registry(root / "registry.sqlite", base_fp=fingerprint(model), base_name="SmolLM2-135M-Instruct")
-    reg.add("iso-dates", run if real_run else root / "iso-dates-v1",
-            description="ISO dates: LoRA r=8 on the demo task" + (" " + XSS if xss else ""))
-    reg.add("iso-dates", root / "iso-dates-v2")
+    # tests: v1 and v2 random (v2 current); screenshots: an untrained draft v1, the trained run v2 (current)
+    reg.add("iso-dates", root / "iso-dates-v1", description="ISO dates: LoRA r=8 on the demo task" + (" " + XSS if xss else ""))
+    reg.add("iso-dates", run if real_run else root / "iso-dates-v2")
     reg.add("noisy", root / "noisy", description="random A and B on every linear layer: a stand-in for a second task")
-    reg.add_eval("iso-dates@1", {"accuracy": rep.after.get("accuracy"), "loss": rep.after["loss"]})
+    reg.add_eval("iso-dates@2" if real_run else "iso-dates@1", {"accuracy": rep.after.get("accuracy"),
+                                                                  "loss": rep.after["loss"]})
     reg.close()
     if xss:
         (runs / XSS_RUN).mkdir()

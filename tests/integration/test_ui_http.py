@@ -241,3 +241,40 @@ def test_live_chart_grows_and_logout_ends_the_session(env):
     r = c.post("/ui/logout", data={"csrf": token})
     assert r.status_code == 303 and r.headers["location"] == "/ui/login"
     assert httpx.get(env["url"] + "/ui/runs", cookies={"lorakit_session": sid}).status_code == 303
+
+
+def test_lorakit_ui_serves_the_dashboard_without_a_model(env):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "ui", "--registry", str(env["root"] / "reg.sqlite"),
+                             "--runs-dir", str(env["runs"]), "--port", str(port), "--api-key", KEY],
+                            env={**os.environ, "PYTHONPATH": src}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/ui/login", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.3)
+        c, token = login({"url": url}, KEY)
+        page = c.get("/ui/adapters").text
+        assert 'data-name="a"' in page and 'data-name="b"' in page and "tiny" in page
+        assert 'data-name="r1"' in c.get("/ui/runs").text and "no sweeps directory" in c.get("/ui/sweeps").text.lower()
+        assert 'id="compare-go" disabled' in c.get("/ui/compare").text
+        r = c.post("/ui/api/complete", json={"model": "base", "prompt": "hi"}, headers={"X-CSRF-Token": token})
+        assert r.status_code == 503 and "lorakit serve" in r.json()["error"]["message"]
+        assert c.get("/v1/models").status_code == 404  # no inference API in this mode
+    finally:
+        proc.terminate()
+        proc.wait(15)

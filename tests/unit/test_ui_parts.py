@@ -70,12 +70,13 @@ def test_runs_listing_status_and_half_written_line(tmp_path):
 
 def test_chart_maps_points_into_the_plot_box():
     c = R.chart({"loss": [(1, 4.0), (3, 2.0), (5, 0.5)], "eval_loss": [(5, 1.5)]})
-    assert c["lines"][0]["points"] == "0.0,0.0 500.0,500.0 1000.0,875.0"  # y from 0 (falls most of the way)
-    assert c["lines"][1]["dots"] == [(1000.0, 625.0)] and c["lines"][1]["n"] == 1
+    # y from 0 (the curve falls most of the way) to 4 plus 6% headroom: y=4 -> 1 - 4/4.24
+    assert c["lines"][0]["points"] == "0.0,56.6 500.0,528.3 1000.0,882.1"
+    assert c["lines"][1]["dots"] == [(1000.0, 646.2)] and c["lines"][1]["n"] == 1
     assert [label for _, label in c["xticks"]] == ["1", "2", "3", "4", "5"]  # whole steps only
-    assert [label for _, label in c["yticks"]] == ["0", "1", "2", "3", "4"]
+    assert [label for _, label in c["yticks"]] == ["0", "2", "4"]
     lg = R.chart({"loss": [(1, 100.0), (2, 1.0), (3, 0.0)]}, log_y=True)  # 0 has no log: dropped
-    assert lg["lines"][0]["points"] == "0.0,0.0 1000.0,1000.0" and [t for _, t in lg["yticks"]] == ["1", "10", "100"]
+    assert lg["lines"][0]["points"] == "0.0,56.6 1000.0,1000.0" and [t for _, t in lg["yticks"]] == ["1", "10", "100"]
     assert R.chart({"loss": []})["empty"]
     assert R.nice_ticks(0, 1) == [0, 0.25, 0.5, 0.75, 1.0] and R.nice_ticks(1, 30, integer=True) == [10, 20, 30]
     assert R.nice_ticks(1, 3, integer=True) == [1, 2, 3]

@@ -145,9 +145,11 @@ def add_routes(app, ui: UI) -> None:
             return _json_error(401, "log in first")
         if not ui.has_inference:
             return _json_error(503, "this dashboard runs without a model (lorakit ui): start `lorakit serve`")
-        raw = await request.body()
-        if len(raw) > MAX_COMPARE_BODY:
-            return _json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_COMPARE_BODY:
+                return _json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes")
         try:
             body = json.loads(raw)
             model, prompt = body["model"], body["prompt"]

@@ -145,6 +145,7 @@ def chart(series: dict[str, list[tuple[float, float]]], log_y: bool = False) -> 
         y0, y1 = y0 - (abs(y0) * 0.1 or 1), y1 + (abs(y1) * 0.1 or 1)
     if not log_y and 0 < y0 < 0.25 * y1:
         y0 = 0.0  # a curve that falls most of the way to zero reads best from zero
+    y1 += 0.06 * (y1 - y0)  # headroom: the highest point stays clear of the top label
     fx_ = lambda x: (x - x0) / (x1 - x0)  # noqa: E731
     fy_ = lambda y: (y - y0) / (y1 - y0)  # noqa: E731
     for name, v in pts.items():
