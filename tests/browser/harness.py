@@ -163,45 +163,52 @@ def launch(playwright):
                                       args=["--no-sandbox", "--disable-dev-shm-usage"])
 
 
-def screenshots(out: Path) -> None:
-    """Every page at a laptop width and a phone width, logged in as admin."""
+def screenshots(out: Path, env_dir: Path | None = None) -> None:
+    """Every page at a laptop width and at a phone width (the same page, resized), logged in as admin.
+    With `env_dir` the trained run and registry are kept there and reused by the next call."""
     import tempfile
 
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        env = build(Path(tmp), real_run=True, steps=12, xss=False)
+    with tempfile.TemporaryDirectory(prefix="lorakit-demo-") as tmp:
+        root = env_dir or Path(tmp)
+        if (root / "registry.sqlite").exists():
+            env = {"root": root, "registry": root / "registry.sqlite", "runs": root / "runs",
+                   "sweeps": REPO / "docs" / "sweep"}
+        else:
+            env = build(root, real_run=True, steps=12, xss=False)
         proc, url = start(env)
+        desktop, phone = {"width": 1280, "height": 860}, {"width": 390, "height": 844}
         try:
             with sync_playwright() as p:
                 browser = launch(p)
-                for label, viewport in (("desktop", {"width": 1280, "height": 860}),
-                                        ("phone", {"width": 390, "height": 844})):
-                    page = browser.new_page(viewport=viewport, device_scale_factor=1)
-                    page.goto(url + "/ui/login")
-                    page.screenshot(path=str(out / f"login-{label}.png"))
-                    login(page, url, ADMIN)
-                    page.goto(url + "/ui/adapters")
-                    page.screenshot(path=str(out / f"adapters-{label}.png"), full_page=True)
-                    page.goto(url + "/ui/adapters/iso-dates")
-                    page.screenshot(path=str(out / f"adapter-{label}.png"), full_page=True)
-                    page.goto(url + "/ui/compare")
-                    page.fill("#prompt", DATE_PROMPT + "\n---\nName three colours of the rainbow.")
-                    page.check("input[value='iso-dates']")
-                    page.check("input[value='noisy']")
-                    page.fill("#stack", "iso-dates:0.7+noisy:0.3")
-                    page.fill("#max_tokens", "24")
-                    page.click("#compare-go")
-                    page.wait_for_selector("#results[data-done]", timeout=240_000)
-                    page.screenshot(path=str(out / f"compare-{label}.png"), full_page=True)
-                    page.goto(url + "/ui/runs")
-                    page.screenshot(path=str(out / f"runs-{label}.png"), full_page=True)
-                    page.goto(url + "/ui/runs/iso-dates-r8")
-                    page.screenshot(path=str(out / f"run-{label}.png"), full_page=True)
-                    page.goto(url + "/ui/sweeps/sweep")
-                    page.screenshot(path=str(out / f"sweep-{label}.png"), full_page=label == "phone")
-                    page.close()
+                page = browser.new_page(viewport=desktop, device_scale_factor=1)
+
+                def shoot(name: str, full_desktop: bool = True) -> None:
+                    page.set_viewport_size(desktop)
+                    page.screenshot(path=str(out / f"{name}-desktop.png"), full_page=full_desktop)
+                    page.set_viewport_size(phone)
+                    page.screenshot(path=str(out / f"{name}-phone.png"), full_page=True)
+                    page.set_viewport_size(desktop)
+
+                page.goto(url + "/ui/login")
+                shoot("login", False)
+                login(page, url, ADMIN)
+                for name, path in (("adapters", "/ui/adapters"), ("adapter", "/ui/adapters/iso-dates"),
+                                   ("runs", "/ui/runs"), ("run", "/ui/runs/iso-dates-r8"),
+                                   ("sweep", "/ui/sweeps/sweep")):
+                    page.goto(url + path)
+                    shoot(name, name != "sweep")
+                page.goto(url + "/ui/compare")
+                page.fill("#prompt", DATE_PROMPT + "\n---\nName three colours of the rainbow.")
+                page.check("input[value='iso-dates']")
+                page.check("input[value='noisy']")
+                page.fill("#stack", "iso-dates:0.7+noisy:0.3")
+                page.fill("#max_tokens", "24")
+                page.click("#compare-go")
+                page.wait_for_selector("#results[data-done]", timeout=1_200_000)
+                shoot("compare")
                 browser.close()
         finally:
             stop(proc)
@@ -212,4 +219,6 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--screenshots", required=True, help="output directory for the PNGs")
-    screenshots(Path(ap.parse_args().screenshots))
+    ap.add_argument("--env-dir", help="keep the trained run and registry here (reused when present)")
+    a = ap.parse_args()
+    screenshots(Path(a.screenshots), Path(a.env_dir) if a.env_dir else None)

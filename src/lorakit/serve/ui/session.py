@@ -100,15 +100,15 @@ def level_of(s: Session | None, api_keys: list[str]) -> int:
 
 
 def same_origin(request: Request) -> bool:
-    """False when the browser says the request came from another site (Origin or Referer header)."""
+    """False when the browser says the request came from another host (Origin or Referer header)."""
     src = request.headers.get("origin")
     if src == "null":
         return False
     src = src or request.headers.get("referer")
     if not src:
         return True  # neither header: not a browser's cross-site POST (those send Origin); the token decides
-    u = urlsplit(src)
-    return (u.scheme, u.netloc) == (request.url.scheme, request.headers.get("host", request.url.netloc))
+    # the host only: behind a TLS-terminating proxy the scheme seen here may be http while the page's is https
+    return urlsplit(src).netloc == request.headers.get("host", request.url.netloc)
 
 
 def csrf_ok(s: Session | None, token: str | None, request: Request) -> bool:
