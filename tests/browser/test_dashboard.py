@@ -62,7 +62,9 @@ def test_compare_shows_base_and_adapter_answers(page, served):
     col = page.locator('.answer[data-model="iso-dates@2"]')
     marked = col.locator(".tok.diff").count()
     assert marked > 0 and col.get_attribute("data-differ") == str(marked)
-    assert page.locator('.answer[data-model="base"] .tok.diff').count() == 0
+    base_col = page.locator('.answer[data-model="base"]')
+    assert base_col.locator(".tok.diff").count() == 0
+    assert base_col.locator(".tok.gone").count() == int(col.get_attribute("data-missing"))
     no_xss(page)
 
 

@@ -87,7 +87,7 @@
     }
   }
 
-  // tokens of `segs` that are not in the longest common subsequence with `ref` (compared by text)
+  // the tokens of `segs` and of `ref` outside their longest common subsequence (compared by text)
   function unmatched(segs, ref) {
     var n = segs.length, m = ref.length, i, j;
     var L = [];
@@ -95,14 +95,14 @@
     for (i = n - 1; i >= 0; i--)
       for (j = m - 1; j >= 0; j--)
         L[i][j] = segs[i].text === ref[j].text ? L[i + 1][j + 1] + 1 : Math.max(L[i + 1][j], L[i][j + 1]);
-    var out = [];
+    var mine = [], theirs = [];
     i = 0; j = 0;
-    while (i < n) {
-      if (j < m && segs[i].text === ref[j].text) { i++; j++; }
-      else if (j < m && L[i][j + 1] > L[i + 1][j]) { j++; }
-      else { out.push(segs[i]); i++; }
+    while (i < n || j < m) {
+      if (i < n && j < m && segs[i].text === ref[j].text) { i++; j++; }
+      else if (j < m && (i >= n || L[i][j + 1] >= L[i + 1][j])) { theirs.push(ref[j]); j++; }
+      else { mine.push(segs[i]); i++; }
     }
-    return out;
+    return {mine: mine, theirs: theirs};
   }
 
   function markDiffs(cols) {
@@ -110,14 +110,16 @@
     if (ok.length < 2) return;
     var ref = ok.filter(function (c) { return c.model === "base"; })[0] || ok[0];
     ref.art.classList.add("reference");
-    ok.forEach(function (c) {
-      if (c === ref) return;
-      var diff = unmatched(c.segs, ref.segs);
-      diff.forEach(function (s) { s.span.classList.add("diff"); });
-      var missing = ref.segs.length - (c.segs.length - diff.length);
-      c.art.setAttribute("data-differ", String(diff.length));
-      c.foot.textContent += " · " + diff.length + " of " + c.segs.length + " tokens differ" +
-        (missing ? ", " + missing + " of the reference's missing" : "");
+    var others = ok.filter(function (c) { return c !== ref; });
+    others.forEach(function (c) {
+      var d = unmatched(c.segs, ref.segs);
+      d.mine.forEach(function (s) { s.span.classList.add("diff"); });
+      // with one answer beside the reference, also strike the reference's tokens that answer lacks
+      if (others.length === 1) d.theirs.forEach(function (s) { s.span.classList.add("gone"); });
+      c.art.setAttribute("data-differ", String(d.mine.length));
+      c.art.setAttribute("data-missing", String(d.theirs.length));
+      c.foot.textContent += " · " + d.mine.length + " of " + c.segs.length + " tokens differ" +
+        (d.theirs.length ? ", " + d.theirs.length + " of the reference's missing" : "");
     });
   }
 
