@@ -209,6 +209,11 @@ def screenshots(out: Path, env_dir: Path | None = None) -> None:
                 page.click("#compare-go")
                 page.wait_for_selector("#results[data-done]", timeout=1_200_000)
                 shoot("compare")
+                page.goto(url + "/ui/compare?models=iso-dates")  # one answer beside the base: strikes too
+                page.fill("#prompt", DATE_PROMPT)
+                page.click("#compare-go")
+                page.wait_for_selector("#results[data-done]", timeout=1_200_000)
+                page.locator("#results").screenshot(path=str(out / "compare-pair-desktop.png"))
                 browser.close()
         finally:
             stop(proc)
