@@ -33,6 +33,7 @@ def register(sub) -> None:
                    help="key for /admin/* (default $LORAKIT_ADMIN_KEY; none: admin API disabled)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    dashboard_args(s)
     s.add_argument("--max-slots", type=int, default=16, help="adapters resident in memory at once (LRU)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     s.add_argument("--max-body-bytes", type=int, default=1_000_000)
@@ -69,6 +70,21 @@ def register(sub) -> None:
     for p in asub.choices.values():
         _registry_arg(p)
     a.set_defaults(func=cmd_adapters)
+
+
+def dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", help="web dashboard (at /): training runs to show (lorakit train -o dirs under it)")
+    p.add_argument("--sweeps-dir", help="web dashboard: a lorakit sweep -o dir, or a dir holding several")
+
+
+def dashboard_options(args):
+    from lorakit.serve.ui import UIOptions
+
+    for flag, v in (("--runs-dir", args.runs_dir), ("--sweeps-dir", args.sweeps_dir)):
+        if v and not Path(v).is_dir():
+            raise FileNotFoundError(f"{flag} {v!r} is not a directory")
+    return UIOptions(runs_dir=Path(args.runs_dir) if args.runs_dir else None,
+                     sweeps_dir=Path(args.sweeps_dir) if args.sweeps_dir else None)
 
 
 # ---------------------------------------------------------------- adapters
@@ -169,6 +185,7 @@ def cmd_serve(args) -> int:
                       ("max_new_tokens", cfg.max_new_tokens), ("max_prompt_tokens", cfg.max_prompt_tokens)):
         if v < 1:
             raise ValueError(f"--{field_.replace('_', '-')} must be at least 1, got {v}")
+    ui = dashboard_options(args)  # before the model loads: a wrong directory fails fast
     import torch
 
     from lorakit.serve.app import cpu_threads
@@ -185,9 +202,9 @@ def cmd_serve(args) -> int:
     if not keys:
         print("warning: no --api-key: inference is open to anyone who can reach the port", file=sys.stderr)
     state = make_state(model, tok, reg, cfg, name)
-    print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {cfg.registry})", file=sys.stderr)
+    print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {cfg.registry}; dashboard at /)", file=sys.stderr)
     try:
-        uvicorn.run(build_app(state), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
+        uvicorn.run(build_app(state, ui), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
     finally:
         state.engine.stop()
         reg.close()

@@ -1,6 +1,7 @@
 """FastAPI app: OpenAI-compatible inference routes, an admin API over the registry, /health.
 
     GET  /health                                  no key
+    GET  /, /ui/...                               the web dashboard (lorakit.serve.ui): its own login
     GET  /v1/models                               inference key
     POST /v1/chat/completions, /v1/completions    inference key; "stream": true -> server-sent events
     GET|POST /admin/adapters, GET|DELETE /admin/adapters/{name}, POST /admin/adapters/{name}/rollback,
@@ -259,7 +260,8 @@ async def _stream(p: P.Parsed, rid: str, first, evs, stream: P.TextStream, req: 
 
 
 # ---------------------------------------------------------------- app
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, ui=None) -> FastAPI:
+    """The API; the web dashboard (lorakit.serve.ui) at / with `ui` its UIOptions (runs/sweeps dirs)."""
     app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lorakit = state
 
@@ -307,7 +309,17 @@ def build_app(state: ServerState) -> FastAPI:
         return await complete(state, request, "completion")
 
     add_admin_routes(app, state)
+    mount_ui(app, state, ui)
     return app
+
+
+def mount_ui(app: FastAPI, state: ServerState, options=None) -> None:
+    try:
+        from lorakit.serve.ui import mount
+    except ImportError as e:  # jinja2 is in the serve extra; the API works without it
+        log.warning("web dashboard disabled: %s (pip install jinja2)", e)
+        return
+    mount(app, state, options)
 
 
 def add_admin_routes(app: FastAPI, state: ServerState) -> None:

@@ -1,0 +1,210 @@
+"""Dashboard routes: login, static files, the adapter registry (rollback/remove for admins) and Compare."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+
+from lorakit.serve.ui import ADMIN, ANON, UI, USER, set_cookie
+from lorakit.serve.ui.forward import ForwardResponse
+from lorakit.serve.ui.render import SECURITY_HEADERS, STATIC
+from lorakit.serve.ui.session import csrf_ok, key_level, safe_next
+
+log = logging.getLogger("lorakit.serve.ui")
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+MAX_COMPARE_BODY = 64_000
+
+
+def add_routes(app, ui: UI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/ui/adapters", status_code=303)
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_root():
+        return RedirectResponse("/ui/adapters", status_code=303)
+
+    @app.get("/ui/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file() and p.suffix in STATIC_TYPES}
+        if name not in files:
+            return JSONResponse({"error": {"message": f"no static file {name!r}"}}, status_code=404)
+        return FileResponse(files[name], media_type=STATIC_TYPES[files[name].suffix],
+                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+
+    # ------------------------------------------------------------ login
+    @app.get("/ui/login", include_in_schema=False)
+    async def login_page(request: Request):
+        s = ui.sessions.get(request)
+        return ui.page(request, s, "login.html", next=safe_next(request.query_params.get("next")), error=None)
+
+    @app.post("/ui/login", include_in_schema=False)
+    async def login(request: Request):
+        s, form, deny = await ui.post_gate(request, ANON)
+        if deny:
+            return deny
+        nxt = safe_next(form.get("next"))
+        level = key_level(form.get("key", ""), list(ui.state.api_keys), ui.state.admin_key)
+        if level == ANON:
+            await asyncio.sleep(0.5)  # slows guessing
+            log.warning("dashboard login refused from %s", request.client.host if request.client else "?")
+            return ui.page(request, s, "login.html", status=401, next=nxt,
+                           error="Wrong key: enter an inference key or the admin key this server was started with.")
+        ui.sessions.drop(s)  # a new id on every login: no session fixation
+        new = ui.sessions.new(level)
+        new.flash.append(("ok", "Logged in as admin." if level == ADMIN else "Logged in."))
+        resp = RedirectResponse(nxt, status_code=303)
+        set_cookie(resp, request, new, ui.options.session_ttl_s)
+        return resp
+
+    @app.post("/ui/logout", include_in_schema=False)
+    async def logout(request: Request):
+        s, _, deny = await ui.post_gate(request, ANON)
+        return deny or ui.logout(request, s)
+
+    # ------------------------------------------------------------ adapters
+    @app.get("/ui/adapters", include_in_schema=False)
+    async def adapters(request: Request):
+        s, deny = ui.gate(request, USER)
+        if deny:
+            return deny
+        reg = ui.registry
+        rows = [adapter_row(reg, v) for v in reg.list()] if reg is not None else []
+        return ui.page(request, s, "adapters.html", nav="adapters", rows=rows, registry=reg_info(reg))
+
+    @app.get("/ui/adapters/{name}", include_in_schema=False)
+    async def adapter(name: str, request: Request):
+        s, deny = ui.gate(request, USER)
+        if deny:
+            return deny
+        try:
+            info = ui.registry.describe(name)
+        except (ValueError, AttributeError) as e:
+            return ui.error(request, s, 404, str(e) if isinstance(e, ValueError) else "no registry")
+        for v in info["versions"]:
+            v["size"] = _size(v["path"])
+        return ui.page(request, s, "adapter.html", nav="adapters", a=info, registry=reg_info(ui.registry))
+
+    @app.post("/ui/adapters/{name}/rollback", include_in_schema=False)
+    async def rollback(name: str, request: Request):
+        s, form, deny = await ui.post_gate(request, ADMIN)
+        if deny:
+            return deny
+        try:
+            to = int(form["version"]) if form.get("version") else None
+            v = ui.registry.rollback(name, to)
+            s.flash.append(("ok", f"{v.name}: version {v.version} is now current."))
+        except ValueError as e:
+            s.flash.append(("error", str(e)))
+        return RedirectResponse(f"/ui/adapters/{_q(name)}", status_code=303)
+
+    @app.post("/ui/adapters/{name}/remove", include_in_schema=False)
+    async def remove(name: str, request: Request):
+        s, form, deny = await ui.post_gate(request, ADMIN)
+        if deny:
+            return deny
+        ref = f"{name}@{form['version']}" if form.get("version") else name
+        try:
+            gone = ui.registry.remove(ref)
+        except ValueError as e:
+            s.flash.append(("error", str(e)))
+            return RedirectResponse(f"/ui/adapters/{_q(name)}", status_code=303)
+        engine = getattr(ui.state, "engine", None)
+        if engine is not None:
+            await asyncio.wrap_future(engine.unload(name))
+        s.flash.append(("ok", "Removed " + ", ".join(f"{v.name}@{v.version}" for v in gone) + "."))
+        left = ui.registry.versions(name)
+        return RedirectResponse(f"/ui/adapters/{_q(name)}" if left else "/ui/adapters", status_code=303)
+
+    # ------------------------------------------------------------ compare
+    @app.get("/ui/compare", include_in_schema=False)
+    async def compare(request: Request):
+        s, deny = ui.gate(request, USER)
+        if deny:
+            return deny
+        reg = ui.registry
+        choices = []
+        if reg is not None:
+            for v in reg.list():
+                choices.append({"id": v.name, "label": f"{v.name} (current: v{v.version})"})
+                choices += [{"id": f"{o.name}@{o.version}", "label": f"{o.name}@{o.version}"}
+                            for o in reg.versions(v.name)]
+        pre = {m for m in request.query_params.getlist("models") for m in m.split(",")}
+        return ui.page(request, s, "compare.html", nav="compare", choices=choices, preselect=pre,
+                       has_inference=ui.has_inference, max_new_tokens=_limit(ui.state))
+
+    @app.post("/ui/api/complete", include_in_schema=False)
+    async def complete(request: Request):
+        s = ui.sessions.get(request)
+        if not csrf_ok(s, request.headers.get("x-csrf-token"), request):
+            return _json_error(403, "missing or invalid CSRF token (reload the page)")
+        if ui.level(s) < USER:
+            return _json_error(401, "log in first")
+        if not ui.has_inference:
+            return _json_error(503, "this dashboard runs without a model (lorakit ui): start `lorakit serve`")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_COMPARE_BODY:
+                return _json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes")
+        try:
+            body = json.loads(raw)
+            model, prompt = body["model"], body["prompt"]
+            max_tokens = int(body.get("max_tokens", 64))
+            if not isinstance(model, str) or not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError("'model' and 'prompt' must be non-empty strings")
+        except (ValueError, KeyError, TypeError) as e:
+            return _json_error(400, f"bad compare request: {e}")
+        chat = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True}}
+        keys = list(ui.state.api_keys)
+        return ForwardResponse(request.app, "POST", "/v1/chat/completions", chat, keys[0] if keys else None)
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _q(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+def _limit(state) -> int:
+    limits = getattr(state, "limits", None)
+    return int(getattr(limits, "max_new_tokens", 0) or 256)
+
+
+def _size(path) -> int | None:
+    from pathlib import Path
+
+    try:
+        return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    except OSError:
+        return None
+
+
+def reg_info(reg) -> dict:
+    if reg is None:
+        return {"path": None, "base_name": None, "fp": None}
+    fp = reg.base_fp or {}
+    return {"path": str(reg.path), "base_name": reg.base_name,
+            "fp": {k: v for k, v in fp.items() if k != "shapes"} if fp else None}
+
+
+def adapter_row(reg, v) -> dict:
+    """One registry line: the current version plus how many versions exist and the adapter's description."""
+    d = v.to_json()
+    try:
+        desc = reg.describe(v.name)
+        d["n_versions"], d["description"] = len(desc["versions"]), desc["description"]
+    except ValueError:
+        d["n_versions"], d["description"] = 1, ""
+    d["size"] = _size(v.path)
+    d["last_eval"] = v.evals[-1]["metrics"] if v.evals else None
+    return d

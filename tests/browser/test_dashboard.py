@@ -1,0 +1,130 @@
+"""The dashboard in a real browser: log in, the registry, Compare (answers equal to the API's), rollback,
+a run's live curve, escaping of hostile names, and a phone-width layout without sideways scrolling."""
+import json
+
+import httpx
+import pytest
+
+from harness import ADMIN, KEY, XSS, XSS_RUN, live_record, login
+
+expect = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed").expect
+RAINBOW = "Name three colours of the rainbow."
+
+
+def no_xss(page) -> None:
+    assert page.evaluate("window.__xss") is None
+
+
+def api_answer(served, model: str, prompt: str, n: int) -> str:
+    r = httpx.post(served["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": n,
+                         "temperature": 0}, timeout=300)
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_wrong_key_is_refused(page, served):
+    login(page, served["url"], "sk-not-the-key")
+    assert "Wrong key" in page.inner_text("#login-error")
+    assert page.url.endswith("/ui/login")
+    page.goto(served["url"] + "/ui/adapters")
+    assert "/ui/login?next=/ui/adapters" in page.url and page.locator("#adapters").count() == 0
+
+
+def test_login_shows_the_registry_with_names_as_text(page, served):
+    login(page, served["url"], KEY)
+    assert page.url.endswith("/ui/adapters")
+    assert page.locator("#adapters tbody tr").evaluate_all("rows => rows.map(r => r.dataset.name)") == \
+        ["iso-dates", "noisy"]
+    row = page.locator('tr[data-name="iso-dates"]')
+    assert row.locator("td.current").inner_text().startswith("v2") and "921,600" in row.inner_text()
+    assert XSS in row.locator(".desc").inner_text()  # the hostile description is shown as text
+    assert page.inner_text("#level") == "user" and page.locator("button.rollback").count() == 0
+    page.click('a.name:text-is("iso-dates")')
+    assert page.inner_text("#description").endswith(XSS)
+    no_xss(page)
+
+
+def test_compare_shows_base_and_adapter_answers(page, served):
+    login(page, served["url"], KEY)
+    page.goto(served["url"] + "/ui/compare")
+    prompt = RAINBOW + " <script>window.__xss=4</script>"
+    page.fill("#prompt", prompt)
+    page.check("input[value='iso-dates@2']")
+    page.fill("#max_tokens", "16")
+    page.click("#compare-go")
+    page.wait_for_selector("#results[data-done]")
+    assert page.inner_text(".prompt-text") == prompt
+    base = page.locator('.answer[data-model="base"] .text').inner_text()
+    adapter = page.locator('.answer[data-model="iso-dates@2"] .text').inner_text()
+    assert base == api_answer(served, "base", prompt, 16) and base
+    assert adapter == api_answer(served, "iso-dates@2", prompt, 16) and adapter
+    assert adapter != base
+    col = page.locator('.answer[data-model="iso-dates@2"]')
+    marked = col.locator(".tok.diff").count()
+    assert marked > 0 and col.get_attribute("data-differ") == str(marked)
+    base_col = page.locator('.answer[data-model="base"]')
+    assert base_col.locator(".tok.diff").count() == 0
+    assert base_col.locator(".tok.gone").count() == int(col.get_attribute("data-missing"))
+    no_xss(page)
+
+
+def test_admin_rollback_changes_the_list(page, served):
+    login(page, served["url"], ADMIN)
+    assert page.inner_text("#level") == "admin"
+    page.goto(served["url"] + "/ui/adapters/iso-dates")
+    assert page.inner_text("#current-version") == "v2"
+    page.click('article[data-version="1"] button.rollback')
+    page.wait_for_selector(".flash.ok")
+    assert "version 1 is now current" in page.inner_text(".flash.ok")
+    assert page.inner_text("#current-version") == "v1"
+    page.click('nav a:text-is("Adapters")')
+    assert page.locator('tr[data-name="iso-dates"] td.current').inner_text().startswith("v1")
+    listed = httpx.get(served["url"] + "/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert {a["name"]: a["version"] for a in listed["data"]} == {"iso-dates": 1, "noisy": 1}
+    page.goto(served["url"] + "/ui/adapters/iso-dates")
+    page.click('article[data-version="2"] button.rollback')  # put it back for the other tests
+    page.wait_for_selector(".flash.ok")
+    assert page.inner_text("#current-version") == "v2"
+
+
+def test_a_runs_curve_and_its_live_refresh(page, served):
+    login(page, served["url"], KEY)
+    page.goto(served["url"] + "/ui/runs")
+    page.click('a.name:text-is("iso-dates-r8")')
+    steps = [json.loads(x) for x in (served["run"] / "metrics.jsonl").read_text().splitlines()]
+    n_steps = sum("loss" in r for r in steps)
+    loss = page.locator('#loss-chart g[data-series="loss"]')
+    assert loss.get_attribute("data-n") == str(n_steps) and n_steps > 2
+    assert len(loss.locator("polyline").get_attribute("points").split()) == n_steps
+    assert page.locator('#loss-chart g[data-series="eval_loss"]').get_attribute("data-n") == \
+        str(sum("eval_loss" in r for r in steps))
+    assert page.inner_text("#run-status") == "done" and page.locator("#eval td").count() > 0
+    page.goto(served["url"] + "/ui/runs/live")
+    assert page.inner_text("#run-status") == "running" and page.inner_text("#run-step") == "5 / 40"
+    with open(served["live"] / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(live_record(s)) + "\n" for s in (6, 7, 8)))
+    # the page's CSP forbids eval, so wait through a locator rather than wait_for_function
+    expect(page.locator('#loss-chart g[data-series="loss"]')).to_have_attribute("data-n", "8", timeout=15_000)
+    assert page.inner_text("#run-step") == "8 / 40"
+
+
+def test_a_hostile_run_name_shows_as_text(page, served):
+    login(page, served["url"], KEY)
+    page.goto(served["url"] + "/ui/runs")
+    link = page.locator(f'#runs tr[data-name="{XSS_RUN}"] a.name')
+    assert link.inner_text() == XSS_RUN
+    link.click()
+    assert page.inner_text("#run-name") == XSS_RUN and page.locator("#loss-chart").count() == 1
+    no_xss(page)
+
+
+def test_phone_width_needs_no_sideways_scrolling(chromium, served):
+    context = chromium.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    login(page, served["url"], ADMIN)
+    for path in ("/ui/adapters", "/ui/adapters/iso-dates", "/ui/compare", "/ui/runs", "/ui/runs/iso-dates-r8",
+                 "/ui/sweeps", "/ui/sweeps/sweep"):
+        page.goto(served["url"] + path)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"{path} is {width}px wide on a 390px screen"
+    context.close()
