@@ -26,8 +26,10 @@ from lorakit.train.evaluate import wilson  # noqa: E402
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DEMO = "bench/results/demo_output_cpu-2core_2026-11-23.txt"
 SPEED = "bench/results/train_speed_cpu-2core_2026-11-23.jsonl"
-GPU_1B = "bench/results/gpu_train_h100_2026-11-23_r2.jsonl"
-GPU_8B = "bench/results/gpu_train_h100_2026-11-23.jsonl"
+GPU_R1 = "bench/results/gpu_train_h200_2026-11-29_r1.jsonl"
+GPU_R2 = "bench/results/gpu_train_h200_2026-11-29_r2.jsonl"
+GPU_R3 = "bench/results/gpu_train_h200_2026-11-29_r3.jsonl"
+DIST = "bench/results/gpu_dist_h200x2_2026-11-29.jsonl"
 SERVE = "bench/results/serve_load_cpu-quiet_2026-11-23.jsonl"
 QUANT = "bench/results/quant_memory-cpu-2core.jsonl"
 MIX = "bench/results/mixture-cpu.json"
@@ -97,19 +99,33 @@ def cpu_speed(root: Path) -> tuple[str, str, str]:
 
 
 def gpu_speed(root: Path) -> tuple[str, str, str]:
-    r2 = [r for r in _jsonl(root, GPU_1B) if "error" not in r and r["case"] == "1b"]
-    peft = {r["device_call"]: r for r in r2 if r["tool"] == "peft"}
-    ours = [r for r in r2 if r["tool"] == "lorakit" and r["variant"] == {"mlp": "0", "ce": "0"}]
-    ratios = [r["tokens_per_s"] / peft[r["device_call"]]["tokens_per_s"] for r in ours]
-    v1 = [r for r in _jsonl(root, GPU_8B) if r["case"] == "8b-ckpt" and r["variant"] == {}]
-    p8 = next(r for r in v1 if r["tool"] == "peft")
-    l8 = next(r for r in v1 if r["tool"] == "lorakit")
-    result = (f"llama-1b shape: {_span([r['tokens_per_s'] / 1e3 for r in ours], '.1f')}k tokens/s, "
-              f"{_span(ratios, '.2f')}x PEFT (same device call) at {_span([r['peak_gib'] for r in ours], '.1f')} GiB "
-              f"(PEFT {peft[ours[0]['device_call']]['peak_gib']:.1f}); llama-8b shape: "
-              f"{l8['tokens_per_s'] / 1e3:.1f}k tokens/s, {l8['tokens_per_s'] / p8['tokens_per_s']:.2f}x PEFT")
-    return f"GPU training speed vs PEFT ({ours[0]['device'].split()[1]}, bf16)", result, \
-        _link(GPU_1B, GPU_8B) + "; [docs/gpu.md](docs/gpu.md)"
+    def pick(rel, case, tool, **variant):
+        return next(r for r in _jsonl(root, rel) if r.get("case") == case and r.get("tool") == tool
+                    and "tokens_per_s" in r and (r.get("variant") or {}) == variant)
+    cli1, liger1 = pick(GPU_R3, "1b", "cli"), pick(GPU_R3, "1b", "peft", bf16="1", liger="1")
+    mod1, peft1 = pick(GPU_R3, "1b", "lorakit"), pick(GPU_R1, "1b", "peft")
+    cli8, liger8 = pick(GPU_R2, "8b", "cli"), pick(GPU_R2, "8b", "peft", bf16="1", liger="1")
+    cli8c, liger8c = pick(GPU_R2, "8b-ckpt", "cli", rec="all"), pick(GPU_R2, "8b-ckpt", "peft", bf16="1", liger="1")
+
+    def x(a, b):
+        return f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+    result = (f"`lorakit train`, llama-1b shape: {cli1['tokens_per_s'] / 1e3:.1f}k tokens/s at {cli1['peak_gib']:.1f} GiB "
+              f"({x(cli1, mod1)} of the fast module in the same run): {x(cli1, liger1)} PEFT bf16 + Liger "
+              f"({liger1['peak_gib']:.1f} GiB), {x(cli1, peft1)} PEFT's defaults; llama-8b: {x(cli8, liger8)} PEFT + Liger "
+              f"at {cli8['peak_gib']:.1f} vs {liger8['peak_gib']:.1f} GiB; both recomputing every layer: "
+              f"{x(cli8c, liger8c)} at {cli8c['peak_gib']:.1f} vs {liger8c['peak_gib']:.1f} GiB. Same step-1 loss "
+              f"({cli1['loss_first']:.4f} vs {liger1['loss_first']:.4f})")
+    return f"GPU training speed vs PEFT ({cli1['device'].split()[1]}, bf16, r=16 all-linear)", result, \
+        _link(GPU_R1, GPU_R2, GPU_R3) + "; [docs/gpu.md](docs/gpu.md)"
+
+
+def distributed(root: Path) -> tuple[str, str, str]:
+    s = next(r for r in _jsonl(root, DIST) if r.get("summary"))
+    result = (f"llama-1b, DDP: {s['1b']['speedup']:.2f}x the tokens/s of one GPU at the same per-GPU batch; "
+              f"llama-8b LoRA, FSDP2: {s['8b']['peak_ratio']:.2f}x the per-GPU peak memory; 8b full fine-tuning: "
+              f"{s['8b-full']['peak_ratio']:.2f}x")
+    return f"`lorakit train --nproc 2` on {s['gpus']} x {s['device'].split()[1]}", result, \
+        _link(DIST) + "; [docs/distributed.md](docs/distributed.md)"
 
 
 def serving(root: Path) -> tuple[str, str, str]:
@@ -182,7 +198,7 @@ def sweep(root: Path) -> tuple[str, str, str]:
     return "LoRA rank sweep vs full fine-tuning", result, _link(SWEEP_CSV) + "; [docs/sweep/report.md](docs/sweep/report.md)"
 
 
-ROWS = [demo, cpu_speed, gpu_speed, serving, qlora_memory, mixture, sweep]
+ROWS = [demo, cpu_speed, gpu_speed, distributed, serving, qlora_memory, mixture, sweep]
 
 
 def table(root: Path = ROOT) -> str:
