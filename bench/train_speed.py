@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["peft", "lorakit", "lorakit-fast"]
+CASES = ["peft", "lorakit", "lorakit-nogroup"]  # also: lorakit-fast, lorakit-model (the loss alone)
 
 
 def peak_rss_mib() -> float:
@@ -55,6 +55,8 @@ def run_case(case: str, args) -> dict:
         # PEFT as its users train it (and as transformers' Trainer does): the model's own loss from labels
         step_loss = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],  # noqa: E731
                                     labels=b["labels"]).loss
+    elif case in ("lorakit", "lorakit-nogroup"):  # the user path: the one training loop, as `lorakit train` runs it
+        return run_loop(case, model, tok, examples, targets, args)
     else:
         add_adapter(model, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets))
         if case == "lorakit-fast":
@@ -62,7 +64,7 @@ def run_case(case: str, args) -> dict:
 
             fm = fast.prepare(model, compile=False)
             step_loss = lambda b: fm(b["input_ids"], labels=b["labels"])  # noqa: E731
-        else:
+        else:  # lorakit-model: the model-level loss without the loop
             step_loss = lambda b: causal_lm_loss(model, b)[0]  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -87,6 +89,35 @@ def run_case(case: str, args) -> dict:
             "tokens_per_s": round(sum(tokens) / sum(times), 1), "peak_rss_mib": round(peak_rss_mib(), 1),
             "trainable": sum(p.numel() for p in params), "loss_first": losses[0], "loss_last": losses[-1],
             "threads": args.threads, "machine": machine(), "torch": torch.__version__}
+
+
+def run_loop(case: str, model, tok, examples, targets, args) -> dict:
+    """lorakit.train.loop.train on the same rows (it shuffles them; by default into length-grouped batches): step
+    times and tokens from its metrics.jsonl, after the same warm-up steps."""
+    import tempfile
+
+    import torch
+
+    from lorakit import LoraConfig
+    from lorakit.config import TrainConfig
+    from lorakit.train.loop import train
+
+    steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as d:
+        train(model, tok, examples, d, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets, dropout=0.0),
+              TrainConfig(lr=1e-4, max_steps=steps, batch_size=args.batch, warmup_ratio=0.0, max_grad_norm=0.0,
+                          group_by_length=case == "lorakit", threads=args.threads), progress=False, save_final=False)
+        rows = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    secs = [r["seconds"] for r in rows]
+    times = [b - a for a, b in zip([0.0] + secs, secs)][args.warmup:]
+    toks = [b - a for a, b in zip([0] + [r["tokens"] for r in rows], [r["tokens"] for r in rows])][args.warmup:]
+    return {"bench": "train_speed", "tool": "lorakit", "case": case, "model": "SmolLM2-135M-Instruct",
+            "dtype": "float32", "r": args.r, "targets": "all-linear", "batch": args.batch,
+            "tokens_per_step": statistics.mean(toks), "step_s": round(statistics.median(times), 4),
+            "tokens_per_s": round(sum(toks) / sum(times), 1), "peak_rss_mib": round(peak_rss_mib(), 1),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "threads": args.threads,
+            "machine": machine(), "torch": torch.__version__, "path": "lorakit.train.loop.train"}
 
 
 def main() -> int:
