@@ -116,7 +116,10 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
         "lorakit.base_fingerprint": json.dumps({**fp, "shapes": targeted}),
         "lorakit.metadata": json.dumps(metadata or {}),
     }
-    peft_cfg = cfg.to_peft(base_name)
+    # a causal LM (it can generate) is PEFT's CAUSAL_LM task; anything else (a UNet) gets no task type, which
+    # PEFT loads as a plain PeftModel (its causal-LM wrapper would look for generation methods)
+    causal = callable(getattr(model, "prepare_inputs_for_generation", None))
+    peft_cfg = cfg.to_peft(base_name, "CAUSAL_LM" if causal else None)
 
     path = Path(path)
     if path.is_dir():
@@ -155,9 +158,12 @@ class AdapterFile:
         """module path -> {attr: tensor}"""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in self.tensors.items():
+            # PeftModel.save_pretrained writes base_model.model.<path>; get_peft_model_state_dict of a model that
+            # inject_adapter_in_model adapted (diffusers' way) gives <path> alone: both read the same
+            path = key.removeprefix(PREFIX)
             for suffix, attr in {**PARAM_SUFFIXES, **EMBEDDING_SUFFIXES}.items():
-                if key.startswith(PREFIX) and key.endswith(suffix):
-                    out.setdefault(key[len(PREFIX):-len(suffix)], {})[attr] = t
+                if path.endswith(suffix):
+                    out.setdefault(path[:-len(suffix)], {})[attr] = t
                     break
             else:
                 raise ValueError(f"{self.path / WEIGHTS_NAME}: unsupported tensor key {key!r}")
