@@ -194,3 +194,17 @@ def test_image_batches_are_the_same_every_time():
     assert not torch.equal(a.get(0)["noise"], a.get(3)["noise"])
     with pytest.raises(ValueError, match="float tensor"):
         ImageBatches(x[:, 0], 8, 0, 1000)
+
+
+def test_digits_and_the_classifier_that_judges_samples():
+    pytest.importorskip("sklearn")
+    from lorakit.lab.diffusion import NEW_DIGITS, DigitClassifier, digits
+
+    x, y = digits(NEW_DIGITS)
+    assert x.shape[1:] == (1, 16, 16) and len(x) == len(y) > 800
+    assert x.min() >= -1 and x.max() <= 1 and set(y.tolist()) == set(NEW_DIGITS)
+    clf = DigitClassifier()
+    assert clf.accuracy > 0.95
+    shares = clf.shares(x)
+    assert shares["new_share"] > 0.95 and sum(shares["counts"]) == len(x)
+

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "lorakit.cli.export",          # export (GGUF)
     "lorakit.cli.lab",             # compose, sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
+    "lorakit.cli.diffusion",   # diffusion-demo
 ]
 
 

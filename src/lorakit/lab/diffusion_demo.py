@@ -40,11 +40,11 @@ class DemoOptions:
     base: BaseSpec = field(default_factory=BaseSpec)
     r: int = 8
     alpha: float = 16.0
-    steps: int = 400
+    steps: int = 300
     lr: float = 3e-3
     batch_size: int = 64
     samples: int = 256  # DDIM samples a model (labelled by the classifier)
-    sample_steps: int = 40
+    sample_steps: int = 30
     sweep_ranks: list[int] = field(default_factory=lambda: [1, 4, 16])
     sweep_full: bool = True
     full_lr: float = 5e-4
@@ -170,20 +170,19 @@ def run_demo(opts: DemoOptions, progress: bool = True) -> dict:
               title=f"base trained on digits {OLD_DIGITS[0]}-{OLD_DIGITS[-1]}; LoRA r={opts.r} on 5-9 "
                     f"(same noise in each column; classifier's label above)")
 
-    sweep, sweep_rows = [], [("base", x_base[:k])]
-    for r in opts.sweep_ranks:
-        m = load_unet(base_dir) if r != opts.r else None
-        if m is None:  # the main run is this rank
-            row = {"name": f"lora-r{r}", "r": r, **result["adapter"], **result["samples"]["lora_w1"]}
-            sweep_rows.append((f"r={r}", xs[1.0][:k]))
-        else:
-            fig = train_adapter(m, out / "sweep" / f"lora-r{r}", opts, r=r, alpha=2.0 * r, progress=progress,
-                                base_name=str(base_dir))
-            judged, x = _judge(clf, m.eval(), opts)
-            row = {"name": f"lora-r{r}", "r": r, **fig, **judged}
-            sweep_rows.append((f"r={r}", x[:k]))
-        sweep.append(row)
-        log.info("sweep %s: %.1f%% new digits, %d bytes", row["name"], 100 * row["new_share"], row["bytes"])
+    # the sweep: each rank (alpha = 2 r, the main run's scale) from the same base, same steps; the main run is a row
+    sweep = [{"name": f"lora-r{opts.r}", "r": opts.r, **result["adapter"], **result["samples"]["lora_w1"]}]
+    sweep_x = {opts.r: xs[1.0][:k]}
+    for r in sorted(set(opts.sweep_ranks) - {opts.r}):
+        m = load_unet(base_dir)
+        fig = train_adapter(m, out / "sweep" / f"lora-r{r}", opts, r=r, alpha=2.0 * r, progress=progress,
+                            base_name=str(base_dir))
+        judged, x = _judge(clf, m.eval(), opts)
+        sweep.append({"name": f"lora-r{r}", "r": r, **fig, **judged})
+        sweep_x[r] = x[:k]
+        log.info("sweep r=%d: %.1f%% new digits, %d bytes", r, 100 * judged["new_share"], fig["bytes"])
+    sweep.sort(key=lambda row: row["r"])
+    sweep_rows = [("base", x_base[:k])] + [(f"r={r}", sweep_x[r]) for r in sorted(sweep_x)]
     if opts.sweep_full:
         m = load_unet(base_dir)
         fig = train_adapter(m, out / "sweep" / "full", opts, r=opts.r, alpha=opts.alpha, full=True,
@@ -193,7 +192,7 @@ def run_demo(opts: DemoOptions, progress: bool = True) -> dict:
         sweep_rows.append(("full FT", x[:k]))
         log.info("sweep full: %.1f%% new digits, %d bytes", 100 * judged["new_share"], fig["bytes"])
     result["sweep"] = sweep
-    if sweep:
+    if len(sweep_rows) > 2:
         save_grid(sweep_rows, out / "sweep_grid.png", labels=[clf.labels(x) for _, x in sweep_rows],
                   title=f"digits 5-9 on top of the 0-4 base: LoRA ranks vs full fine-tuning, {opts.steps} steps")
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
