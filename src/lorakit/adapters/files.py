@@ -78,9 +78,10 @@ def check_compatible(adapter_shapes: dict[str, list[int]], base_fp: dict) -> Non
             raise ValueError(f"adapter targets module {path!r}, which the base model "
                              f"({base_fp['architecture']}) does not have")
         if list(base_shapes[path]) != list(shape):
+            hidden = f", hidden {base_fp['hidden_size']}" if base_fp.get("hidden_size") is not None else ""
             raise ValueError(f"adapter is for another base: module {path!r} is (out, in)={tuple(shape)} "
                              f"in the adapter but {tuple(base_shapes[path])} in the base model "
-                             f"({base_fp['architecture']}, hidden {base_fp.get('hidden_size')})")
+                             f"({base_fp['architecture']}{hidden})")
 
 
 # ---------------------------------------------------------------- save

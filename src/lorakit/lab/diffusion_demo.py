@@ -42,7 +42,7 @@ class DemoOptions:
     alpha: float = 16.0
     steps: int = 300
     lr: float = 3e-3
-    batch_size: int = 64
+    batch_size: int = 32
     samples: int = 256  # DDIM samples a model (labelled by the classifier)
     sample_steps: int = 30
     sweep_ranks: list[int] = field(default_factory=lambda: [1, 4, 16])
@@ -70,12 +70,13 @@ def train_adapter(unet, out: Path, opts: DemoOptions, *, r: int, alpha: float, f
     from lorakit.train.diffusion import DiffusionBackend
     from lorakit.train.loop import train
 
-    images, _ = digits(NEW_DIGITS)
+    images, _ = digits(NEW_DIGITS, unet.config.sample_size)
     cfg = TrainConfig(lr=opts.full_lr if full else opts.lr, max_steps=opts.steps, batch_size=opts.batch_size,
                       warmup_ratio=0.05, full=full, seed=opts.seed, threads=opts.threads)
     lora = LoraConfig(r=r, alpha=alpha, targets=UNET_TARGETS)
     res = train(unet, None, images, out, lora, cfg, backend=DiffusionBackend(unet, scheduler()), progress=progress,
-                base_name=base_name, metadata={"data": "sklearn digits 5-9, 16x16", "images": len(images)})
+                base_name=base_name, metadata={"data": "sklearn digits 5-9", "size": unet.config.sample_size,
+                                                   "images": len(images)})
     tail = res.losses[-20:]
     return {"seconds": round(res.seconds, 1), "steps": res.steps, "first_loss": round(res.losses[0], 4),
             "final_loss": round(sum(tail) / len(tail), 4), "trainable": res.trainable, "images": len(images),
@@ -126,7 +127,7 @@ def run_demo(opts: DemoOptions, progress: bool = True) -> dict:
     threads = set_threads(opts.threads)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    clf = DigitClassifier(seed=opts.seed)
+    clf = DigitClassifier(opts.base.size, seed=opts.seed)
     log.info("digit classifier: %.3f held-out accuracy", clf.accuracy)
     base, base_dir, base_info = base_unet(opts.base, threads=threads, progress=progress,
                                           root=Path(opts.cache) if opts.cache else None)
@@ -163,7 +164,7 @@ def run_demo(opts: DemoOptions, progress: bool = True) -> dict:
         reg.close()
 
     k = 16
-    new_images = digits(NEW_DIGITS)[0]
+    new_images = digits(NEW_DIGITS, opts.base.size)[0]
     real = new_images[torch.randperm(len(new_images), generator=torch.Generator().manual_seed(opts.seed))[:k]]
     rows = [("data 5-9", real), ("base", x_base[:k]), ("LoRA w=0.5", xs[0.5][:k]), ("LoRA w=1", xs[1.0][:k])]
     save_grid(rows, out / "grid.png", labels=[None] + [clf.labels(x) for _, x in rows[1:]],
