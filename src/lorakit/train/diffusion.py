@@ -99,15 +99,3 @@ class DiffusionBackend:
     def close(self) -> None:
         pass
 
-
-@torch.no_grad()
-def diffusion_loss(model: nn.Module, images: torch.Tensor, scheduler=None, *, batch_size: int = 64,
-                   seed: int = 1234) -> float:
-    """Mean noise-prediction loss per image on `images` with fixed noise and timesteps (a held-out measure)."""
-    backend = DiffusionBackend(model, scheduler)
-    batches = ImageBatches(images, batch_size, seed, backend.num_timesteps)
-    was = model.training
-    model.eval()
-    total = sum(float(backend.loss(batches.get(m), 1.0)[0]) for m in range(batches.per_epoch))
-    model.train(was)
-    return total / max(len(images), 1)
