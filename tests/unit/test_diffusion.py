@@ -201,10 +201,18 @@ def test_digits_and_the_classifier_that_judges_samples():
     from lorakit.lab.diffusion import NEW_DIGITS, DigitClassifier, digits
 
     x, y = digits(NEW_DIGITS)
-    assert x.shape[1:] == (1, 8, 8) and len(x) == len(y) > 800 and digits(NEW_DIGITS, 16)[0].shape[1:] == (1, 16, 16)
+    assert x.shape[1:] == (1, 16, 16) and len(x) == len(y) > 800 and digits(NEW_DIGITS, 8)[0].shape[1:] == (1, 8, 8)
     assert x.min() >= -1 and x.max() <= 1 and set(y.tolist()) == set(NEW_DIGITS)
     clf = DigitClassifier()
     assert clf.accuracy > 0.95
     shares = clf.shares(x)
     assert shares["new_share"] > 0.95 and sum(shares["counts"]) == len(x)
 
+
+
+def test_a_given_backend_refuses_text_eval_examples(tmp_path):
+    m = unet()
+    with pytest.raises(ValueError, match="'ddpm' backend"):
+        train(m, None, _images(8), tmp_path / "x", LoraConfig(r=2, targets=UNET_TARGETS), TrainConfig(max_steps=1),
+              eval_examples=[object()], backend=DiffusionBackend(m, scheduler()), progress=False)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
