@@ -1,8 +1,6 @@
 """`lorakit diffusion-demo`: a thin front end of lab/diffusion_demo.py (LoRA on a diffusers UNet, on the CPU)."""
 from __future__ import annotations
 
-import argparse
-
 
 def _ints(s: str) -> list[int]:
     try:
@@ -38,8 +36,7 @@ def register(sub) -> None:
 
     d, b = DemoOptions(), BaseSpec()
     p = sub.add_parser("diffusion-demo", help="LoRA on a small diffusion UNet (digits 0-4 -> 5-9) on the CPU: "
-                                              "samples before/after, PEFT interop, a rank sweep",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                              "samples before/after, PEFT interop, a rank sweep")
     p.add_argument("-o", "--output", default=d.out, help="output dir")
     p.add_argument("--r", type=int, default=d.r, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha; unset: 2 r")
