@@ -95,6 +95,7 @@ class MicroBatches:
 
     With `world` ranks a micro-batch is global (batch_size x world rows) and `get` returns rank `rank`'s share;
     a rank left without rows (a short last micro-batch) gets one row with no target."""
+    count = staticmethod(lambda batch: int((batch["labels"][:, 1:] != IGNORE).sum()))  # a batch's target tokens
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
                  group_by_length: bool = False, window: int = 32, unit: int | None = None,
@@ -131,11 +132,6 @@ class MicroBatches:
         """The rows of global micro-batch m."""
         epoch, i = divmod(m, self.per_epoch)
         return self.order(epoch)[i * self.bs:(i + 1) * self.bs]
-
-    @staticmethod
-    def count(batch: dict[str, torch.Tensor]) -> int:
-        """The target tokens of a collated batch."""
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def get(self, m: int) -> dict[str, torch.Tensor]:
         idx = self.indices(m)
@@ -221,12 +217,8 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
           router=None, backend=None) -> TrainResult:
     """Fine-tune `model` in place and write `out_dir`: LoRA adapter "default" (DoRA/rsLoRA per `lora`; a QLoRA
     base is simply a model loaded with quant="nf4"), every weight with cfg.full, or only `router` (a
-    core.mixture.Router over the model's frozen adapters). cfg.backend picks how the loss is computed.
-
-    `backend`: the loss of another kind of model instead of the text backends (train/diffusion.py: DDPM noise
-    prediction). Besides name/loss/close it has `micro_batches(train_examples, cfg, rank, world)`, which cuts the
-    examples (e.g. an image tensor) like MicroBatches does (per_epoch, indices, get, targets, lengths, count);
-    `tokens` in the metrics and the result then count its items (images). Held-out eval is for text backends."""
+    core.mixture.Router over the model's frozen adapters). cfg.backend picks how the loss is computed; `backend` is
+    another loss (train/diffusion.py) whose micro_batches(...) cut the examples (images: `tokens` counts them)."""
     cfg = cfg or TrainConfig()
     lora = lora or LoraConfig()
     if len(train_examples) == 0:  # rows, or a tensor of items (images) for a given backend
@@ -257,12 +249,9 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                             fused=device.type == "cuda")
     pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    if hasattr(backend, "micro_batches"):
-        mb = backend.micro_batches(train_examples, cfg, rank=ctx.rank, world=ctx.world)
-    else:
-        train_examples = trim_to_targets(train_examples)
-        mb = MicroBatches(train_examples, cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
-                          unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world)
+    mb = (backend.micro_batches(train_examples, cfg, ctx.rank, ctx.world) if hasattr(backend, "micro_batches")
+          else MicroBatches(trim_to_targets(train_examples), cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
+                            unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * mb.per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup_ratio * total_steps)
     what = "router" if router is not None else "full" if cfg.full else "lora"
