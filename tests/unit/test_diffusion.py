@@ -194,6 +194,9 @@ def test_image_batches_are_the_same_every_time():
     assert not torch.equal(a.get(0)["noise"], a.get(3)["noise"])
     with pytest.raises(ValueError, match="float tensor"):
         ImageBatches(x[:, 0], 8, 0, 1000)
+    assert a.indices(2) == a.order(0)[16:].tolist() and a.targets == a.lengths == [1] * 20
+    with pytest.raises(ValueError, match="one process"):
+        DiffusionBackend(unet(), scheduler()).micro_batches(x, TrainConfig(), rank=0, world=2)
 
 
 def test_digits_and_the_classifier_that_judges_samples():
