@@ -84,11 +84,13 @@ class LoraConfig(_FromDict):
         """HF PEFT's defaults for a Llama model: r=8, lora_alpha=8, dropout 0, target_modules q_proj and v_proj."""
         return cls(**{"r": 8, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **overrides})
 
-    def to_peft(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-        """The adapter_config.json PEFT reads. Only PEFT's own keys: lorakit metadata lives elsewhere."""
+    def to_peft(self, base_model_name_or_path: str | None = None,
+                task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
+        """The adapter_config.json PEFT reads. Only PEFT's own keys: lorakit metadata lives elsewhere.
+        task_type None: a model that is not a causal LM (a diffusion UNet); PEFT then wraps it in a plain PeftModel."""
         return {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task_type,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,

@@ -63,7 +63,8 @@ class Composed:
                   "lorakit.metadata": json.dumps({"composed": self.report})}
         if self.fingerprint is not None:
             header["lorakit.base_fingerprint"] = json.dumps(self.fingerprint)
-        peft_cfg = self.config.to_peft(self.report.get("base_model_name_or_path"))
+        peft_cfg = self.config.to_peft(self.report.get("base_model_name_or_path"),
+                                       self.report.get("task_type", "CAUSAL_LM"))  # a UNet's adapters: None
 
         def write(tmp: Path):
             (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2))
@@ -99,7 +100,7 @@ def _factors(af: AdapterFile, weight: float) -> dict[str, Factor]:
         raise ValueError(f"adapter {str(af.path)!r} uses DoRA: its weight change depends on the base weights, "
                          f"which composition does not see; merge it into a base instead")
     out = {}
-    embed = {k[len(PREFIX):-len(s)] for k in af.tensors for s in EMBEDDING_SUFFIXES if k.endswith(s)}
+    embed = {k.removeprefix(PREFIX)[:-len(s)] for k in af.tensors for s in EMBEDDING_SUFFIXES if k.endswith(s)}
     for path, t in af.modules().items():
         A, B = t["lora_A"].float(), t["lora_B"].float()
         r = A.shape[0]
@@ -265,7 +266,8 @@ def _assemble(files, weights, parts, errors, method, rank, density, seed) -> Com
     report = {"method": method, "sources": [{"path": str(af.path), "weight": w} for af, w in zip(files, weights)],
               "modules": len(parts), "rank": r_default, "max_rank": max(ranks.values()),
               "rel_error_overall": overall, "rel_error_max": max(rel.values()), "rel_error": rel,
-              "base_model_name_or_path": files[0].peft_config.get("base_model_name_or_path")}
+              "base_model_name_or_path": files[0].peft_config.get("base_model_name_or_path"),
+              "task_type": files[0].peft_config.get("task_type", "CAUSAL_LM")}
     if method in ("svd", "ties", "dare"):
         report["target_rank"] = rank
     if method in ("ties", "dare"):

@@ -78,9 +78,10 @@ def check_compatible(adapter_shapes: dict[str, list[int]], base_fp: dict) -> Non
             raise ValueError(f"adapter targets module {path!r}, which the base model "
                              f"({base_fp['architecture']}) does not have")
         if list(base_shapes[path]) != list(shape):
+            hidden = f", hidden {base_fp['hidden_size']}" if base_fp.get("hidden_size") is not None else ""
             raise ValueError(f"adapter is for another base: module {path!r} is (out, in)={tuple(shape)} "
                              f"in the adapter but {tuple(base_shapes[path])} in the base model "
-                             f"({base_fp['architecture']}, hidden {base_fp.get('hidden_size')})")
+                             f"({base_fp['architecture']}{hidden})")
 
 
 # ---------------------------------------------------------------- save
@@ -116,7 +117,10 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
         "lorakit.base_fingerprint": json.dumps({**fp, "shapes": targeted}),
         "lorakit.metadata": json.dumps(metadata or {}),
     }
-    peft_cfg = cfg.to_peft(base_name)
+    # a causal LM (it can generate) is PEFT's CAUSAL_LM task; anything else (a UNet) gets no task type, which
+    # PEFT loads as a plain PeftModel (its causal-LM wrapper would look for generation methods)
+    causal = callable(getattr(model, "prepare_inputs_for_generation", None))
+    peft_cfg = cfg.to_peft(base_name, "CAUSAL_LM" if causal else None)
 
     path = Path(path)
     if path.is_dir():
@@ -155,9 +159,12 @@ class AdapterFile:
         """module path -> {attr: tensor}"""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in self.tensors.items():
+            # PeftModel.save_pretrained writes base_model.model.<path>; get_peft_model_state_dict of a model that
+            # inject_adapter_in_model adapted (diffusers' way) gives <path> alone: both read the same
+            path = key.removeprefix(PREFIX)
             for suffix, attr in {**PARAM_SUFFIXES, **EMBEDDING_SUFFIXES}.items():
-                if key.startswith(PREFIX) and key.endswith(suffix):
-                    out.setdefault(key[len(PREFIX):-len(suffix)], {})[attr] = t
+                if path.endswith(suffix):
+                    out.setdefault(path[:-len(suffix)], {})[attr] = t
                     break
             else:
                 raise ValueError(f"{self.path / WEIGHTS_NAME}: unsupported tensor key {key!r}")

@@ -186,6 +186,12 @@ def _add_merge(sub) -> None:
 
 
 # ------------------------------------------------------------------ inspect
+def _short_name(path: str) -> str:
+    """A module's name without its parents: 'q_proj'; an index keeps its parent's name ('to_out.0')."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def inspect_adapter(path: str) -> dict:
     from lorakit.adapters.files import read_adapter
 
@@ -198,7 +204,7 @@ def inspect_adapter(path: str) -> dict:
     return {
         "path": str(path), "r": cfg.r, "ranks": ranks, "alpha": cfg.alpha, "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora, "dropout": cfg.dropout, "targets": cfg.targets,
-        "modules": len(mods), "module_names": sorted({p.rsplit(".", 1)[-1] for p in mods}),
+        "modules": len(mods), "module_names": sorted({_short_name(p) for p in mods}),
         "params": af.num_params(), "bytes": size,
         "base": af.peft_config.get("base_model_name_or_path"),
         "base_architecture": fp.get("architecture"), "base_shape_hash": fp.get("shape_hash"),

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "lorakit.cli.lab",             # compose, sweep, estimate
     "lorakit.cli.serve",       # serve, adapters
     "lorakit.cli.ui",          # ui (the dashboard without a model)
+    "lorakit.cli.diffusion",   # diffusion-demo
 ]
 
 

@@ -95,6 +95,7 @@ class MicroBatches:
 
     With `world` ranks a micro-batch is global (batch_size x world rows) and `get` returns rank `rank`'s share;
     a rank left without rows (a short last micro-batch) gets one row with no target."""
+    count = staticmethod(lambda batch: int((batch["labels"][:, 1:] != IGNORE).sum()))  # a batch's target tokens
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
                  group_by_length: bool = False, window: int = 32, unit: int | None = None,
@@ -106,6 +107,7 @@ class MicroBatches:
         self.rank, self.world = rank, world
         self.per_epoch = math.ceil(len(examples) / self.bs)
         self.targets = [sum(lab != IGNORE for lab in e.labels[1:]) for e in examples]
+        self.lengths = [len(e.input_ids) for e in examples]
         self._rand = random.Random
         self._orders: dict[int, list[int]] = {}
 
@@ -212,13 +214,14 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
           cfg: TrainConfig | None = None, eval_examples: list[Example] | None = None, resume: bool = False,
           progress: bool = True, base_name: str | None = None, metadata: dict | None = None,
           on_step: Callable[[int, float], None] | None = None, save_final: bool = True,
-          router=None) -> TrainResult:
+          router=None, backend=None) -> TrainResult:
     """Fine-tune `model` in place and write `out_dir`: LoRA adapter "default" (DoRA/rsLoRA per `lora`; a QLoRA
     base is simply a model loaded with quant="nf4"), every weight with cfg.full, or only `router` (a
-    core.mixture.Router over the model's frozen adapters). cfg.backend picks how the loss is computed."""
+    core.mixture.Router over the model's frozen adapters). cfg.backend picks how the loss is computed; `backend` is
+    another loss (train/diffusion.py) whose micro_batches(...) cut the examples (images: `tokens` counts them)."""
     cfg = cfg or TrainConfig()
     lora = lora or LoraConfig()
-    if not train_examples:
+    if len(train_examples) == 0:  # rows, or a tensor of items (images) for a given backend
         raise ValueError("no training examples")
     out_dir = Path(out_dir)
     ctx = distributed.context()  # one process, or this rank of a torchrun group
@@ -227,8 +230,10 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     mode = distributed.place_model(model, cfg.parallel, ctx, routing=router is not None)
     device = ctx.device or next(model.parameters()).device
     params = _setup_trainable(model, lora, cfg, router)
-    backend, why = choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None,
-                                  device=device)
+    if backend is not None and eval_examples:
+        raise ValueError(f"held-out eval examples are for the text backends, not the {backend.name!r} backend")
+    backend, why = (backend, "given by the caller") if backend is not None else \
+        choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None, device=device)
     log.info("backend: %s (%s)", backend.name, why)
     if router is not None:
         trainable = sum(p.numel() for p in params.values())
@@ -244,9 +249,9 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                             fused=device.type == "cuda")
     pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    train_examples = trim_to_targets(train_examples)
-    mb = MicroBatches(train_examples, cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
-                      unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world)
+    mb = (backend.micro_batches(train_examples, cfg, ctx.rank, ctx.world) if hasattr(backend, "micro_batches")
+          else MicroBatches(trim_to_targets(train_examples), cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
+                            unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * mb.per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup_ratio * total_steps)
     what = "router" if router is not None else "full" if cfg.full else "lora"
@@ -304,12 +309,12 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                 micro = [step * cfg.grad_accum + k for k in range(cfg.grad_accum)]
                 rows = [j for m in micro for j in mb.indices(m)]  # the global step's rows, all ranks
                 denom = max(1, sum(mb.targets[j] for j in rows))  # counted on the host: no device sync
-                step_tokens = sum(len(train_examples[j].input_ids) for j in rows)
+                step_tokens = sum(mb.lengths[j] for j in rows)
                 loss_sum = torch.zeros((), device=device)
                 for k, m in enumerate(micro):
                     b = mb.get(m)  # this rank's rows
-                    n_targets = int((b["labels"][:, 1:] != IGNORE).sum())
-                    unpadded = bool(b["attention_mask"].all())
+                    n_targets = mb.count(b)
+                    unpadded = "attention_mask" not in b or bool(b["attention_mask"].all())
                     b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
                     b["n_targets"], b["unpadded"] = n_targets, unpadded
                     with runner.no_sync(last=k == len(micro) - 1):
