@@ -30,6 +30,7 @@ GPU_R1 = "bench/results/gpu_train_h200_2026-11-29_r1.jsonl"
 GPU_R2 = "bench/results/gpu_train_h200_2026-11-29_r2.jsonl"
 GPU_R3 = "bench/results/gpu_train_h200_2026-11-29_r3.jsonl"
 DIST = "bench/results/gpu_dist_h200x2_2026-11-29.jsonl"
+DIFFUSION = "bench/results/diffusion_cpu-2core_2026-11-29.json"
 SERVE = "bench/results/serve_load_cpu-quiet_2026-11-23.jsonl"
 QUANT = "bench/results/quant_memory-cpu-2core.jsonl"
 MIX = "bench/results/mixture-cpu.json"
@@ -128,6 +129,16 @@ def distributed(root: Path) -> tuple[str, str, str]:
         _link(DIST) + "; [docs/distributed.md](docs/distributed.md)"
 
 
+def diffusion(root: Path) -> tuple[str, str, str]:
+    r = json.loads((root / DIFFUSION).read_text())
+    s = r["samples"]
+    result = (f"share of samples the classifier reads as a new digit (5-9): base {_pct(s['base']['new_share'])}, "
+              f"adapter at weight 0.5 {_pct(s['lora_w0.5']['new_share'])}, at 1.0 {_pct(s['lora_w1']['new_share'])} "
+              f"(256 samples each); whole demo {r['seconds_total']:.0f} s with {r['threads']} thread on a loaded machine")
+    return "diffusion: LoRA teaches a digits DDPM (0-4) the digits 5-9, CPU", result, \
+        _link(DIFFUSION) + "; [docs/diffusion.md](docs/diffusion.md)"
+
+
 def serving(root: Path) -> tuple[str, str, str]:
     rows = _jsonl(root, SERVE)
 
@@ -198,7 +209,7 @@ def sweep(root: Path) -> tuple[str, str, str]:
     return "LoRA rank sweep vs full fine-tuning", result, _link(SWEEP_CSV) + "; [docs/sweep/report.md](docs/sweep/report.md)"
 
 
-ROWS = [demo, cpu_speed, gpu_speed, distributed, serving, qlora_memory, mixture, sweep]
+ROWS = [demo, cpu_speed, gpu_speed, distributed, serving, qlora_memory, mixture, sweep, diffusion]
 
 
 def table(root: Path = ROOT) -> str:
