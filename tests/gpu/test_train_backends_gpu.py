@@ -1,0 +1,64 @@
+"""On a GPU, `lorakit train` (the CLI, auto backend) takes the fast backend, says so, and its loss curve equals
+the plain backend's within the bf16 tolerance of test_fast_gpu.py; the same run through `train()` with
+backend="plain" is the reference. Rows: a pre-tokenized data file of fixed-length rows, as in bench/gpu_train.py."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 2048
+
+
+def _model_dir(tmp_path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    d = tmp_path / "model"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
+                                  pad_token="t0", eos_token="t1", bos_token="t2")
+    tok.save_pretrained(d)
+    return d
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_cli_auto_takes_fast_backend_and_matches_plain_curve(tmp_path):
+    d = _model_dir(tmp_path)
+    g = torch.Generator().manual_seed(7)
+    rows = [{"input_ids": torch.randint(3, VOCAB, (256,), generator=g).tolist()} for _ in range(16)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(d), "--data", str(tmp_path / "rows.jsonl"), "--r", "16", "--alpha", "32", "--targets",
+              "all-linear", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "20", "--max-len", "256",
+              "--dtype", "bfloat16", "--device", "cuda", "--seed", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for backend in ("auto", "plain"):
+        out = tmp_path / backend
+        p = subprocess.run([sys.executable, "-m", "lorakit", "train", *common, "--backend", backend, "-o", str(out)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[backend] = (out, p.stderr)
+    assert "backend: fast (CUDA and a supported llama model)" in runs["auto"][1]
+    fast, plain = _losses(runs["auto"][0]), _losses(runs["plain"][0])
+    assert len(fast) == len(plain) == 20
+    gaps = [abs(a - b) for a, b in zip(fast, plain)]
+    assert gaps[0] < 0.01 and max(gaps) < 0.05 and sum(gaps) / len(gaps) < 0.02, gaps
+    assert abs((fast[0] - fast[-1]) - (plain[0] - plain[-1])) < 0.1 * abs(plain[0] - plain[-1])
+    rec = [json.loads(x) for x in (runs["auto"][0] / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(r["backend"] == "fast" and r["cuda_peak_alloc_gib"] > 0 for r in rec)
