@@ -318,6 +318,10 @@ class Registry:
         return [self._row_to_version(r) for r in
                 self._q("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,))]
 
+    def find_sha(self, sha256: str) -> list[AdapterVersion]:
+        """Every version (any name) whose files have this content hash."""
+        return [self._row_to_version(r) for r in self._q("SELECT * FROM versions WHERE sha256 = ?", (sha256,))]
+
     def list(self) -> list[AdapterVersion]:
         """The current version of every adapter, by name."""
         return [self._row_to_version(r) for r in self._q("SELECT * FROM versions WHERE current = 1 ORDER BY name")]
