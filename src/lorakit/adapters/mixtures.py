@@ -235,8 +235,7 @@ def add_mixture(reg, name: str, src: str | Path, *, description: str = "", skip_
     """Register mixture directory `src` as the next version of `mix:<name>`, pinned to the registry's adapter
     versions with the same content hashes (the same name preferred). Refused (IncompatibleAdapter) when the
     mixture is for another base or an adapter it gates is in no version of the registry."""
-    full = name if name.startswith(MIX) else MIX + name
-    validate_name(full)
+    full = validate_name(name if not isinstance(name, str) or name.startswith(MIX) else MIX + name)
     mf = read_mixture(src)
     check_base(mf, reg.require_base())
     pinned = []
