@@ -73,6 +73,13 @@ def is_mixture(path: str | Path) -> bool:
     return (Path(path) / MIXTURE_FILE).is_file()
 
 
+def mixture_metadata(path: str | Path) -> dict:
+    """How the router's training rows were rendered ({"template", "chat_template_sha256"}, as an adapter's
+    metadata records it; {} if not recorded), without reading the gates."""
+    m = read_mixture(path).manifest
+    return {k: m[k] for k in ("template", "chat_template_sha256") if k in m}
+
+
 def write_mixture(out_dir: str | Path, router: Router, adapter_dirs: dict[str, str | Path], base_fp: dict,
                   base_name: str | None = None, extra: dict | None = None) -> Path:
     """Write `router` and the manifest naming its adapters (hashed now, from `adapter_dirs`) and the base."""

@@ -58,11 +58,14 @@ def _split_targets(s: str):
 
 
 def _adapter_meta(adapters: list[str] | None) -> dict[str, dict]:
-    """adapter name (as `_load` names them) -> its lorakit metadata ({} for a PEFT adapter)."""
+    """adapter name (as `_load` names them) -> its lorakit metadata ({} for a PEFT adapter); for a mixture, how
+    its router's rows were rendered."""
     from lorakit.adapters.files import read_metadata
+    from lorakit.adapters.mixtures import is_mixture, mixture_metadata
 
     specs = adapters or []
-    return {(f"a{i}" if len(specs) > 1 else "default") + f" ({_adapter_spec(s)[0]})": read_metadata(_adapter_spec(s)[0])
+    return {(f"a{i}" if len(specs) > 1 else "default") + f" ({_adapter_spec(s)[0]})":
+            (mixture_metadata if is_mixture(_adapter_spec(s)[0]) else read_metadata)(_adapter_spec(s)[0])
             for i, s in enumerate(specs)}
 
 

@@ -218,7 +218,7 @@ def cmd_train_router(args) -> int:
     from lorakit.core.inject import set_active
     from lorakit.core.mixture import Router
     from lorakit.models import model_name
-    from lorakit.train.data import build_examples, load_rows
+    from lorakit.train.data import build_examples, load_rows, template_info
     from lorakit.train.router import train_router
 
     specs = [_named(s) for s in args.adapters.split(",") if s.strip()]
@@ -245,7 +245,8 @@ def cmd_train_router(args) -> int:
     res = train_router(model, router, examples, args.output, cfg=cfg, tok=tok, eval_examples=eval_examples,
                        resume=args.resume, progress=not args.quiet,
                        metadata={"data": str(args.data), "adapters": dict(specs)})
-    write_mixture(args.output, router, dict(specs), fingerprint(model), model_name(args.model))
+    write_mixture(args.output, router, dict(specs), fingerprint(model), model_name(args.model),
+                  template_info(tok, args.template))  # how its rows were rendered: eval/serve follow it
     if not args.quiet:
         print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; mixture of "
               f"{', '.join(names)} in {args.output}")
