@@ -82,8 +82,9 @@ def test_router_trains_from_the_cli_through_the_same_loop(tiny_dir, two_tasks, t
     assert rep["after"]["loss"] < rep["before"]["loss"] - 0.1  # the mixture, not the base
     g = lorakit("generate", "--model", tiny_dir, "--adapter", out, "--prompt", "Say the word apple.",
                 "--max-new-tokens", 4, "--json")
-    want_text = generate(model, tok, ["Say the word apple."], max_new_tokens=4)[0]
-    assert json.loads(g.stdout)["text"] == want_text
+    assert json.loads((out / "mixture.json").read_text())["template"] == "chat"  # train-router's --template auto
+    want_text = generate(model, tok, [[{"role": "user", "content": "Say the word apple."}]], max_new_tokens=4)[0]
+    assert json.loads(g.stdout)["text"] == want_text  # rendered as the router's rows were: a chat turn
 
     # a mixture cannot be merged or stacked, and a changed adapter is named
     p = lorakit("merge", "--model", tiny_dir, "--adapter", out, "-o", tmp_path / "merged", check=False)
