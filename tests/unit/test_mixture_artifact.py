@@ -12,6 +12,7 @@ from lorakit.adapters.files import content_sha256, fingerprint, load_adapter, re
 from lorakit.adapters.mixtures import (MIXTURE_FILE, add_mixture, load_mixture, read_mixture, resolve_mixture,
                                        write_mixture)
 from lorakit.adapters.registry import IncompatibleAdapter, Registry
+from lorakit.cli.main import main
 from lorakit.core.inject import adapter_names, disabled
 from lorakit.core.mixture import Router
 from lorakit.kernels import IMPLS
@@ -205,3 +206,22 @@ def test_slot_bank_runs_a_mixture_per_token_beside_base_and_adapter_rows(tmp_pat
     with pytest.raises(IncompatibleAdapter, match="another base"):
         SlotBank(tiny_llama(seed=1), 2, fingerprint(tiny_llama(seed=1))).acquire_mixture(
             "ab", lambda: read_mixture(tmp_path / "mix"))
+
+
+def test_cli_adapters_add_and_list_a_mixture(tmp_path, capsys):
+    src = _mixture(tmp_path)
+    path = str(tmp_path / "reg.sqlite")
+    Registry(path, base_fp=fingerprint(src), base_name="tiny").close()
+    assert main(["adapters", "add", "ab", str(tmp_path / "mix"), "--registry", path]) == 2  # adapters first
+    assert "adapter 'a'" in capsys.readouterr().err
+    for n in "ab":
+        assert main(["adapters", "add", n, str(tmp_path / "adapters" / n), "--registry", path]) == 0
+    assert main(["adapters", "add", "ab", str(tmp_path / "mix"), "--registry", path]) == 0
+    assert main(["adapters", "list", "--registry", path]) == 0
+    out = capsys.readouterr().out
+    assert "added mix:ab@1 (current)" in out
+    line = next(x for x in out.splitlines() if x.startswith("mix:ab"))
+    assert line.split()[:3] == ["mix:ab", "1", "mix"] and line.endswith("over a@1, b@1")
+    assert main(["adapters", "show", "mix:ab", "--registry", path]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["versions"][0]["kind"] == "mixture" and shown["versions"][0]["pinned"] == ["a@1", "b@1"]
