@@ -148,9 +148,19 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=None, help="save the trained adapters here, reuse them if present")
+    ap.add_argument("--write-data", metavar="DIR", help="only write the study's rows as prompt/completion JSONL "
+                    "(reverse.jsonl, upper.jsonl: adapter training; router.jsonl: the mixed router set; test.jsonl: "
+                    "the held-out mixed set) for the CLI run in docs/mixture.md, then exit")
+    ap.add_argument("--cli-summary", metavar="DIR", help="summarise bench/mixture_cli.sh's eval_*.json in DIR "
+                    "(per task exact match, loss) into DIR/summary.json and print it, then exit")
+    ap.add_argument("--seconds", type=float, help="with --cli-summary: the run's wall time, recorded")
     ap.add_argument("--baseline-loss-only", action="store_true",
                     help="score the baselines by loss only (no generation): a quick rerun of the router alone")
     args = ap.parse_args()
+    if args.write_data:
+        return write_data(args)
+    if args.cli_summary:
+        return cli_summary(Path(args.cli_summary), args.seconds)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -160,11 +170,7 @@ def main():
     top = "|".join(str(i) for i in range(n_layers - args.layers, n_layers))
     targets = rf"model\.layers\.({top})\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
-    data = {}
-    for k, task in enumerate(TASKS):
-        train_t, test_t = split_tuples(args.seed * 100 + k, args.n_train + args.n_router, args.n_test)
-        data[task] = {"adapter": make_rows(task, train_t[:args.n_train]),
-                      "router": make_rows(task, train_t[args.n_train:]), "test": make_rows(task, test_t)}
+    data = study_rows(args)
     curves = {}
     for task in TASKS:
         cached = Path(args.cache) / task if args.cache else None
@@ -206,6 +212,56 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def study_rows(args) -> dict:
+    """task -> {"adapter", "router", "test"} rows, exactly as main() draws them."""
+    data = {}
+    for k, task in enumerate(TASKS):
+        train_t, test_t = split_tuples(args.seed * 100 + k, args.n_train + args.n_router, args.n_test)
+        data[task] = {"adapter": make_rows(task, train_t[:args.n_train]),
+                      "router": make_rows(task, train_t[args.n_train:]), "test": make_rows(task, test_t)}
+    return data
+
+
+def write_data(args) -> None:
+    out = Path(args.write_data)
+    out.mkdir(parents=True, exist_ok=True)
+    data = study_rows(args)
+
+    def dump(name, rows):
+        (out / name).write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
+                                        for r in rows))
+    for task in TASKS:
+        dump(f"{task}.jsonl", data[task]["adapter"])
+        dump(f"test_{task}.jsonl", data[task]["test"])
+    dump("router.jsonl", [r for t in TASKS for r in data[t]["router"]])
+    dump("test.jsonl", [r for t in TASKS for r in data[t]["test"]])
+    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.jsonl')))} to {out}")
+
+
+def cli_summary(run: Path, seconds: float | None) -> None:
+    """Per case (eval_<case>.json of `lorakit eval`): loss, and exact match overall and per task (the row's
+    instruction word), with the base (every report's "before") as its own row."""
+    import os
+    import platform
+
+    table = {}
+    for f in sorted(run.glob("eval_*.json")):
+        rep = json.loads(f.read_text())
+        ex = rep["examples"]
+        for case, side in (("base", "before"), (f.stem[len("eval_"):], "after")):
+            row = {"loss_mixed": rep[side]["loss"], "exact_mixed": rep[side]["accuracy"]}
+            for task in TASKS:
+                mine = [e for e in ex if e["prompt"].startswith(task + ":")]
+                row[f"exact_{task}"] = sum(" ".join(e[side].split()) == " ".join(e["reference"].split())
+                                           for e in mine) / max(len(mine), 1)
+            table[case] = row
+    out = {"case": "mixture_of_loras_cli", "machine": f"cpu-{os.cpu_count()}core ({platform.machine()})",
+           "date": time.strftime("%Y-%m-%d"), "threads": 1, "seconds": seconds, "results": table,
+           "commands": "bench/mixture_cli.sh"}
+    (run / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
 
 
 @torch.no_grad()

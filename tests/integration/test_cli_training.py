@@ -4,6 +4,12 @@ import json
 
 import pytest
 
+from lorakit.adapters.files import content_sha256
+from lorakit.adapters.mixtures import load_mixture
+from lorakit.generate import generate
+from lorakit.models import load_base
+from lorakit.train.data import build_examples, load_rows
+from lorakit.train.evaluate import loss_and_kl
 from test_cli import lorakit  # noqa: F401 (the same subprocess helper)
 
 pytestmark = pytest.mark.slow
@@ -58,5 +64,37 @@ def test_router_trains_from_the_cli_through_the_same_loop(tiny_dir, two_tasks, t
     assert len(losses) == 10 and losses[-1] < losses[0]
     assert json.loads((out / "train_config.json").read_text())["what"] == "router"
     info = json.loads(lorakit("inspect", out, "--json").stdout)
-    assert info["kind"] == "mixture router" and info["adapters"] == ["up", "rev"] and info["routed_layers"] == 14
+    assert info["kind"] == "mixture" and info["adapters"] == ["up", "rev"] and info["routed_layers"] == 14
     assert info["params"] == 2 * (6 * (64 * 2 + 2) + (128 * 2 + 2))  # a (K x in) gate + bias per adapted layer
+    assert [(a["name"], a["status"]) for a in info["adapter_files"]] == [("up", "ok"), ("rev", "ok")]
+    assert info["adapter_files"][0]["sha256"] == content_sha256(tmp_path / "up")
+    assert info["base_shape_hash"] and info["training"]["steps"] == 10
+
+    # eval and generate take the mixture where they take an adapter; the numbers are load_mixture's
+    p = lorakit("eval", "--model", tiny_dir, "--adapter", out, "--data", two_tasks / "mixed.jsonl",
+                "--max-new-tokens", 4, "--json", tmp_path / "rep.json")
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    model, tok = load_base(tiny_dir, device="cpu")
+    load_mixture(model, out)
+    examples = build_examples(tok, load_rows(two_tasks / "mixed.jsonl")[0], "auto", 512)
+    want = loss_and_kl(model, examples, tok.pad_token_id, 32, compare=True)
+    assert abs(rep["after"]["loss"] - want["loss"]) < 1e-4 and abs(rep["before"]["loss"] - want["base_loss"]) < 1e-4
+    assert rep["after"]["loss"] < rep["before"]["loss"] - 0.1  # the mixture, not the base
+    g = lorakit("generate", "--model", tiny_dir, "--adapter", out, "--prompt", "Say the word apple.",
+                "--max-new-tokens", 4, "--json")
+    assert json.loads((out / "mixture.json").read_text())["template"] == "chat"  # train-router's --template auto
+    want_text = generate(model, tok, [[{"role": "user", "content": "Say the word apple."}]], max_new_tokens=4)[0]
+    assert json.loads(g.stdout)["text"] == want_text  # rendered as the router's rows were: a chat turn
+
+    # a mixture cannot be merged or stacked, and a changed adapter is named
+    p = lorakit("merge", "--model", tiny_dir, "--adapter", out, "-o", tmp_path / "merged", check=False)
+    assert p.returncode == 2 and "cannot be merged" in p.stderr
+    p = lorakit("generate", "--model", tiny_dir, "--adapter", out, "--adapter", tmp_path / "up", "--prompt", "x",
+                check=False)
+    assert p.returncode == 2 and "runs alone" in p.stderr
+    lorakit("train", "--model", tiny_dir, "--data", two_tasks / "up.jsonl", "--targets", "all-linear",
+            "--max-steps", 1, "--batch-size", 8, "--quiet", "-o", tmp_path / "rev")  # rev retrained: other files
+    p = lorakit("eval", "--model", tiny_dir, "--adapter", out, "--data", two_tasks / "mixed.jsonl", check=False)
+    assert p.returncode == 2 and "adapter 'rev', whose files at" in p.stderr and "changed" in p.stderr
+    info = json.loads(lorakit("inspect", out, "--json").stdout)
+    assert [a["status"] for a in info["adapter_files"]] == ["ok", "changed"]

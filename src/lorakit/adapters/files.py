@@ -39,6 +39,21 @@ PARAM_SUFFIXES = {
 EMBEDDING_SUFFIXES = {".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B"}
 
 
+# ---------------------------------------------------------------- content hash
+def content_sha256(path: str | Path, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> str:
+    """sha256 over the files `names` of directory `path`, in that order: an adapter's identity (the registry
+    keys versions and server slots by it; a mixture records it for every adapter it gates)."""
+    h = hashlib.sha256()
+    for f in names:
+        p = Path(path) / f
+        if not p.is_file():
+            raise FileNotFoundError(f"{str(p)!r} does not exist")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- fingerprint
 def fingerprint(model: nn.Module) -> dict:
     """What an adapter needs of its base: architecture and the shape of every linear module.

@@ -15,10 +15,13 @@ temp or unrecorded directory, which the next open of the registry removes. An ad
 (or base weights) do not fit the registry's base is refused with the reason (`IncompatibleAdapter`,
 HTTP 409). Version numbers never repeat for a name, even after every version was removed: the
 `adapters` row stays behind as the name's counter.
+
+Mixtures of LoRAs (adapters/mixtures.py) are entries of the same kind named `mix:<name>`: numbered
+versions, rollback, removal alike; their files live in <store>/@mix/<name>/vN and their `config` holds
+the mixture's manifest and the adapter versions it is pinned to (`add_version` is the shared core).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,13 +30,14 @@ import shutil
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, check_compatible, read_adapter, validate_adapter
+from lorakit.adapters.files import (CONFIG_NAME, WEIGHTS_NAME, check_compatible, content_sha256, read_adapter,
+                                    validate_adapter)
+from lorakit.adapters.refs import (MIX, MIX_DIR, NAME_RE, AdapterVersion, IncompatibleAdapter,  # noqa: F401
+                                   UnknownAdapter, parse_ref, rel_dir, validate_name)
 
 log = logging.getLogger("lorakit.registry")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS base (id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT,
     fingerprint TEXT NOT NULL, created_at REAL NOT NULL);
@@ -47,69 +51,6 @@ CREATE TABLE IF NOT EXISTS evals (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEX
     version INTEGER NOT NULL, base_shape_hash TEXT, base_weight_hash TEXT, metrics TEXT NOT NULL,
     created_at REAL NOT NULL);
 """
-
-
-class UnknownAdapter(ValueError):
-    """No such adapter (or version): HTTP 404."""
-
-
-class IncompatibleAdapter(ValueError):
-    """The adapter does not fit the registry's base model: HTTP 409."""
-
-
-@dataclass
-class AdapterVersion:
-    name: str
-    version: int
-    path: Path
-    sha256: str
-    config: dict
-    fingerprint: dict | None
-    num_params: int
-    created_at: float
-    current: bool
-    evals: list[dict] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "version": self.version, "id": f"{self.name}@{self.version}",
-                "path": str(self.path), "sha256": self.sha256, "current": self.current,
-                "created_at": self.created_at, "num_params": self.num_params,
-                "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
-                "target_modules": self.config.get("target_modules"),
-                "base_fingerprint": _short_fp(self.fingerprint), "evals": self.evals}
-
-
-def _short_fp(fp: dict | None) -> dict | None:
-    return None if fp is None else {k: v for k, v in fp.items() if k != "shapes"}
-
-
-def validate_name(name: object) -> str:
-    """Adapter names are 1-64 letters, digits, '_' or '-' (never a path: no '/', '.', '..')."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid adapter name {name!r}: expected 1-64 characters of letters, digits, "
-                         "'_' or '-', starting with a letter or digit (no paths)")
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """'name' or 'name@3' -> (name, version or None)."""
-    name, sep, ver = str(ref).partition("@")
-    validate_name(name)
-    if not sep:
-        return name, None
-    if not re.fullmatch(r"[0-9]{1,18}", ver) or int(ver) < 1:
-        raise ValueError(f"invalid adapter version in {ref!r}: expected name@N with N a positive integer "
-                         "(at most 18 digits)")
-    return name, int(ver)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in (CONFIG_NAME, WEIGHTS_NAME):
-        with open(path / f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class Registry:
@@ -141,12 +82,14 @@ class Registry:
         try:
             with self._write() as db:
                 known = {r[0] for r in db.execute("SELECT path FROM versions")}
-                for d in sorted(self.store.iterdir()):
+                mix = self.store / MIX_DIR
+                for d in sorted(self.store.iterdir()) + (sorted(mix.iterdir()) if mix.is_dir() else []):
                     if not d.is_dir() or not NAME_RE.fullmatch(d.name):
                         continue
                     for sub in d.iterdir():
+                        rel = sub.relative_to(self.store).as_posix()
                         stale = (sub.name.startswith(".") and ".tmp-" in sub.name) or \
-                            (re.fullmatch(r"v\d+", sub.name) and f"{d.name}/{sub.name}" not in known)
+                            (re.fullmatch(r"v\d+", sub.name) and rel not in known)
                         if stale:
                             shutil.rmtree(sub, ignore_errors=True)
                             gone.append(sub)
@@ -239,11 +182,23 @@ class Registry:
             skip_if_current: bool = False) -> AdapterVersion:
         """Copy adapter directory `src` in as the next version of `name` and make it current."""
         validate_name(name)
+        if name.startswith(MIX):
+            raise ValueError(f"{name!r}: names starting with {MIX!r} are mixtures (adapters/mixtures.add_mixture)")
         src = Path(src)
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
         validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
         self.check_fits(af, force)
-        sha = _sha256(src)
+        metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
+        return self.add_version(name, src, (CONFIG_NAME, WEIGHTS_NAME), fingerprint=af.fingerprint,
+                                config=af.peft_config, num_params=af.num_params(), description=description,
+                                skip_if_current=skip_if_current, metrics=metrics)
+
+    def add_version(self, name: str, src: Path, files: tuple[str, ...], *, fingerprint: dict | None, config: dict,
+                    num_params: int, description: str = "", skip_if_current: bool = False,
+                    metrics: dict | None = None) -> AdapterVersion:
+        """The shared core of adding (adapters and mixtures, checked by the caller): copy `files` of `src`
+        into the store as the next version of `name`, record it and make it current, in one transaction."""
+        sha = content_sha256(src, files)
         cur = self._current_row(name)
         if skip_if_current and cur is not None and cur["sha256"] == sha:
             return self.resolve(name)
@@ -256,18 +211,17 @@ class Registry:
                            (name, description, now))
             top = db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0] or 0
             version = max(row["next_version"] if row else 1, top + 1)
-            rel = f"{name}/v{version}"
+            rel = f"{rel_dir(name)}/v{version}"
             dest = self.store / rel
-            _copy_adapter_dir(src, dest)
+            _copy_files(src, dest, files)
             try:
                 db.execute("UPDATE versions SET current = 0 WHERE name = ?", (name,))
                 db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,1)",
-                           (name, version, rel, sha, json.dumps(af.fingerprint) if af.fingerprint else None,
-                            json.dumps(af.peft_config), af.num_params(), now))
+                           (name, version, rel, sha, json.dumps(fingerprint) if fingerprint else None,
+                            json.dumps(config), num_params, now))
                 db.execute("UPDATE adapters SET next_version = ? WHERE name = ?", (version + 1, name))
                 if description:
                     db.execute("UPDATE adapters SET description = ? WHERE name = ?", (description, name))
-                metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
                 if isinstance(metrics, dict) and metrics:
                     self._insert_eval(db, name, version, metrics, self.base_fp)
             except BaseException:
@@ -313,7 +267,7 @@ class Registry:
         for v in gone:
             shutil.rmtree(v.path, ignore_errors=True)
         if version is None:
-            shutil.rmtree(self.store / name, ignore_errors=True)
+            shutil.rmtree(self.store / rel_dir(name), ignore_errors=True)
         return gone
 
     def add_eval(self, ref: str, metrics: dict, base_fp: dict | None = None) -> None:
@@ -364,6 +318,10 @@ class Registry:
         return [self._row_to_version(r) for r in
                 self._q("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,))]
 
+    def find_sha(self, sha256: str) -> list[AdapterVersion]:
+        """Every version (any name) whose files have this content hash."""
+        return [self._row_to_version(r) for r in self._q("SELECT * FROM versions WHERE sha256 = ?", (sha256,))]
+
     def list(self) -> list[AdapterVersion]:
         """The current version of every adapter, by name."""
         return [self._row_to_version(r) for r in self._q("SELECT * FROM versions WHERE current = 1 ORDER BY name")]
@@ -378,13 +336,13 @@ class Registry:
                 "current_version": cur, "versions": [v.to_json() for v in vs]}
 
 
-def _copy_adapter_dir(src: Path, dest: Path) -> None:
-    """Copy the two PEFT files into `dest` via a temp sibling and a rename."""
+def _copy_files(src: Path, dest: Path, files: tuple[str, ...]) -> None:
+    """Copy `files` of `src` into `dest` via a temp sibling and a rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     try:
         tmp.mkdir()
-        for f in (CONFIG_NAME, WEIGHTS_NAME):
+        for f in files:
             shutil.copyfile(src / f, tmp / f)
         if dest.exists():  # a leftover from a crashed add of the same version number
             shutil.rmtree(dest)

@@ -26,12 +26,21 @@ def _adapter_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _load(args, adapters: list[str] | None = None, trainable: bool = False):
+def _load(args, adapters: list[str] | None = None, trainable: bool = False, mixture_ok: bool = True):
+    """The base with `adapters` (dirs, 'dir:weight') active, or with one mixture dir (lorakit train-router)."""
     from lorakit.adapters.files import load_adapter
+    from lorakit.adapters.mixtures import is_mixture, load_mixture
     from lorakit.core.inject import set_active
     from lorakit.models import load_base
 
+    mixes = [a for a in adapters or [] if is_mixture(a)]
+    if mixes and (len(adapters) > 1 or not mixture_ok):
+        raise ValueError(f"{mixes[0]!r} is a mixture: it runs alone" + ("" if mixture_ok else
+                         ", and its per-token gates cannot be merged into the weights"))
     model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
+    if mixes:
+        load_mixture(model, mixes[0])
+        return model, tok
     weights = {}
     for i, spec in enumerate(adapters or []):
         path, w = _adapter_spec(spec)
@@ -49,11 +58,14 @@ def _split_targets(s: str):
 
 
 def _adapter_meta(adapters: list[str] | None) -> dict[str, dict]:
-    """adapter name (as `_load` names them) -> its lorakit metadata ({} for a PEFT adapter)."""
+    """adapter name (as `_load` names them) -> its lorakit metadata ({} for a PEFT adapter); for a mixture, how
+    its router's rows were rendered."""
     from lorakit.adapters.files import read_metadata
+    from lorakit.adapters.mixtures import is_mixture, mixture_metadata
 
     specs = adapters or []
-    return {(f"a{i}" if len(specs) > 1 else "default") + f" ({_adapter_spec(s)[0]})": read_metadata(_adapter_spec(s)[0])
+    return {(f"a{i}" if len(specs) > 1 else "default") + f" ({_adapter_spec(s)[0]})":
+            (mixture_metadata if is_mixture(_adapter_spec(s)[0]) else read_metadata)(_adapter_spec(s)[0])
             for i, s in enumerate(specs)}
 
 
@@ -109,7 +121,8 @@ def cmd_eval(args) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity, exact match; before/after and behaviour change")
     _model_args(p)
-    p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight)")
+    p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight), "
+                                                      "or one mixture dir (lorakit train-router)")
     p.add_argument("--base-model", help="compare against this model instead of the adapter-free base "
                                         "(e.g. the original model when --model is a full fine-tune)")
     p.add_argument("--data", required=True)
@@ -147,7 +160,8 @@ def cmd_generate(args) -> int:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the base or with adapters")
     _model_args(p)
-    p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight)")
+    p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight), "
+                                                      "or one mixture dir (lorakit train-router)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: stdin lines)")
     _template_arg(p)
     p.add_argument("--chat", action="store_true", help="the same as --template chat")
@@ -164,7 +178,7 @@ def cmd_merge(args) -> int:
     from lorakit.core.inject import unload
     from lorakit.models import _save_hf_dir
 
-    model, tok = _load(args, args.adapter)
+    model, tok = _load(args, args.adapter, mixture_ok=False)
     unload(model, merge_active=True)
     if args.save_dtype:
         from lorakit.models import resolve_dtype
@@ -212,8 +226,24 @@ def inspect_adapter(path: str) -> dict:
     }
 
 
+def inspect_mixture(path: str) -> dict:
+    """A mixture (lorakit train-router): the adapters it gates, their hashes and whether each is still there
+    unchanged, the base it was trained on, its size."""
+    from lorakit.adapters.mixtures import adapter_status, read_mixture
+
+    mf = read_mixture(path)
+    done = Path(path) / "train_done.json"
+    return {"path": str(path), "kind": "mixture", "adapters": mf.names, "temperature": mf.temperature,
+            "routed_layers": len(mf.layers), "params": mf.num_params(),
+            "adapter_files": [{k: s[k] for k in ("name", "sha256", "dir", "status")} for s in adapter_status(mf)],
+            "base": mf.base.get("name"), "base_architecture": mf.base.get("architecture"),
+            "base_shape_hash": mf.base.get("shape_hash"), "base_weight_hash": mf.base.get("weight_hash"),
+            "lorakit_version": mf.manifest.get("lorakit_version"),
+            "training": json.loads(done.read_text()) if done.exists() else None}
+
+
 def inspect_router(path: str) -> dict:
-    """A router directory (lorakit train-router): the adapters it gates and its size."""
+    """A bare router directory (router.json, no mixture.json): the adapters it gates and its size."""
     from safetensors import safe_open
 
     cfg = json.loads((Path(path) / "router.json").read_text())
@@ -227,18 +257,25 @@ def inspect_router(path: str) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    info = inspect_router(args.adapter) if (Path(args.adapter) / "router.json").exists() \
-        else inspect_adapter(args.adapter)
+    from lorakit.adapters.mixtures import is_mixture
+
+    info = inspect_mixture(args.adapter) if is_mixture(args.adapter) else inspect_router(args.adapter) \
+        if (Path(args.adapter) / "router.json").exists() else inspect_adapter(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     for k, v in info.items():
+        if k == "adapter_files":
+            for a in v:
+                print(f"{'  ' + a['name']:<18} {a['status']:<8} sha256 {a['sha256'][:16]}  {a['dir']}")
+            continue
         print(f"{k:<18} {v}")
     return 0
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="an adapter's ranks, targets, parameter count and base fingerprint")
+    p = sub.add_parser("inspect", help="an adapter's ranks, targets, parameter count and base fingerprint; "
+                                       "a mixture's adapters (present and unchanged?), base and size")
     p.add_argument("adapter")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)

@@ -26,7 +26,8 @@ def register(sub) -> None:
     s.add_argument("--model", default="embedded", help="base model: HF dir, .gguf, or 'embedded' (default)")
     _registry_arg(s)
     s.add_argument("--adapters", help="directory of adapter dirs to register at start (name = dir name; "
-                                      "a changed one becomes a new version)")
+                                      "a changed one becomes a new version); mixture dirs in it become "
+                                      "mix:<dir name>, pinned to the adapter versions they were trained on")
     s.add_argument("--api-key", action="append", default=None, help="inference key (repeatable); "
                    "default $LORAKIT_API_KEYS; none: inference is open")
     s.add_argument("--admin-key", default=os.environ.get("LORAKIT_ADMIN_KEY"),
@@ -49,7 +50,8 @@ def register(sub) -> None:
     asub = a.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = asub.add_parser("list", help="current version of every adapter")
     p.add_argument("--json", action="store_true")
-    p = asub.add_parser("add", help="copy an adapter dir in as the next version (refused if it fits another base)")
+    p = asub.add_parser("add", help="copy an adapter dir in as the next version (refused if it fits another base); "
+                                    "a mixture dir becomes mix:<name>, pinned to the adapter versions of its hashes")
     p.add_argument("name")
     p.add_argument("path")
     p.add_argument("--model", help="base model, needed once to record the registry's base fingerprint")
@@ -124,9 +126,14 @@ def cmd_adapters(args) -> int:
                 print(f"{'NAME':24} {'VERSION':>7} {'RANK':>5} {'PARAMS':>10}  ADDED")
                 for v in rows:
                     added = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
-                    print(f"{v.name:24} {v.version:>7} {str(v.config.get('r')):>5} {v.num_params:>10,}  {added}")
+                    r = "mix" if v.kind == "mixture" else str(v.config.get("r"))
+                    pins = f"  over {', '.join(v.config['pinned'])}" if v.kind == "mixture" else ""
+                    print(f"{v.name:24} {v.version:>7} {r:>5} {v.num_params:>10,}  {added}{pins}")
         elif args.action == "add":
-            v = reg.add(args.name, args.path, description=args.description, force=args.force)
+            from lorakit.adapters.mixtures import add_mixture, is_mixture
+
+            v = add_mixture(reg, args.name, args.path, description=args.description) if is_mixture(args.path) \
+                else reg.add(args.name, args.path, description=args.description, force=args.force)
             if args.metrics:
                 reg.add_eval(f"{v.name}@{v.version}", _read_metrics(args.metrics))
             print(f"added {v.name}@{v.version} (current) from {args.path}")
@@ -149,6 +156,7 @@ def cmd_adapters(args) -> int:
 # ---------------------------------------------------------------- serve
 def _register_dir(reg, directory: str) -> list[str]:
     from lorakit.adapters.files import CONFIG_NAME
+    from lorakit.adapters.mixtures import add_mixture, is_mixture
     from lorakit.adapters.registry import NAME_RE
 
     root = Path(directory)
@@ -164,6 +172,12 @@ def _register_dir(reg, directory: str) -> list[str]:
             added.append(f"{v.name}@{v.version}")
         except ValueError as e:  # one bad adapter must not stop the server
             print(f"skipping adapter {str(d)!r}: {e}", file=sys.stderr)
+    for d in sorted(p for p in root.iterdir() if is_mixture(p)):  # after the adapters they are pinned to
+        try:
+            v = add_mixture(reg, d.name, d, skip_if_current=True)
+            added.append(v.ref)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"skipping mixture {str(d)!r}: {e}", file=sys.stderr)
     return added
 
 

@@ -5,7 +5,6 @@ arguments without --nproc); a process that torchrun started joins its group here
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -213,11 +212,13 @@ def _named(spec: str) -> tuple[str, str]:
 
 
 def cmd_train_router(args) -> int:
-    from lorakit.adapters.files import load_adapter
+    from lorakit.adapters.files import fingerprint, load_adapter
+    from lorakit.adapters.mixtures import write_mixture
     from lorakit.config import load_config_file
     from lorakit.core.inject import set_active
     from lorakit.core.mixture import Router
-    from lorakit.train.data import build_examples, load_rows
+    from lorakit.models import model_name
+    from lorakit.train.data import build_examples, load_rows, template_info
     from lorakit.train.router import train_router
 
     specs = [_named(s) for s in args.adapters.split(",") if s.strip()]
@@ -244,9 +245,10 @@ def cmd_train_router(args) -> int:
     res = train_router(model, router, examples, args.output, cfg=cfg, tok=tok, eval_examples=eval_examples,
                        resume=args.resume, progress=not args.quiet,
                        metadata={"data": str(args.data), "adapters": dict(specs)})
-    (Path(args.output) / "router_adapters.json").write_text(json.dumps(dict(specs), indent=2))
+    write_mixture(args.output, router, dict(specs), fingerprint(model), model_name(args.model),
+                  template_info(tok, args.template))  # how its rows were rendered: eval/serve follow it
     if not args.quiet:
-        print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; router over "
+        print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; mixture of "
               f"{', '.join(names)} in {args.output}")
     return 0
 
@@ -257,7 +259,8 @@ def _add_train_router(sub) -> None:
     p.add_argument("--adapters", required=True, help="comma list of adapter dirs (or name=dir) to route between")
     p.add_argument("--data", required=True, help="rows of the mixed tasks (same formats as train)")
     p.add_argument("--eval-data", help="held-out rows for eval loss")
-    p.add_argument("-o", "--output", required=True, help="output dir: router files, metrics.jsonl, checkpoints")
+    p.add_argument("-o", "--output", required=True, help="output dir: the mixture (router weights, mixture.json with "
+                                                         "the adapters' names and hashes and the base), metrics")
     p.add_argument("--config", help="YAML/JSON with a 'train' section (flags override it)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the gates (default: 1.0)")
     p.add_argument("--quantize", choices=["nf4"], help="hold the frozen base's linear layers in 4-bit NF4")

@@ -172,12 +172,17 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
-    """Run the base model alone inside the block (adapters kept, not merged)."""
+    """Run the base model alone inside the block (adapters kept, not merged; a routing hook, e.g. a mixture's
+    router, suspended)."""
     before = active_adapters(model)
+    hooks = [(layer, layer.routing) for _, layer in lora_layers(model)]
     set_active(model, None)
+    set_routing(model, None)
     try:
         yield model
     finally:
+        for layer, hook in hooks:
+            layer.routing = hook
         set_active(model, before)
 
 

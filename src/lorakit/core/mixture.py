@@ -10,8 +10,10 @@ between layers, so it fits the `LoraLinear.routing` hook as a plain (layer, x) -
 different depths may prefer different adapters. It costs K * in parameters per layer (a few thousand).
 The router starts at zero: every gate is 1/K, i.e. training starts from the uniform mix.
 
-Only the router trains (`lorakit.train.router.train_router`, through the one training loop); the adapters and the base stay frozen. DoRA adapters and
-conv/embedding layers are refused (the routed sum is the plain LoRA one).
+Only the router trains (`lorakit.train.router.train_router`, through the one training loop); the adapters and
+the base stay frozen. DoRA adapters and conv/embedding layers are refused (the routed sum is the plain LoRA one).
+`save` writes router.safetensors and router.json; the mixture artifact (the adapters' names and content hashes,
+the base fingerprint, checked on load) is lorakit.adapters.mixtures.
 """
 from __future__ import annotations
 
@@ -23,13 +25,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit.core.inject import LoraLinear, _check_names, lora_layers, set_routing
+from lorakit.files import atomic_write_file, atomic_write_json
 
 ROUTER_FILE = "router.safetensors"
 ROUTER_CONFIG = "router.json"
 
 
-def _key(path: str) -> str:
+def gate_key(path: str) -> str:
+    """The state-dict key of the gate of the layer at module path `path`: gates.<gate_key>.weight / .bias."""
     return path.replace(".", "__")
+
+
+def gate_probs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(R rms(h) / T): h (..., in), weight (K, in), bias (K,) -> (..., K) float32 gates. The one formula
+    the router (training, offline use) and the server (per token, per row) both run."""
+    h = h.float()
+    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)  # (..., in)
+    return torch.softmax(F.linear(h, weight, bias) / temperature, dim=-1)
 
 
 class Router(nn.Module):
@@ -43,6 +55,7 @@ class Router(nn.Module):
         self.names, self.temperature = list(names), float(temperature)
         self.gates = nn.ModuleDict()
         self._layer_key: dict[int, str] = {}
+        self.layer_paths: list[str] = []  # routed layers, in model order
         for path, layer in lora_layers(model):
             if not any(n in layer.adapters for n in names):
                 continue
@@ -55,16 +68,16 @@ class Router(nn.Module):
             gate = nn.Linear(layer.in_features, len(names), device=w.device, dtype=torch.float32)
             nn.init.zeros_(gate.weight)
             nn.init.zeros_(gate.bias)
-            self.gates[_key(path)] = gate
-            self._layer_key[id(layer)] = _key(path)
+            self.gates[gate_key(path)] = gate
+            self._layer_key[id(layer)] = gate_key(path)
+            self.layer_paths.append(path)
 
     def gate_values(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         """(..., K) softmax gates for the tokens x (..., in) entering `layer`. x is RMS-normalised first:
         hidden states of LLMs carry a few huge channels (and o_proj/down_proj inputs are not normalised at
         all), which would saturate the softmax at the first step and stop its gradient."""
-        h = x.float()
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)  # (..., in)
-        return torch.softmax(self.gates[self._layer_key[id(layer)]](h) / self.temperature, dim=-1)
+        gate = self.gates[self._layer_key[id(layer)]]
+        return gate_probs(x, gate.weight, gate.bias, self.temperature)
 
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         """The routing hook: the gate-weighted sum of the adapters' outputs, (..., out)."""
@@ -88,11 +101,10 @@ class Router(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (ROUTER_FILE + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.rename(path / ROUTER_FILE)
-        (path / ROUTER_CONFIG).write_text(json.dumps({"adapters": self.names, "temperature": self.temperature}))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_file(path / ROUTER_FILE, lambda p: save_file(state, str(p)))
+        atomic_write_json(path / ROUTER_CONFIG, {"adapters": self.names, "temperature": self.temperature,
+                                                 "layers": self.layer_paths})
         return path
 
     @classmethod
@@ -104,12 +116,21 @@ class Router(nn.Module):
             raise FileNotFoundError(f"no {ROUTER_FILE} in {str(path)!r}")
         cfg = json.loads((path / ROUTER_CONFIG).read_text())
         router = cls(model, cfg["adapters"], cfg["temperature"])
-        state = load_file(str(path / ROUTER_FILE))
-        missing = set(router.state_dict()) ^ set(state)
-        if missing:
-            raise ValueError(f"router in {str(path)!r} does not fit this model's adapted layers: {sorted(missing)[:3]}")
-        router.load_state_dict(state)
+        router.load_tensors(load_file(str(path / ROUTER_FILE)), str(path))
         return router
+
+    def load_tensors(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Load gate tensors (as `save` writes them), refusing any that do not fit this model's routed layers."""
+        want = self.state_dict()
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        if missing or extra:
+            raise ValueError(f"router in {where!r} does not fit this model's adapted layers: missing "
+                             f"{missing[:3]}, unexpected {extra[:3]}")
+        for k, v in state.items():
+            if v.shape != want[k].shape:
+                raise ValueError(f"router in {where!r}: {k!r} is {tuple(v.shape)}, this model needs "
+                                 f"{tuple(want[k].shape)}")
+        self.load_state_dict(state)
 
 
 def uniform_routing(names: list[str]):

@@ -11,6 +11,14 @@ and every row of a batch names up to k slots with a coefficient each (a weighted
 
     delta[b] = sum_j coef[b, j] * (x[b] @ A_slots[idx[b, j]].T) @ B_slots[idx[b, j]].T
 
+Per-token coefficients (a mixture of LoRAs: a router's gates, one set per token): coef may be (b, s, k),
+
+    delta[b, t] = sum_j coef[b, t, j] * (x[b, t] @ A_slots[idx[b, j]].T) @ B_slots[idx[b, j]].T
+
+the slots still chosen per row. A (b, k) coef is the same as that coef repeated over the s tokens. Only this
+reference computes per-token coefficients: the dispatch (kernels/__init__.py) sends such calls here on every
+device, the Triton kernels take (b, k) only.
+
 An entry with idx = -1 or coef = 0 adds nothing (a row of such entries only is a base row; SlotBank
 also keeps slot 0 all zeros for that). x, A_slots and B_slots share one dtype; delta has it too.
 A weighted stack is computed as one low-rank product by concatenating ranks, so it is the exact
@@ -35,22 +43,28 @@ import torch
 def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
                coef: torch.Tensor, dora: torch.Tensor | None = None, base: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """x (b, s, in) -> delta (b, s, out). Gather each row's A/B, then two batched matmuls."""
+    """x (b, s, in) -> delta (b, s, out); coef (b, k), or (b, s, k) per token. Gather each row's A/B, then two
+    batched matmuls."""
     b, k = idx.shape
     r = A_slots.shape[1]
-    cf = coef.float() * (idx >= 0)  # (b, k); slot -1 adds nothing (no host sync: CUDA-graph safe)
+    per_token = coef.dim() == 3
+    if coef.shape not in ((b, k), (b, x.shape[1], k)):
+        raise ValueError(f"coef must be (b, k) = {(b, k)} or (b, s, k) = {(b, x.shape[1], k)}, got {tuple(coef.shape)}")
+    live = (idx >= 0)[:, None, :] if per_token else idx >= 0
+    cf = coef.float() * live  # (b, [s,] k); slot -1 adds nothing (no host sync: CUDA-graph safe)
     coef = cf.to(x.dtype)
     flat = idx.clamp(min=0).reshape(-1)
     A = A_slots.index_select(0, flat)  # (b*k, r, in)  (index_select: far cheaper than A_slots[idx] on CPU)
     B = B_slots.index_select(0, flat)  # (b*k, out, r)
     if k == 1:
         h = torch.bmm(x, A.transpose(1, 2))  # (b, s, r)
-        out = torch.bmm(h, B.transpose(1, 2)) * coef[:, :, None]  # (b, s, out)
+        out = torch.bmm(h, B.transpose(1, 2)) * (coef if per_token else coef[:, :, None])  # (b, s, out)
     else:
         A = A.reshape(b, k * r, -1)  # (b, k*r, in): the stack's ranks concatenated
         B = B.reshape(b, k, B.shape[1], r).permute(0, 2, 1, 3).reshape(b, B.shape[1], k * r)  # (b, out, k*r)
         h = torch.bmm(x, A.transpose(1, 2))  # (b, s, k*r)
-        h = h * coef.repeat_interleave(r, dim=1)[:, None, :]  # each rank block times its coefficient
+        rank_coef = coef.repeat_interleave(r, dim=-1)  # each rank block times its coefficient
+        h = h * (rank_coef if per_token else rank_coef[:, None, :])
         out = torch.bmm(h, B.transpose(1, 2))  # (b, s, out)
     if dora is None:
         return out
@@ -58,6 +72,9 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
         raise ValueError(f"DoRA needs base (W x) of shape {tuple(out.shape)}, got "
                          f"{None if base is None else tuple(base.shape)}")
     d = dora.index_select(0, flat).reshape(b, k, -1).float()  # (b, k, out)
+    if per_token:
+        gain = torch.bmm(cf, d)  # (b, s, out): per token sum_j w_j (g_j - 1)
+        return out + (gain * base.float()).to(out.dtype)
     gain = (cf[:, :, None] * d).sum(1)  # (b, out): sum_j w_j (g_j - 1), in fp32
     return out + (gain[:, None, :] * base.float()).to(out.dtype)
 
@@ -75,11 +92,16 @@ def dora_slot(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torc
 
 def lora_delta_loop(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
                     coef: torch.Tensor) -> torch.Tensor:
-    """The definition, row by row and slot by slot (slow; for tests)."""
+    """The definition, row by row, slot by slot and (coef (b, s, k)) token by token (slow; for tests)."""
     out = torch.zeros(*x.shape[:2], B_slots.shape[1], dtype=x.dtype, device=x.device)  # (b, s, out)
     for row in range(idx.shape[0]):
         for j in range(idx.shape[1]):
             s = int(idx[row, j])
-            if s >= 0:
+            if s < 0:
+                continue
+            if coef.dim() == 2:
                 out[row] += float(coef[row, j]) * (x[row] @ A_slots[s].T) @ B_slots[s].T
+                continue
+            for t in range(x.shape[1]):
+                out[row, t] += float(coef[row, t, j]) * (x[row, t] @ A_slots[s].T) @ B_slots[s].T
     return out

@@ -15,6 +15,9 @@ in two variants, chosen by the row length s:
     segment  (prefill, s > 1) a program's tokens all belong to one row, hence one slot per j:
              tensor-core tl.dot on (tokens x in) @ (in x r) and (tokens x r) @ (r x out) tiles
 
+Per-token coefficients (coef (b, s, k), a mixture of LoRAs) are not supported here: kernels.lora_delta sends
+such calls to the reference, and _check refuses a coef whose shape is not idx's.
+
 An entry with idx < 0 or coef == 0 is skipped (nothing loaded, nothing added). Ranks are padded to
 a power of two RP (at least 16 for tl.dot) with masked loads, so any r works. Grids depend on shapes
 only and nothing syncs with the host: a call can be captured in a CUDA graph.

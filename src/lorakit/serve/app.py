@@ -7,13 +7,14 @@
     GET|POST /admin/adapters, GET|DELETE /admin/adapters/{name}, POST /admin/adapters/{name}/rollback,
     POST /admin/adapters/{name}/evals             admin key
 
+What a request's `model` names (adapters, a stack, a mixture `mix:name[@N]`) is resolved in serve/resolve.py.
+
 Requests are parsed here (protocol.py) and handed to the engine thread; tokens come back through
 an asyncio queue. Any bad request gets an OpenAI-style error body and the server keeps serving.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -26,11 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorakit.adapters.files import read_adapter, read_metadata
+from lorakit.adapters.mixtures import add_mixture, is_mixture
+from lorakit.adapters.registry import Registry, parse_ref
 from lorakit.generate import encode_prompt
 from lorakit.serve import protocol as P
-from lorakit.serve.engine import AdapterUse, Engine, GenRequest
-from lorakit.adapters.registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref
+from lorakit.serve.engine import Engine, GenRequest
+from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack
 from lorakit.serve.runtime import ServerThread, cpu_threads  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger("lorakit.serve")
@@ -88,56 +90,6 @@ async def read_body(state: ServerState, request: Request, allow_empty: bool = Fa
     return {} if allow_empty and not raw.strip() else P.parse_json(raw)
 
 
-def registry_error(e: Exception) -> P.APIError:
-    if isinstance(e, UnknownAdapter):
-        return P.APIError(404, str(e), "model_not_found", "model")
-    if isinstance(e, IncompatibleAdapter):
-        return P.APIError(409, str(e), "incompatible_adapter")
-    return P.APIError(400, str(e), "invalid_value")
-
-
-def resolve_stack(state: ServerState, stack: list[tuple[str, float]]) -> list[AdapterUse]:
-    uses = []
-    for ref, weight in stack:
-        try:
-            v = state.registry.resolve(ref)
-        except ValueError as e:
-            raise registry_error(e) from None
-        path = v.path
-        # the slot key is the content hash: a name re-added with other files can never hit stale weights
-        uses.append(AdapterUse(v.sha256, lambda path=path: read_adapter(path), weight, f"{v.name}@{v.version}"))
-    return uses
-
-
-@functools.lru_cache(maxsize=256)
-def _adapter_meta(path: str) -> dict:
-    return read_metadata(path)  # a registry version's files never change
-
-
-_warned: set[str] = set()
-
-
-def chat_prompt_for(state: ServerState, p: P.Parsed) -> str | list[dict]:
-    """A chat request's prompt as the named adapter saw its rows in training: a single user turn for an
-    adapter trained on plain-rendered rows is its text as is; otherwise the chat template renders the messages
-    (as for the base). Mismatches inside a stack are logged once."""
-    from lorakit.train.data import pick_template
-
-    msgs = p.prompt
-    if p.kind != "chat" or not p.stack:
-        return msgs
-    metas = {ref: _adapter_meta(str(state.registry.resolve(ref).path)) for ref, _ in p.stack}
-    if not any(m.get("template") for m in metas.values()):
-        return msgs  # a PEFT adapter records nothing: the chat template, as for the base
-    template, warns = pick_template(state.tok, None, metas)
-    for w in warns:
-        if w not in _warned:
-            _warned.add(w)
-            log.warning(w)
-    single_user = len(msgs) == 1 and msgs[0]["role"] == "user"
-    return msgs[0]["content"] if template == "plain" and single_user else msgs
-
-
 async def events(state: ServerState, req: GenRequest) -> AsyncIterator[tuple]:
     """Submit to the engine and yield its events; cancels the request if the consumer goes away."""
     loop = asyncio.get_running_loop()
@@ -168,15 +120,15 @@ async def complete(state: ServerState, request: Request, kind: str):
     require_api_key(state, request)
     body = await read_body(state, request)
     p = P.parse_request(body, kind, state.base_ids, state.limits)
-    uses = resolve_stack(state, p.stack)
+    uses, mixture = resolve_stack(state.registry, p.stack)
     try:
         ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
-            else encode_prompt(state.tok, chat_prompt_for(state, p))
+            else encode_prompt(state.tok, chat_prompt_for(state.registry, state.tok, p))
     except (UnicodeError, ValueError, TypeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
         raise P.bad(f"the prompt cannot be tokenized: {type(e).__name__}: {e}",
                     "messages" if kind == "chat" else "prompt") from None
     max_tokens = P.check_prompt(list(ids), p.max_tokens, kind, state.limits)
-    req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos)
+    req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, mixture)
     stream = P.TextStream(state.tok, p.stop)
     rid = P.new_id(kind)
     evs = events(state, req)
@@ -346,7 +298,10 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
             raise P.bad("'path' must name the adapter directory on the server", "path")
         if not isinstance(desc, str):
             raise P.bad(f"'description' must be a string, got {desc!r}", "description")
-        v = await asyncio.to_thread(call, reg.add, name, path, description=desc, force=P.flag(body, "force"))
+        if is_mixture(path):  # a mixture dir: mix:<name>, pinned to the adapter versions of its hashes
+            v = await asyncio.to_thread(call, add_mixture, reg, name, path, description=desc)
+        else:
+            v = await asyncio.to_thread(call, reg.add, name, path, description=desc, force=P.flag(body, "force"))
         return JSONResponse(v.to_json(), status_code=201)
 
     @app.get("/admin/adapters/{name}")

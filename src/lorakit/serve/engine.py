@@ -6,7 +6,8 @@ Each turn of the loop
      (LRU; the files are read from disk by a loader thread while others decode) and their
      prompts prefilled together,
   3. runs ONE decode step for every running row together, whatever adapter (or stack) each row
-     uses: the per-row slot index goes to `lorakit.kernels.lora_delta` through LoraLinear.routing,
+     uses: the per-row slot index goes to `lorakit.kernels.lora_delta` through LoraLinear.routing
+     (a row that runs a mixture of LoRAs gets per-token coefficients from its router's gates, slots.py),
   4. streams each row's new token to its request and retires finished rows.
 
 A request that arrives while others decode joins at the next turn. Results leave through each
@@ -49,6 +50,7 @@ class _Row:
     gen: torch.Generator | None = None
     finished: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str = ""
+    mixture: str | None = None  # the resident mixture whose gates weight `slots` per token
 
     def fail(self, message: str) -> None:
         self.finished, self.error = "error", message
@@ -103,6 +105,8 @@ class Engine:
             for a in req.adapters:
                 self.labels[a.key] = a.label or a.key
                 self._ensure_prefetch(a)
+            if req.mixture is not None:
+                self.labels[req.mixture.key] = req.mixture.label or req.mixture.key
             self.waiting.append(req)
             self._wake = True
             self._cv.notify_all()
@@ -138,7 +142,9 @@ class Engine:
 
     def info(self) -> dict:
         resident = [self.labels.get(k, k) for k in self.bank.resident]
+        mixtures = [self.labels.get(k, k) for k in self.bank.mixtures]
         return {"running": len(self.running), "waiting": len(self.waiting), "resident": resident,
+                "resident_mixtures": mixtures,
                 "max_slots": self.bank.max_slots, "max_batch": self.max_batch, "slot_bytes": self.bank.nbytes(),
                 "kv_bytes": self.cache.nbytes(), **self.stats}
 
@@ -173,11 +179,16 @@ class Engine:
                 _send(req, ("error", "the server is shutting down"))
             self.waiting.clear()
 
+    def _release(self, slots: list[int], mixture: str | None) -> None:
+        for s in slots:
+            self.bank.release(s)
+        if mixture is not None:
+            self.bank.release_mixture(mixture)
+
     def _fail_all(self, message: str) -> None:
         for row in self.running:
             _send(row.req, ("error", message))
-            for s in row.slots:
-                self.bank.release(s)
+            self._release(row.slots, row.mixture)
         self.stats["errors"] += len(self.running)
         self.running = []
         self.cache.clear()
@@ -227,27 +238,30 @@ class Engine:
         rows: list[_Row] = []
         for req in self._take_admissible():
             slots: list[int] = []
+            mix = None
             try:
                 for a in req.adapters:
                     loaded = a.key in self.bank.resident
                     slots.append(self.bank.acquire(a.key, self._file(a.key, a.load)))
                     self.stats["adapter_loads"] += not loaded
-            except Exception as e:  # noqa: BLE001 - a broken adapter file fails this request only
-                for s in slots:
-                    self.bank.release(s)
+                if req.mixture is not None:
+                    self.bank.acquire_mixture(req.mixture.key, req.mixture.load)
+                    mix = req.mixture.key
+            except Exception as e:  # noqa: BLE001 - a broken adapter or mixture file fails this request only
+                self._release(slots, mix)
                 self.stats["errors"] += 1
-                _send(req, ("error", f"adapter could not be loaded: {e}"))
+                what = "mixture" if len(slots) == len(req.adapters) and req.mixture else "adapter"
+                _send(req, ("error", f"{what} could not be loaded: {e}"))
                 continue
             try:
                 seed = req.seed if req.seed is not None else random.getrandbits(63)
                 gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
             except (ValueError, RuntimeError, OverflowError) as e:
-                for s in slots:
-                    self.bank.release(s)
+                self._release(slots, mix)
                 self.stats["errors"] += 1
                 _send(req, ("error", f"invalid seed {req.seed!r}: {e}"))
                 continue
-            rows.append(_Row(req, slots, len(req.prompt), gen=gen))
+            rows.append(_Row(req, slots, len(req.prompt), gen=gen, mixture=mix))
         if rows:
             self._prefill(rows)
             self._retire()
@@ -266,8 +280,7 @@ class Engine:
                 return
             log.exception("prefill failed")
             _send(rows[0].req, ("error", f"prefill failed: {type(e).__name__}: {e}"))
-            for s in rows[0].slots:
-                self.bank.release(s)
+            self._release(rows[0].slots, rows[0].mixture)
             self.stats["errors"] += 1
             return
         self.running.extend(rows)
@@ -314,7 +327,7 @@ class Engine:
         for i, r in enumerate(rows):
             for j, (s, a) in enumerate(zip(r.slots, r.req.adapters)):
                 idx[i, j], coef[i, j] = s, a.weight
-        self.bank.set_batch(idx, coef)
+        self.bank.set_batch(idx, coef, [r.mixture for r in rows])
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from logits (n, vocab), send it, and mark finished rows.
@@ -362,8 +375,7 @@ class Engine:
                 _send(r.req, ("error", r.error))
             else:
                 _send(r.req, ("done", r.finished))
-            for s in r.slots:
-                self.bank.release(s)
+            self._release(r.slots, r.mixture)
             self._wake = True  # a row and maybe a slot are free
             last = len(self.running) - 1
             if i != last:  # compact: the last row moves into the freed row

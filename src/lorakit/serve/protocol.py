@@ -8,6 +8,7 @@ The `model` field picks what runs:
     "<base name>" or "base"          the base model alone
     "support" / "support@2"          an adapter (its current version / version 2)
     "domain:0.7+tone:0.3"            a weighted stack, composed on the fly (exact sum of the weight changes)
+    "mix:support-sales" / "...@2"    a mixture of LoRAs: its router weights its adapters per token (runs alone)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from lorakit.adapters.registry import parse_ref
+from lorakit.adapters.refs import MIX, parse_ref
 from lorakit.serve.request import MAX_WEIGHT  # |w| of a stack weight: larger only pushes toward overflow
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -85,6 +86,13 @@ def parse_model(model: object, base_ids: set[str]) -> list[tuple[str, float]]:
         raise bad(f"'model' must be a non-empty string, got {model!r}", "model")
     if model in base_ids:
         return []
+    if model.startswith(MIX):
+        try:
+            parse_ref(model)
+        except ValueError as e:
+            raise bad(f"'model' {model!r}: {e} (a mixture runs alone: no '+' or weights)", "model",
+                      "invalid_model") from None
+        return [(model, 1.0)]
     parts = model.split("+")
     if len(parts) > MAX_STACK:
         raise bad(f"a stack may hold at most {MAX_STACK} adapters, got {len(parts)}", "model")

@@ -24,6 +24,15 @@ class AdapterUse:
 
 
 @dataclass
+class MixtureUse:
+    """A mixture of LoRAs (adapters/mixtures.py): the request's `adapters` are its K adapters in gate order
+    (weight 1), and each adapted layer weights them per token with this router's gates."""
+    key: str  # the mixture version's content hash
+    load: Callable[[], object]  # -> adapters.mixtures.MixtureFile
+    label: str = ""  # "mix:name@version"
+
+
+@dataclass
 class GenRequest:
     prompt: list[int]
     adapters: list[AdapterUse] = field(default_factory=list)  # empty: the base model; several: a weighted stack
@@ -32,6 +41,7 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always produce max_tokens
+    mixture: MixtureUse | None = None  # set: `adapters` are gated per token by this mixture's router
     sink: Callable[[tuple], None] = lambda ev: None
     cancelled: bool = False
 
@@ -49,6 +59,8 @@ def check_request(req: GenRequest) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
     if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+    if req.mixture is not None and len(req.adapters) < 2:
+        raise ValueError(f"mixture {req.mixture.label or req.mixture.key!r} needs its adapters (at least two)")
     for a in req.adapters:
         if not (math.isfinite(a.weight) and abs(a.weight) <= MAX_WEIGHT):
             raise ValueError(f"stack weight {a.weight!r} of {a.label or a.key!r} must be finite and at most "

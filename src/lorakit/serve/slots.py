@@ -12,6 +12,11 @@ nothing). Loading an adapter writes its tensors into a free slot (evicting the l
 used unpinned adapter if none is free); unloading zeroes the slot. The base weights are never
 written: each layer's output gets `kernels.lora_delta(x, A, B, idx, coef)` added through
 `LoraLinear.routing`, with the per-row slot index and coefficients of the current batch.
+
+Mixtures of LoRAs: a resident mixture is its router's gates, per layer (K, in) and (K,), beside the slots of
+its K adapters. A row that runs a mixture names those K slots; at each layer the gates of that row's tokens
+are computed from the layer's input (core.mixture.gate_probs, as offline) and its coefficients become per
+token, coef (b, s, k), for that layer's lora_delta. Rows of other kinds in the batch keep their (slot, coef).
 """
 from __future__ import annotations
 
@@ -24,13 +29,24 @@ import torch.nn as nn
 
 from lorakit import kernels
 from lorakit.adapters.files import AdapterFile, validate_adapter
+from lorakit.adapters.mixtures import MixtureFile, check_base
 from lorakit.core.inject import LoraLinear, _get_parent, _pattern
+from lorakit.core.mixture import gate_probs
 
 
 @dataclass
 class LayerSlots:
     A: torch.Tensor  # (S, r, in)
     B: torch.Tensor  # (S, out, r), times scale_here / slot_scale where an adapter's scale varies by layer
+    path: str = ""
+
+
+@dataclass
+class ResidentMixture:
+    gates: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer path -> (weight (K, in), bias (K,)) float32
+    temperature: float
+    k: int
+    pins: int = 0
 
 
 class NoFreeSlot(RuntimeError):
@@ -70,6 +86,8 @@ class SlotBank:
         self.slot_scale = torch.zeros(max_slots + 1, dtype=torch.float32)
         self.idx: torch.Tensor | None = None  # (b, k) of the batch being run
         self.coef: torch.Tensor | None = None  # (b, k): stack weight x the slot's scale
+        self.mixtures: OrderedDict[str, ResidentMixture] = OrderedDict()  # mixture key -> gates, LRU first
+        self._mix_rows: list[tuple[ResidentMixture, torch.Tensor]] = []  # the batch's mixture rows, per mixture
         self._routing_on = False
 
     # ---------------------------------------------------------------- residency
@@ -95,8 +113,37 @@ class SlotBank:
                                                          if k not in keys)
         return missing <= free
 
+    def acquire_mixture(self, key: str, load) -> None:
+        """Make mixture `key`'s gates resident (`load()` -> MixtureFile, checked against the base and the
+        layers) and pin them; call after its adapters' slots are acquired (their layers then exist)."""
+        if key not in self.mixtures:
+            mf: MixtureFile = load()
+            check_base(mf, self.base_fp)
+            gates = {}
+            for path, (w, b) in mf.gates().items():
+                ls = self.layers.get(path)
+                if ls is None or ls.A.shape[2] != w.shape[1]:
+                    raise ValueError(f"mixture {str(mf.path)!r}: its gate for {path!r} (in {w.shape[1]}) fits no "
+                                     "layer its adapters adapt")
+                gates[path] = (w.to(self.device), b.to(self.device))
+            self.mixtures[key] = ResidentMixture(gates, mf.temperature, len(mf.names))
+            spare = [k for k, m in self.mixtures.items() if m.pins == 0 and k != key]  # least recent first
+            for old in spare[:max(0, len(self.mixtures) - self.max_slots)]:
+                del self.mixtures[old]  # gates are small: keep as many mixtures as adapter slots
+        self.mixtures.move_to_end(key)
+        self.mixtures[key].pins += 1
+
+    def release_mixture(self, key: str) -> None:
+        if key in self.mixtures:
+            self.mixtures[key].pins -= 1
+
     def unload(self, key: str) -> bool:
-        """Drop adapter `key` from memory if no running request uses it. True if it was unloaded."""
+        """Drop adapter or mixture `key` from memory if no running request uses it. True if it was unloaded."""
+        if key in self.mixtures:
+            if self.mixtures[key].pins:
+                return False
+            del self.mixtures[key]
+            return True
         slot = self.resident.get(key)
         if slot is None or self.pins[slot]:
             return False
@@ -131,7 +178,7 @@ class SlotBank:
                 setattr(parent, child, mod)
             S, r = self.max_slots + 1, max(self.r_max, 1)
             ls = LayerSlots(torch.zeros(S, r, mod.in_features, dtype=self.dtype, device=self.device),
-                            torch.zeros(S, mod.out_features, r, dtype=self.dtype, device=self.device))
+                            torch.zeros(S, mod.out_features, r, dtype=self.dtype, device=self.device), path)
             self.layers[path], self._by_module[mod] = ls, ls
             mod.routing = self._route if self._routing_on else None
         return self.layers[path]
@@ -171,10 +218,17 @@ class SlotBank:
         return sum(t.numel() * t.element_size() for ls in self.layers.values() for t in (ls.A, ls.B))
 
     # ---------------------------------------------------------------- per-batch routing
-    def set_batch(self, idx: torch.Tensor, coef: torch.Tensor) -> None:
-        """idx (b, k) slot per row (0 = base), coef (b, k) stack weights. Rows of slot 0 only: no routing."""
+    def set_batch(self, idx: torch.Tensor, coef: torch.Tensor, mixtures: list[str | None] | None = None) -> None:
+        """idx (b, k) slot per row (0 = base), coef (b, k) stack weights; mixtures: per row the resident mixture
+        whose gates weight that row's first K slots per token (None: a plain row). Rows of slot 0 only: no
+        routing."""
         coef = coef.float() * self.slot_scale[idx]  # (b, k), once per step for every layer
         self.idx, self.coef = idx.to(self.device), coef.to(self.device)
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(mixtures or []):
+            if key is not None:
+                groups.setdefault(key, []).append(i)
+        self._mix_rows = [(self.mixtures[k], torch.tensor(rows, device=self.device)) for k, rows in groups.items()]
         on = bool((idx != 0).any())
         if on != self._routing_on:
             for mod in self._by_module:
@@ -184,5 +238,20 @@ class SlotBank:
     def _route(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)
-        delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, self.coef)  # (b, s, out)
+        coef = self._token_coef(ls, x3) if self._mix_rows else self.coef
+        delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, coef)  # (b, s, out)
         return delta if x.dim() == 3 else delta.squeeze(1)
+
+    def _token_coef(self, ls: LayerSlots, x3: torch.Tensor) -> torch.Tensor:
+        """(b, s, k) coefficients: each row's (b, k) ones, except that mixture rows get their gates (computed
+        from this layer's input x3 (b, s, in) for those rows only) times their slots' scales."""
+        b, s, k = x3.shape[0], x3.shape[1], self.coef.shape[1]
+        coef = self.coef[:, None, :].expand(b, s, k).clone()  # (b, s, k)
+        for mix, rows in self._mix_rows:
+            gate = mix.gates.get(ls.path)
+            if gate is None:  # none of this mixture's adapters adapts this layer
+                coef[rows] = 0.0
+                continue
+            g = gate_probs(x3.index_select(0, rows), gate[0], gate[1], mix.temperature)  # (n, s, K)
+            coef[rows, :, :mix.k] = g * self.coef[rows, None, :mix.k]  # gate x the slot's alpha / r
+        return coef

@@ -1,0 +1,77 @@
+"""What a request's `model` resolves to in the registry: the adapters it runs (and, for `mix:name[@N]`, the
+mixture gating them per token), and how a chat prompt is rendered for them (the template they were trained on)."""
+from __future__ import annotations
+
+import functools
+import logging
+
+from lorakit.adapters.files import read_adapter, read_metadata
+from lorakit.adapters.mixtures import read_mixture, resolve_mixture
+from lorakit.adapters.registry import MIX, IncompatibleAdapter, Registry, UnknownAdapter
+from lorakit.serve import protocol as P
+from lorakit.serve.request import AdapterUse, MixtureUse
+
+log = logging.getLogger("lorakit.serve")
+
+
+def registry_error(e: Exception) -> P.APIError:
+    if isinstance(e, UnknownAdapter):
+        return P.APIError(404, str(e), "model_not_found", "model")
+    if isinstance(e, IncompatibleAdapter):
+        return P.APIError(409, str(e), "incompatible_adapter")
+    return P.APIError(400, str(e), "invalid_value")
+
+
+def _use(v, weight: float = 1.0) -> AdapterUse:
+    # the slot key is the content hash: a name re-added with other files can never hit stale weights
+    return AdapterUse(v.sha256, lambda path=v.path: read_adapter(path), weight, v.ref)
+
+
+def resolve_stack(registry: Registry, stack: list[tuple[str, float]]) -> tuple[list[AdapterUse], MixtureUse | None]:
+    """The parsed `model` -> the adapters a request uses and, for 'mix:name[@N]', the mixture gating them
+    (its pinned adapter versions, in gate order)."""
+    try:
+        if len(stack) == 1 and stack[0][0].startswith(MIX):
+            mix, adapters = resolve_mixture(registry, stack[0][0])
+            return [_use(a) for a in adapters], MixtureUse(mix.sha256, lambda p=mix.path: read_mixture(p), mix.ref)
+        return [_use(registry.resolve(ref), weight) for ref, weight in stack], None
+    except ValueError as e:
+        raise registry_error(e) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter_meta(path: str) -> dict:
+    return read_metadata(path)  # a registry version's files never change
+
+
+def _meta(registry: Registry, ref: str) -> dict:
+    """The recorded template of an adapter version, or of a mixture (its router's training rows)."""
+    v = registry.resolve(ref)
+    if v.kind == "mixture":
+        m = v.config.get("manifest", {})
+        return {k: m[k] for k in ("template", "chat_template_sha256") if k in m}
+    return _adapter_meta(str(v.path))
+
+
+_warned: set[str] = set()
+
+
+def chat_prompt_for(registry: Registry, tok, p: P.Parsed) -> str | list[dict]:
+    """A chat request's prompt as the named adapter saw its rows in training: a single user turn for an
+    adapter trained on plain-rendered rows is its text as is; otherwise the chat template renders the messages
+    (as for the base). Mismatches inside a stack are logged once."""
+    from lorakit.train.data import pick_template
+
+    msgs = p.prompt
+    if p.kind != "chat" or not p.stack:
+        return msgs
+    metas = {ref: _meta(registry, ref) for ref, _ in p.stack}
+    if not any(m.get("template") for m in metas.values()):
+        return msgs  # a PEFT adapter records nothing: the chat template, as for the base
+    template, warns = pick_template(tok, None, metas)
+    for w in warns:
+        if w not in _warned:
+            _warned.add(w)
+            log.warning(w)
+    single_user = len(msgs) == 1 and msgs[0]["role"] == "user"
+    return msgs[0]["content"] if template == "plain" and single_user else msgs
