@@ -17,7 +17,6 @@ keeps the figures in bench/results/ and the pictures in docs/diffusion/.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import platform
 import time

@@ -6,7 +6,7 @@ import json
 import logging
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 
 from lorakit.serve.ui import ADMIN, ANON, UI, USER, set_cookie
 from lorakit.serve.ui.forward import ForwardResponse
