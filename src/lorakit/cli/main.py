@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    env_before = dict(os.environ)  # an in-process caller (tests, notebooks) gets its environment back
     quiet_libraries(bool(getattr(args, "quiet", False)))
     _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        for k in set(os.environ) - set(env_before):
+            del os.environ[k]
+        os.environ.update(env_before)
 
 
 if __name__ == "__main__":
