@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lorakit.train.evaluate import wilson  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-DEMO = "bench/results/demo_output_cpu-2core_2026-11-23.txt"
+DEMO = "bench/results/demo_output_cpu-2core_2026-11-29.txt"
 SPEED = "bench/results/train_speed_cpu-2core_2026-11-23.jsonl"
 GPU_R1 = "bench/results/gpu_train_h200_2026-11-29_r1.jsonl"
 GPU_R2 = "bench/results/gpu_train_h200_2026-11-29_r2.jsonl"
@@ -79,7 +79,7 @@ def demo(root: Path) -> tuple[str, str, str]:
     result = (f"exact match {_pct(acc0)} (base) -> {_pct(acc1)} (adapter; 95% interval {_ci(round(acc1 * n), n)}) "
               f"on {n} held-out rows; loss {loss0:.3f} -> {loss1:.3f}; {changed:.0f}% of answers changed, "
               f"KL {kl:.2f} nats; {int(mins)} min {float(secs):.0f} s for `./demo.sh` on a fresh clone of this "
-              f"2-core machine, setup included")
+              f"2-core machine, setup included (a test suite ran beside it)")
     return "demo task (dates to ISO 8601), embedded SmolLM2-135M, CPU", result, _link(DEMO)
 
 
