@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.core.inject import WRAPPERS as LORA_WRAPPERS, find_targets
+from lorakit.core.targets import WRAPPERS as LORA_WRAPPERS, find_targets
 from lorakit.core.layer import LoraLinear
 
 BLOCK = 64  # values per absmax constant

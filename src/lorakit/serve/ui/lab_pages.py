@@ -6,8 +6,9 @@ from urllib.parse import quote
 from starlette.requests import Request
 from starlette.responses import FileResponse
 
-from lorakit.serve.ui import UI, USER
 from lorakit.serve.ui import markdown, runs as R, sweeps as S
+from lorakit.serve.ui.core import UI
+from lorakit.serve.ui.session import USER
 from lorakit.serve.ui.render import SECURITY_HEADERS
 
 

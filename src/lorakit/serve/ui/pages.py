@@ -8,7 +8,8 @@ import logging
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 
-from lorakit.serve.ui import ADMIN, ANON, UI, USER, set_cookie
+from lorakit.serve.ui.core import UI
+from lorakit.serve.ui.session import ADMIN, ANON, USER, set_cookie
 from lorakit.serve.ui.forward import ForwardResponse
 from lorakit.serve.ui.render import SECURITY_HEADERS, STATIC
 from lorakit.serve.ui.session import csrf_ok, key_level, safe_next
