@@ -35,6 +35,8 @@ SERVE = "bench/results/serve_load_cpu-quiet_2026-11-23.jsonl"
 QUANT = "bench/results/quant_memory-cpu-2core.jsonl"
 MIX = "bench/results/mixture-cpu.json"
 MIX_RUN1 = "bench/results/mixture-cpu-run1-unnormalized-router.json"
+MIX_CLI = "bench/results/mixture-cli_cpu-2core_2026-11-29.json"
+MIX_SERVE = "bench/results/mixture_serve_cpu-2core_2026-11-29.json"
 SWEEP_CSV = "docs/sweep/results.csv"
 SWEEP_JSON = "docs/sweep/results.json"
 
@@ -176,6 +178,17 @@ def mixture(root: Path) -> tuple[str, str, str]:
         _link(MIX, MIX_RUN1) + "; [docs/mixture.md](docs/mixture.md)"
 
 
+def mixture_cli(root: Path) -> tuple[str, str, str]:
+    r = json.loads((root / MIX_CLI).read_text())["results"]
+    s = json.loads((root / MIX_SERVE).read_text())["summary"]
+    result = (f"`lorakit train` x2 + `lorakit train-router` + `lorakit eval`: mixture {_pct(r['router']['exact_mixed'])} "
+              f"exact match vs {_pct(r['reverse']['exact_mixed'])} / {_pct(r['upper']['exact_mixed'])} for each adapter, "
+              f"{_pct(r['uniform']['exact_mixed'])} uniform; served per token at "
+              f"{s['mixture']['tokens_per_s_vs_single']:.2f}x a single adapter's decode tokens/s (CPU, same run)")
+    return "mixture of LoRAs end to end through the CLI and the server", result, \
+        _link(MIX_CLI, MIX_SERVE) + "; [docs/mixture.md](docs/mixture.md)"
+
+
 def sweep(root: Path) -> tuple[str, str, str]:
     rows = list(csv.DictReader((root / SWEEP_CSV).open()))
     n = next(r["n_eval"] for r in json.loads((root / SWEEP_JSON).read_text())["runs"] if r.get("n_eval"))
@@ -209,7 +222,7 @@ def sweep(root: Path) -> tuple[str, str, str]:
     return "LoRA rank sweep vs full fine-tuning", result, _link(SWEEP_CSV) + "; [docs/sweep/report.md](docs/sweep/report.md)"
 
 
-ROWS = [demo, cpu_speed, gpu_speed, distributed, serving, qlora_memory, mixture, sweep, diffusion]
+ROWS = [demo, cpu_speed, gpu_speed, distributed, serving, qlora_memory, mixture, mixture_cli, sweep, diffusion]
 
 
 def table(root: Path = ROOT) -> str:
