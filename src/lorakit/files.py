@@ -53,3 +53,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def recover(path: str | Path) -> None:
+    """After a process was killed mid-write: a directory whose replacement was cut between its two renames is put
+    back, and temp siblings of `path` left by writes that never finished are removed. For paths one process owns."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if not path.exists() and olds:
+        os.rename(olds.pop(), path)
+    for p in olds + sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

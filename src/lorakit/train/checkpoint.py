@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.files import atomic_write_dir
+from lorakit.files import atomic_write_dir, recover
 from lorakit.train.distributed import full, place
 
 CKPT = "checkpoint"
@@ -58,3 +58,11 @@ def load_checkpoint(out_dir: Path, params: dict, opt: torch.optim.Optimizer) -> 
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
+
+
+def recover_run(out_dir: Path, main: bool, *names: str) -> None:
+    """On the main process: put back a checkpoint whose replacement a kill cut between its two renames and remove
+    the temp siblings of the checkpoint and of `names` (files of the run) left by writes that never finished."""
+    if main:
+        for name in (CKPT, *names):
+            recover(Path(out_dir) / name)

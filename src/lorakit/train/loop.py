@@ -36,7 +36,7 @@ from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark
 from lorakit.files import atomic_write_json, atomic_write_text
 from lorakit.train import distributed
 from lorakit.train.backends import causal_lm_loss, choose_backend
-from lorakit.train.checkpoint import CKPT, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint
+from lorakit.train.checkpoint import CKPT, recover_run, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint
 from lorakit.train.data import IGNORE, Example, collate
 
 log = logging.getLogger("lorakit.train")
@@ -263,6 +263,8 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     result = TrainResult(out_dir, 0, trainable=trainable, total=total)
     start_step, done_tokens, done_secs = 0, 0, 0.0
     history: list[dict] = []
+    if resume:  # rank 0 tidies what a kill -9 mid-write may have left, before any rank reads
+        recover_run(out_dir, ctx.main, "metrics.jsonl", "train_config.json", DONE) or distributed.barrier(ctx)
     if resume and (out_dir / CKPT / "state.json").exists():
         state = _load_checkpoint(out_dir, params, opt)
         if state["config"] != json.loads(json.dumps(config_echo)):
