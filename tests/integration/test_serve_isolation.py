@@ -112,17 +112,19 @@ def test_a_row_with_nan_weights_fails_alone_and_its_row_is_clean_for_the_next(ad
 
 def test_a_row_whose_decode_raises_is_retired_alone(adapters, eng):
     root, ref = adapters
-    started = threading.Event()
+    started = {"bad": threading.Event(), "good": threading.Event()}
 
-    def pace(k):  # keep both rows running while the fault is injected
-        if k >= 2:
-            started.set()
-        time.sleep(0.01)
+    def pace(which):  # keep both rows running while the fault is injected
+        def on_token(k):
+            if k >= 2:
+                started[which].set()
+            time.sleep(0.01)
+        return on_token
 
-    bad, good = Collect(on_token=pace), Collect(on_token=pace)
+    bad, good = Collect(on_token=pace("bad")), Collect(on_token=pace("good"))
     rb = GenRequest([5, 6], [use(root, "a")], 30, ignore_eos=True, sink=bad)
     held(eng, rb, GenRequest([7, 8, 9], [use(root, "b")], 30, ignore_eos=True, sink=good))
-    assert started.wait(30)
+    assert started["bad"].wait(30) and started["good"].wait(30)  # both rows are decoding
     # a real fault in one row's decode: its next token is outside the embedding table
     eng.call(lambda: setattr(next(r for r in eng.running if r.req is rb), "next_token", 10 ** 6)).result(10)
     assert bad.done.wait(30) and bad.end[0] == "error" and "IndexError" in bad.end[1]
