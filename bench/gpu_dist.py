@@ -121,7 +121,7 @@ def run_case(case: str, args, work: str) -> dict:
                 reserved_gib=max(r.get("cuda_peak_reserved_gib", 0) for r in timed),
                 losses=[round(r["loss"], 5) for r in rows],
                 backend=next((x for x in lines if x.startswith("backend:")), ""),
-                parallel_line=next((x for x in lines if x.startswith("parallel:")), ""),
+                parallel_line=next((x[x.index("parallel:"):] for x in lines if "parallel:" in x), ""),  # torchrun may prefix
                 wall_s=round(wall, 1), command="lorakit " + " ".join(cmd[3:]))
 
 
