@@ -39,6 +39,8 @@ def _train_config(args, file_cfg: dict):
         train_kw["recompute"] = "all"
     if getattr(args, "no_group_by_length", False):
         train_kw["group_by_length"] = False
+    if getattr(args, "no_share_prefix", False):
+        train_kw["share_prefix"] = False
     if getattr(args, "full", False):
         train_kw["full"] = True
     return TrainConfig.from_dict(train_kw)
@@ -158,6 +160,9 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                         "fsdp (shard every weight), auto: ddp if the base fits one device easily (default: auto)")
     p.add_argument("--no-group-by-length", action="store_true",
                    help="batch rows in plain shuffled order (default: rows of similar length together)")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="run every row's tokens in full (default: the leading tokens all rows of a batch share, "
+                        "such as the chat template's system prompt, run once; plain backend, one process)")
     p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, errors only")
 

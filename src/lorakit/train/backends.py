@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lorakit.arch import body_and_head, decoder_layers, model_type
 from lorakit.core.inject import lora_layers
 from lorakit.train.data import IGNORE
+from lorakit.train.prefix import body_with_prefix, prefix_supported, shared_prefix_len
 
 log = logging.getLogger("lorakit.train")
 
@@ -29,15 +30,20 @@ CHUNK_ABOVE = 1 << 26
 _body_and_head = body_and_head  # (the name the tests use)
 
 
-def target_hidden(model, batch: dict[str, torch.Tensor]):
+def target_hidden(model, batch: dict[str, torch.Tensor], share_prefix: bool = False):
     """(hidden (n, d), head, targets (n,)) at the positions that predict a target token, or None when the
-    architecture's head is not a plain projection of the last hidden state."""
+    architecture's head is not a plain projection of the last hidden state. `share_prefix`: the tokens every
+    row starts with run once (train/prefix.py; the caller checked prefix_supported)."""
     parts = body_and_head(model)
     if parts is None:
         return None
     body, head = parts
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
+    p = shared_prefix_len(batch) if share_prefix else 0
+    if p:
+        hidden = body_with_prefix(body, batch, p)                         # (b, s - p, d)
+        return hidden[:, :-1][keep[:, p:]], head, labels[keep]
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   use_cache=False).last_hidden_state                      # (b, s, d)
     return hidden[:, :-1][keep], head, labels[keep]
@@ -59,11 +65,13 @@ def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return head(hidden), targets
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = None,
+                   share_prefix: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target tokens / denom (default: their count), and the count.
     Where the head is a plain bias-free linear and the logits would be large, the loss runs in chunks of
-    positions and never holds the (n, vocab) logits (train/fast/loss.py; same value and gradients)."""
-    got = target_hidden(model, batch)
+    positions and never holds the (n, vocab) logits (train/fast/loss.py; same value and gradients).
+    `share_prefix`: see target_hidden."""
+    got = target_hidden(model, batch, share_prefix)
     if got is None:
         logits, targets = target_logits(model, batch)
         n = targets.numel()
@@ -89,13 +97,18 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = 
 
 
 class PlainBackend:
-    """The model's own forward. Recompute: Hugging Face gradient checkpointing on every layer."""
+    """The model's own forward. Recompute: Hugging Face gradient checkpointing on every layer. `share_prefix`:
+    the tokens all rows of a micro-batch start with run once (train/prefix.py) where the model allows it."""
 
     name = "plain"
 
-    def __init__(self, model: nn.Module, recompute: int | str = 0):
+    def __init__(self, model: nn.Module, recompute: int | str = 0, share_prefix: bool = False):
         self.model = model
         self.recompute = recompute
+        why_not = "off" if not share_prefix else "recompute drops the cache" if recompute else \
+            prefix_supported(model)
+        self.share_prefix = why_not is None
+        log.info("plain backend: shared prefix %s", "on" if self.share_prefix else f"off ({why_not})")
         if recompute:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"{type(model).__name__} does not support gradient checkpointing "
@@ -106,7 +119,7 @@ class PlainBackend:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
-        return causal_lm_loss(self.model, batch, denom)
+        return causal_lm_loss(self.model, batch, denom, self.share_prefix)
 
     def close(self) -> None:
         if self.recompute:
@@ -163,21 +176,24 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
 
 
 def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int | str = 0,
-                   routing: bool = False, device: torch.device | None = None) -> tuple[object, str]:
+                   routing: bool = False, device: torch.device | None = None,
+                   share_prefix: bool = False) -> tuple[object, str]:
     """-> (backend, why). `auto`: fast on CUDA where the set-up allows it, else plain; `fast` raises with the
-    reason when it cannot take the set-up. `device`: where the model trains (default: where it is now)."""
+    reason when it cannot take the set-up. `device`: where the model trains (default: where it is now).
+    `share_prefix`: the plain backend computes rows' shared leading tokens once where the model allows it."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     device = device or next(model.parameters()).device
     if requested == "plain":
-        return PlainBackend(model, recompute), "asked for"
+        return PlainBackend(model, recompute, share_prefix), "asked for"
     reason = fast_unsupported(model, routing=routing)
     if requested == "fast":
         if reason:
             raise ValueError(f"--backend fast cannot train this set-up: {reason}")
         return FastBackend(model, recompute, device), "asked for"
     if device.type != "cuda":
-        return PlainBackend(model, recompute), f"device is {device.type} (the fast backend is for CUDA)"
+        return PlainBackend(model, recompute, share_prefix), \
+            f"device is {device.type} (the fast backend is for CUDA)"
     if reason:
-        return PlainBackend(model, recompute), reason
+        return PlainBackend(model, recompute, share_prefix), reason
     return FastBackend(model, recompute, device), f"CUDA and a supported {model.config.model_type} model"

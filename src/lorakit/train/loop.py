@@ -171,10 +171,9 @@ def _fp32_masters(model) -> None:
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
-    seen, out = set(), {}
+    out: dict[str, torch.nn.Parameter] = {}  # named_parameters yields a shared (tied) tensor once
     for n, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
+        if p.requires_grad:
             out[n] = p
     return out
 
@@ -233,7 +232,8 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     if backend is not None and eval_examples:
         raise ValueError(f"held-out eval examples are for the text backends, not the {backend.name!r} backend")
     backend, why = (backend, "given by the caller") if backend is not None else \
-        choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None, device=device)
+        choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None, device=device,
+                       share_prefix=cfg.share_prefix and ctx.world == 1 and router is None)
     log.info("backend: %s (%s)", backend.name, why)
     if router is not None:
         trainable = sum(p.numel() for p in params.values())
