@@ -233,6 +233,8 @@ def run_cli(case: str, variant: dict, args, env: dict) -> dict:
            "--max-steps", str(steps), "--max-len", str(seq), "--warmup-ratio", "0", "--max-grad-norm", "0",
            "--no-group-by-length", "--backend", variant.get("backend", "auto"), "--recompute", rec,
            "--dtype", "bfloat16", "--device", DEV]
+    if variant.get("mlp") == "1":
+        cmd += ["--fused-mlp"]
     if mode == "full":
         cmd += ["--full", "--lr", "1e-5"]
     if mode == "qlora":

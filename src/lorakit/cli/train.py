@@ -39,6 +39,8 @@ def _train_config(args, file_cfg: dict):
         train_kw["recompute"] = "all"
     if getattr(args, "no_group_by_length", False):
         train_kw["group_by_length"] = False
+    if getattr(args, "fused_mlp", False):
+        train_kw["fused_mlp"] = True
     if getattr(args, "no_share_prefix", False):
         train_kw["share_prefix"] = False
     if getattr(args, "full", False):
@@ -160,6 +162,9 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                         "fsdp (shard every weight), auto: ddp if the base fits one device easily (default: auto)")
     p.add_argument("--no-group-by-length", action="store_true",
                    help="batch rows in plain shuffled order (default: rows of similar length together)")
+    p.add_argument("--fused-mlp", action="store_true",
+                   help="fast backend: run the MLP and its LoRA through fused kernels that keep fewer activations "
+                        "(-4 GiB on a 1B model at 8 x 2048, ~3%% slower on an H200; default: off)")
     p.add_argument("--no-share-prefix", action="store_true",
                    help="run every row's tokens in full (default: the leading tokens all rows of a batch share, "
                         "such as the chat template's system prompt, run once; plain backend, one process)")

@@ -131,7 +131,8 @@ class FastBackend:
 
     name = "fast"
 
-    def __init__(self, model: nn.Module, recompute: int | str = 0, device: torch.device | None = None):
+    def __init__(self, model: nn.Module, recompute: int | str = 0, device: torch.device | None = None,
+                 fused_mlp: bool = False):
         from lorakit.train.fast import prepare
 
         n_layers = len(decoder_layers(model))
@@ -139,7 +140,7 @@ class FastBackend:
         self.model = model
         # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are.
         # `device`: where it trains (under FSDP the model may still be on the CPU here): compile, kernels
-        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device)
+        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device, fused_mlp=fused_mlp)
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
@@ -177,10 +178,11 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
 
 def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int | str = 0,
                    routing: bool = False, device: torch.device | None = None,
-                   share_prefix: bool = False) -> tuple[object, str]:
+                   share_prefix: bool = False, fused_mlp: bool = False) -> tuple[object, str]:
     """-> (backend, why). `auto`: fast on CUDA where the set-up allows it, else plain; `fast` raises with the
     reason when it cannot take the set-up. `device`: where the model trains (default: where it is now).
-    `share_prefix`: the plain backend computes rows' shared leading tokens once where the model allows it."""
+    `share_prefix`: the plain backend computes rows' shared leading tokens once where the model allows it.
+    `fused_mlp`: the fast backend's fused SwiGLU + LoRA MLP kernels (train/fast/mlp.py)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     device = device or next(model.parameters()).device
@@ -190,10 +192,10 @@ def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int 
     if requested == "fast":
         if reason:
             raise ValueError(f"--backend fast cannot train this set-up: {reason}")
-        return FastBackend(model, recompute, device), "asked for"
+        return FastBackend(model, recompute, device, fused_mlp), "asked for"
     if device.type != "cuda":
         return PlainBackend(model, recompute, share_prefix), \
             f"device is {device.type} (the fast backend is for CUDA)"
     if reason:
         return PlainBackend(model, recompute, share_prefix), reason
-    return FastBackend(model, recompute, device), f"CUDA and a supported {model.config.model_type} model"
+    return FastBackend(model, recompute, device, fused_mlp), f"CUDA and a supported {model.config.model_type} model"

@@ -233,7 +233,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
         raise ValueError(f"held-out eval examples are for the text backends, not the {backend.name!r} backend")
     backend, why = (backend, "given by the caller") if backend is not None else \
         choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None, device=device,
-                       share_prefix=cfg.share_prefix and ctx.world == 1 and router is None)
+                       share_prefix=cfg.share_prefix and ctx.world == 1 and router is None, fused_mlp=cfg.fused_mlp)
     log.info("backend: %s (%s)", backend.name, why)
     if router is not None:
         trainable = sum(p.numel() for p in params.values())
