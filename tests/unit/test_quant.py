@@ -148,23 +148,3 @@ def test_bf16_compute_dtype(ids):
     assert (layer(x).float() - want).abs().max() < 0.02 * want.abs().max()
     q(ids, labels=ids).loss.backward()
     assert torch.isfinite(p.lora_B.grad.float()).all() and p.lora_B.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_dequantize_equals_the_whole_weight_at_once(monkeypatch, dtype):
-    """dequantize_nf4 writes chunk by chunk (few temporaries); the values are the one-shot formula's, bit for bit,
-    with a chunk that does not divide the block count and a weight that does not fill its last block."""
-    from lorakit.core import nf4
-
-    torch.manual_seed(0)
-    w = torch.randn(37, 45) * 0.1                     # 1,665 values: 27 blocks, the last one partial
-    state = nf4.quantize_nf4(w)
-    table = nf4._byte_table(w.device)
-    scale = state["absmax_scale"].repeat_interleave(SCALER_BLOCK)[: state["absmax_q"].numel()]
-    absmax = state["absmax_q"].float() * scale + state["absmax_mean"]
-    whole = (table[state["codes"].long()].view(-1, BLOCK) * absmax[:, None]).flatten()[: w.numel()]
-    monkeypatch.setattr(nf4, "DEQUANT_CHUNK", 4)
-    got = nf4.dequantize_nf4(state, w.shape, dtype)
-    assert got.dtype == dtype and got.shape == w.shape
-    assert torch.equal(got, whole.view(w.shape).to(dtype))
-    assert (got.float() - w).abs().max() < 0.1 * w.abs().max()  # and it is the weight, to 4-bit precision
