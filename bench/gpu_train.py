@@ -5,7 +5,9 @@
 A run SPEC is CASE/TOOL[/k=v,...]. lorakit variants: compile=0, fuse=0, wide=0 (round-1 layouts),
 mlp=1 (fused SwiGLU+LoRA MLP kernels: less memory, slower on H100), ce=0 (compiled plain-torch loss
 chunks instead of the Triton kernel), rec=N|all|match (recomputed layers), opts=cdt|mat (Inductor coordinate-descent tuning /
-max-autotune), attn=BACKEND+..., prof=1 (one profiled step, kernel families in the JSON).
+max-autotune), attn=BACKEND+..., prof=1 (one profiled step, kernel families in the JSON). PEFT variants: bf16=1
+(adapters in bf16), liger=1 (Liger kernels), kbit=1 (4-bit case: peft.prepare_model_for_kbit_training); PEFT's
+4-bit case quantizes with bitsandbytes (Linear4bit NF4, double quantization, bf16 compute).
 
 Models are random-weight Llama shapes (built on the meta device, materialised on the GPU, normal(0,
 0.02) weights, norms around 1), bf16 weights, LoRA r=16 alpha=32 dropout 0 on every linear layer but
@@ -125,7 +127,13 @@ def setup_peft(model, mode: str, ckpt: bool, variant: dict):
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(model=model)
-    if mode == "lora":
+    if mode == "qlora":
+        bnb_quantize(model)
+        if variant.get("kbit") == "1":  # the QLoRA recipe's helper: norms, embeddings and head to fp32
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
@@ -143,6 +151,30 @@ def setup_peft(model, mode: str, ckpt: bool, variant: dict):
     def loss_fn(ids):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
     return model, opt, loss_fn, {}
+
+
+def bnb_quantize(model) -> None:
+    """PEFT's QLoRA base: every decoder linear layer as bitsandbytes Linear4bit (NF4, double quantization,
+    bf16 compute), as transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16) loads it; the head and embeddings stay bf16."""
+    import gc
+
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                                 compress_statistics=True, quant_type="nf4")
+                    setattr(parent, name, q.to(DEV))  # quantized on the way to the device
+                    del child
+    model.is_loaded_in_4bit = True
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
@@ -276,8 +308,6 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
     model = build(shape)
     ids = torch.randint(0, SHAPES[shape]["vocab"], (batch, seq), device=DEV,
                         generator=torch.Generator(device=DEV).manual_seed(1))
-    if mode == "qlora" and tool != "lorakit":
-        raise ValueError(f"run {case}/{tool}: the 4-bit case runs lorakit only (no bitsandbytes on the device)")
     setup = setup_peft if tool == "peft" else setup_lorakit_qlora if mode == "qlora" else setup_lorakit
     model, opt, loss_fn, extra = setup(model, mode, ckpt, variant)
     static = mem("now")
