@@ -43,7 +43,13 @@ def _triton_cuda(*args, **kwargs) -> torch.Tensor:
     return triton_lora.lora_delta(*args, **kwargs)
 
 
-if importlib.util.find_spec("triton") is not None:
+def has_triton() -> bool:
+    """Triton is installed (checked once; importing it is left to the first kernel call)."""
+    return _TRITON
+
+
+_TRITON = importlib.util.find_spec("triton") is not None
+if _TRITON:
     IMPLS["cuda"] = _triton_cuda
 
-__all__ = ["lora_delta", "IMPLS", "reference"]
+__all__ = ["lora_delta", "IMPLS", "reference", "has_triton"]
