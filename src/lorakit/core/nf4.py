@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import kernels
 from lorakit.core.targets import WRAPPERS as LORA_WRAPPERS, find_targets
 from lorakit.core.layer import LoraLinear
 
@@ -86,29 +85,16 @@ def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def dequantize_nf4(state: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight: each value is its level x its block's absmax in fp32, rounded once to `dtype`. On CUDA
-    with Triton one kernel writes it (kernels/triton_nf4.py, bit for bit the same); elsewhere plain torch."""
     codes, q = state["codes"], state["absmax_q"]
+    pairs = _byte_table(codes.device)[codes.long()]  # (n/2, 2) fp32: high nibble's level, low nibble's
     scale = state["absmax_scale"].repeat_interleave(SCALER_BLOCK)[: q.numel()]  # (nb,)
     absmax = q.float() * scale + state["absmax_mean"]  # (nb,)
     n = torch.Size(shape).numel()
-    if codes.is_cuda and kernels.has_triton():
-        from lorakit.kernels import triton_nf4
-
-        return triton_nf4.dequantize(codes, absmax, _levels(codes.device), n, BLOCK, dtype).view(shape)
-    pairs = _byte_table(codes.device)[codes.long()]  # (n/2, 2) fp32: high nibble's level, low nibble's
     w = (pairs.view(q.numel(), BLOCK) * absmax[:, None]).flatten()[:n]
     return w.view(shape).to(dtype)
 
 
-def _levels(device: torch.device) -> torch.Tensor:
-    key = ("levels", device)
-    if key not in _TABLES:
-        _TABLES[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
-    return _TABLES[key]
-
-
-_TABLES: dict = {}  # device (or ("levels", device)) -> the lookup table there
+_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def _byte_table(device: torch.device) -> torch.Tensor:

@@ -43,13 +43,7 @@ def _triton_cuda(*args, **kwargs) -> torch.Tensor:
     return triton_lora.lora_delta(*args, **kwargs)
 
 
-def has_triton() -> bool:
-    """Triton is installed (checked once; importing it is left to the first kernel call)."""
-    return _TRITON
-
-
-_TRITON = importlib.util.find_spec("triton") is not None
-if _TRITON:
+if importlib.util.find_spec("triton") is not None:
     IMPLS["cuda"] = _triton_cuda
 
-__all__ = ["lora_delta", "IMPLS", "reference", "has_triton"]
+__all__ = ["lora_delta", "IMPLS", "reference"]
