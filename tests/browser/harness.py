@@ -163,9 +163,10 @@ def launch(playwright):
                                       args=["--no-sandbox", "--disable-dev-shm-usage"])
 
 
-def screenshots(out: Path, env_dir: Path | None = None) -> None:
+def screenshots(out: Path, env_dir: Path | None = None, only: set[str] | None = None) -> None:
     """Every page at a laptop width and at a phone width (the same page, resized), logged in as admin.
-    With `env_dir` the trained run and registry are kept there and reused by the next call."""
+    With `env_dir` the trained run and registry are kept there and reused by the next call; `only` names the
+    shots to take (login, adapters, adapter, runs, run, sweep, compare, compare-pair, compare-kl)."""
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -185,6 +186,9 @@ def screenshots(out: Path, env_dir: Path | None = None) -> None:
                 browser = launch(p)
                 page = browser.new_page(viewport=desktop, device_scale_factor=1)
 
+                def want(name: str) -> bool:
+                    return only is None or name in only
+
                 def shoot(name: str, full_desktop: bool = True) -> None:
                     page.set_viewport_size(desktop)
                     page.screenshot(path=str(out / f"{name}-desktop.png"), full_page=full_desktop)
@@ -193,13 +197,20 @@ def screenshots(out: Path, env_dir: Path | None = None) -> None:
                     page.set_viewport_size(desktop)
 
                 page.goto(url + "/ui/login")
-                shoot("login", False)
+                if want("login"):
+                    shoot("login", False)
                 login(page, url, ADMIN)
                 for name, path in (("adapters", "/ui/adapters"), ("adapter", "/ui/adapters/iso-dates"),
                                    ("runs", "/ui/runs"), ("run", "/ui/runs/iso-dates-r8"),
                                    ("sweep", "/ui/sweeps/sweep")):
-                    page.goto(url + path)
-                    shoot(name, name != "sweep")
+                    if want(name):
+                        page.goto(url + path)
+                        shoot(name, name != "sweep")
+                if want("compare-kl"):
+                    compare_kl(page, url, out)
+                if not (want("compare") or want("compare-pair")):
+                    browser.close()
+                    return
                 page.goto(url + "/ui/compare")
                 page.fill("#prompt", DATE_PROMPT + "\n---\nName three colours of the rainbow.")
                 page.check("input[value='iso-dates']")
@@ -208,7 +219,8 @@ def screenshots(out: Path, env_dir: Path | None = None) -> None:
                 page.fill("#max_tokens", "24")
                 page.click("#compare-go")
                 page.wait_for_selector("#results[data-done]", timeout=1_200_000)
-                shoot("compare")
+                if want("compare"):
+                    shoot("compare")
                 page.goto(url + "/ui/compare?models=iso-dates")  # one answer beside the base: strikes too
                 page.fill("#prompt", DATE_PROMPT)
                 page.click("#compare-go")
@@ -219,11 +231,31 @@ def screenshots(out: Path, env_dir: Path | None = None) -> None:
             stop(proc)
 
 
+def compare_kl(page, url: str, out: Path) -> None:
+    """Compare with the per-token KL to base: the base, the trained adapter, the random one and a stack."""
+    page.set_viewport_size({"width": 1280, "height": 860})
+    page.goto(url + "/ui/compare")
+    page.fill("#prompt", DATE_PROMPT + "\n---\nName three colours of the rainbow.")
+    page.check("input[value='iso-dates']")
+    page.check("input[value='noisy']")
+    page.fill("#stack", "iso-dates:0.7+noisy:0.3")
+    page.fill("#max_tokens", "24")
+    page.check("#kl")
+    page.click("#compare-go")
+    page.wait_for_selector("#results[data-done]", timeout=1_200_000)
+    page.screenshot(path=str(out / "compare-kl-desktop.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.locator("#results").screenshot(path=str(out / "compare-kl-phone.png"))
+    page.set_viewport_size({"width": 1280, "height": 860})
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--screenshots", required=True, help="output directory for the PNGs")
     ap.add_argument("--env-dir", help="keep the trained run and registry here (reused when present)")
+    ap.add_argument("--only", help="comma-separated shots to take (default: all), e.g. compare-kl")
     a = ap.parse_args()
-    screenshots(Path(a.screenshots), Path(a.env_dir) if a.env_dir else None)
+    screenshots(Path(a.screenshots), Path(a.env_dir) if a.env_dir else None,
+                set(a.only.split(",")) if a.only else None)

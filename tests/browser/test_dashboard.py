@@ -1,6 +1,7 @@
 """The dashboard in a real browser: log in, the registry, Compare (answers equal to the API's), rollback,
 a run's live curve, escaping of hostile names, and a phone-width layout without sideways scrolling."""
 import json
+import os
 
 import httpx
 import pytest
@@ -68,6 +69,47 @@ def test_compare_shows_base_and_adapter_answers(page, served):
     no_xss(page)
 
 
+def test_compare_shades_each_token_by_its_kl_to_the_base(page, served):
+    """Ticked, the per-token KL box scores every adapter column through /v1/score: the page shows the API's
+    numbers (mean, max, one value per token in the tokens' titles), the base column none; an answer holding
+    '<script>' and a hostile stack name show as text."""
+    login(page, served["url"], KEY)
+    page.goto(served["url"] + "/ui/compare")
+    prompt, hostile = "What does the HTML tag <script> do?", '<img src=x onerror="window.__xss=5">'
+    page.fill("#prompt", prompt)
+    page.check("input[value='noisy']")
+    page.check("#kl")
+    page.fill("#stack", hostile)
+    page.fill("#max_tokens", "16")
+    page.click("#compare-go")
+    page.wait_for_selector("#results[data-done]")
+    col = page.locator('.answer[data-model="noisy"]')
+    text = col.locator(".text").inner_text()
+    gen = httpx.post(served["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": "noisy", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+                           "temperature": 0, "return_token_ids": True}, timeout=300).json()["choices"][0]
+    assert text == gen["message"]["content"] and "<script>" in text  # the model's markup, shown as text
+    score = httpx.post(served["url"] + "/v1/score", headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+                       json={"model": "noisy", "messages": [{"role": "user", "content": prompt}],
+                             "completion": gen["token_ids"]}).json()
+    assert float(col.get_attribute("data-kl-mean")) == pytest.approx(score["kl_mean"], abs=1e-12)
+    assert float(col.get_attribute("data-kl-max")) == pytest.approx(score["kl_max"], abs=1e-12) and score["kl_max"] > 0
+    assert int(col.get_attribute("data-kl-n")) == len(gen["token_ids"]) == len(score["kl"])
+    toks = col.locator(".tok[data-kl]").evaluate_all(
+        "ts => ts.map(t => [parseFloat(t.dataset.kl), t.title, t.className])")
+    assert max(k for k, _, _ in toks) == pytest.approx(score["kl_max"], abs=1e-12)
+    assert all(t.startswith("KL to base ") and t.endswith(" nats") for _, t, _ in toks)
+    assert sum(len(t.split(" + ")) for _, t, _ in toks) == len(score["kl"])  # every token's value is shown
+    assert any(" kl" in c for _, _, c in toks)  # some tokens are shaded
+    assert f"max {score['kl_max']:.3f}" in col.locator(".kl-summary").inner_text()
+    base = page.locator('.answer[data-model="base"]')
+    assert base.locator(".tok[data-kl]").count() == 0 and base.locator(".kl-summary").count() == 0
+    bad = page.locator(".answer").nth(2)
+    assert bad.locator(".model").inner_text() == hostile and bad.locator(".flash.error").count() == 1
+    assert bad.locator(".kl-summary").count() == 0
+    no_xss(page)
+
+
 def test_admin_rollback_changes_the_list(page, served):
     login(page, served["url"], ADMIN)
     assert page.inner_text("#level") == "admin"
@@ -99,6 +141,7 @@ def test_a_runs_curve_and_its_live_refresh(page, served):
     assert page.locator('#loss-chart g[data-series="eval_loss"]').get_attribute("data-n") == \
         str(sum("eval_loss" in r for r in steps))
     assert page.inner_text("#run-status") == "done" and page.locator("#eval td").count() > 0
+    os.utime(served["live"] / "metrics.jsonl")  # a going run writes often: "running" means written in the last 2 min
     page.goto(served["url"] + "/ui/runs/live")
     assert page.inner_text("#run-status") == "running" and page.inner_text("#run-step") == "5 / 40"
     with open(served["live"] / "metrics.jsonl", "a") as f:

@@ -199,6 +199,28 @@ def test_compare_streams_what_the_api_answers(env):
         assert r.status_code == ref.status_code >= 400 and r.json() == ref.json()  # the API's error, passed through
 
 
+def test_compare_kl_is_the_apis_score(env):
+    """Compare's per-token KL (/ui/api/score) is /v1/score on the same chat prompt and answer tokens, behind the
+    session's login and CSRF token; the API's errors pass through."""
+    c, token = login(env, KEY)
+    body = {"model": "a:0.7+b:0.3", "prompt": "Hello <script>", "token_ids": [28, 29, 30, 31]}
+    assert c.post("/ui/api/score", json=body).status_code == 403
+    anon = browser(env)
+    assert anon.post("/ui/api/score", json=body,
+                     headers={"X-CSRF-Token": csrf_of(anon.get("/ui/login").text)}).status_code == 401
+    r = c.post("/ui/api/score", json=body, headers={"X-CSRF-Token": token})
+    ref = httpx.post(env["url"] + "/v1/score", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                     json={"model": body["model"], "messages": [{"role": "user", "content": body["prompt"]}],
+                           "completion": body["token_ids"]}).json()
+    got = r.json()
+    assert r.status_code == 200 and got["kl"] == ref["kl"] and len(got["kl"]) == 4 and min(got["kl"]) > 0
+    assert got["kl_max"] == max(got["kl"]) and got["completion_token_ids"] == body["token_ids"]
+    r = c.post("/ui/api/score", json={**body, "token_ids": []}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "completion"
+    r = c.post("/ui/api/score", json={**body, "prompt": 5}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 400 and "bad compare request" in r.json()["error"]["message"]
+
+
 def test_names_and_texts_are_escaped_and_headers_set(env):
     c, _ = login(env, KEY)
     r = c.get("/ui/adapters")

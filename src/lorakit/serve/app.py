@@ -4,6 +4,7 @@
     GET  /, /ui/...                               the web dashboard (lorakit.serve.ui): its own login
     GET  /v1/models                               inference key
     POST /v1/chat/completions, /v1/completions    inference key; "stream": true -> server-sent events
+    POST /v1/score                                inference key; per answer token KL(model || base), log-probs
     GET|POST /admin/adapters, GET|DELETE /admin/adapters/{name}, POST /admin/adapters/{name}/rollback,
     POST /admin/adapters/{name}/evals             admin key
 
@@ -31,7 +32,7 @@ from lorakit.adapters.mixtures import add_mixture, is_mixture
 from lorakit.adapters.registry import Registry, parse_ref
 from lorakit.generate import encode_prompt
 from lorakit.serve import protocol as P
-from lorakit.serve.engine import Engine, GenRequest
+from lorakit.serve.engine import Engine, GenRequest, ScoreRequest
 from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack
 from lorakit.serve.runtime import ServerThread, cpu_threads  # noqa: F401 (part of this module's API)
 
@@ -90,7 +91,7 @@ async def read_body(state: ServerState, request: Request, allow_empty: bool = Fa
     return {} if allow_empty and not raw.strip() else P.parse_json(raw)
 
 
-async def events(state: ServerState, req: GenRequest) -> AsyncIterator[tuple]:
+async def events(state: ServerState, req: GenRequest | ScoreRequest) -> AsyncIterator[tuple]:
     """Submit to the engine and yield its events; cancels the request if the consumer goes away."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -121,13 +122,8 @@ async def complete(state: ServerState, request: Request, kind: str):
     body = await read_body(state, request)
     p = P.parse_request(body, kind, state.base_ids, state.limits)
     uses, mixture = resolve_stack(state.registry, p.stack)
-    try:
-        ids = p.prompt if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int) \
-            else encode_prompt(state.tok, chat_prompt_for(state.registry, state.tok, p))
-    except (UnicodeError, ValueError, TypeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
-        raise P.bad(f"the prompt cannot be tokenized: {type(e).__name__}: {e}",
-                    "messages" if kind == "chat" else "prompt") from None
-    max_tokens = P.check_prompt(list(ids), p.max_tokens, kind, state.limits)
+    ids = prompt_ids(state, p)
+    max_tokens = P.check_prompt(ids, p.max_tokens, kind, state.limits)
     req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, mixture)
     stream = P.TextStream(state.tok, p.stop)
     rid = P.new_id(kind)
@@ -146,6 +142,43 @@ async def complete(state: ServerState, request: Request, kind: str):
         return P.response(p, rid, stream.text, reason, stream.ids, len(ids))
     return StreamingResponse(_stream(p, rid, first, evs, stream, req, len(ids)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def prompt_ids(state: ServerState, p: P.Parsed) -> list[int]:
+    """The request's prompt as token ids: as sent, or rendered for its model (serve/resolve.py) and tokenized."""
+    try:
+        if isinstance(p.prompt, list) and p.prompt and isinstance(p.prompt[0], int):
+            return list(p.prompt)
+        return list(encode_prompt(state.tok, chat_prompt_for(state.registry, state.tok, p)))
+    except (UnicodeError, ValueError, TypeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise P.bad(f"the prompt cannot be tokenized: {type(e).__name__}: {e}",
+                    "messages" if p.kind == "chat" else "prompt") from None
+
+
+async def score(state: ServerState, request: Request) -> dict:
+    """POST /v1/score: one forward of prompt + completion under the model and under the base, on the engine."""
+    require_api_key(state, request)
+    p, completion = P.parse_score(await read_body(state, request), state.base_ids, state.limits)
+    uses, mixture = resolve_stack(state.registry, p.stack)
+    ids = prompt_ids(state, p)
+    P.check_prompt(ids, 1, p.kind, state.limits)
+    if isinstance(completion, str):
+        try:
+            completion = state.tok(completion, add_special_tokens=False)["input_ids"]
+        except (UnicodeError, ValueError, TypeError) as e:
+            raise P.bad(f"the completion cannot be tokenized: {type(e).__name__}: {e}", "completion") from None
+    P.check_completion(completion, len(ids), state.limits)
+    req = ScoreRequest(ids, list(completion), uses, mixture)
+    evs = events(state, req)
+    watch = asyncio.create_task(_cancel_on_disconnect(request, req))
+    try:
+        kind, result = await evs.__anext__()
+    finally:
+        watch.cancel()
+        await evs.aclose()
+    if kind != "score":
+        raise P.APIError(500, result if kind == "error" else "the scoring request was cancelled", "scoring_failed")
+    return P.score_response(p, state.base_name, len(ids), req.answer, result)
 
 
 DISCONNECT_POLL_S = 0.25
@@ -258,6 +291,10 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await complete(state, request, "completion")
+
+    @app.post("/v1/score")
+    async def score_route(request: Request):
+        return await score(state, request)
 
     add_admin_routes(app, state)
     mount_ui(app, state, ui)

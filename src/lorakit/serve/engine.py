@@ -12,7 +12,8 @@ Each turn of the loop
 
 A request that arrives while others decode joins at the next turn. Results leave through each
 request's `sink(event)`, called on the engine thread: ("token", id), ("done", reason) with reason
-"stop" | "length" | "cancelled", or ("error", message).
+"stop" | "length" | "cancelled", or ("error", message). A ScoreRequest (score.py: per-token KL to the base)
+waits for its adapters likewise and runs between steps on this thread: its routing never races with a step.
 
 Isolation: one request's numbers never reach another row. A row's KV cache is zeroed when a new
 request takes it; a request whose adapter cannot be loaded, whose prefill or decode raises, or whose
@@ -33,8 +34,9 @@ import torch
 
 from lorakit.adapters.files import AdapterFile, fingerprint
 from lorakit.generate import stop_ids
-from lorakit.serve import forward
-from lorakit.serve.request import AdapterUse, GenRequest, check_request, sample  # noqa: F401 (AdapterUse re-exported)
+from lorakit.serve import forward, score as scoring
+from lorakit.serve.request import AdapterUse, GenRequest, ScoreRequest, check_request, check_score, sample, \
+    send as _send  # noqa: F401 (AdapterUse, ScoreRequest re-exported)
 from lorakit.serve.slots import SlotBank
 
 log = logging.getLogger("lorakit.serve")
@@ -68,6 +70,8 @@ class Engine:
         self.cache = forward.RowCache(model, max_batch)
         self.running: list[_Row] = []
         self.waiting: deque[GenRequest] = deque()
+        self.scoring: deque[ScoreRequest] = deque()
+        self.vocab = model.get_input_embeddings().num_embeddings
         self._commands: deque[tuple[Callable, Future]] = deque()
         self._cv = threading.Condition()
         self._wake = False  # something changed that may let a waiting request in
@@ -77,7 +81,7 @@ class Engine:
         self._stopping = False
         self.labels: dict[str, str] = {}  # adapter key -> "name@version"
         self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "adapter_loads": 0,
-                      "errors": 0, "cancelled": 0, "tokens": 0}
+                      "errors": 0, "cancelled": 0, "tokens": 0, "scores": 0}
 
     # ---------------------------------------------------------------- public (any thread)
     def start(self) -> "Engine":
@@ -93,8 +97,9 @@ class Engine:
             self._thread.join(timeout=30)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, req: GenRequest) -> GenRequest:
-        check_request(req)
+    def submit(self, req: GenRequest | ScoreRequest) -> GenRequest | ScoreRequest:
+        is_score = isinstance(req, ScoreRequest)
+        check_score(req, self.max_len, self.vocab) if is_score else check_request(req)
         keys = {a.key for a in req.adapters}
         if len(keys) > self.bank.max_slots:
             raise ValueError(f"the request stacks {len(keys)} adapters; this server holds at most "
@@ -107,7 +112,7 @@ class Engine:
                 self._ensure_prefetch(a)
             if req.mixture is not None:
                 self.labels[req.mixture.key] = req.mixture.label or req.mixture.key
-            self.waiting.append(req)
+            (self.scoring if is_score else self.waiting).append(req)
             self._wake = True
             self._cv.notify_all()
         return req
@@ -143,7 +148,8 @@ class Engine:
     def info(self) -> dict:
         resident = [self.labels.get(k, k) for k in self.bank.resident]
         mixtures = [self.labels.get(k, k) for k in self.bank.mixtures]
-        return {"running": len(self.running), "waiting": len(self.waiting), "resident": resident,
+        return {"running": len(self.running), "waiting": len(self.waiting), "scoring": len(self.scoring),
+                "resident": resident,
                 "resident_mixtures": mixtures,
                 "max_slots": self.bank.max_slots, "max_batch": self.max_batch, "slot_bytes": self.bank.nbytes(),
                 "kv_bytes": self.cache.nbytes(), **self.stats}
@@ -166,6 +172,8 @@ class Engine:
                     fut.set_exception(e)
             try:
                 self._admit()
+                if self.scoring:
+                    scoring.run_ready(self)
                 if self.running:
                     self._step()
                 if not self.running and not self.waiting and self.cache.cap > self.cache.chunk:
@@ -175,9 +183,10 @@ class Engine:
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
         self._fail_all("the server is shutting down")
         with self._cv:
-            for req in self.waiting:
+            for req in [*self.waiting, *self.scoring]:
                 _send(req, ("error", "the server is shutting down"))
             self.waiting.clear()
+            self.scoring.clear()
 
     def _release(self, slots: list[int], mixture: str | None) -> None:
         for s in slots:
@@ -234,25 +243,34 @@ class Engine:
             return fut.result() if fut is not None else load()
         return get
 
+    def _acquire(self, req: GenRequest | ScoreRequest) -> tuple[list[int], str | None] | None:
+        """Pin req's adapters in slots (and its mixture's gates): (slots, mixture key). A broken adapter or
+        mixture file fails this request alone: it gets the error, nothing stays pinned, None."""
+        slots: list[int] = []
+        mix = None
+        try:
+            for a in req.adapters:
+                loaded = a.key in self.bank.resident
+                slots.append(self.bank.acquire(a.key, self._file(a.key, a.load)))
+                self.stats["adapter_loads"] += not loaded
+            if req.mixture is not None:
+                self.bank.acquire_mixture(req.mixture.key, req.mixture.load)
+                mix = req.mixture.key
+        except Exception as e:  # noqa: BLE001 - a broken adapter or mixture file fails this request only
+            self._release(slots, mix)
+            self.stats["errors"] += 1
+            what = "mixture" if len(slots) == len(req.adapters) and req.mixture else "adapter"
+            _send(req, ("error", f"{what} could not be loaded: {e}"))
+            return None
+        return slots, mix
+
     def _admit(self) -> None:
         rows: list[_Row] = []
         for req in self._take_admissible():
-            slots: list[int] = []
-            mix = None
-            try:
-                for a in req.adapters:
-                    loaded = a.key in self.bank.resident
-                    slots.append(self.bank.acquire(a.key, self._file(a.key, a.load)))
-                    self.stats["adapter_loads"] += not loaded
-                if req.mixture is not None:
-                    self.bank.acquire_mixture(req.mixture.key, req.mixture.load)
-                    mix = req.mixture.key
-            except Exception as e:  # noqa: BLE001 - a broken adapter or mixture file fails this request only
-                self._release(slots, mix)
-                self.stats["errors"] += 1
-                what = "mixture" if len(slots) == len(req.adapters) and req.mixture else "adapter"
-                _send(req, ("error", f"{what} could not be loaded: {e}"))
+            got = self._acquire(req)
+            if got is None:
                 continue
+            slots, mix = got
             try:
                 seed = req.seed if req.seed is not None else random.getrandbits(63)
                 gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
@@ -321,13 +339,7 @@ class Engine:
         return torch.stack([like.new_zeros(like.shape) if o is None else o for o in out])
 
     def _set_batch(self, rows: list[_Row]) -> None:
-        k = max(1, max(len(r.slots) for r in rows))
-        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (b, k); padding: slot 0, weight 0
-        coef = torch.zeros(len(rows), k)
-        for i, r in enumerate(rows):
-            for j, (s, a) in enumerate(zip(r.slots, r.req.adapters)):
-                idx[i, j], coef[i, j] = s, a.weight
-        self.bank.set_batch(idx, coef, [r.mixture for r in rows])
+        self.bank.set_rows([(r.slots, [a.weight for a in r.req.adapters], r.mixture) for r in rows])
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from logits (n, vocab), send it, and mark finished rows.
@@ -383,14 +395,3 @@ class Engine:
                 self.running[i] = self.running[last]
             self.running.pop()
 
-
-def _send(req: GenRequest, ev: tuple) -> bool:
-    """Deliver an event; a sink that raises (its client's loop is gone, a bug in a caller) cancels its
-    request and nothing else. False if it raised."""
-    try:
-        req.sink(ev)
-        return True
-    except Exception:  # noqa: BLE001 - one request's receiver, never the batch's problem
-        log.exception("could not deliver %s to a request; cancelling it", ev[0])
-        req.cancel()
-        return False

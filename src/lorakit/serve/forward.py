@@ -171,3 +171,26 @@ def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[i
 
     h = _run(model, ids, pos_t[:, None], cache, write, read)  # (n, 1, hidden)
     return model.lm_head(h)[:, 0].float()  # (n, vocab)
+
+
+class _NoCache:
+    """The K/V of a forward that keeps nothing (scoring): the layers are handed placeholders they ignore."""
+
+    def __init__(self, n_layers: int):
+        self.k = self.v = [None] * n_layers
+
+
+@torch.no_grad()
+def hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """One causal forward over rows `ids` (b, s) of equal length, no cache: the final-norm hidden states
+    (b, s, hidden). The layer maths of prefill and decode, so a row's numbers are those it generates with."""
+    b, s = ids.shape
+    pos = torch.arange(s, device=ids.device).expand(b, s)
+
+    def write(K, V, k, v):
+        pass
+
+    def read(K, V, k, v):
+        return k, v, None, s > 1
+
+    return _run(model, ids, pos, _NoCache(model.config.num_hidden_layers), write, read)

@@ -229,6 +229,46 @@ def check_prompt(ids: list[int], max_tokens: int | None, kind: str, limits: Limi
     return max_tokens
 
 
+def parse_score(body: dict, base_ids: set[str], limits: Limits) -> tuple[Parsed, str | list[int]]:
+    """POST /v1/score: `model`, the prompt as `messages` (rendered with the chat template exactly as
+    /v1/chat/completions renders it for that model) or `prompt` (text or token ids), and the answer to score as
+    `completion` (token ids, e.g. a chat completion's `token_ids`, or text, tokenized without special tokens)."""
+    stack = parse_model(body.get("model"), base_ids)
+    if ("messages" in body) == ("prompt" in body):
+        raise bad("send the prompt as either 'messages' (chat) or 'prompt' (text or token ids)", "messages")
+    kind = "chat" if "messages" in body else "completion"
+    prompt = _messages(body) if kind == "chat" else _prompt(body)
+    c = body.get("completion")
+    ids = isinstance(c, list) and c and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in c)
+    if not (ids or (isinstance(c, str) and c)):
+        raise bad("'completion' must be the answer to score: a non-empty string or list of token ids", "completion")
+    return Parsed(kind, body["model"], prompt, stack, None), c
+
+
+def check_completion(ids: list[int], n_prompt: int, limits: Limits) -> None:
+    """The answer to score: ids in the vocabulary, at most max_prompt_tokens of them, prompt + answer in context."""
+    if not ids:
+        raise bad("'completion' holds no tokens", "completion")
+    if limits.vocab_size and max(ids) >= limits.vocab_size:
+        raise bad(f"completion token id {max(ids)} is outside the vocabulary (0..{limits.vocab_size - 1})",
+                  "completion")
+    if len(ids) > limits.max_prompt_tokens:
+        raise bad(f"the completion has {len(ids)} tokens; this server scores at most {limits.max_prompt_tokens}",
+                  "completion", "completion_too_long")
+    if n_prompt + len(ids) > limits.context:
+        raise bad(f"prompt ({n_prompt} tokens) + completion ({len(ids)} tokens) exceeds the model's context of "
+                  f"{limits.context}", "completion", "context_length_exceeded")
+
+
+def score_response(p: Parsed, reference: str, n_prompt: int, ids: list[int], score) -> dict:
+    """score: serve.score.Score, per completion token."""
+    s = score.summary()
+    return {"id": "score-" + uuid.uuid4().hex[:24], "object": "score", "created": int(time.time()),
+            "model": p.model, "reference": reference, "completion_token_ids": ids, "kl": score.kl,
+            "logprobs": score.logprobs, "base_logprobs": score.base_logprobs, "kl_mean": s["mean"],
+            "kl_max": s["max"], "kl_sum": s["sum"], "usage": usage(n_prompt, len(ids))}
+
+
 # ---------------------------------------------------------------- responses
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

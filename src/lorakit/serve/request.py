@@ -1,9 +1,12 @@
-"""What the engine is asked to do: a generation request, the adapters it uses, their checks, and sampling.
+"""What the engine is asked to do: a generation or a scoring request, the adapters it uses, their checks, and
+sampling.
 
-`GenRequest.sink(event)` receives ("token", id), ("done", reason) or ("error", message) on the engine thread.
+`GenRequest.sink(event)` receives ("token", id), ("done", reason) or ("error", message) on the engine thread;
+`ScoreRequest.sink(event)` receives one ("score", serve.score.Score), ("done", "cancelled") or ("error", message).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -12,6 +15,7 @@ import torch
 
 from lorakit.adapters.files import AdapterFile
 
+log = logging.getLogger("lorakit.serve")
 MAX_WEIGHT = 10.0  # |stack weight| the engine accepts
 
 
@@ -49,6 +53,32 @@ class GenRequest:
         self.cancelled = True
 
 
+@dataclass
+class ScoreRequest:
+    """Score `answer` after `prompt` under an adapter (or stack, or mixture) and under the base: one forward over
+    the same tokens for both, giving per answer token KL(adapter || base) and both log-probs (serve/score.py)."""
+    prompt: list[int]
+    answer: list[int]
+    adapters: list[AdapterUse] = field(default_factory=list)  # empty: the base scored against itself
+    mixture: MixtureUse | None = None
+    sink: Callable[[tuple], None] = lambda ev: None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def check_score(req: ScoreRequest, max_len: int, vocab_size: int) -> None:
+    """What the engine needs of a scoring request: token ids in the vocabulary, prompt + answer in the context."""
+    for what, ids in (("prompt", req.prompt), ("answer", req.answer)):
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"the {what} must be a non-empty list of token ids below {vocab_size}")
+    if len(req.prompt) + len(req.answer) > max_len:
+        raise ValueError(f"prompt ({len(req.prompt)} tokens) + answer ({len(req.answer)} tokens) exceeds the "
+                         f"model's context of {max_len}")
+    _check_stack(req)
+
+
 def check_request(req: GenRequest) -> None:
     """What the engine needs of a request (the HTTP layer checks the same with friendlier messages)."""
     if not req.prompt or not all(isinstance(t, int) and t >= 0 for t in req.prompt):
@@ -59,6 +89,10 @@ def check_request(req: GenRequest) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature!r}")
     if not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+    _check_stack(req)
+
+
+def _check_stack(req: GenRequest | ScoreRequest) -> None:
     if req.mixture is not None and len(req.adapters) < 2:
         raise ValueError(f"mixture {req.mixture.label or req.mixture.key!r} needs its adapters (at least two)")
     for a in req.adapters:
@@ -78,3 +112,15 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the first
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def send(req: GenRequest | ScoreRequest, ev: tuple) -> bool:
+    """Deliver an event; a sink that raises (its client's loop is gone, a bug in a caller) cancels its
+    request and nothing else. False if it raised."""
+    try:
+        req.sink(ev)
+        return True
+    except Exception:  # noqa: BLE001 - one request's receiver, never the batch's problem
+        log.exception("could not deliver %s to a request; cancelling it", ev[0])
+        req.cancel()
+        return False

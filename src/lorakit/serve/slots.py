@@ -235,6 +235,16 @@ class SlotBank:
                 mod.routing = self._route if on else None
             self._routing_on = on
 
+    def set_rows(self, rows: list[tuple[list[int], list[float], str | None]]) -> None:
+        """set_batch from each row's (slots, stack weights, mixture key or None)."""
+        k = max(1, max(len(slots) for slots, _, _ in rows))
+        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (b, k); padding: slot 0, weight 0
+        coef = torch.zeros(len(rows), k)
+        for i, (slots, weights, _) in enumerate(rows):
+            for j, (s, w) in enumerate(zip(slots, weights)):
+                idx[i, j], coef[i, j] = s, w
+        self.set_batch(idx, coef, [mix for _, _, mix in rows])
+
     def _route(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)

@@ -137,33 +137,55 @@ def add_routes(app, ui: UI) -> None:
         return ui.page(request, s, "compare.html", nav="compare", choices=choices, preselect=pre,
                        has_inference=ui.has_inference, max_new_tokens=_limit(ui.state))
 
-    @app.post("/ui/api/complete", include_in_schema=False)
-    async def complete(request: Request):
+    async def compare_request(request: Request) -> tuple[dict | None, JSONResponse | None]:
+        """A Compare call's JSON body {model, prompt, ...} after the session, CSRF and size checks."""
         s = ui.sessions.get(request)
         if not csrf_ok(s, request.headers.get("x-csrf-token"), request):
-            return _json_error(403, "missing or invalid CSRF token (reload the page)")
+            return None, _json_error(403, "missing or invalid CSRF token (reload the page)")
         if ui.level(s) < USER:
-            return _json_error(401, "log in first")
+            return None, _json_error(401, "log in first")
         if not ui.has_inference:
-            return _json_error(503, "this dashboard runs without a model (lorakit ui): start `lorakit serve`")
+            return None, _json_error(503, "this dashboard runs without a model (lorakit ui): start `lorakit serve`")
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_COMPARE_BODY:
-                return _json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes")
+                return None, _json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes")
         try:
             body = json.loads(raw)
-            model, prompt = body["model"], body["prompt"]
-            max_tokens = int(body.get("max_tokens", 64))
-            if not isinstance(model, str) or not isinstance(prompt, str) or not prompt.strip():
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str) \
+                    or not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
                 raise ValueError("'model' and 'prompt' must be non-empty strings")
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
+            return None, _json_error(400, f"bad compare request: {e}")
+        return body, None
+
+    def forward(request: Request, path: str, body: dict) -> ForwardResponse:
+        keys = list(ui.state.api_keys)  # the session's login earned the key: the API call carries it
+        return ForwardResponse(request.app, "POST", path, body, keys[0] if keys else None)
+
+    @app.post("/ui/api/complete", include_in_schema=False)
+    async def complete(request: Request):
+        body, deny = await compare_request(request)
+        if deny:
+            return deny
+        try:
+            max_tokens = int(body.get("max_tokens", 64))
+        except (ValueError, TypeError) as e:
             return _json_error(400, f"bad compare request: {e}")
-        chat = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True, "return_token_ids": True,
-                "stream_options": {"include_usage": True}}
-        keys = list(ui.state.api_keys)
-        return ForwardResponse(request.app, "POST", "/v1/chat/completions", chat, keys[0] if keys else None)
+        return forward(request, "/v1/chat/completions", {
+            "model": body["model"], "messages": [{"role": "user", "content": body["prompt"]}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}})
+
+    @app.post("/ui/api/score", include_in_schema=False)
+    async def score(request: Request):
+        """Per-token KL to the base of an answer Compare streamed: /v1/score on the same prompt and tokens."""
+        body, deny = await compare_request(request)
+        if deny:
+            return deny
+        return forward(request, "/v1/score", {"model": body["model"], "completion": body.get("token_ids"),
+                                              "messages": [{"role": "user", "content": body["prompt"]}]})
 
 
 def _json_error(status: int, message: str) -> JSONResponse:

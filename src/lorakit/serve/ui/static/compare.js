@@ -1,6 +1,8 @@
 // lorakit dashboard, Compare: stream one prompt (or a few) to several models through the server's own
 // /v1/chat/completions (via /ui/api/complete, which adds the session's key), side by side; then mark
 // the tokens of each answer that are not in its longest common subsequence with the reference answer.
+// With "per-token KL to base" ticked, each adapter's finished answer is scored through /ui/api/score (the
+// server's /v1/score, on the engine): every token is shaded by KL(adapter || base) at its position.
 "use strict";
 (function () {
   var form, results, csrf;
@@ -87,6 +89,51 @@
     }
   }
 
+  var KL_LEVELS = [0.01, 0.1, 0.3, 1, 3];  // nats: shading classes kl1..kl5 start here
+
+  function fmtKL(v) { return v >= 0.001 || v === 0 ? v.toFixed(3) : v.toExponential(1); }
+
+  // score a finished answer against the base; shade each token, add the mean and the max to the footer
+  async function scoreKL(col, prompt) {
+    var ids = [];
+    col.segs.forEach(function (s) { ids = ids.concat(s.ids); });
+    ids = ids.concat(col.pending);
+    if (!ids.length) return;
+    var line = el("p", "kl-summary small", "KL to base …");
+    col.art.insertBefore(line, col.foot);
+    var r;
+    try {
+      var resp = await fetch("/ui/api/score", {
+        method: "POST", credentials: "same-origin",
+        headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+        body: JSON.stringify({model: col.model, prompt: prompt, token_ids: ids})
+      });
+      r = await resp.json();
+      if (!resp.ok) throw new Error((r.error && r.error.message) || ("HTTP " + resp.status));
+    } catch (e) {
+      line.textContent = "KL to base failed: " + String(e.message || e);
+      line.classList.add("error");
+      return;
+    }
+    var k = 0;
+    col.segs.forEach(function (s) {
+      var vals = r.kl.slice(k, k + s.ids.length);
+      k += s.ids.length;
+      if (!vals.length) return;
+      var top = Math.max.apply(null, vals), level = 0;
+      while (level < KL_LEVELS.length && top >= KL_LEVELS[level]) level++;
+      if (level) s.span.classList.add("kl" + level);
+      s.span.setAttribute("data-kl", String(top));
+      s.span.title = "KL to base " + vals.map(fmtKL).join(" + ") + " nats";  // an attribute: never HTML
+    });
+    col.art.classList.add("kl-on");
+    col.art.setAttribute("data-kl-mean", String(r.kl_mean));
+    col.art.setAttribute("data-kl-max", String(r.kl_max));
+    col.art.setAttribute("data-kl-n", String(r.kl.length));
+    line.textContent = "KL to base per token: mean " + fmtKL(r.kl_mean) + " · max " + fmtKL(r.kl_max) +
+      " nats (" + r.kl.length + " tokens)";
+  }
+
   // the tokens of `segs` and of `ref` outside their longest common subsequence (compared by text)
   function unmatched(segs, ref) {
     var n = segs.length, m = ref.length, i, j;
@@ -131,6 +178,7 @@
     var stack = form.elements.stack.value.trim();
     if (stack) models.push(stack);
     var maxTokens = parseInt(form.elements.max_tokens.value, 10) || 48;
+    var withKL = form.elements.kl.checked;
     results.replaceChildren();
     if (!prompts.length || !models.length) {
       results.appendChild(el("p", "flash error", "Enter a prompt and choose at least one model."));
@@ -155,7 +203,11 @@
         grid.appendChild(art);
         return {model: m, art: art, body: body, foot: foot, segs: [], pending: [], usage: null, reason: null};
       });
-      return Promise.all(cols.map(function (c) { return stream(c, prompt, maxTokens); }))
+      return Promise.all(cols.map(function (c) {
+        return stream(c, prompt, maxTokens).then(function () {
+          if (withKL && c.model !== "base" && !c.failed) return scoreKL(c, prompt);
+        });
+      }))
         .then(function () { markDiffs(cols); });
     });
     await Promise.all(all);
