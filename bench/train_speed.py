@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["peft", "lorakit", "lorakit-nogroup"]  # also: lorakit-fast, lorakit-model (the loss alone)
+CASES = ["peft", "lorakit", "lorakit-nogroup", "lorakit-noshare"]  # also: lorakit-fast, lorakit-model (the loss)
 
 
 def peak_rss_mib() -> float:
@@ -55,7 +55,7 @@ def run_case(case: str, args) -> dict:
         # PEFT as its users train it (and as transformers' Trainer does): the model's own loss from labels
         step_loss = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],  # noqa: E731
                                     labels=b["labels"]).loss
-    elif case in ("lorakit", "lorakit-nogroup"):  # the user path: the one training loop, as `lorakit train` runs it
+    elif case.startswith("lorakit") and case not in ("lorakit-fast", "lorakit-model"):  # the user path: the loop
         return run_loop(case, model, tok, examples, targets, args)
     else:
         add_adapter(model, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets))
@@ -106,7 +106,8 @@ def run_loop(case: str, model, tok, examples, targets, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         train(model, tok, examples, d, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets, dropout=0.0),
               TrainConfig(lr=1e-4, max_steps=steps, batch_size=args.batch, warmup_ratio=0.0, max_grad_norm=0.0,
-                          group_by_length=case == "lorakit", threads=args.threads), progress=False, save_final=False)
+                          group_by_length=case != "lorakit-nogroup", share_prefix=case != "lorakit-noshare",
+                          threads=args.threads), progress=False, save_final=False)
         rows = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     secs = [r["seconds"] for r in rows]
     times = [b - a for a, b in zip([0.0] + secs, secs)][args.warmup:]

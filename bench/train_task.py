@@ -5,6 +5,7 @@ Each case runs in its own process (peak RSS is that case's alone) and prints one
 training steps (real tokens, padding not counted), wall seconds of training, peak RSS (VmHWM), held-out accuracy.
 - lorakit: `lorakit train` as a user runs it (the one loop; length-grouped batches by default).
 - lorakit-nogroup: the same with --no-group-by-length (plain shuffled batches, as PEFT gets them).
+- lorakit-noshare: the same with --no-share-prefix (every row's shared head computed per row, as PEFT does).
 - peft: PEFT 0.21 on the same base, the same rows rendered by the same chat template, the same shuffled batches,
   AdamW at the same learning rate, linear warm-up and cosine decay, loss from the model (labels=...), as users of
   transformers' Trainer run it.
@@ -37,12 +38,13 @@ def _rows(path: Path, limit: int) -> Path:
     return out
 
 
-def run_lorakit(args, group: bool) -> dict:
+def run_lorakit(args, group: bool, share: bool = True) -> dict:
     out = Path(tempfile.mkdtemp()) / "ad"
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", "embedded", "--data", str(_rows(DATA / "train.jsonl",
            args.limit)), "--r", str(args.r), "--alpha", str(2 * args.r), "--targets", args.targets, "--lr",
            str(args.lr), "--epochs", "1", "--batch-size", str(args.batch), "--threads", str(args.threads),
-           "--dropout", "0", "-o", str(out), "--quiet"] + ([] if group else ["--no-group-by-length"])
+           "--dropout", "0", "-o", str(out), "--quiet"] + ([] if group else ["--no-group-by-length"]) + \
+        ([] if share else ["--no-share-prefix"])
     t0 = time.time()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=ENV)
     if p.returncode:
@@ -141,7 +143,7 @@ def main() -> int:
                 return 1
             res = json.loads(p.stdout.strip().splitlines()[-1])
         else:
-            res = run_lorakit(args, group=case == "lorakit")
+            res = run_lorakit(args, group=case != "lorakit-nogroup", share=case != "lorakit-noshare")
         rep = accuracy(res.pop("out"), min(args.limit, 200) if args.limit else 0)
         m = {k: v for k, v in rep.items() if k != "examples"}
         rec = {"bench": "train_task", "task": "data/classify (10-class routing)", "case": case, "r": args.r,
