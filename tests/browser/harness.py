@@ -211,14 +211,7 @@ def screenshots(out: Path, env_dir: Path | None = None, only: set[str] | None = 
                 if not (want("compare") or want("compare-pair")):
                     browser.close()
                     return
-                page.goto(url + "/ui/compare")
-                page.fill("#prompt", DATE_PROMPT + "\n---\nName three colours of the rainbow.")
-                page.check("input[value='iso-dates']")
-                page.check("input[value='noisy']")
-                page.fill("#stack", "iso-dates:0.7+noisy:0.3")
-                page.fill("#max_tokens", "24")
-                page.click("#compare-go")
-                page.wait_for_selector("#results[data-done]", timeout=1_200_000)
+                compare_all(page, url)
                 if want("compare"):
                     shoot("compare")
                 page.goto(url + "/ui/compare?models=iso-dates")  # one answer beside the base: strikes too
@@ -231,18 +224,24 @@ def screenshots(out: Path, env_dir: Path | None = None, only: set[str] | None = 
             stop(proc)
 
 
-def compare_kl(page, url: str, out: Path) -> None:
-    """Compare with the per-token KL to base: the base, the trained adapter, the random one and a stack."""
-    page.set_viewport_size({"width": 1280, "height": 860})
+def compare_all(page, url: str, kl: bool = False) -> None:
+    """Two prompts to the base, both adapters and their weighted stack; returns once every answer is in."""
     page.goto(url + "/ui/compare")
     page.fill("#prompt", DATE_PROMPT + "\n---\nName three colours of the rainbow.")
     page.check("input[value='iso-dates']")
     page.check("input[value='noisy']")
     page.fill("#stack", "iso-dates:0.7+noisy:0.3")
     page.fill("#max_tokens", "24")
-    page.check("#kl")
+    if kl:
+        page.check("#kl")
     page.click("#compare-go")
     page.wait_for_selector("#results[data-done]", timeout=1_200_000)
+
+
+def compare_kl(page, url: str, out: Path) -> None:
+    """Compare with the per-token KL to base: the base, the trained adapter, the random one and a stack."""
+    page.set_viewport_size({"width": 1280, "height": 860})
+    compare_all(page, url, kl=True)
     page.screenshot(path=str(out / "compare-kl-desktop.png"), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
     page.locator("#results").screenshot(path=str(out / "compare-kl-phone.png"))

@@ -15,22 +15,9 @@ from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest
 from lorakit.serve.request import sample
+from sinks import Collect
 
 TOK = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
-
-
-class Collect:
-    def __init__(self, on_token=None):
-        self.tokens, self.end, self.done, self.on_token = [], None, threading.Event(), on_token
-
-    def __call__(self, ev):
-        if ev[0] == "token":
-            self.tokens.append(ev[1])
-            if self.on_token:
-                self.on_token(len(self.tokens))
-        else:
-            self.end = ev
-            self.done.set()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 direct computation with the model in plain torch; the base against itself is 0; a bad scoring request fails
 alone while generation carries on."""
 import math
-import threading
 import types
 
 import pytest
@@ -13,21 +12,10 @@ from lorakit.adapters.files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest, ScoreRequest
+from sinks import Collect
 
 TOK = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
 PROMPT, ANSWER = [5, 6, 7, 8, 9], [11, 3, 40, 17, 17, 2, 60, 8]
-
-
-class Result:
-    def __init__(self):
-        self.tokens, self.end, self.done = [], None, threading.Event()
-
-    def __call__(self, ev):
-        if ev[0] == "token":
-            self.tokens.append(ev[1])
-        else:
-            self.end = ev
-            self.done.set()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +51,7 @@ def direct(model, active, prompt, answer):
 
 
 def score(eng, prompt, answer, uses, timeout=60):
-    r = Result()
+    r = Collect()
     eng.submit(ScoreRequest(prompt, answer, uses, sink=r))
     assert r.done.wait(timeout)
     return r.end
@@ -96,7 +84,7 @@ def test_scoring_between_decode_steps_leaves_generation_alone(adapters):
     eng = Engine(tiny_llama(), TOK, max_slots=2, max_batch=4).start()
     try:
         alone = score(eng, PROMPT, ANSWER, [use(root, "a")])[1]
-        gen, at = Result(), []
+        gen, at = Collect(), []
 
         def scored(ev):  # engine thread: how far the generation had got when the score came
             at.append((ev, len(gen.tokens)))
@@ -132,7 +120,7 @@ def test_a_bad_scoring_request_fails_alone(adapters, tmp_path):
                 eng.submit(ScoreRequest(prompt, answer, []))
         with pytest.raises(ValueError, match="stack weight"):
             eng.submit(ScoreRequest(PROMPT, ANSWER, [use(root, "a", float("nan"))]))
-        gen = Result()
+        gen = Collect()
         eng.submit(GenRequest([3, 4, 5], [use(root, "a")], max_tokens=30, ignore_eos=True, sink=gen))
         kind, msg = score(eng, PROMPT, ANSWER, [AdapterUse("broken@1", lambda: read_adapter(tmp_path))])
         assert kind == "error" and "could not be loaded" in msg and "broken@1" not in eng.bank.resident
