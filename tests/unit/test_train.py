@@ -104,14 +104,15 @@ def test_loss_on_target_positions_only_equals_full_logits_loss(plain_head, chunk
 
     from lorakit import add_adapter
     from lorakit.train import backends
-    from lorakit.train.backends import _body_and_head, causal_lm_loss
+    from lorakit.arch import body_and_head
+    from lorakit.train.backends import causal_lm_loss
 
     if chunked:
         monkeypatch.setattr(backends, "CHUNK_ABOVE", 0)
     m = tiny_llama()
     if not plain_head:
         monkeypatch.setattr(m.config, "model_type", "gemma2")  # soft-capped logits: must not be bypassed
-    assert (_body_and_head(m) is not None) == plain_head
+    assert (body_and_head(m) is not None) == plain_head
     add_adapter(m, LoraConfig(r=4, targets="all-linear", init_lora_weights=False))
     ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()

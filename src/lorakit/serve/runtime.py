@@ -1,9 +1,10 @@
 """Running the server process: how many CPU threads torch gets, and uvicorn in a background thread."""
 from __future__ import annotations
 
-import os
 import threading
 import time
+
+from lorakit.models import usable_cores
 
 
 def cpu_threads(requested: int = 0) -> int:
@@ -15,10 +16,7 @@ def cpu_threads(requested: int = 0) -> int:
         raise ValueError(f"--threads must be 0 (automatic) or positive, got {requested}")
     if requested:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return 1 if cores <= 4 else min(cores // 2, 16)
 
 

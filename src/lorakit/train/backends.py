@@ -27,8 +27,6 @@ BACKENDS = ("auto", "plain", "fast")
 # logits computed at once above this many (tokens x vocab) values go through the chunked loss instead
 CHUNK_ABOVE = 1 << 26
 
-_body_and_head = body_and_head  # (the name the tests use)
-
 
 def target_hidden(model, batch: dict[str, torch.Tensor], share_prefix: bool = False):
     """(hidden (n, d), head, targets (n,)) at the positions that predict a target token, or None when the

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lorakit.models import usable_cores
 from lorakit.train.data import IGNORE
 
 log = logging.getLogger("lorakit.train")
@@ -106,11 +107,7 @@ def default_threads(ctx: Context) -> int:
     """CPU threads for one rank: the cores this process may use, shared among the ranks of this node."""
     if ctx.world == 1:
         return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // ctx.local_world)
+    return max(1, usable_cores() // ctx.local_world)
 
 
 def _quantized(model: nn.Module) -> bool:

@@ -34,6 +34,7 @@ from lorakit.adapters.files import save_adapter
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
 from lorakit.files import atomic_write_json, atomic_write_text
+from lorakit.models import usable_cores
 from lorakit.train import distributed
 from lorakit.train.backends import causal_lm_loss, choose_backend
 from lorakit.train.checkpoint import CKPT, recover_run, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint
@@ -154,10 +155,7 @@ def trim_to_targets(examples: list[Example]) -> list[Example]:
 def set_threads(threads: int) -> int:
     """Torch CPU threads: `threads` if > 0, else the cores this process may use (physical ones where known)."""
     if threads <= 0:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:
-            threads = os.cpu_count() or 1
+        threads = usable_cores()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
