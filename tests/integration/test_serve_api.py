@@ -1,51 +1,35 @@
 """The real server (uvicorn on loopback) driven by the real `openai` client, on a tiny random Llama
 that uses the embedded model's tokenizer: concurrency, streaming, stacks, versions, errors."""
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from lorakit import LoraConfig, add_adapter, delete_adapter, load_adapter, save_adapter, set_active
+from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter, set_active
 from lorakit.adapters.files import WEIGHTS_NAME, fingerprint
 from lorakit.config import ServeConfig
 from lorakit.generate import encode_prompt, generate_ids
-from lorakit.models import embedded_dir, load_base, tiny_llama
+from lorakit.models import load_base, tiny_llama
 from lorakit.serve.app import ServerThread, build_app, make_state
 from lorakit.adapters.registry import Registry
+from serve_helpers import save_noisy_adapter, tiny_base, together
 
 KEY, ADMIN = "sk-test-inference", "sk-test-admin"
 MSGS = [{"role": "user", "content": "Name a colour."}]
 
 
-def _save(model, path, cfg, seed):
-    torch.manual_seed(seed)
-    add_adapter(model, cfg, "x")
-    with torch.no_grad():  # non-trivial B so every adapter changes the output
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(3.0)
-    save_adapter(model, path, "x")
-    delete_adapter(model, "x")
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
-    tiny = tiny_llama(vocab_size=49152)
-    tiny.config.max_position_embeddings = 256
-    tiny.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    tiny_base(root)
     model, tok = load_base(str(root / "base"), device="cpu")
     qv = LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init_lora_weights=False)
-    _save(model, root / "a", qv, 1)
-    _save(model, root / "a2", qv, 2)
-    _save(model, root / "b", LoraConfig(r=8, alpha=8, targets="all-linear", init_lora_weights=False), 3)
-    _save(model, root / "c", qv, 4)
+    save_noisy_adapter(model, root / "a", qv, 1)
+    save_noisy_adapter(model, root / "a2", qv, 2)
+    save_noisy_adapter(model, root / "b", LoraConfig(r=8, alpha=8, targets="all-linear", init_lora_weights=False), 3)
+    save_noisy_adapter(model, root / "c", qv, 4)
     wide = tiny_llama(hidden=32)
     add_adapter(wide, qv)
     save_adapter(wide, root / "wide")
@@ -81,25 +65,6 @@ def chat(env, model, n=12, **kw):
 
 def admin(env, method, path, **kw):
     return httpx.request(method, env["url"] + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw)
-
-
-def together(env, fns):
-    """Run fns concurrently, holding the engine until all have queued: they must share forward passes."""
-    eng = env["state"].engine
-    gate = threading.Event()
-    eng.call(gate.wait)
-    eng.stats["max_rows"] = 0
-    out = [None] * len(fns)
-    threads = [threading.Thread(target=lambda i=i, f=f: out.__setitem__(i, f())) for i, f in enumerate(fns)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(eng.waiting) < len(fns) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    gate.set()
-    for t in threads:
-        t.join(60)
-    return out, eng.stats["max_rows"]
 
 
 def test_models_and_health(env):

@@ -15,14 +15,14 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
-from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter
+from lorakit import LoraConfig, add_adapter, save_adapter
 from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, fingerprint
 from lorakit.adapters.registry import Registry
 from lorakit.config import ServeConfig
-from lorakit.models import embedded_dir, load_base, tiny_llama
+from lorakit.models import load_base, tiny_llama
 from lorakit.serve.app import ServerThread, build_app, cpu_threads, make_state
+from serve_helpers import save_noisy_adapter, tiny_base
 
 pytestmark = pytest.mark.slow
 KEY, ADMIN = "sk-hostile", "sk-hostile-admin"
@@ -30,33 +30,18 @@ H = {"Authorization": f"Bearer {KEY}"}
 HA = {"Authorization": f"Bearer {ADMIN}"}
 
 
-def _save(model, path, cfg, seed):
-    torch.manual_seed(seed)
-    add_adapter(model, cfg, "x")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(3.0)
-    save_adapter(model, path, "x")
-    delete_adapter(model, "x")
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads())  # what `lorakit serve` picks: 2 spin-waiting threads on a busy
     root = tmp_path_factory.mktemp("hostile")  # 2-core machine made every decode step ~50x slower here
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
-    tiny = tiny_llama(vocab_size=49152, hidden=128, layers=4)
-    tiny.config.max_position_embeddings = 1024
-    tiny.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    tiny_base(root, hidden=128, layers=4, max_positions=1024)
     model, tok = load_base(str(root / "base"), device="cpu")
     qv = LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init_lora_weights=False)
-    _save(model, root / "a", qv, 1)
-    _save(model, root / "b", LoraConfig(r=8, alpha=8, targets="all-linear", init_lora_weights=False), 2)
-    _save(model, root / "c", qv, 3)
-    _save(model, root / "d", qv, 4)  # registered by a test, under another name
+    save_noisy_adapter(model, root / "a", qv, 1)
+    save_noisy_adapter(model, root / "b", LoraConfig(r=8, alpha=8, targets="all-linear", init_lora_weights=False), 2)
+    save_noisy_adapter(model, root / "c", qv, 3)
+    save_noisy_adapter(model, root / "d", qv, 4)  # registered by a test, under another name
     _poison(root)
     reg = Registry(root / "reg.sqlite", base_fp=fingerprint(model), base_name="tiny")
     for n in "abc":

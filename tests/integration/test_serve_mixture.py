@@ -1,14 +1,11 @@
 """A mixture of LoRAs through the real server (uvicorn on loopback, the `openai` client): `mix:name` runs per token
 in the same decode steps as base and single-adapter rows, and its greedy tokens equal offline generation with the
 same mixture (lorakit.adapters.mixtures.load_mixture); streaming the same; pins and bad names refused clearly."""
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter, set_active
 from lorakit.adapters.files import fingerprint
@@ -17,8 +14,9 @@ from lorakit.adapters.registry import Registry
 from lorakit.config import ServeConfig
 from lorakit.core.mixture import Router
 from lorakit.generate import encode_prompt, generate_ids
-from lorakit.models import embedded_dir, load_base, tiny_llama
+from lorakit.models import load_base
 from lorakit.serve.app import ServerThread, build_app, make_state
+from serve_helpers import tiny_base, together
 
 pytestmark = pytest.mark.slow
 KEY, ADMIN = "sk-mix", "sk-mix-admin"
@@ -28,11 +26,7 @@ MSGS = [{"role": "user", "content": "Name a colour."}]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixserve")
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
-    tiny = tiny_llama(vocab_size=49152)
-    tiny.config.max_position_embeddings = 256
-    tiny.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    tiny_base(root)
     model, tok = load_base(str(root / "base"), device="cpu")
     src, _ = load_base(str(root / "base"), device="cpu")
     torch.manual_seed(0)
@@ -86,25 +80,6 @@ def stream(env, model, n=12):
                                                     stream=True, extra_body={"return_token_ids": True}):
         ids += (ch.choices[0].model_extra or {}).get("token_ids") or [] if ch.choices else []
     return ids
-
-
-def together(env, fns):
-    """Run fns concurrently, holding the engine until all have queued: they share decode steps."""
-    eng = env["state"].engine
-    gate = threading.Event()
-    eng.call(gate.wait)
-    eng.stats["max_rows"] = 0
-    out = [None] * len(fns)
-    threads = [threading.Thread(target=lambda i=i, f=f: out.__setitem__(i, f())) for i, f in enumerate(fns)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(eng.waiting) < len(fns) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    gate.set()
-    for t in threads:
-        t.join(60)
-    return out, eng.stats["max_rows"]
 
 
 def test_mixture_in_a_mixed_batch_equals_offline_generation(env):

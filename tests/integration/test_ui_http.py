@@ -7,18 +7,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from transformers import AutoTokenizer
 
 pytest.importorskip("jinja2")
 
-from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter  # noqa: E402
+from lorakit import LoraConfig  # noqa: E402
 from lorakit.adapters.files import fingerprint  # noqa: E402
 from lorakit.adapters.registry import Registry  # noqa: E402
 from lorakit.config import ServeConfig  # noqa: E402
-from lorakit.models import embedded_dir, load_base, tiny_llama  # noqa: E402
+from lorakit.models import load_base  # noqa: E402
 from lorakit.serve.app import ServerThread, build_app, make_state  # noqa: E402
 from lorakit.serve.ui import UIOptions  # noqa: E402
+from serve_helpers import save_noisy_adapter, tiny_base  # noqa: E402
 
 pytestmark = pytest.mark.slow
 KEY, ADMIN = "sk-ui-key", "sk-ui-admin"
@@ -26,28 +25,14 @@ XSS = "<script>window.__xss=1</script>"
 PNG = b"\x89PNG\r\n\x1a\n fake plot bytes"
 
 
-def _adapter(model, path, seed):
-    torch.manual_seed(seed)
-    add_adapter(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init_lora_weights=False), "x")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(3.0)
-    save_adapter(model, path, "x")
-    delete_adapter(model, "x")
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
-    tiny = tiny_llama(vocab_size=49152)
-    tiny.config.max_position_embeddings = 256
-    tiny.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    tiny_base(root)
     model, tok = load_base(str(root / "base"), device="cpu")
     for i, n in enumerate(("a1", "a2", "b", "c")):
-        _adapter(model, root / n, i)
+        save_noisy_adapter(model, root / n, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"],
+                                                       init_lora_weights=False), i)
     reg = Registry(root / "reg.sqlite", base_fp=fingerprint(model), base_name="tiny")
     reg.add("a", root / "a1", description="first " + XSS)
     reg.add("a", root / "a2")
