@@ -212,18 +212,23 @@ def write_model_gguf(model, tok, path: str | Path, outtype: str = "f16", name: s
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(w, tokf)
-        for tname, t in tensors:
-            data, qtype = encode(t, outtype)
-            w.add_tensor(tname, data, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _finish(w, tensors, outtype)
 
     path = Path(path)
     atomic_write_file(path, write)
     log.info("wrote %s: %d tensors, %s", path, len(tensors), outtype)
     return path
+
+
+def _finish(w, tensors: list[tuple[str, torch.Tensor]], outtype: str) -> None:
+    """Add the tensors encoded as `outtype`, then write the header, the metadata and the tensors, and close."""
+    for tname, t in tensors:
+        data, qtype = encode(t, outtype)
+        w.add_tensor(tname, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 # ---------------------------------------------------------------- adapter
@@ -271,13 +276,7 @@ def write_lora_gguf(adapter_path: str | Path, config, path: str | Path, outtype:
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         w.add_name(Path(adapter_path).name)
-        for tname, t in tensors:
-            data, qtype = encode(t, outtype)
-            w.add_tensor(tname, data, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _finish(w, tensors, outtype)
 
     path = Path(path)
     atomic_write_file(path, write)
