@@ -1,5 +1,6 @@
 """Greedy output through the server == offline `generate`, token for token, on the embedded model,
-with two different adapters (and the base) decoded together in the same forward passes."""
+with two different adapters (a DoRA one and a plain LoRA one) and the base decoded together in the same forward
+passes."""
 import threading
 import time
 
@@ -43,7 +44,8 @@ def one_thread():
 
 def test_server_greedy_equals_offline_generate(tmp_path, embedded, one_thread):
     ref, tok = embedded
-    _make_adapter(ref, tmp_path / "tone", LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj", "o_proj"]), 1)
+    _make_adapter(ref, tmp_path / "tone", LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj", "o_proj"],
+                                                     use_dora=True), 1)
     _make_adapter(ref, tmp_path / "domain", LoraConfig(r=16, alpha=16, targets="all-linear"), 2)
     want = {"SmolLM2-135M-Instruct": generate(ref, tok, PROMPTS, max_new_tokens=N)}
     for name in ("tone", "domain"):

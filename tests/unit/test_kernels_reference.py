@@ -110,3 +110,45 @@ def test_slot_bank_lru_evicts_unpinned_only(tmp_path):
     layer = bank.layers["model.layers.0.self_attn.q_proj"]
     assert torch.equal(layer.A[sc, :2], read_adapter(tmp_path / "c").modules()["model.layers.0.self_attn.q_proj"]["lora_A"])
     assert sb != sc
+
+
+def test_slot_bank_serves_dora_beside_lora_in_one_batch(tmp_path):
+    """DoRA adapters in a mixed batch: rows of a DoRA adapter (per-layer scales too), a plain LoRA adapter, the
+    base and stacks of both kinds == each row run offline with that adapter (or weighted stack) active."""
+    src = tiny_llama()
+    cfgs = {"d": LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False, use_dora=True,
+                            alpha_pattern={"down_proj": 5.0}),
+            "e": LoraConfig(r=2, alpha=2, targets=["q_proj", "o_proj"], init_lora_weights=False, use_dora=True),
+            "p": LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)}
+    g = torch.Generator().manual_seed(3)
+    for name, cfg in cfgs.items():
+        add_adapter(src, cfg, name)
+        with torch.no_grad():  # a trained-looking magnitude: not the initial row norms (g != 1)
+            for n, p in src.named_parameters():
+                if n.endswith(f"{name}.lora_magnitude_vector") or f".{name}.lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+        save_adapter(src, tmp_path / name, name)
+    ids = torch.randint(3, 128, (6, 7), generator=torch.Generator().manual_seed(0))
+    uses = [None, "d", "p", {"d": 0.6, "p": 0.4}, {"d": 0.5, "e": -0.7}, "e"]
+    want = []
+    for i, use in enumerate(uses):
+        set_active(src, use)
+        want.append(src(ids[i:i + 1]).logits[0])
+    set_active(src, None)
+    base_logits = src(ids).logits
+    model = tiny_llama()
+    bank = SlotBank(model, max_slots=3, base_fp=fingerprint(model))
+    s = {n: bank.acquire(n, lambda n=n: read_adapter(tmp_path / n)) for n in cfgs}
+    bank.set_batch(torch.tensor([[0, 0], [s["d"], 0], [s["p"], 0], [s["d"], s["p"]], [s["d"], s["e"]], [s["e"], 0]]),
+                   torch.tensor([[0.0, 0], [1, 0], [1, 0], [0.6, 0.4], [0.5, -0.7], [1, 0]]))
+    got = model(ids).logits
+    for i in range(len(uses)):
+        assert i == 0 or (want[i] - base_logits[i]).abs().max() > 1e-2, uses[i]  # every adapter changes the output
+        torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-5)
+    # a DoRA slot freed and taken by a plain adapter leaves no DoRA gain behind
+    for n in cfgs:
+        bank.release(s[n])
+    assert bank.unload("d")
+    sp2 = bank.acquire("p2", lambda: read_adapter(tmp_path / "p"))
+    bank.set_batch(torch.tensor([[sp2]]), torch.tensor([[1.0]]))
+    torch.testing.assert_close(model(ids[2:3]).logits[0], want[2], rtol=1e-4, atol=1e-5)

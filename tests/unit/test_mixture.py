@@ -91,7 +91,7 @@ def test_trained_router_beats_single_adapters_and_uniform_mix(tmp_path):
     # the gates tell the tasks apart once the direction is visible
     layer = m.model.layers[1].self_attn.q_proj
     seen = []
-    set_routing(m, lambda lay, x: (seen.append(router.gate_values(lay, x)) if lay is layer else None)
+    set_routing(m, lambda lay, x, base: (seen.append(router.gate_values(lay, x)) if lay is layer else None)
                 or router(lay, x))
     m(input_ids=test["input_ids"])
     gates = seen[0][:, 3:].mean(1)  # (rows, K) after the first steps

@@ -160,10 +160,6 @@ class Registry:
     def check_fits(self, af, force: bool = False) -> None:
         """Raise IncompatibleAdapter with the reason if adapter file `af` does not fit the base."""
         base = self.require_base()
-        if af.config.use_dora:
-            raise ValueError(f"adapter {str(af.path)!r} is a DoRA adapter; the server batches adapters per "
-                             "row and cannot serve DoRA's per-adapter weight normalisation: merge it into "
-                             "the base (lorakit merge) and serve that model instead")
         try:
             check_compatible(af.module_shapes(), base)
         except ValueError as e:

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from lorakit.config import LoraConfig
 
-# A routing hook: (layer, x) -> delta to add to the base output (same shape as the output).
-Routing = Callable[["LoraLinear", torch.Tensor], torch.Tensor]
+# A routing hook: (layer, x, base output) -> delta to add to the base output (same shape as the output). The base
+# output (bias included) is there for what scales it: a DoRA adapter's magnitude (serve/slots.py).
+Routing = Callable[["LoraLinear", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LoraPair(nn.Module):
@@ -127,7 +128,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y0 = y = self.base_forward(x)
         if self.routing is not None:
-            return y + self.routing(self, x)
+            return y + self.routing(self, x, y)
         merged = {m[0] for m in self.merged}
         for name, w in self.active.items():
             if name in merged or name not in self.adapters:

@@ -79,7 +79,7 @@ class Router(nn.Module):
         gate = self.gates[self._layer_key[id(layer)]]
         return gate_probs(x, gate.weight, gate.bias, self.temperature)
 
-    def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: LoraLinear, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The routing hook: the gate-weighted sum of the adapters' outputs, (..., out)."""
         if id(layer) not in self._layer_key:
             return torch.zeros(*x.shape[:-1], layer.out_features, dtype=x.dtype, device=x.device)

@@ -7,6 +7,11 @@ For every linear layer that some resident adapter targets:
 and one scale per slot (alpha / r of the adapter); the rare adapter whose scale differs between
 layers (alpha_pattern / rank_pattern) has the ratio folded into those layers' B.
 
+DoRA adapters share the batch with the others: a layer that some resident DoRA adapter adapts also holds
+dora (S, out) float32, zero for plain slots, and a DoRA slot stores g-scaled B and (g - 1) / scale
+(kernels.reference.dora_slot, g = magnitude / ||W + scale B A||_row computed once at load time); the layer's
+base output W x (from the routing hook) scales it, so a row gets exactly its adapter's offline DoRA output.
+
 Ranks are zero-padded to the largest resident rank (zero rows of A / columns of B add exactly
 nothing). Loading an adapter writes its tensors into a free slot (evicting the least recently
 used unpinned adapter if none is free); unloading zeroes the slot. The base weights are never
@@ -32,6 +37,7 @@ from lorakit.adapters.files import AdapterFile, validate_adapter
 from lorakit.adapters.mixtures import MixtureFile, check_base
 from lorakit.core.inject import LoraLinear, _get_parent, _pattern
 from lorakit.core.mixture import gate_probs
+from lorakit.kernels.reference import dora_slot
 
 
 @dataclass
@@ -39,6 +45,7 @@ class LayerSlots:
     A: torch.Tensor  # (S, r, in)
     B: torch.Tensor  # (S, out, r), times scale_here / slot_scale where an adapter's scale varies by layer
     path: str = ""
+    dora: torch.Tensor | None = None  # (S, out) float32 once a DoRA adapter adapts this layer, else None
 
 
 @dataclass
@@ -53,12 +60,10 @@ class NoFreeSlot(RuntimeError):
     """Every slot holds an adapter that a running request uses."""
 
 
-def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """module path -> (A (r, in), B (out, r), scale) with the file's own ranks and alpha overrides."""
+def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]:
+    """module path -> (A (r, in), B (out, r), scale, DoRA magnitude (out,) or None) with the file's own ranks and
+    alpha overrides."""
     cfg, out = af.config, {}
-    if cfg.use_dora:
-        raise ValueError(f"adapter {str(af.path)!r} is a DoRA adapter, which per-row serving does not support; "
-                         "merge it into the base instead")
     for path, t in af.modules().items():
         A, B = t["lora_A"], t["lora_B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
@@ -66,7 +71,7 @@ def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tenso
                              f"{tuple(B.shape)}; expected (r, in) and (out, r)")
         r = A.shape[0]
         alpha = float(_pattern(cfg.alpha_pattern, path, cfg.alpha))
-        out[path] = (A, B, alpha / (math.sqrt(r) if cfg.use_rslora else r))
+        out[path] = (A, B, alpha / (math.sqrt(r) if cfg.use_rslora else r), t.get("lora_magnitude_vector"))
     return out
 
 
@@ -192,19 +197,29 @@ class SlotBank:
         self.r_max = max(self.r_max, r)
 
     @torch.no_grad()
-    def _write(self, slot: int, mods: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    def _write(self, slot: int, mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
+               ) -> None:
         for path in mods:
             self._layer(path)
-        r = max(A.shape[0] for A, _, _ in mods.values())
+        r = max(m[0].shape[0] for m in mods.values())
         if r > self.r_max:
             self._grow_rank(r)
         self._zero(slot)
-        scales = [s for _, _, s in mods.values()]
+        scales = [m[2] for m in mods.values()]
         common = max(set(scales), key=scales.count)
-        for path, (A, B, scale) in mods.items():
+        for path, (A, B, scale, magnitude) in mods.items():
             ls, r = self.layers[path], A.shape[0]
             ls.A[slot, :r].copy_(A)
-            ls.B[slot, :, :r].copy_(B if scale == common else B.float() * (scale / common))
+            if magnitude is None:
+                ls.B[slot, :, :r].copy_(B if scale == common else B.float() * (scale / common))
+                continue
+            layer = self.model.get_submodule(path)
+            W = layer.base_weight()
+            B_slot, d = dora_slot(W, A.to(W.device), B.to(W.device), magnitude.to(W.device), scale, common)
+            ls.B[slot, :, :r].copy_(B_slot)
+            if ls.dora is None:
+                ls.dora = torch.zeros(self.max_slots + 1, B.shape[0], dtype=torch.float32, device=self.device)
+            ls.dora[slot].copy_(d)
         self.slot_scale[slot] = common
 
     @torch.no_grad()
@@ -212,6 +227,8 @@ class SlotBank:
         for ls in self.layers.values():
             ls.A[slot].zero_()
             ls.B[slot].zero_()
+            if ls.dora is not None:
+                ls.dora[slot].zero_()
         self.slot_scale[slot] = 0.0
 
     def nbytes(self) -> int:
@@ -245,11 +262,16 @@ class SlotBank:
                 idx[i, j], coef[i, j] = s, w
         self.set_batch(idx, coef, [mix for _, _, mix in rows])
 
-    def _route(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    def _route(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)
         coef = self._token_coef(ls, x3) if self._mix_rows else self.coef
-        delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, coef)  # (b, s, out)
+        if ls.dora is None:
+            delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, coef)  # (b, s, out)
+        else:  # W x: the base output without its bias
+            wx = y if layer.bias is None else y - layer.bias.to(y.dtype)
+            delta = kernels.lora_delta(x3, ls.A, ls.B, self.idx, coef, dora=ls.dora,
+                                       base=wx if wx.dim() == 3 else wx.unsqueeze(1))
         return delta if x.dim() == 3 else delta.squeeze(1)
 
     def _token_coef(self, ls: LayerSlots, x3: torch.Tensor) -> torch.Tensor:
