@@ -4,7 +4,8 @@ one task, held-out exact match with its 95% interval (Wilson), one JSON line per
 Tasks: data/demo (dates to ISO 8601, 1,000 rows, 100 held out) and data/classify (10-class routing of customer
 messages, 1,200 chat rows, 200 held out), one epoch each, batch 8, the embedded SmolLM2-135M, CPU fp32.
 Configs: lorakit's defaults (r=16, alpha=32, every linear layer, lr 2e-4), PEFT's (`--preset peft`: r=8, alpha=8,
-q_proj+v_proj, the same lr), and the README's earlier example (r=16, alpha=32, q_proj+v_proj).
+q_proj+v_proj, the same lr), the README's earlier example (r=16, alpha=32, q_proj+v_proj), and lorakit's at
+learning rates 3e-4 and 5e-4.
 
     python bench/defaults.py [--tasks demo,classify] [--configs lorakit,peft,qv16] [--limit N] [--out FILE]
 """
@@ -30,6 +31,8 @@ CONFIGS = {  # name: extra `lorakit train` flags on top of the command's own def
     "lorakit": [],
     "peft": ["--preset", "peft"],
     "qv16": ["--targets", "q_proj,v_proj"],
+    "lr3e-4": ["--lr", "3e-4"],
+    "lr5e-4": ["--lr", "5e-4"],
 }
 TASKS = {"demo": ROOT / "data" / "demo", "classify": ROOT / "data" / "classify"}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
