@@ -146,7 +146,7 @@ def setup_peft(model, mode: str, ckpt: bool, variant: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4 if mode == "lora" else 1e-5, fused=DEV == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5 if mode == "full" else 1e-4, fused=DEV == "cuda")
 
     def loss_fn(ids):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -197,7 +197,7 @@ def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
                       attn_backends=backends, fused_mlp=variant.get("mlp", "0") == "1",
                       ce_kernel=variant.get("ce", "1") == "1", compile_options=opts or None)
     fm.train()
-    opt = fast.adamw(fm, lr=1e-4 if mode == "lora" else 1e-5)
+    opt = fast.adamw(fm, lr=1e-5 if mode == "full" else 1e-4)
     return fm, opt, fm, {"recompute_layers": rec, "gqa": fm.spec.gqa, "chunk": fm.chunk,
                          "fused_mlp": fm.spec.fused_mlp, "ce_kernel": variant.get("ce", "1") == "1"}
 

@@ -25,7 +25,10 @@ from lorakit.train.evaluate import wilson  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DEMO = "bench/results/demo_output_cpu-2core_2026-11-29.txt"
-SPEED = "bench/results/train_speed_cpu-2core_2026-11-23.jsonl"
+SPEED = "bench/results/train_speed_cpu-2core_2026-11-29.jsonl"
+TASK = "bench/results/train_task_cpu-2core_2026-11-29.jsonl"
+DEFAULTS = "bench/results/defaults_cpu-2core_2026-11-29.jsonl"
+GPU_R5 = "bench/results/gpu_train_h200_2026-11-29_r5.jsonl"
 GPU_R1 = "bench/results/gpu_train_h200_2026-11-29_r1.jsonl"
 GPU_R2 = "bench/results/gpu_train_h200_2026-11-29_r2.jsonl"
 GPU_R3 = "bench/results/gpu_train_h200_2026-11-29_r3.jsonl"
@@ -87,18 +90,55 @@ def demo(root: Path) -> tuple[str, str, str]:
 
 def cpu_speed(root: Path) -> tuple[str, str, str]:
     rows = _jsonl(root, SPEED)
-    by = {t: [r for r in rows if r["tool"] == t] for t in ("lorakit", "peft")}
-    tps = {t: _mean(r["tokens_per_s"] for r in rs) for t, rs in by.items()}
-    rss = {t: _mean(r["peak_rss_mib"] for r in rs) / 1024 for t, rs in by.items()}
+    by = {c: [r for r in rows if r["case"] == c] for c in ("lorakit", "lorakit-noshare", "peft")}
+    tps = {c: _mean(r["tokens_per_s"] for r in rs) for c, rs in by.items() if rs}
+    rss = {c: _mean(r["peak_rss_mib"] for r in rs) / 1024 for c, rs in by.items() if rs}
     rounds = len({r["round"] for r in rows})
     peft = re.search(r'"peft==([\d.]+)"', (root / "pyproject.toml").read_text()).group(1)
     r0 = rows[0]
-    what = (f"CPU training speed vs PEFT {peft} (r={r0['r']} {r0['targets']}, batch {r0['batch']}, "
+    what = (f"CPU training speed vs PEFT {peft} (demo rows, r={r0['r']} {r0['targets']}, batch {r0['batch']}, "
             f"{r0['threads']} cores)")
-    result = (f"lorakit {tps['lorakit']:.1f} tokens/s vs PEFT {tps['peft']:.1f} ({tps['lorakit'] / tps['peft']:.2f}x, "
-              f"{rounds} interleaved rounds), peak RSS {rss['lorakit']:.2f} vs {rss['peft']:.2f} GiB "
-              f"({100 * (rss['lorakit'] / rss['peft'] - 1):+.0f}%)")
+    result = (f"the training loop {tps['lorakit']:.1f} tokens/s vs PEFT {tps['peft']:.1f} "
+              f"({tps['lorakit'] / tps['peft']:.2f}x, {rounds} interleaved rounds), peak RSS {rss['lorakit']:.2f} vs "
+              f"{rss['peft']:.2f} GiB ({100 * (rss['lorakit'] / rss['peft'] - 1):+.0f}%)")
+    if "lorakit-noshare" in tps:
+        result += (f"; without the shared-prefix forward {tps['lorakit-noshare']:.1f} tokens/s "
+                   f"({tps['lorakit-noshare'] / tps['peft']:.2f}x)")
     return what, result, _link(SPEED)
+
+
+def cpu_task(root: Path) -> tuple[str, str, str]:
+    rows = {r["case"]: r for r in _jsonl(root, TASK)}
+    lk, pf = rows["lorakit"], rows["peft"]
+
+    def acc(r):
+        n = r["heldout"]["n"]
+        a = r["heldout"]["after"]["accuracy"]
+        return f"{_pct(a)} ({_ci(round(a * n), n)})"
+    result = (f"one epoch ({lk['steps']} steps): `lorakit train` {lk['tokens_per_s']:.0f} tokens/s vs PEFT "
+              f"{pf['tokens_per_s']:.0f} ({lk['tokens_per_s'] / pf['tokens_per_s']:.2f}x; {lk['train_s'] / 60:.1f} vs "
+              f"{pf['train_s'] / 60:.1f} min), peak RSS {lk['peak_rss_mib'] / 1024:.2f} vs "
+              f"{pf['peak_rss_mib'] / 1024:.2f} GiB; held-out exact match {acc(lk)} vs {acc(pf)} "
+              f"on {lk['heldout']['n']} rows")
+    for case, label in (("lorakit-noshare", "without the shared prefix"), ("lorakit-nogroup", "unsorted batches")):
+        if case in rows:
+            result += f"; {label} {rows[case]['tokens_per_s'] / pf['tokens_per_s']:.2f}x"
+    return (f"CPU, a classification task (data/classify: 10 classes, 1,200 chat rows; r={lk['r']} {lk['targets']}, "
+            f"lr {lk['lr']:g}, batch {lk['batch']})"), result, _link(TASK)
+
+
+def defaults(root: Path) -> tuple[str, str, str]:
+    rows = _jsonl(root, DEFAULTS)
+    names = {"lorakit": "the defaults (r=16, alpha=32, all linear, lr 2e-4)", "peft": "`--preset peft` (r=8, q,v)",
+             "qv16": "r=16 q,v", "lr3e-4": "defaults at lr 3e-4", "lr5e-4": "at lr 5e-4"}
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        got = [f"{names.get(r['config'], r['config'])} {_pct(r['accuracy'])} "
+               f"({_ci(round(r['accuracy'] * r['n_heldout']), r['n_heldout'])})" for r in rows if r["task"] == task]
+        n = next(r["n_heldout"] for r in rows if r["task"] == task)
+        parts.append(f"{task} ({n} held-out rows): " + ", ".join(got))
+    return "which defaults: one epoch of `lorakit train` per setting, held-out exact match (95% interval)", \
+        "; ".join(parts), _link(DEFAULTS)
 
 
 def gpu_speed(root: Path) -> tuple[str, str, str]:
@@ -109,17 +149,20 @@ def gpu_speed(root: Path) -> tuple[str, str, str]:
     mod1, peft1 = pick(GPU_R3, "1b", "lorakit"), pick(GPU_R1, "1b", "peft")
     cli8, liger8 = pick(GPU_R2, "8b", "cli"), pick(GPU_R2, "8b", "peft", bf16="1", liger="1")
     cli8c, liger8c = pick(GPU_R2, "8b-ckpt", "cli", rec="all"), pick(GPU_R2, "8b-ckpt", "peft", bf16="1", liger="1")
+    mlp5, liger5 = pick(GPU_R5, "1b", "cli", mlp="1"), pick(GPU_R5, "1b", "peft", bf16="1", liger="1")
 
     def x(a, b):
         return f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
     result = (f"`lorakit train`, llama-1b shape: {cli1['tokens_per_s'] / 1e3:.1f}k tokens/s at {cli1['peak_gib']:.1f} GiB "
               f"({x(cli1, mod1)} of the fast module in the same run): {x(cli1, liger1)} PEFT bf16 + Liger "
-              f"({liger1['peak_gib']:.1f} GiB), {x(cli1, peft1)} PEFT's defaults; llama-8b: {x(cli8, liger8)} PEFT + Liger "
+              f"({liger1['peak_gib']:.1f} GiB), {x(cli1, peft1)} PEFT's defaults; at PEFT + Liger's memory "
+              f"(`--fused-mlp`, another run): {x(mlp5, liger5)} at {mlp5['peak_gib']:.2f} vs {liger5['peak_gib']:.2f} GiB; "
+              f"llama-8b: {x(cli8, liger8)} PEFT + Liger "
               f"at {cli8['peak_gib']:.1f} vs {liger8['peak_gib']:.1f} GiB; both recomputing every layer: "
               f"{x(cli8c, liger8c)} at {cli8c['peak_gib']:.1f} vs {liger8c['peak_gib']:.1f} GiB. Same step-1 loss "
               f"({cli1['loss_first']:.4f} vs {liger1['loss_first']:.4f})")
     return f"GPU training speed vs PEFT ({cli1['device'].split()[1]}, bf16, r=16 all-linear)", result, \
-        _link(GPU_R1, GPU_R2, GPU_R3) + "; [docs/gpu.md](docs/gpu.md)"
+        _link(GPU_R1, GPU_R2, GPU_R3, GPU_R5) + "; [docs/gpu.md](docs/gpu.md)"
 
 
 def distributed(root: Path) -> tuple[str, str, str]:
@@ -222,7 +265,7 @@ def sweep(root: Path) -> tuple[str, str, str]:
     return "LoRA rank sweep vs full fine-tuning", result, _link(SWEEP_CSV) + "; [docs/sweep/report.md](docs/sweep/report.md)"
 
 
-ROWS = [demo, cpu_speed, gpu_speed, distributed, serving, qlora_memory, mixture, mixture_cli, sweep, diffusion]
+ROWS = [demo, cpu_speed, cpu_task, defaults, gpu_speed, distributed, serving, qlora_memory, mixture, mixture_cli, sweep, diffusion]
 
 
 def table(root: Path = ROOT) -> str:
