@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lorakit.train.evaluate import wilson  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-DEMO = "bench/results/demo_output_cpu-2core_2026-11-29.txt"
+DEMO = "bench/results/demo_output_cpu-2core_2026-11-29_r2.txt"
 SPEED = "bench/results/train_speed_cpu-2core_2026-11-29.jsonl"
 TASK = "bench/results/train_task_cpu-2core_2026-11-29.jsonl"
 DEFAULTS = "bench/results/defaults_cpu-2core_2026-11-29.jsonl"
@@ -80,11 +80,12 @@ def demo(root: Path) -> tuple[str, str, str]:
     changed = float(re.search(r"answers changed vs base: ([\d.]+)%", text).group(1))
     kl = float(re.search(r"per target token: ([\d.]+) nats", text).group(1))
     mins, secs = re.search(r"^real\s+(\d+)m([\d.]+)s", text, re.M).groups()
+    conditions = text.splitlines()[0].split("; ", 1)[1]  # the header: how the run was made
     (acc0, acc1), (loss0, loss1) = metric["accuracy"], metric["loss"]
     result = (f"exact match {_pct(acc0)} (base) -> {_pct(acc1)} (adapter; 95% interval {_ci(round(acc1 * n), n)}) "
               f"on {n} held-out rows; loss {loss0:.3f} -> {loss1:.3f}; {changed:.0f}% of answers changed, "
               f"KL {kl:.2f} nats; {int(mins)} min {float(secs):.0f} s for `./demo.sh` on a fresh clone of this "
-              f"2-core machine, setup included (a test suite ran beside it)")
+              f"2-core machine, setup included ({conditions})")
     return "demo task (dates to ISO 8601), embedded SmolLM2-135M, CPU", result, _link(DEMO)
 
 
