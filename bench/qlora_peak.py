@@ -25,8 +25,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama-8b")
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--chunk-above", type=int, default=0,
+                    help="log2 of train.backends.CHUNK_ABOVE (the loss's chunk size follows it); 0: as shipped")
     ap.add_argument("--out")
     args = ap.parse_args()
+    from lorakit.train import backends
+    if args.chunk_above:
+        backends.CHUNK_ABOVE = 1 << args.chunk_above
     from lorakit import LoraConfig, add_adapter
     from lorakit.core.nf4 import NF4Weight, quantize_model
     from lorakit.train.backends import causal_lm_loss
@@ -46,6 +51,7 @@ def main() -> int:
     dense = {n: p.numel() * p.element_size() for n, p in model.named_parameters() if not p.requires_grad}
     rec = {"bench": "qlora_peak", "shape": args.shape, "seq": args.seq, "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "chunk_above_log2": backends.CHUNK_ABOVE.bit_length() - 1,
            "nf4_gib": nf4 / GIB, "dense_frozen_gib": sum(dense.values()) / GIB,
            "dense_frozen_largest": sorted(((v / GIB, k) for k, v in dense.items()), reverse=True)[:3],
            "adapter_fp32_gib": sum(p.numel() * 4 for p in params) / GIB,
