@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from train_speed import machine  # noqa: E402
+from train_task import ENV, _rows  # noqa: E402
 
 from lorakit.train.evaluate import wilson  # noqa: E402
 
@@ -35,15 +35,6 @@ CONFIGS = {  # name: extra `lorakit train` flags on top of the command's own def
     "lr5e-4": ["--lr", "5e-4"],
 }
 TASKS = {"demo": ROOT / "data" / "demo", "classify": ROOT / "data" / "classify"}
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def _head(path: Path, limit: int) -> Path:
-    if not limit:
-        return path
-    out = Path(tempfile.mkdtemp()) / path.name
-    out.write_text("".join(path.read_text().splitlines(True)[:limit]))
-    return out
 
 
 def _run(cmd: list[str]) -> None:
@@ -56,7 +47,7 @@ def run(task: str, config: str, limit: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "ad"
         t0 = time.time()
-        _run(["train", "--model", "embedded", "--data", str(_head(TASKS[task] / "train.jsonl", limit)), "--epochs",
+        _run(["train", "--model", "embedded", "--data", str(_rows(TASKS[task] / "train.jsonl", limit)), "--epochs",
               "1", "-o", str(out), "--quiet", *CONFIGS[config]])
         train_s = time.time() - t0
         cfg = json.loads((out / "train_config.json").read_text())
