@@ -9,26 +9,17 @@ import types
 import pytest
 import torch
 
-from lorakit import LoraConfig, add_adapter, save_adapter, set_active
+from lorakit import set_active
 from lorakit.adapters.files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest
 from lorakit.serve.request import sample
-from sinks import Collect
-
-TOK = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
-
+from engine_helpers import TOK, Collect, save_tiny_adapters
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("iso")
-    m = tiny_llama()
-    for i, n in enumerate("abc"):
-        torch.manual_seed(i)
-        add_adapter(m, LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False), n)
-        save_adapter(m, root / n, n)
-    return root, m
+    return save_tiny_adapters(tmp_path_factory.mktemp("iso"))
 
 
 @pytest.fixture

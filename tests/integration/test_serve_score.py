@@ -2,7 +2,6 @@
 direct computation with the model in plain torch; the base against itself is 0; a bad scoring request fails
 alone while generation carries on."""
 import math
-import types
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ from lorakit.adapters.files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest, ScoreRequest
-from sinks import Collect
+from engine_helpers import TOK, Collect
 
-TOK = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
 PROMPT, ANSWER = [5, 6, 7, 8, 9], [11, 3, 40, 17, 17, 2, 60, 8]
 
 
