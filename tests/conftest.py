@@ -49,18 +49,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Honest markers: a test that loads the embedded model, starts a subprocess or a server, or lives in
-    tests/integration is `slow` (`pytest -m "not slow"` is the quick loop), whether or not it says so itself."""
-    import inspect
-
+    """`slow` by where a test lives or what it declares, never by reading its source: everything under
+    tests/integration and tests/browser (servers, subprocesses, the CLI end to end), and every test that asks for
+    the `embedded` fixture. Other slow tests carry @pytest.mark.slow themselves. `pytest -m "not slow"` is the
+    quick loop (under 2 minutes on 2 cores)."""
     for item in items:
-        if item.get_closest_marker("slow"):
-            continue
-        fn = getattr(item, "function", None)
-        try:
-            src = inspect.getsource(fn) if fn else ""
-        except (OSError, TypeError):
-            src = ""
-        if ("integration" in item.path.parts or "embedded" in getattr(item, "fixturenames", ())
-                or "subprocess" in src or "sys.executable" in src or "Popen" in src):
+        if ({"integration", "browser"} & set(item.path.parts)
+                or "embedded" in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -4,6 +4,9 @@ embedding and head live, the head size, and which architectures' logits are a pl
 hidden state. A new transformers release or a new family changes this file, not serve/ or train/."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -51,3 +54,10 @@ def body_and_head(model: nn.Module):
     if body is None or body is model or head is None:
         return None
     return body, head
+
+
+@functools.lru_cache(maxsize=None)
+def cache_keyword(module_type: type) -> str:
+    """The keyword a model or decoder class takes its key/value cache by, which is also the name of the output
+    field that returns it: transformers renamed `past_key_values` to `cache` (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"

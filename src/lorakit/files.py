@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` fills a temp sibling directory, which then replaces `path`."""
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None], between: Callable[[], None] | None = None) -> Path:
+    """`write(tmp)` fills a temp sibling directory, which then replaces `path`. `between()` runs after the old
+    directory moved aside and before the new one moves in (a fault point for crash tests)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -20,6 +21,8 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.rename(path, old)
+            if between is not None:
+                between()
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

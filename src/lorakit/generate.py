@@ -5,6 +5,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from lorakit import arch
+
 
 def chat_prompt(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render chat messages with the model's own chat template (plain 'role: text' lines if it has none)."""
@@ -55,12 +57,12 @@ def generate_ids(model, tok, prompts: Sequence[list[int]], max_new_tokens: int =
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         new = [[] for _ in chunk]
         done = torch.zeros(len(chunk), dtype=torch.bool)
-        past = None
+        past, kw = None, arch.cache_keyword(type(model))
         cur_ids, cur_pos = ids, pos
         for _ in range(max_new_tokens):
-            o = model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past,
-                      use_cache=True, logits_to_keep=1)
-            past = o.past_key_values
+            o = model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, use_cache=True,
+                      logits_to_keep=1, **{kw: past})
+            past = getattr(o, kw)
             logits = o.logits[:, -1, :].float()  # (b, vocab)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1).cpu()

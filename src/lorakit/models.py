@@ -170,6 +170,9 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
     quant="nf4": linear layers (not the output head) held in 4-bit NF4 (QLoRA; lorakit.core.nf4)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorakit import faults
+
+    faults.point("models.load")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if quant is not None:

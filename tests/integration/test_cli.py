@@ -11,8 +11,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def lorakit(*args, check=True):
+def lorakit(*args, check=True, fault=None):
+    """`lorakit ARGS` in a subprocess; `fault` (LORAKIT_FAULT, lorakit/faults.py) makes it fail at a named point."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    env.pop("LORAKIT_FAULT", None)
+    if fault:
+        env["LORAKIT_FAULT"] = fault
     p = subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=300)
     if check and p.returncode != 0:
@@ -99,23 +103,17 @@ def test_merge_exports_a_model_transformers_loads_alone(tiny_dir, trained, tmp_p
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_curve(tiny_dir, data, tmp_path):
-    import signal
-    import time
-
+    """kill -9 once steps 0-11 are done (at micro-batch 12; the last checkpoint is step 10): --resume gives the
+    uninterrupted run's losses."""
     args = ["train", "--model", tiny_dir, "--data", data / "train.jsonl", "--max-steps", 40, "--batch-size", 4,
             "--dropout", 0.1, "--save-every", 5, "--quiet"]
     lorakit(*args, "-o", tmp_path / "ref")
     ref = [json.loads(x)["loss"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *map(str, args), "-o", str(tmp_path / "cut")],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = lorakit(*args, "-o", tmp_path / "cut", check=False, fault="train.micro_batch@12")
+    assert p.returncode == -9, p.stderr[-2000:]
     state = tmp_path / "cut" / "checkpoint" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 10):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert state.exists() and not (tmp_path / "cut" / "train_done.json").exists()
+    assert json.loads(state.read_text())["step"] == 10 and not (tmp_path / "cut" / "train_done.json").exists()
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 12
     lorakit(*args, "-o", tmp_path / "cut", "--resume")
     got = [json.loads(x)["loss"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
@@ -146,42 +144,53 @@ def test_adapter_for_another_base_is_refused(trained, tmp_path):
     assert p.returncode == 2 and "another base" in p.stderr and "(64, 64)" in p.stderr and "(576, 576)" in p.stderr
 
 
-def test_ten_kills_during_training_lose_nothing(tiny_dir, data, tmp_path):
-    """kill -9 at ten moments of one run (during start-up, between and during checkpoint writes): every time the
-    output holds either no checkpoint or a whole one, never a finished marker; resuming after the last kill gives
-    the uninterrupted loss curve exactly and an adapter equal to the uninterrupted one."""
-    import random
-    import signal
-    import time
+# (where the kill lands, the step of the whole checkpoint a resume then starts from, and whether it still lies
+# aside because the kill came between the two renames that put a new one in place)
+KILLS = [("models.load", None, False),             # start-up: nothing written yet
+         ("train.micro_batch@5", 4, False),        # between steps
+         ("checkpoint.written@6", 4, False),       # step 6's checkpoint complete in its temp folder
+         ("checkpoint.swapped@8", 6, True),        # step 6's moved aside, step 8's not yet in place
+         ("models.load", 6, True),                 # start-up of a resume, before it recovers anything
+         ("train.micro_batch@9", 8, False),
+         ("checkpoint.swapped@12", 10, True),
+         ("checkpoint.written@12", 10, False),
+         ("train.micro_batch@15", 14, False),
+         ("checkpoint.swapped@16", 14, True)]
 
+
+def whole_checkpoint(out: Path):
+    """(step, aside) of the checkpoint a resume would use: checkpoint/, or the one moved aside when a kill came
+    between the two renames; None when there is none. Its tensors must read back."""
     from safetensors.torch import load_file
 
-    args = ["train", "--model", tiny_dir, "--data", data / "train.jsonl", "--max-steps", 200, "--batch-size", 4,
+    ck, aside = out / "checkpoint", False
+    if not ck.exists():
+        olds = list(out.glob(".checkpoint.old-*"))
+        if not olds:
+            return None
+        assert len(olds) == 1, olds
+        ck, aside = olds[0], True
+    assert load_file(str(ck / "state.safetensors"))
+    return json.loads((ck / "state.json").read_text())["step"], aside
+
+
+def test_ten_kills_during_training_lose_nothing(tiny_dir, data, tmp_path):
+    """kill -9 at ten named points of one run (start-up, between steps, a checkpoint complete but not in place, between
+    the two renames that replace a checkpoint): every time the output holds the expected whole checkpoint and no
+    finished marker; resuming after the last kill gives the uninterrupted loss curve exactly and an adapter equal
+    to the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    args = ["train", "--model", tiny_dir, "--data", data / "train.jsonl", "--max-steps", 24, "--batch-size", 4,
             "--save-every", 2, "--quiet"]
     lorakit(*args, "-o", tmp_path / "ref")
     ref = [json.loads(x)["loss"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    out, rng = tmp_path / "cut", random.Random(0)
-    state = out / "checkpoint" / "state.json"
-    for trial in range(10):
-        resume = ["--resume"] if trial else []
-        before = json.loads(state.read_text())["step"] if state.exists() else 0
-        proc = subprocess.Popen([sys.executable, "-m", "lorakit", *map(str, args), "-o", str(out), *resume],
-                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if trial % 3 == 0:
-            time.sleep(rng.uniform(0.2, 2.0))  # during start-up or the first steps
-        else:
-            deadline = time.time() + 120
-            while time.time() < deadline and proc.poll() is None and not (
-                    state.exists() and json.loads(state.read_text())["step"] > before):
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.05))  # in the middle of the next steps or writes
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not (out / "train_done.json").exists(), "the run finished before its tenth kill: give it more steps"
-        if state.exists():  # a checkpoint is whole: its state and tensors read back
-            assert json.loads(state.read_text())["step"] % 2 == 0
-            assert load_file(str(out / "checkpoint" / "state.safetensors"))
+    out = tmp_path / "cut"
+    for trial, (fault, step, aside) in enumerate(KILLS):
+        p = lorakit(*args, "-o", out, *(["--resume"] if trial else []), check=False, fault=fault)
+        assert p.returncode == -9, (fault, p.stderr[-2000:])
+        assert not (out / "train_done.json").exists()
+        assert whole_checkpoint(out) == (None if step is None else (step, aside)), fault
     lorakit(*args, "-o", out, "--resume")
     assert not [p for p in out.glob(".*") if ".tmp-" in p.name or ".old-" in p.name]  # resume tidied what kills left
     got = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -40,8 +40,11 @@ def adapter(tiny_dir, tmp_path_factory):
 def test_no_deprecation_noise(tiny_dir, adapter):
     p = lorakit("generate", "--model", tiny_dir, "--adapter", adapter / "ad", "--prompt", "hi", "--max-new-tokens", 3)
     assert p.stdout.strip()
-    for noise in ("Warning", "deprecated", "[transformers]"):
+    for noise in ("Warning", "deprecated", "[transformers]", "Loading weights"):
         assert noise not in p.stderr, p.stderr
+    loud = lorakit("generate", "--model", tiny_dir, "--adapter", adapter / "ad", "--prompt", "hi", "--max-new-tokens",
+                   3, "--verbose")
+    assert loud.stdout == p.stdout and "Loading weights" in loud.stderr  # --verbose shows the libraries again
 
 
 def test_eval_progress_and_quiet(tiny_dir, adapter, tmp_path):

@@ -208,6 +208,7 @@ def test_bad_input_is_named(tmp_path, two):
         compose([(tmp_path / "nope", 1.0)])
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, two):
     a, b = two
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -95,6 +95,7 @@ def test_qlora_and_checkpointing_shrink_memory_by_the_stated_rules():
         estimate(arch, "lora", batch=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,targets", [("lora", "all-linear"), ("full", "all-linear")])
 def test_prediction_within_25_percent_of_measured_peak(method, targets):
     """A real 2-step training run of a 7M-parameter Llama (batch 8 x 128 tokens) in a subprocess; peak RSS."""
@@ -105,6 +106,7 @@ def test_prediction_within_25_percent_of_measured_peak(method, targets):
     assert abs(got["measured_mib"] / pred - 1) < 0.25, (got, pred)
 
 
+@pytest.mark.slow
 def test_estimate_cli(tiny_dir, capsys):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "lorakit", "estimate", "--model", str(tiny_dir), "--r", "8",

@@ -146,6 +146,7 @@ def test_cli_add_list_show_rollback_remove(tmp_path, reg, capsys):
     assert Registry(path).resolve("tone").version == 2
 
 
+@pytest.mark.slow
 def test_cli_refuses_other_base_with_reason(tmp_path, reg):
     wide = _adapter(tmp_path / "w", hidden=32)
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}

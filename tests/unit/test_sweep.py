@@ -3,10 +3,8 @@ and the CSV, report and plots hold the numbers."""
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ def steps_logged(run_dir: Path) -> int:
     return len(m.read_text().splitlines()) if m.exists() else 0
 
 
+@pytest.mark.slow
 def test_sweep_resumes_after_a_kill_and_reports_numbers(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
     runs = out / "runs"
@@ -43,14 +42,11 @@ def test_sweep_resumes_after_a_kill_and_reports_numbers(tiny_dir, tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == ["base", "full"]
     stamps = {n: (runs / n / "result.json").stat().st_mtime_ns for n in ("base", "full")}
 
-    # kill the whole sweep (orchestrator and its run) while lora-attn-r1 is training
-    proc = subprocess.Popen(sweep_args(tiny_dir, out), env=ENV, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while steps_logged(runs / "lora-attn-r1") < 1 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)  # a tiny run finishes its 4 steps and its eval within a few tenths of a second
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # kill the whole sweep (orchestrator and its run) once lora-attn-r1 has trained one step: the run kills its
+    # process group when it reaches micro-batch 1 (lorakit/faults.py)
+    p = subprocess.run(sweep_args(tiny_dir, out), env={**ENV, "LORAKIT_FAULT": "train.micro_batch@1:killpg"},
+                       cwd=ROOT, start_new_session=True, capture_output=True, text=True, timeout=900)
+    assert p.returncode == -9, p.stdout + p.stderr
     assert steps_logged(runs / "lora-attn-r1") >= 1, "the run never started training"
     assert not (runs / "lora-attn-r1" / "result.json").exists()
 
@@ -115,6 +111,7 @@ def test_sweep_refuses_bad_options_and_foreign_directories(tmp_path, capsys):
     assert not (out / "runs").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_one_sweep_per_directory(tmp_path):
     from lorakit.lab.sweep import SweepOptions, _Lock, run_sweep
 

@@ -45,27 +45,33 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", _Formatter)
         super().__init__(*a, **kw)
+        # on every (sub)command, before or after its name; SUPPRESS: a subcommand's default does not undo
+        # `lorakit --verbose train ...`
+        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="also show the libraries' warnings, log lines and model-loading bars")
 
 
-def quiet_libraries(quiet: bool) -> None:
-    """What a CLI user should not see: transformers' and torch's deprecation/FutureWarnings and transformers'
-    advisory log lines (a user can do nothing about them); with --quiet also the libraries' progress bars and
-    info logs. An explicit -W/PYTHONWARNINGS wins over the warning filters."""
+def quiet_libraries(quiet: bool, verbose: bool = False) -> None:
+    """What a CLI user should not see unless --verbose: the dependencies' warnings (deprecations, advice to
+    library developers: a user can do nothing about them), transformers' log lines and its model-loading bars;
+    lorakit's own warnings and progress bars stay. --quiet also hides lorakit's bars and info logs. An explicit
+    -W/PYTHONWARNINGS wins over the warning filters."""
+    if verbose:
+        return
     if not sys.warnoptions:
-        for cat in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
-            warnings.filterwarnings("ignore", category=cat)
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"lorakit(\.|$)")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its warnings are advice to library developers
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars read it
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         logging.getLogger("lorakit").setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # imported already (a caller in-process): the variables came too late
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
-        if quiet:
-            tlog.disable_progress_bar()
+        tlog.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     env_before = dict(os.environ)  # an in-process caller (tests, notebooks) gets its environment back
-    quiet_libraries(bool(getattr(args, "quiet", False)))
+    quiet_libraries(bool(getattr(args, "quiet", False)), verbose=bool(getattr(args, "verbose", False)))
     _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
         return int(args.func(args) or 0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit import faults
 from lorakit.files import atomic_write_dir, recover
 from lorakit.train.distributed import full, place
 
@@ -36,8 +37,9 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, params: dict, opt: to
     def write_files(tmp: Path):
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        faults.point("checkpoint.written", step)  # whole in its temp folder, not yet in place
 
-    atomic_write_dir(out_dir / CKPT, write_files)
+    atomic_write_dir(out_dir / CKPT, write_files, between=lambda: faults.point("checkpoint.swapped", step))
 
 
 def load_checkpoint(out_dir: Path, params: dict, opt: torch.optim.Optimizer) -> dict:

@@ -33,6 +33,7 @@ import torch
 from lorakit.adapters.files import save_adapter
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
+from lorakit import faults
 from lorakit.files import atomic_write_json, atomic_write_text
 from lorakit.models import usable_cores
 from lorakit.train import distributed
@@ -135,6 +136,7 @@ class MicroBatches:
         return self.order(epoch)[i * self.bs:(i + 1) * self.bs]
 
     def get(self, m: int) -> dict[str, torch.Tensor]:
+        faults.point("train.micro_batch", m)
         idx = self.indices(m)
         part = idx[self.rank * len(idx) // self.world:(self.rank + 1) * len(idx) // self.world]
         batch = collate([self.examples[j] for j in part or idx[:1]], self.pad)

@@ -16,11 +16,9 @@ any, draws one mask for the prefix that every row shares (each row's expected lo
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
+from lorakit import arch
 from lorakit.arch import LLAMA_LIKE, body_and_head, model_type
 from lorakit.train.data import IGNORE
 
@@ -66,17 +64,10 @@ def _broadcast(cache, rows: int) -> None:
         cache.batch_repeat_interleave(rows)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_arg(body_type: type) -> str:
-    """The keyword a body class takes its key/value cache by (transformers renamed past_key_values to cache);
-    asked once per class, not once per micro-batch."""
-    return "cache" if "cache" in inspect.signature(body_type.forward).parameters else "past_key_values"
-
-
 def body_with_prefix(body, batch: dict[str, torch.Tensor], p: int) -> torch.Tensor:
     """The body's last hidden state at positions p.. of every row, with positions ..p computed once: (b, s-p, d)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    arg = _cache_arg(type(body))
+    arg = arch.cache_keyword(type(body))
     head = body(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True)
     cache = getattr(head, arg)
     _broadcast(cache, ids.shape[0])

@@ -1,0 +1,41 @@
+"""Named fault points, for crash tests: a test sets LORAKIT_FAULT and the process fails at exactly that point,
+instead of a test sleeping and hoping to kill it at the right moment.
+
+    LORAKIT_FAULT=<point>[@<n>][:<action>]
+
+<point> is a name the code passes to `point()` (e.g. `train.micro_batch`, `checkpoint.written`,
+`checkpoint.swapped`); `@<n>` limits it to the call whose number is n (a micro-batch index, a checkpoint's step);
+<action> is `kill` (SIGKILL this process, the default), `killpg` (SIGKILL its whole process group: a sweep and
+its runs) or `raise` (a RuntimeError, as a bad row or a full disk would). Unset, `point()` costs one comparison."""
+from __future__ import annotations
+
+import os
+import signal
+
+ACTIONS = ("kill", "killpg", "raise")
+
+
+def _parse(spec: str | None) -> tuple[str, int | None, str] | None:
+    if not spec:
+        return None
+    where, _, action = spec.partition(":")
+    name, _, n = where.partition("@")
+    action = action or "kill"
+    if action not in ACTIONS or not name or (n and not n.lstrip("-").isdigit()):
+        raise ValueError(f"LORAKIT_FAULT={spec!r}: expected <point>[@<n>][:{'|'.join(ACTIONS)}]")
+    return name, int(n) if n else None, action
+
+
+_FAULT = _parse(os.environ.get("LORAKIT_FAULT"))
+
+
+def point(name: str, n: int | None = None) -> None:
+    """Fail here if LORAKIT_FAULT names this point (and this n)."""
+    if _FAULT is None or _FAULT[0] != name or (_FAULT[1] is not None and _FAULT[1] != n):
+        return
+    action = _FAULT[2]
+    if action == "raise":
+        raise RuntimeError(f"injected fault at {name}" + (f"@{n}" if n is not None else ""))
+    if action == "killpg":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
