@@ -2,8 +2,8 @@
 # Before bumping the lock: install lorakit with the newest versions pyproject's ranges allow into a throwaway venv
 # (pip resolves on the day, as for a user who installs lorakit into an environment of their own), then run the
 # whole suite and the demo's training against it, and print what changed against the lock.
-#   TORCH_SPEC  the torch requirement for the throwaway venv (default: the lock's CPU build, torch==2.13.0+cpu:
-#               the newest torch on PyPI is a CUDA build of several GB; set e.g. TORCH_SPEC='torch>=2.4' to try it)
+#   TORCH_SPEC  the torch installed first (default: the lock's CPU build); the eager upgrade that follows then takes
+#               the newest torch pip finds within the range (on a machine whose pip config caps torch, the cap)
 #   OUT         where the report goes (default bench/results/check_latest_<date>.txt); commit it with the bump
 #   PYTEST_ARGS extra pytest arguments (default: none, the whole suite)
 # Exit status: 0 when the suite and the demo pass on the newest versions, 1 otherwise (the report says which).
@@ -29,7 +29,7 @@ norm() { tr 'A-Z_' 'a-z-' | sed 's/==/=/' | sort -t= -k1,1; }  # name=version, s
 grep -h '^[a-zA-Z]' requirements/cpu-dev.txt requirements/model.txt | sed 's/ .*//' | norm > "$WORK/lock.txt"
 
 {
-  echo "# scripts/check_latest.sh on $DATE: the newest versions pyproject allows (pip, $(uname -m), Python $("$V/bin/python" -c 'import sys; print(sys.version.split()[0])'), $TORCH_SPEC) against requirements/cpu-dev.txt"
+  echo "# scripts/check_latest.sh on $DATE: the newest versions pyproject allows as pip resolved them ($(uname -m), Python $("$V/bin/python" -c 'import sys; print(sys.version.split()[0])'), torch $("$V/bin/python" -c 'import torch; print(torch.__version__)')) against requirements/cpu-dev.txt"
   echo "## changed against the lock (lock -> newest)"
   join -t= -a1 -a2 -e '(none)' -o 0,1.2,2.2 "$WORK/lock.txt" "$WORK/latest.txt" |
     awk -F= '$2 != $3 {printf "%s: %s -> %s\n", $1, $2, $3; n++} END {if (!n) print "nothing: the lock holds the newest allowed versions"}'
