@@ -160,6 +160,16 @@ def hub_cache_snapshot(name: str) -> Path | None:
     return snaps[-1] if snaps else None
 
 
+def base_reference(name: str) -> str:
+    """What an adapter records as `base_model_name_or_path`, so that PEFT's AutoPeftModelForCausalLM finds the base
+    offline: the embedded model's cached directory, a local directory's or .gguf file's absolute path, a hub id
+    (read from the local cache) as it is."""
+    if name in (EMBEDDED, "default", "", None):
+        return str(embedded_dir())
+    p = Path(name)
+    return str(p.resolve()) if p.exists() else str(name)
+
+
 def model_name(name: str) -> str:
     return EMBEDDED_NAME if name in (EMBEDDED, "default", "", None) else str(name)
 

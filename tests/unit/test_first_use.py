@@ -109,7 +109,9 @@ def _options(parser: argparse.ArgumentParser):
     for name, p in sub.choices.items():
         help_text = p.format_help()
         for a in p._actions:
-            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and a.dest != "help":
+            # by identity: a default of 0 or 0.0 equals False but is a default to show (generate --seed, --temperature)
+            if (a.option_strings and a.dest != "help"
+                    and not (a.default is None or a.default is False or a.default is argparse.SUPPRESS)):
                 yield name, a, help_text
 
 
@@ -122,6 +124,8 @@ def test_help_shows_every_default():
         assert "default" in text, f"lorakit {name} {a.option_strings[0]}: no default in --help"
         seen += 1
     assert seen > 40
+    gen = " ".join(subs["generate"].format_help().split())
+    assert "0 = greedy (default: 0.0)" in gen and "--seed SEED (default: 0)" in gen
     # train's flags default to None and take the config dataclasses' values: --help states those
     from lorakit.config import LoraConfig, TrainConfig
 

@@ -60,7 +60,7 @@ def _beyond_noise(diff: torch.Tensor, z: float = 3.0) -> bool:
     return bool(diff.mean() > z * diff.std() / diff.numel() ** 0.5)
 
 
-def test_trained_router_beats_single_adapters_and_uniform_mix(tmp_path):
+def test_trained_router_beats_single_adapters_and_uniform_mix(tmp_path, caplog):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     m = tiny_llama()
@@ -92,6 +92,8 @@ def test_trained_router_beats_single_adapters_and_uniform_mix(tmp_path):
                        cfg=TrainConfig(lr=5e-2, batch_size=16, warmup_ratio=0.0, max_grad_norm=0.0, epochs=2))
     losses = res.losses
     assert len(losses) == 120 and losses[-1] < losses[0]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "shared prefix off (a router trains on the adapters' per-token mix)" in said, said
     assert (tmp_path / "router" / "router.safetensors").exists()
     assert Router.load(m, tmp_path / "router").state_dict().keys() == router.state_dict().keys()
     router.attach(m)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
-from lorakit.core.inject import lora_layers
+from lorakit.core.inject import count_params, lora_layers
 from lorakit.models import tiny_llama
 from lorakit.core.nf4 import (BLOCK, NF4_LEVELS, SCALER_BLOCK, LoraNF4Linear, NF4Linear, check_platform,
                            dequantize_model, dequantize_nf4, nf4_levels_from_normal, quantize_model, quantize_nf4,
@@ -85,6 +85,9 @@ def test_qlora_trains_and_adapter_moves_to_full_precision_base(tmp_path, ids):
     quantize_model(q)
     add_adapter(q, LoraConfig(r=8, alpha=16, targets="all-linear"))
     assert all(isinstance(layer, LoraNF4Linear) for _, layer in lora_layers(q))
+    dense = tiny_llama()  # the report counts the 4-bit weights as the parameters they stand for
+    add_adapter(dense, LoraConfig(r=8, alpha=16, targets="all-linear"))
+    assert count_params(q) == count_params(dense)
     assert all(not t.requires_grad for n, t in q.named_parameters() if "adapters" not in n)
     opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-2)
     losses = []

@@ -23,19 +23,23 @@ COMMAND_MODULES = [
 ]
 
 
+def _says_nothing(default) -> bool:
+    """None, an off switch or SUPPRESS; by identity: a default of 0 or 0.0 equals False but says something."""
+    return default is None or default is False or default is argparse.SUPPRESS
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in --help, except where it says nothing (None, off switches) or the help
     text already states it."""
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or "default" in h):
+        if not action.option_strings or _says_nothing(action.default) or "default" in h:
             return h
         return h + (" " if h else "") + "(default: %(default)s)"
 
     def _format_action(self, action):
-        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if action.help is None and action.option_strings and not _says_nothing(action.default):
             action = copy.copy(action)  # argparse shows no help line at all for help=None
             action.help = "(default: %(default)s)"
         return super()._format_action(action)

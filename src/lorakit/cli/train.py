@@ -99,7 +99,7 @@ def cmd_train(args) -> int:
 def _train(args, ctx) -> int:
     from lorakit.config import LoraConfig, load_config_file
     from lorakit.files import atomic_write_json
-    from lorakit.models import model_name
+    from lorakit.models import base_reference
     from lorakit.train.data import build_examples, load_rows, template_info
     from lorakit.train.evaluate import evaluate, format_report
     from lorakit.train.loop import train
@@ -114,8 +114,15 @@ def _train(args, ctx) -> int:
         lora_kw["targets"] = _split_targets(args.targets)
     lora_cfg = LoraConfig.from_dict(lora_kw)
     train_cfg = _train_config(args, file_cfg)
-    if args.quantize and train_cfg.full:
-        raise ValueError("--quantize nf4 holds the base in 4 bits, frozen: it does not go with --full")
+    if train_cfg.full:  # every weight trains: the adapter-only options would be silently ignored
+        given = [f for f, on in (("--quantize nf4", args.quantize), ("--dora", args.dora), ("--rslora", args.rslora),
+                                 ("--r", args.r is not None), ("--alpha", args.alpha is not None),
+                                 ("--dropout", args.dropout is not None), ("--targets", args.targets is not None),
+                                 ("--preset peft", args.preset == "peft")) if on]
+        if given:
+            raise ValueError(f"--full trains every weight of the model, without an adapter: {', '.join(given)} "
+                             f"{'does' if len(given) == 1 else 'do'} not apply to it; drop "
+                             f"{'it' if len(given) == 1 else 'them'} or drop --full")
     if ctx.world > 1 and args.compare:
         raise ValueError("--compare runs in one process: train with torchrun, then run `lorakit eval`")
     rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
@@ -132,11 +139,12 @@ def _train(args, ctx) -> int:
     if args.quantize:
         meta["base_quant"] = args.quantize
     res = train(model, tok, examples, args.output, lora_cfg, train_cfg, eval_examples=train_eval,
-                resume=args.resume, progress=not args.quiet, base_name=model_name(args.model), metadata=meta,
+                resume=args.resume, progress=not args.quiet, base_name=base_reference(args.model), metadata=meta,
                 save_final=not args.no_save)
     if not args.quiet:
+        what = "metrics in" if args.no_save else "wrote"  # --no-save: no adapter or model, only the run's metrics
         print(f"done: {res.steps} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
-              f"{res.tokens_per_s:.0f} tokens/s; wrote {args.output}")
+              f"{res.tokens_per_s:.0f} tokens/s; {what} {args.output}")
     if compare:
         rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens, batch_size=32)
         if not args.quiet:

@@ -17,6 +17,8 @@ library), and the format is small enough to verify against bitsandbytes directly
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,6 +133,10 @@ class NF4Weight(nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def represented_params(self) -> int:
+        """The frozen weight's parameter count (its buffers are codes and scales, not parameters)."""
+        return math.prod(self.shape)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, nf4 double-quant, {self.nbytes():,} bytes"

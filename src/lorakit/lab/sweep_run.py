@@ -87,7 +87,7 @@ def run(spec: dict) -> dict:
     from lorakit.config import LoraConfig, TrainConfig
     from lorakit.train.data import build_examples, template_info
     from lorakit.train.evaluate import normalize
-    from lorakit.models import load_base
+    from lorakit.models import base_reference, load_base
     from lorakit.train.loop import train
 
     if spec.get("threads"):
@@ -117,7 +117,7 @@ def run(spec: dict) -> dict:
     can_reset = reset_peak_rss()
     start_mib = _status_mib("VmRSS")
     tr = train(model, tok, train_ex, run_dir / "train", lora, cfg, progress=False, save_final=not full,
-               base_name=spec["model"], metadata=template_info(tok, spec["template"]))
+               base_name=base_reference(spec["model"]), metadata=template_info(tok, spec["template"]))
     peak = _status_mib("VmHWM")
     res.update(trainable=tr.trainable, total_params=tr.total, steps=tr.steps, losses=tr.losses,
                train_loss=tr.losses[-1], train_loss_last5=sum(tr.losses[-5:]) / len(tr.losses[-5:]),

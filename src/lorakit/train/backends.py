@@ -100,10 +100,11 @@ class PlainBackend:
 
     name = "plain"
 
-    def __init__(self, model: nn.Module, recompute: int | str = 0, share_prefix: bool = False):
+    def __init__(self, model: nn.Module, recompute: int | str = 0, share_prefix: bool = False,
+                 prefix_off: str = "not asked for"):
         self.model = model
         self.recompute = recompute
-        why_not = "off" if not share_prefix else "recompute drops the cache" if recompute else \
+        why_not = prefix_off if not share_prefix else "recompute drops the cache" if recompute else \
             prefix_supported(model)
         self.share_prefix = why_not is None
         log.info("plain backend: shared prefix %s", "on" if self.share_prefix else f"off ({why_not})")
@@ -176,24 +177,26 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
 
 def choose_backend(model: nn.Module, requested: str = "auto", *, recompute: int | str = 0,
                    routing: bool = False, device: torch.device | None = None,
-                   share_prefix: bool = False, fused_mlp: bool = False) -> tuple[object, str]:
+                   share_prefix: bool = False, prefix_off: str = "not asked for",
+                   fused_mlp: bool = False) -> tuple[object, str]:
     """-> (backend, why). `auto`: fast on CUDA where the set-up allows it, else plain; `fast` raises with the
     reason when it cannot take the set-up. `device`: where the model trains (default: where it is now).
-    `share_prefix`: the plain backend computes rows' shared leading tokens once where the model allows it.
+    `share_prefix`: the plain backend computes rows' shared leading tokens once where the model allows it;
+    `prefix_off`: why not, when share_prefix is False (logged).
     `fused_mlp`: the fast backend's fused SwiGLU + LoRA MLP kernels (train/fast/mlp.py)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     device = device or next(model.parameters()).device
     if requested == "plain":
-        return PlainBackend(model, recompute, share_prefix), "asked for"
+        return PlainBackend(model, recompute, share_prefix, prefix_off), "asked for"
     reason = fast_unsupported(model, routing=routing)
     if requested == "fast":
         if reason:
             raise ValueError(f"--backend fast cannot train this set-up: {reason}")
         return FastBackend(model, recompute, device, fused_mlp), "asked for"
     if device.type != "cuda":
-        return PlainBackend(model, recompute, share_prefix), \
+        return PlainBackend(model, recompute, share_prefix, prefix_off), \
             f"device is {device.type} (the fast backend is for CUDA)"
     if reason:
-        return PlainBackend(model, recompute, share_prefix), reason
+        return PlainBackend(model, recompute, share_prefix, prefix_off), reason
     return FastBackend(model, recompute, device, fused_mlp), f"CUDA and a supported {model.config.model_type} model"

@@ -7,6 +7,8 @@ only the writer (rank 0) writes; the file holds full tensors, so a run resumes o
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,3 +70,13 @@ def recover_run(out_dir: Path, main: bool, *names: str) -> None:
     if main:
         for name in (CKPT, *names):
             recover(Path(out_dir) / name)
+
+
+def save_full_model(model, tok, out_dir: Path) -> None:
+    """A fully fine-tuned model as a Hugging Face directory (weights + tokenizer), files replaced atomically."""
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out_dir / f.name)

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,8 @@ from lorakit.files import atomic_write_json, atomic_write_text
 from lorakit.models import usable_cores
 from lorakit.train import distributed
 from lorakit.train.backends import causal_lm_loss, choose_backend
-from lorakit.train.checkpoint import CKPT, recover_run, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint
+from lorakit.train.checkpoint import CKPT, recover_run, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint, \
+    save_full_model
 from lorakit.train.data import IGNORE, Example, collate
 
 log = logging.getLogger("lorakit.train")
@@ -231,9 +231,12 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     params = _setup_trainable(model, lora, cfg, router)
     if backend is not None and eval_examples:
         raise ValueError(f"held-out eval examples are for the text backends, not the {backend.name!r} backend")
+    prefix_off = ("turned off (--no-share-prefix)" if not cfg.share_prefix else
+                  "several processes" if ctx.world > 1 else
+                  "a router trains on the adapters' per-token mix" if router is not None else "")
     backend, why = (backend, "given by the caller") if backend is not None else \
         choose_backend(model, cfg.backend, recompute=cfg.recompute, routing=router is not None, device=device,
-                       share_prefix=cfg.share_prefix and ctx.world == 1 and router is None, fused_mlp=cfg.fused_mlp)
+                       share_prefix=not prefix_off, prefix_off=prefix_off, fused_mlp=cfg.fused_mlp)
     log.info("backend: %s (%s)", backend.name, why)
     if router is not None:
         trainable = sum(p.numel() for p in params.values())
@@ -389,12 +392,3 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     distributed.barrier(ctx)  # the run's files are complete when train returns on any rank
     return result
 
-
-def save_full_model(model, tok, out_dir: Path) -> None:
-    """A fully fine-tuned model as a Hugging Face directory (weights + tokenizer), files replaced atomically."""
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        for f in Path(tmp).iterdir():
-            os.replace(f, out_dir / f.name)

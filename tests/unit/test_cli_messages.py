@@ -1,0 +1,56 @@
+"""What the CLI says matches what it did: options that do not apply are refused, not ignored; --no-save does not
+claim to have written an adapter."""
+import json
+
+import pytest
+
+from lorakit.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rows")
+    (d / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
+                                           for w in ["apple", "river", "stone", "cloud"] * 2))
+    return d / "train.jsonl"
+
+
+@pytest.mark.parametrize("extra,named", [(["--dora"], "--dora does not apply"),
+                                         (["--rslora", "--r", "4"], "--rslora, --r do not apply"),
+                                         (["--quantize", "nf4"], "--quantize nf4 does not apply")])
+def test_full_refuses_adapter_options_before_loading(tiny_dir, rows, tmp_path, capsys, extra, named):
+    rc = main(["train", "--model", str(tiny_dir), "--data", str(rows), "--full", *extra, "--max-steps", "1",
+               "--quiet", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and "--full trains every weight" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_save_reports_metrics_not_a_written_adapter(tiny_dir, rows, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(rows), "--max-steps", "2", "--batch-size", "2",
+                 "--no-save", "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"metrics in {out}" in said and "wrote" not in said
+    assert not (out / "adapter_model.safetensors").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_saved_adapter_names_a_base_peft_loads_offline(tiny_dir, rows, tmp_path):
+    """base_model_name_or_path is the base's real path, so AutoPeftModelForCausalLM finds it without a hub; its
+    logits are lorakit's with the same adapter."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    from lorakit import load_adapter, load_base
+
+    out = tmp_path / "ad"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(rows), "--max-steps", "2", "--batch-size", "2",
+                 "--lr", "1e-2", "--quiet", "-o", str(out)]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_dir.resolve())
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    model, _ = load_base(str(tiny_dir), dtype="float32", device="cpu")
+    load_adapter(model, out, "ad")
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
