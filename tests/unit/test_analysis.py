@@ -55,3 +55,23 @@ def test_models_with_different_layers_are_refused(tiny):
 
     with pytest.raises(ValueError, match="different linear layers"):
         weight_deltas(tiny, tiny_llama(layers=3))
+
+
+def test_svd_energy_plot_draws_each_random_reference_in_its_own_style(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from lorakit.lab.plots import svd_energy
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    ranks = [1, 2, 4]
+    kinds = {k: {"shape": s, "energy": [0.5, 0.7, 0.9], "random_energy": [0.1, 0.2, 0.4], "r90": 3.0,
+                 "rel_change": 1e-3} for k, s in (("q_proj", [576, 576]), ("k_proj", [192, 576]),
+                                                   ("up_proj", [1536, 576]))}
+    svd_energy({"ranks": ranks, "kinds": kinds, "overall": [0.5, 0.7, 0.9]}, [], tmp_path / "e.png")
+    grey = [ln for ln in saved[0].axes[0].get_lines() if ln.get_label().startswith("random")]
+    assert len(grey) == 3
+    assert len({(str(ln.get_linestyle()), ln.get_marker()) for ln in grey}) == 3

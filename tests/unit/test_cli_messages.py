@@ -54,3 +54,17 @@ def test_saved_adapter_names_a_base_peft_loads_offline(tiny_dir, rows, tmp_path)
     ids = torch.arange(3, 19)[None]
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_eval_table_shows_whole_references_and_marks_cuts():
+    from lorakit.train.evaluate import Report, format_report
+
+    ref = "2077-03-24T10:15:00+02:00 (local)"  # 33 characters: shown whole
+    long = "x" * 60  # over the 38-character column: cut, and the cut is marked
+    rep = Report(n=1, before={"accuracy": 0.0}, after={"accuracy": 1.0},
+                 examples=[{"prompt": "Rewrite this.\nMar 24, 2077", "reference": ref, "before": long, "after": ref}])
+    table = format_report(rep).split("\n\n")[-1].splitlines()
+    head, row = table[0].split(" | "), table[1].split(" | ")
+    assert head[0].startswith("prompt") and row[0].strip() == "Mar 24, 2077"
+    assert row[1].strip() == ref and row[3] == ref and row[2] == "x" * 37 + "…"
+    assert [len(c) for c in head[:3]] == [len(c) for c in row[:3]]  # the columns line up

@@ -50,3 +50,14 @@ def test_best_only_beyond_noise_and_full_compared():
     by = {t["name"]: t for t in table}
     assert within_noise(by["full"], by["lora-attn-r8"]) and not within_noise(by["lora-all-r8"], by["lora-attn-r8"])
     assert math.isclose(by["lora-attn-r8"]["accuracy_lo"], wilson(48, 50)[0])
+
+
+def test_a_partial_sweep_with_one_lora_run_claims_no_comparison(tmp_path):
+    o = SweepOptions(data="d.jsonl", eval_data="e.jsonl", ranks=[1, 2], targets=["attn"], full=False, eval_rows=8)
+    res = [_result("base", "base", 0.0, 8), _result("lora-attn-r1", "lora", 0.0, 8, 1, "attn")]
+    table = rows(res, None)
+    text = report_md(o, table, None, 3, [], tmp_path / "sweep")
+    assert "One LoRA run so far: **lora-attn-r1**" in text and "no other LoRA run to compare it with yet" in text
+    assert "above every other" not in text and "from 0% (r=1) to 0% (r=1)" not in text
+    assert "one rank done so far (r=1), accuracy 0%" in text
+    assert f"-o {tmp_path / 'sweep'}" in text and "-o OUT" not in text

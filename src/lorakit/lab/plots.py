@@ -111,6 +111,9 @@ def loss_curves(results: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+RANDOM_STYLES = [(":", "x"), ("--", "^"), ("-.", "s"), ((0, (1, 3)), "d")]
+
+
 def svd_energy(analysis: dict, results: list[dict], path: Path) -> Path:
     """Left: energy of the full fine-tune's weight change in its top r singular directions, per module kind,
     with random matrices of the same shapes for reference. Right: LoRA's accuracy at r beside that energy."""
@@ -119,12 +122,13 @@ def svd_energy(analysis: dict, results: list[dict], path: Path) -> Path:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
     for kind, k in analysis["kinds"].items():
         ax.plot(ranks, k["energy"], marker=".", label=f"{kind} {k['shape'][0]}x{k['shape'][1]}")
-    shown = set()
+    shown = {}
     for k in analysis["kinds"].values():
         shape = tuple(sorted(k["shape"]))
-        if shape not in shown:
-            shown.add(shape)
-            ax.plot(ranks, k["random_energy"], color="grey", ls=":", label=f"random {k['shape'][0]}x{k['shape'][1]}")
+        if shape not in shown:  # one grey reference per shape, each with its own dash and marker
+            ls, mk = RANDOM_STYLES[len(shown) % len(RANDOM_STYLES)]
+            shown[shape] = ax.plot(ranks, k["random_energy"], color="grey", ls=ls, marker=mk, markersize=4,
+                                   label=f"random {k['shape'][0]}x{k['shape'][1]}")
     _rank_axes(ax, ranks)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("share of ||dW||² in the top r singular values")

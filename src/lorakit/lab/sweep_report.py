@@ -97,8 +97,8 @@ def to_csv(table: list[dict]) -> str:
     return buf.getvalue()
 
 
-def command_line(o) -> str:
-    """The `lorakit sweep` command that makes a sweep with options `o`."""
+def command_line(o, out: Path | str = "OUT") -> str:
+    """The `lorakit sweep` command that makes a sweep with options `o` into `out`."""
     parts = ["lorakit sweep"]
     for f in fields(o):
         v = getattr(o, f.name)
@@ -113,7 +113,7 @@ def command_line(o) -> str:
             parts.append(f"{flag} {','.join(map(str, v))}")
         else:
             parts.append(f"{flag} {v}")
-    return " \\\n    ".join(parts) + " \\\n    -o OUT"
+    return " \\\n    ".join(parts) + f" \\\n    -o {out}"
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -181,7 +181,11 @@ def headline(table: list[dict]) -> list[str]:
     lora = [t for t in table if t["method"] == "lora" and t["accuracy"] is not None]
     out = []
     top = max(lora, key=lambda t: (t["accuracy"], -t["eval_loss"])) if lora else None
-    if top:
+    if top and len(lora) == 1:
+        out.append(f"- One LoRA run so far: **{top['name']}**, accuracy {_ci(top)}, held-out loss "
+                   f"{top['eval_loss']:.4f}, {top['trainable_params']:,} trainable parameters; no other LoRA run to "
+                   f"compare it with yet.")
+    elif top:
         tied = [t for t in lora if t is not top and within_noise(t, top)]
         n = top.get("n_eval")
         if not tied:
@@ -207,6 +211,9 @@ def headline(table: list[dict]) -> list[str]:
         out.append(f"- Base model: accuracy {_ci(base)}, held-out loss {base['eval_loss']:.4f}.")
     for tset in sorted({t["targets"] for t in lora}):
         rs = sorted((t for t in lora if t["targets"] == tset), key=lambda t: t["r"])
+        if len(rs) == 1:
+            out.append(f"- LoRA on {tset}: one rank done so far (r={rs[0]['r']}), accuracy {_pct(rs[0]['accuracy'])}.")
+            continue
         best = max(rs, key=lambda t: t["accuracy"])
         first = next(t for t in rs if within_noise(t, best))
         out.append(f"- LoRA on {tset}: accuracy from {_pct(rs[0]['accuracy'])} (r={rs[0]['r']}) to "
@@ -229,7 +236,8 @@ def title(o, table: list[dict]) -> str:
     return f"# {'LoRA sweep' if o.targets else 'Fine-tuning run'}: {what}"
 
 
-def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: list[str]) -> str:
+def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: list[str],
+              out: Path | str = "OUT") -> str:
     base = next((t for t in table if t["method"] == "base"), None)
     lrs = ([f"LoRA lr {o.lr}, alpha = {o.alpha_ratio:g}·r"] if o.targets else []) + \
         ([f"full fine-tuning lr {o.full_lr}"] if o.full else [])
@@ -244,7 +252,7 @@ def report_md(o, table: list[dict], analysis: dict | None, n_runs: int, plots: l
              + (f", so one answer is {100 / n_eval:.2g} points" if n_eval else "")
              + ": in brackets its 95% Wilson interval. Runs whose intervals overlap are not told apart here.", "",
              f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}; "
-             f"{o.threads or 'default'} thread(s) per run.", "", "Command:", "", "```", command_line(o), "```", ""]
+             f"{o.threads or 'default'} thread(s) per run.", "", "Command:", "", "```", command_line(o, out), "```", ""]
     if base:
         lines += [f"Base model: accuracy {_pct(base['accuracy'])}, held-out loss {_fmt(base['eval_loss'])}, "
                   f"general-text loss {_fmt(base['general_loss'])}.", ""]
@@ -306,5 +314,5 @@ def write_outputs(out: Path, results: list[dict | None], o, plots: bool = True) 
             pngs = [str(p) for p in write_all(out, results, analysis)]
     else:
         pngs = [str(out / n) for n in PLOTS if (out / n).exists()]
-    atomic_write_text(out / "report.md", report_md(o, table, analysis, len(results), pngs))
+    atomic_write_text(out / "report.md", report_md(o, table, analysis, len(results), pngs, out))
     atomic_write_text(out / "results.json", json.dumps({"options": asdict(o), "runs": table}, indent=2) + "\n")

@@ -185,11 +185,13 @@ def format_report(rep: Report, n_examples: int = 5, width: int = 38) -> str:
         return s if len(s) <= width else s[:width - 1] + "…"
 
     if rep.examples and n_examples:
-        lines += ["", f"{'prompt':<{width}} | {'reference':<16} | {'base':<{width // 2 + 8}} | adapter"]
-        for e in rep.examples[:n_examples]:
-            last = (e["prompt"].strip().splitlines() or [""])[-1]  # the row's own part, not a shared instruction
-            lines.append(f"{cut(last):<{width}} | {cut(e['reference'])[:16]:<16} | "
-                         f"{cut(e['before'])[:width // 2 + 8]:<{width // 2 + 8}} | {cut(e['after'])}")
+        shown = [((e["prompt"].strip().splitlines() or [""])[-1],  # the row's own part, not a shared instruction
+                  e["reference"], e["before"], e["after"]) for e in rep.examples[:n_examples]]
+        cols = list(zip(*([cut(v) for v in row] for row in shown)))
+        heads = ("prompt", "reference", "base", "adapter")
+        widths = [max(len(h), *(len(v) for v in col)) for h, col in zip(heads, cols)]  # each at most `width`
+        fmt = lambda vals: " | ".join(f"{v:<{w}}" for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+        lines += ["", fmt(heads)] + [fmt(vals) for vals in zip(*cols)]
     return "\n".join(lines)
 
 
