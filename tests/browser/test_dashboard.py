@@ -171,3 +171,26 @@ def test_phone_width_needs_no_sideways_scrolling(chromium, served):
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"{path} is {width}px wide on a 390px screen"
     context.close()
+
+
+def test_one_token_answers_and_wide_sweep_tables(chromium, served, tmp_path):
+    """A one-token answer's footer says "1 token"; on a 1920px screen the sweep report's tables fit without
+    scrolling (the page is not held to 1280px), and only the every-column results table scrolls."""
+    context = chromium.new_context(viewport={"width": 1920, "height": 1080})
+    page = context.new_page()
+    login(page, served["url"], KEY)
+    page.goto(served["url"] + "/ui/compare")
+    page.fill("#prompt", RAINBOW)
+    page.fill("#max_tokens", "1")
+    page.click("#compare-go")
+    page.wait_for_selector("#results[data-done]")
+    foot = page.locator('.answer[data-model="base"] footer').inner_text()
+    assert foot.startswith("1 token · "), foot
+    page.goto(served["url"] + "/ui/sweeps/sweep")
+    page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+    fits = page.evaluate("""() => [...document.querySelectorAll('.report table')].map(t => {
+        const box = t.closest('.scroll') || t.parentElement; return box.scrollWidth <= box.clientWidth; })""")
+    assert len(fits) == 3 and all(fits), fits
+    page.screenshot(path=str(tmp_path / "sweep-1920.png"))
+    print("screenshot:", tmp_path / "sweep-1920.png")
+    context.close()

@@ -10,7 +10,9 @@ import pytest
 
 pytest.importorskip("jinja2")
 
-from lorakit import LoraConfig  # noqa: E402
+from lorakit import LoraConfig, load_adapter  # noqa: E402
+from lorakit.adapters.mixtures import add_mixture, write_mixture  # noqa: E402
+from lorakit.core.mixture import Router  # noqa: E402
 from lorakit.adapters.files import fingerprint  # noqa: E402
 from lorakit.adapters.registry import Registry  # noqa: E402
 from lorakit.config import ServeConfig  # noqa: E402
@@ -38,6 +40,12 @@ def env(tmp_path_factory):
     reg.add("a", root / "a2")
     reg.add("b", root / "b")
     reg.add("c", root / "c")
+    mixer, _ = load_base(str(root / "base"), device="cpu")  # a mixture over a@2 and b (a router, untrained)
+    for n, d in (("a", "a2"), ("b", "b")):
+        load_adapter(mixer, root / d, n, activate=False)
+    write_mixture(root / "mix", Router(mixer, ["a", "b"]), {"a": root / "a2", "b": root / "b"}, fingerprint(mixer),
+                  "tiny")
+    add_mixture(reg, "ab", root / "mix")
     runs = root / "runs"
     for name in ("r1", "<img src=x onerror=alert(1)>"):
         (runs / name).mkdir(parents=True)
@@ -141,7 +149,7 @@ def test_admin_actions_need_the_admin_key_and_the_token(env):
     assert "has no version 9" in admin.get(r.headers["location"]).text and reg.resolve("a").version == 1
     assert user.post("/ui/adapters/c/remove", data={"csrf": utoken}).status_code == 403
     assert admin.post("/ui/adapters/c/remove", data={"csrf": atoken}).headers["location"] == "/ui/adapters"
-    assert [v.name for v in reg.list()] == ["a", "b"]
+    assert [v.name for v in reg.list()] == ["a", "b", "mix:ab"]
     api = httpx.get(env["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert "c" not in {m["id"] for m in api["data"]}
 
@@ -285,3 +293,10 @@ def test_lorakit_ui_serves_the_dashboard_without_a_model(env):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_a_mixture_row_names_its_adapters_instead_of_a_rank(env):
+    c, _ = login(env, KEY)
+    page = c.get("/ui/adapters").text
+    row = page.split('data-name="mix:ab"', 1)[1].split("</tr>", 1)[0]
+    assert "mixture of 2" in row and "a@2, b@1" in row and "None" not in row

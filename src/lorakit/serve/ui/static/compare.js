@@ -83,11 +83,13 @@
       var secs = (performance.now() - t0) / 1000;
       var n = col.usage ? col.usage.completion_tokens : col.segs.length;
       if (!col.failed) {
-        col.foot.textContent = n + " tokens · " + secs.toFixed(1) + " s · " + (n / secs).toFixed(1) +
+        col.foot.textContent = count(n, "token") + " · " + secs.toFixed(1) + " s · " + (n / secs).toFixed(1) +
           " tok/s" + (col.reason ? " · " + col.reason : "");
       }
     }
   }
+
+  function count(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }  // "1 token", "2 tokens"
 
   var KL_LEVELS = [0.01, 0.1, 0.3, 1, 3];  // nats: shading classes kl1..kl5 start here
 
@@ -131,7 +133,7 @@
     col.art.setAttribute("data-kl-max", String(r.kl_max));
     col.art.setAttribute("data-kl-n", String(r.kl.length));
     line.textContent = "KL to base per token: mean " + fmtKL(r.kl_mean) + " · max " + fmtKL(r.kl_max) +
-      " nats (" + r.kl.length + " tokens)";
+      " nats (" + count(r.kl.length, "token") + ")";
   }
 
   // the tokens of `segs` and of `ref` outside their longest common subsequence (compared by text)
@@ -165,7 +167,7 @@
       if (others.length === 1) d.theirs.forEach(function (s) { s.span.classList.add("gone"); });
       c.art.setAttribute("data-differ", String(d.mine.length));
       c.art.setAttribute("data-missing", String(d.theirs.length));
-      c.foot.textContent += " · " + d.mine.length + " of " + c.segs.length + " tokens differ" +
+      c.foot.textContent += " · " + d.mine.length + " of " + count(c.segs.length, "token") + " differ" +
         (d.theirs.length ? ", " + d.theirs.length + " of the reference's missing" : "");
     });
   }
