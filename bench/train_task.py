@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def run_peft(args) -> dict:
     import peft
 
     from lorakit.models import load_base
-    from lorakit.train.data import build_examples, collate, load_rows
+    from lorakit.train.data import build_examples, load_rows
     from lorakit.train.loop import MicroBatches, lr_at
 
     torch.set_num_threads(args.threads)

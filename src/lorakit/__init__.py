@@ -1,31 +1,35 @@
-"""lorakit: LoRA fine-tuning, portable adapters (PEFT layout) and multi-adapter serving."""
-from lorakit.version import __version__  # noqa: E402
+"""lorakit: LoRA fine-tuning, portable adapters (PEFT layout) and multi-adapter serving.
 
-from lorakit.config import LoraConfig, ServeConfig, TrainConfig  # noqa: E402
-from lorakit.core.inject import (  # noqa: E402
-    LoraLinear,
-    active_adapters,
-    add_adapter,
-    adapter_names,
-    count_params,
-    delete_adapter,
-    disabled,
-    merge,
-    set_active,
-    trainable_report,
-    unload,
-    unmerge,
-)
-from lorakit.adapters.files import fingerprint, load_adapter, read_adapter, save_adapter  # noqa: E402
-from lorakit.models import load_base  # noqa: E402
-from lorakit.adapters.compose import compose  # noqa: E402
-from lorakit.core.mixture import Router  # noqa: E402
-from lorakit.train.router import train_router  # noqa: E402
-from lorakit.core.nf4 import quantize_model  # noqa: E402
+The public names below load on first use (PEP 562), so `import lorakit` and the command line's `--help` do not
+import torch."""
+from lorakit.version import __version__
 
-__all__ = [
-    "LoraConfig", "TrainConfig", "ServeConfig", "LoraLinear", "add_adapter", "adapter_names", "active_adapters",
-    "set_active", "disabled", "delete_adapter", "merge", "unmerge", "unload", "count_params", "trainable_report",
-    "save_adapter", "load_adapter", "read_adapter", "fingerprint", "load_base",
-    "compose", "quantize_model", "Router", "train_router", "__version__",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "LoraConfig": "lorakit.config", "TrainConfig": "lorakit.config", "ServeConfig": "lorakit.config",
+    **{n: "lorakit.core.inject" for n in ("LoraLinear", "active_adapters", "add_adapter", "adapter_names",
+                                          "count_params", "delete_adapter", "disabled", "merge", "set_active",
+                                          "trainable_report", "unload", "unmerge")},
+    **{n: "lorakit.adapters.files" for n in ("fingerprint", "load_adapter", "read_adapter", "save_adapter")},
+    "load_base": "lorakit.models",
+    "compose": "lorakit.adapters.compose",
+    "Router": "lorakit.core.mixture",
+    "train_router": "lorakit.train.router",
+    "quantize_model": "lorakit.core.nf4",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

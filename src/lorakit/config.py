@@ -19,6 +19,8 @@ TARGET_PRESETS = {
     "mlp": ["gate_proj", "up_proj", "down_proj"],
     ALL_LINEAR: ALL_LINEAR,
 }
+# how `lorakit compose` combines adapters (adapters/compose.py implements them; named here for the CLI's --help)
+COMPOSE_METHODS = ("linear", "cat", "svd", "ties", "dare")
 
 
 class _FromDict:

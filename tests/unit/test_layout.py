@@ -90,3 +90,21 @@ def test_modules_are_small_and_library_code_does_not_print():
                     prints.append(f"{name}:{node.lineno}")
     assert not big, big
     assert not prints, prints
+
+
+def test_help_and_listing_adapters_do_not_import_torch(tmp_path):
+    """`lorakit --help` and `lorakit adapters list` answer without torch (the command line imports lazily; the
+    registry reads SQLite only): in a fresh interpreter, torch is not loaded after either."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\n"
+            "from lorakit.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['--help'])\n"
+            f"assert main(['adapters', 'list', '--registry', {str(tmp_path / 'r.sqlite')!r}]) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout

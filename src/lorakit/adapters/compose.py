@@ -31,11 +31,11 @@ import torch
 
 from lorakit.version import __version__
 from lorakit.adapters.files import CONFIG_NAME, EMBEDDING_SUFFIXES, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter
-from lorakit.config import LoraConfig
+from lorakit.config import COMPOSE_METHODS, LoraConfig
 from lorakit.files import atomic_write_dir
 from lorakit.core.inject import _pattern
 
-METHODS = ("linear", "cat", "svd", "ties", "dare")
+METHODS = COMPOSE_METHODS
 
 
 @dataclass

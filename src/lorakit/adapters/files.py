@@ -25,9 +25,8 @@ from lorakit.config import LoraConfig
 from lorakit.files import atomic_write_dir, atomic_write_file, atomic_write_json
 from lorakit.core.inject import (LoraLinear, _pattern, active_adapters, adapter_configs, add_adapter, delete_adapter,
                                  lora_layers, mark_trainable, set_active, wrapper_for)
+from lorakit.adapters.refs import CONFIG_NAME, WEIGHTS_NAME, content_sha256  # noqa: F401  (re-exported)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # suffix in the file -> attribute on the layer's LoraPair
 PARAM_SUFFIXES = {
@@ -37,21 +36,6 @@ PARAM_SUFFIXES = {
 }
 # embedding layers: PEFT's nn.Parameter names (A (r, num_embeddings), B (dim, r)), no ".weight"
 EMBEDDING_SUFFIXES = {".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B"}
-
-
-# ---------------------------------------------------------------- content hash
-def content_sha256(path: str | Path, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> str:
-    """sha256 over the files `names` of directory `path`, in that order: an adapter's identity (the registry
-    keys versions and server slots by it; a mixture records it for every adapter it gates)."""
-    h = hashlib.sha256()
-    for f in names:
-        p = Path(path) / f
-        if not p.is_file():
-            raise FileNotFoundError(f"{str(p)!r} does not exist")
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- fingerprint

@@ -1,6 +1,7 @@
 """Names, references and records of registry entries: 'name', 'name@N', and mixtures 'mix:name[@N]'."""
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,6 +9,22 @@ from pathlib import Path
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MIX = "mix:"  # the name prefix of mixture entries
 MIX_DIR = "@mix"  # their files under the store (no adapter name starts with '@')
+CONFIG_NAME = "adapter_config.json"  # an adapter directory's two files (PEFT's names)
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def content_sha256(path: str | Path, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> str:
+    """sha256 over the files `names` of directory `path`, in that order: an adapter's identity (the registry
+    keys versions and server slots by it; a mixture records it for every adapter it gates)."""
+    h = hashlib.sha256()
+    for f in names:
+        p = Path(path) / f
+        if not p.is_file():
+            raise FileNotFoundError(f"{str(p)!r} does not exist")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 class UnknownAdapter(ValueError):

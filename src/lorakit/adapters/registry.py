@@ -32,9 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-from lorakit.adapters.files import (CONFIG_NAME, WEIGHTS_NAME, check_compatible, content_sha256, read_adapter,
-                                    validate_adapter)
-from lorakit.adapters.refs import (MIX, MIX_DIR, NAME_RE, AdapterVersion, IncompatibleAdapter,  # noqa: F401
+from lorakit.adapters.refs import (CONFIG_NAME, MIX, MIX_DIR, NAME_RE, WEIGHTS_NAME, AdapterVersion,  # noqa: F401
+                                   IncompatibleAdapter, content_sha256,
                                    UnknownAdapter, parse_ref, rel_dir, validate_name)
 
 log = logging.getLogger("lorakit.registry")
@@ -161,6 +160,8 @@ class Registry:
         """Raise IncompatibleAdapter with the reason if adapter file `af` does not fit the base."""
         base = self.require_base()
         try:
+            from lorakit.adapters.files import check_compatible  # torch: only where files are checked
+
             check_compatible(af.module_shapes(), base)
         except ValueError as e:
             raise IncompatibleAdapter(str(e)) from None
@@ -181,6 +182,8 @@ class Registry:
         if name.startswith(MIX):
             raise ValueError(f"{name!r}: names starting with {MIX!r} are mixtures (adapters/mixtures.add_mixture)")
         src = Path(src)
+        from lorakit.adapters.files import read_adapter, validate_adapter  # torch: only where files are read
+
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
         validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
         self.check_fits(af, force)

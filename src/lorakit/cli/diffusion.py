@@ -15,8 +15,8 @@ def cmd_diffusion_demo(args) -> int:
         import sklearn  # noqa: F401
     except ImportError as e:
         raise ValueError(f"the diffusion demo needs {e.name!r}: pip install 'lorakit[diffusion]'") from None
-    from lorakit.lab.diffusion import BaseSpec
-    from lorakit.lab.diffusion_demo import DemoOptions, format_summary, run_demo
+    from lorakit.lab.diffusion_demo import format_summary, run_demo
+    from lorakit.lab.diffusion_options import BaseSpec, DemoOptions
 
     base = BaseSpec(channels=tuple(_ints(args.base_channels)), size=args.size, steps=args.base_steps, seed=args.seed)
     opts = DemoOptions(out=args.output, base=base, r=args.r, alpha=args.alpha or 2.0 * args.r, steps=args.steps,
@@ -31,8 +31,7 @@ def cmd_diffusion_demo(args) -> int:
 
 
 def register(sub) -> None:
-    from lorakit.lab.diffusion import BaseSpec
-    from lorakit.lab.diffusion_demo import DemoOptions
+    from lorakit.lab.diffusion_options import BaseSpec, DemoOptions
 
     d, b = DemoOptions(), BaseSpec()
     p = sub.add_parser("diffusion-demo", help="LoRA on a small diffusion UNet (digits 0-4 -> 5-9) on the CPU: "

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from lorakit.adapters.compose import METHODS as COMPOSE_METHODS, compose, parse_spec
+from lorakit.config import COMPOSE_METHODS
 from lorakit.lab.sweep import DEFAULT_RANKS, DEFAULT_TARGETS, SweepOptions, run_sweep
 
 
@@ -27,6 +27,8 @@ def _add_compose(subparsers) -> None:
 
 
 def _cli(args) -> int:
+    from lorakit.adapters.compose import compose, parse_spec
+
     specs = [parse_spec(s) for s in args.adapter]
     res = compose(specs, args.method, rank=args.rank, density=args.density, seed=args.seed,
                   allow_base_mismatch=args.allow_base_mismatch)

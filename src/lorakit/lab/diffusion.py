@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lorakit.config import TrainConfig
+from lorakit.lab.diffusion_options import SIZE, BaseSpec
 from lorakit.files import atomic_write_dir
 
 log = logging.getLogger("lorakit.lab")
 
-SIZE = 16  # scikit-learn's 8x8 digits upscaled (bilinear): smoother samples than at 8x8, for ~3x the time
 OLD_DIGITS, NEW_DIGITS = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 # conv layers of the resnet blocks + the attention projections: what LoRA for image models usually adapts
 UNET_TARGETS = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
@@ -87,20 +86,6 @@ def sample(unet, n: int, *, steps: int = 40, seed: int = 0, batch_size: int = 25
 
 
 # ---------------------------------------------------------------- the base model
-@dataclass
-class BaseSpec:
-    """What the base is; the cache key. Trained on OLD_DIGITS with full training through the one loop."""
-    channels: tuple[int, ...] = (16, 32)  # 164k parameters: trained in minutes on two cores
-    size: int = SIZE
-    steps: int = 1200
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
-
-    def key(self) -> str:
-        return f"unet{self.size}-{'x'.join(map(str, self.channels))}-s{self.steps}-b{self.batch_size}-seed{self.seed}"
-
-
 def load_unet(path: str | Path):
     from diffusers import UNet2DModel
 

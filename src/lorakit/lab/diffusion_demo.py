@@ -20,43 +20,18 @@ import copy
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.files import atomic_write_json
-from lorakit.lab.diffusion import (NEW_DIGITS, OLD_DIGITS, UNET_TARGETS, BaseSpec, DigitClassifier, base_unet,
+from lorakit.lab.diffusion_options import DemoOptions
+from lorakit.lab.diffusion import (NEW_DIGITS, OLD_DIGITS, UNET_TARGETS, DigitClassifier, base_unet,
                                    digits, sample, save_grid, scheduler)
 
 log = logging.getLogger("lorakit.lab")
-
-
-@dataclass
-class DemoOptions:
-    out: str = "diffusion-demo"
-    base: BaseSpec = field(default_factory=BaseSpec)
-    r: int = 8
-    alpha: float = 16.0
-    steps: int = 300
-    lr: float = 3e-3
-    batch_size: int = 32
-    samples: int = 256  # DDIM samples a model (labelled by the classifier)
-    sample_steps: int = 30
-    sweep_ranks: list[int] = field(default_factory=lambda: [1, 4, 16])
-    sweep_full: bool = True
-    full_lr: float = 5e-4
-    threads: int = 0  # torch CPU threads (0: the cores this process may use)
-    seed: int = 0
-    cache: str | None = None  # base cache root (default ~/.cache/lorakit/diffusion)
-
-    def validate(self) -> None:
-        for k in ("r", "steps", "batch_size", "samples", "sample_steps"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"{k} must be positive, got {getattr(self, k)!r}")
-        if any(r <= 0 for r in self.sweep_ranks):
-            raise ValueError(f"sweep ranks must be positive integers, got {self.sweep_ranks}")
 
 
 def _dir_bytes(path: Path, prefix: str) -> int:
