@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from lorakit.runs import DONE
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
@@ -232,7 +234,7 @@ def inspect_mixture(path: str) -> dict:
     from lorakit.adapters.mixtures import adapter_status, read_mixture
 
     mf = read_mixture(path)
-    done = Path(path) / "train_done.json"
+    done = Path(path) / DONE
     return {"path": str(path), "kind": "mixture", "adapters": mf.names, "temperature": mf.temperature,
             "routed_layers": len(mf.layers), "params": mf.num_params(),
             "adapter_files": [{k: s[k] for k in ("name", "sha256", "dir", "status")} for s in adapter_status(mf)],
@@ -250,7 +252,7 @@ def inspect_router(path: str) -> dict:
     with safe_open(str(Path(path) / "router.safetensors"), "pt") as f:
         params = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape()[1:] or [1])[0] for k in f.keys())
         layers = len({k.rsplit(".", 1)[0] for k in f.keys()})
-    done = Path(path) / "train_done.json"
+    done = Path(path) / DONE
     return {"path": str(path), "kind": "mixture router", "adapters": cfg["adapters"],
             "temperature": cfg.get("temperature"), "routed_layers": layers, "params": params,
             "training": json.loads(done.read_text()) if done.exists() else None}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.commands import _model_args, _split_targets
+from lorakit.runs import EVAL
 
 log = logging.getLogger("lorakit.cli")
 
@@ -149,7 +150,7 @@ def _train(args, ctx) -> int:
         rep = evaluate(model, tok, eval_rows, args.template, args.max_new_tokens, batch_size=32)
         if not args.quiet:
             print(format_report(rep))
-        atomic_write_json(Path(args.output) / "eval.json", rep.to_dict())
+        atomic_write_json(Path(args.output) / EVAL, rep.to_dict())
     return 0
 
 

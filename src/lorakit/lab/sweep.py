@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorakit.files import atomic_write_json
+from lorakit.runs import METRICS
 
 log = logging.getLogger("lorakit.lab")
 
@@ -137,7 +138,7 @@ def _alive(pid: int) -> bool:
 
 
 def _steps_done(run_dir: Path) -> int:
-    m = run_dir / "train" / "metrics.jsonl"
+    m = run_dir / "train" / METRICS
     try:
         return sum(1 for line in m.read_text().splitlines() if '"loss"' in line)
     except OSError:

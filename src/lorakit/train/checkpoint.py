@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import faults
 from lorakit.files import atomic_write_dir, recover
+from lorakit.runs import CHECKPOINT
 from lorakit.train.distributed import full, place
 
-CKPT = "checkpoint"
+CKPT = CHECKPOINT
 
 
 def save_checkpoint(out_dir: Path, step: int, state: dict, params: dict, opt: torch.optim.Optimizer,

@@ -32,7 +32,7 @@ import torch
 from lorakit.adapters.files import save_adapter
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
-from lorakit import faults
+from lorakit import faults, runs
 from lorakit.files import atomic_write_json, atomic_write_text
 from lorakit.models import usable_cores
 from lorakit.train import distributed
@@ -43,7 +43,6 @@ from lorakit.train.data import IGNORE, Example, collate
 
 log = logging.getLogger("lorakit.train")
 
-DONE = "train_done.json"
 
 
 @dataclass
@@ -262,12 +261,12 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                    "total_steps": total_steps, "n_train": len(train_examples), "what": what}
     if router is not None:
         config_echo["router"] = {"adapters": router.names, "temperature": router.temperature}
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / runs.METRICS
     result = TrainResult(out_dir, 0, trainable=trainable, total=total)
     start_step, done_tokens, done_secs = 0, 0, 0.0
     history: list[dict] = []
     if resume:  # rank 0 tidies what a kill -9 mid-write may have left, before any rank reads
-        recover_run(out_dir, ctx.main, "metrics.jsonl", "train_config.json", DONE) or distributed.barrier(ctx)
+        recover_run(out_dir, ctx.main, runs.METRICS, runs.CONFIG, runs.DONE) or distributed.barrier(ctx)
     if resume and (out_dir / CKPT / "state.json").exists():
         state = _load_checkpoint(out_dir, params, opt)
         if state["config"] != json.loads(json.dumps(config_echo)):
@@ -278,15 +277,15 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
         result.losses = [r["loss"] for r in history if "loss" in r]
         result.evals = [r for r in history if "eval_loss" in r]
         log.info("resumed from step %d of %d (%s)", start_step, total_steps, out_dir)
-    elif resume and (out_dir / DONE).exists():
+    elif resume and (out_dir / runs.DONE).exists():
         raise ValueError(f"{str(out_dir)!r} holds a finished run; nothing to resume")
     elif resume:
         log.info("no checkpoint in %r; starting from step 0", str(out_dir))
     distributed.barrier(ctx)  # every rank has read what it needs before rank 0 writes
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / DONE).unlink(missing_ok=True)
-        atomic_write_json(out_dir / "train_config.json", {
+        (out_dir / runs.DONE).unlink(missing_ok=True)
+        atomic_write_json(out_dir / runs.CONFIG, {
             **config_echo, "backend": backend.name, "backend_reason": why, "threads": threads, "world": ctx.world,
             "parallel": mode, "batch_size_per_rank": cfg.batch_size})
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
@@ -385,7 +384,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
             else:
                 save_adapter(model, out_dir, "default", base_name=base_name, metadata=meta)
     if ctx.main:
-        atomic_write_json(out_dir / DONE, {"steps": total_steps, "final_loss": result.losses[-1],
+        atomic_write_json(out_dir / runs.DONE, {"steps": total_steps, "final_loss": result.losses[-1],
                                             "evals": result.evals, "trainable": trainable, "total": total,
                                             "backend": backend.name})
         shutil.rmtree(out_dir / CKPT, ignore_errors=True)

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-METRICS, CONFIG, DONE, EVAL, ADAPTER_CONFIG = ("metrics.jsonl", "train_config.json", "train_done.json",
-                                               "eval.json", "adapter_config.json")
+from lorakit.adapters.refs import CONFIG_NAME as ADAPTER_CONFIG  # noqa: F401  (the pages read it from here)
+from lorakit.runs import CONFIG, DONE, EVAL, METRICS  # noqa: F401  (the pages read them from here)
+
 RUNNING_WITHIN_S = 120.0  # metrics written this recently and no train_done.json: the run is going
 
 
