@@ -6,14 +6,7 @@ from typing import Callable, Sequence
 import torch
 
 from lorakit import arch
-
-
-def chat_prompt(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render chat messages with the model's own chat template (plain 'role: text' lines if it has none)."""
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
+from lorakit.templates import chat_prompt
 
 
 def stop_ids(model, tok) -> set[int]:

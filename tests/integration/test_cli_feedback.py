@@ -25,7 +25,7 @@ def lorakit(*args):
 @pytest.fixture(scope="module")
 def adapter(tiny_dir, tmp_path_factory):
     from lorakit import LoraConfig, add_adapter, load_base, save_adapter
-    from lorakit.train.data import template_info
+    from lorakit.templates import template_info
 
     root = tmp_path_factory.mktemp("fb")
     model, tok = load_base(str(tiny_dir), device="cpu")

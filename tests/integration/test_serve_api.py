@@ -230,7 +230,7 @@ def test_lorakit_serve_command(env, tmp_path):
 def test_chat_request_rendered_as_the_adapter_was_trained(env):
     """An adapter trained on plain-rendered rows (recorded in its metadata) gets a single user turn as its
     text, as `lorakit generate` renders it by default; a chat-recorded one gets the chat template."""
-    from lorakit.train.data import template_info
+    from lorakit.templates import template_info
 
     model, tok = load_base(str(env["root"] / "base"), device="cpu")
     torch.manual_seed(5)

@@ -12,7 +12,7 @@ from lorakit.adapters.files import read_metadata
 from lorakit.cli.main import build_parser, main
 from lorakit.generate import generate
 from lorakit.models import load_base, resolve_model_path
-from lorakit.train.data import chat_template_sha256, pick_template, template_info
+from lorakit.templates import chat_template_sha256, pick_template, template_info
 
 PROMPT = "Rewrite as ISO 8601: the 5th of March, 2021"
 

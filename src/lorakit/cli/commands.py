@@ -73,7 +73,7 @@ def _adapter_meta(adapters: list[str] | None) -> dict[str, dict]:
 
 def _template(args, tok) -> str:
     """--template if given, else the adapters' recorded one ('auto' without); mismatches warn on stderr."""
-    from lorakit.train.data import pick_template
+    from lorakit.templates import pick_template
 
     template, warnings = pick_template(tok, args.template, _adapter_meta(args.adapter))
     for w in warnings:

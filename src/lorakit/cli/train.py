@@ -101,7 +101,8 @@ def _train(args, ctx) -> int:
     from lorakit.config import LoraConfig, load_config_file
     from lorakit.files import atomic_write_json
     from lorakit.models import base_reference
-    from lorakit.train.data import build_examples, load_rows, template_info
+    from lorakit.templates import template_info
+    from lorakit.train.data import build_examples, load_rows
     from lorakit.train.evaluate import evaluate, format_report
     from lorakit.train.loop import train
 
@@ -237,7 +238,8 @@ def cmd_train_router(args) -> int:
     from lorakit.core.inject import set_active
     from lorakit.core.mixture import Router
     from lorakit.models import model_name
-    from lorakit.train.data import build_examples, load_rows, template_info
+    from lorakit.templates import template_info
+    from lorakit.train.data import build_examples, load_rows
     from lorakit.train.router import train_router
 
     specs = [_named(s) for s in args.adapters.split(",") if s.strip()]

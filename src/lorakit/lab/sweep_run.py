@@ -85,7 +85,8 @@ def _predicted_mib(model, spec: dict, lora, seq: int) -> float:
 
 def run(spec: dict) -> dict:
     from lorakit.config import LoraConfig, TrainConfig
-    from lorakit.train.data import build_examples, template_info
+    from lorakit.templates import template_info
+    from lorakit.train.data import build_examples
     from lorakit.train.evaluate import normalize
     from lorakit.models import base_reference, load_base
     from lorakit.train.loop import train

@@ -60,7 +60,7 @@ def chat_prompt_for(registry: Registry, tok, p: P.Parsed) -> str | list[dict]:
     """A chat request's prompt as the named adapter saw its rows in training: a single user turn for an
     adapter trained on plain-rendered rows is its text as is; otherwise the chat template renders the messages
     (as for the base). Mismatches inside a stack are logged once."""
-    from lorakit.train.data import pick_template
+    from lorakit.templates import pick_template
 
     msgs = p.prompt
     if p.kind != "chat" or not p.stack:

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.data import build_examples, collate, prompt_and_answer, render_prompt, resolve_template, row_format
+from lorakit.templates import render_prompt, resolve_template
+from lorakit.train.data import build_examples, collate, prompt_and_answer, row_format
 from lorakit.generate import generate_ids
 from lorakit.core.inject import active_adapters, disabled
 from lorakit.train.backends import target_logits
