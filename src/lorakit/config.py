@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,20 @@ TARGET_PRESETS = {
 }
 # how `lorakit compose` combines adapters (adapters/compose.py implements them; named here for the CLI's --help)
 COMPOSE_METHODS = ("linear", "cat", "svd", "ties", "dare")
+
+
+def match_pattern(patterns: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that matches the end of module path
+    `path` (a regex over whole dotted segments), else `default`."""
+    for key, val in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return val
+    return default
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B A: alpha / r (rsLoRA: alpha / sqrt(r))."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 class _FromDict:
@@ -85,6 +100,19 @@ class LoraConfig(_FromDict):
     def peft_defaults(cls, **overrides) -> "LoraConfig":
         """HF PEFT's defaults for a Llama model: r=8, lora_alpha=8, dropout 0, target_modules q_proj and v_proj."""
         return cls(**{"r": 8, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **overrides})
+
+    def rank_for(self, path: str) -> int:
+        """The rank of module `path` (rank_pattern, else r)."""
+        return int(match_pattern(self.rank_pattern, path, self.r))
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of module `path` (alpha_pattern, else alpha)."""
+        return float(match_pattern(self.alpha_pattern, path, self.alpha))
+
+    def scale_for(self, path: str, r: int | None = None) -> float:
+        """The factor on module `path`'s B A: its alpha over its rank (rsLoRA: over the rank's square root).
+        `r`: the rank the module's tensors actually have, where a file is read (default: rank_for(path))."""
+        return lora_scale(self.alpha_for(path), self.rank_for(path) if r is None else r, self.use_rslora)
 
     def to_peft(self, base_model_name_or_path: str | None = None,
                 task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:

@@ -73,11 +73,11 @@ def embedded_dir() -> Path:
     # The GGUF metadata names <|im_start|> as EOS; SmolLM2-Instruct ends a turn with <|im_end|>
     # (its generation config says so too). Use the original model card's special tokens.
     tok.eos_token, tok.pad_token = "<|im_end|>", "<|im_end|>"
-    _save_hf_dir(model, tok, target)
+    save_hf_dir(model, tok, target)
     return target
 
 
-def _save_hf_dir(model, tok, target: Path) -> None:
+def save_hf_dir(model, tok, target: Path) -> None:
     """save_pretrained into a temp sibling, then rename: a cache is either whole or absent."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -119,3 +119,14 @@ def test_help_and_listing_adapters_do_not_import_torch(tmp_path):
                        env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A leading underscore means "this module's own": another module that needs it needs a public name."""
+    bad = []
+    for name, f in _modules():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorakit"):
+                bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad

@@ -129,3 +129,23 @@ def test_deleting_last_adapter_restores_plain_linear(tiny, ids):
     delete_adapter(tiny, "a")
     assert not list(lora_layers(tiny))
     torch.testing.assert_close(tiny(ids).logits, ref)
+
+
+def test_one_accessor_gives_each_modules_rank_alpha_and_scale():
+    import math
+
+    from lorakit import LoraConfig
+
+    cfg = LoraConfig(r=8, alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"layers.1.v_proj": 2.0})
+    assert (cfg.rank_for("model.layers.0.q_proj"), cfg.alpha_for("model.layers.0.q_proj")) == (4, 16.0)
+    assert cfg.scale_for("model.layers.0.q_proj") == 16 / 4 and cfg.scale_for("model.layers.0.k_proj") == 16 / 8
+    assert cfg.scale_for("model.layers.1.v_proj") == 2 / 8 and cfg.scale_for("model.layers.0.v_proj") == 16 / 8
+    assert cfg.scale_for("model.layers.0.k_proj", r=2) == 16 / 2  # the rank a file's tensors have
+    rs = LoraConfig(r=16, alpha=32, use_rslora=True)
+    assert math.isclose(rs.scale_for("model.layers.0.q_proj"), 32 / 4)
+    from lorakit.models import tiny_llama
+
+    m = tiny_llama()  # the layer uses the same rule
+    add_adapter(m, cfg, "x")
+    assert m.get_submodule("model.layers.0.q_proj").adapters["x"].scale == cfg.scale_for("model.layers.0.q_proj")
+    assert m.get_submodule("model.layers.1.v_proj").adapters["x"].scale == cfg.scale_for("model.layers.1.v_proj")

@@ -33,7 +33,6 @@ from lorakit.version import __version__
 from lorakit.adapters.files import CONFIG_NAME, EMBEDDING_SUFFIXES, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter
 from lorakit.config import COMPOSE_METHODS, LoraConfig
 from lorakit.files import atomic_write_dir
-from lorakit.core.inject import _pattern
 
 METHODS = COMPOSE_METHODS
 
@@ -104,8 +103,7 @@ def _factors(af: AdapterFile, weight: float) -> dict[str, Factor]:
     for path, t in af.modules().items():
         A, B = t["lora_A"].float(), t["lora_B"].float()
         r = A.shape[0]
-        alpha = _pattern(cfg.alpha_pattern, path, cfg.alpha)
-        scale = alpha / (math.sqrt(r) if cfg.use_rslora else r)
+        scale = cfg.scale_for(path, r=r)
         out[path] = Factor(B.reshape(B.shape[0], r) * (scale * weight), A.reshape(r, -1), path in embed,
                            tuple(A.shape))
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.version import __version__
 from lorakit.config import LoraConfig
 from lorakit.files import atomic_write_dir, atomic_write_file, atomic_write_json
-from lorakit.core.inject import (LoraLinear, _pattern, active_adapters, adapter_configs, add_adapter, delete_adapter,
+from lorakit.core.inject import (LoraLinear, active_adapters, adapter_configs, add_adapter, delete_adapter,
                                  lora_layers, mark_trainable, set_active, wrapper_for)
 from lorakit.adapters.refs import CONFIG_NAME, WEIGHTS_NAME, content_sha256  # noqa: F401  (re-exported)
 
@@ -238,7 +237,7 @@ def validate_adapter(af: AdapterFile, base_fp: dict | None = None) -> dict[str, 
         if A.dim() < 2 or B.dim() < 2 or A.shape[0] != B.shape[1] or any(d != 1 for d in B.shape[2:]):
             raise ValueError(f"{where}: module {path!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
                              "expected A (r, in, ...) and B (out, r, 1...) of the same rank r")
-        r_cfg = _pattern(cfg.rank_pattern, path, cfg.r)
+        r_cfg = cfg.rank_for(path)
         if A.shape[0] != r_cfg:
             raise ValueError(f"{where}: module {path!r} has rank {A.shape[0]} in its tensors but r={r_cfg} in "
                              f"{CONFIG_NAME} (r / rank_pattern)")
@@ -248,8 +247,7 @@ def validate_adapter(af: AdapterFile, base_fp: dict | None = None) -> dict[str, 
         if cfg.use_dora and (mag is None or tuple(mag.shape) != (B.shape[0],)):
             raise ValueError(f"{where}: use_dora is true but module {path!r} has magnitude "
                              f"{None if mag is None else tuple(mag.shape)}; expected ({B.shape[0]},)")
-        alpha = _pattern(cfg.alpha_pattern, path, cfg.alpha)
-        scale = float(alpha) / (math.sqrt(r_cfg) if cfg.use_rslora else r_cfg)
+        alpha, scale = cfg.alpha_for(path), cfg.scale_for(path)
         bound = scale * r_cfg * float(A.abs().max()) * float(B.abs().max())
         if not bound <= MAX_DELTA_BOUND:
             raise ValueError(f"{where}: module {path!r} could change a weight by up to {bound:.3g} "
@@ -294,7 +292,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, t
     attach_cfg = LoraConfig(**{**cfg.to_dict(), "targets": "|".join(_re_escape(p) for p in mods),
                                "rank_pattern": {}, "alpha_pattern": {}})
     ranks = {p: t["lora_A"].shape[0] for p, t in mods.items()}
-    alphas = {p: _pattern(cfg.alpha_pattern, p, cfg.alpha) for p in mods}
+    alphas = {p: cfg.alpha_for(p) for p in mods}
     attach_cfg.rank_pattern = {_re_escape(p): r for p, r in ranks.items()}
     attach_cfg.alpha_pattern = {_re_escape(p): a for p, a in alphas.items()}
     before = (active_adapters(model), [p for p in model.parameters() if p.requires_grad])

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from lorakit.adapters.files import read_adapter
-from lorakit.core.inject import _pattern
 from lorakit.files import atomic_write_file
 
 log = logging.getLogger(__name__)
@@ -250,8 +249,7 @@ def lora_tensors(adapter_path: str | Path, config) -> tuple[float, list[tuple[st
             raise ValueError(f"adapter module {module!r} has no llama.cpp tensor to adapt")
         A, B = t["lora_A"].float(), t["lora_B"].float()  # (r, in), (out, r); embedding: (r, vocab), (dim, r)
         r = A.shape[0]
-        a_m = _pattern(cfg.alpha_pattern, module, cfg.alpha)
-        scale = a_m / (r ** 0.5 if cfg.use_rslora else r)
+        scale = cfg.scale_for(module, r=r)
         B = B * (scale * r / alpha)  # llama.cpp applies alpha / r: fold the rest of this module's scale into B
         heads = _heads(config, name)
         if heads:

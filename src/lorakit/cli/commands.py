@@ -9,7 +9,7 @@ from pathlib import Path
 from lorakit.runs import DONE
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="'embedded' (SmolLM2-135M-Instruct), a local HF model dir, a hub id already in the local "
                         "Hugging Face cache, or a .gguf file (nothing is downloaded)")
@@ -28,7 +28,7 @@ def _adapter_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _load(args, adapters: list[str] | None = None, trainable: bool = False, mixture_ok: bool = True):
+def load_model_and_adapters(args, adapters: list[str] | None = None, trainable: bool = False, mixture_ok: bool = True):
     """The base with `adapters` (dirs, 'dir:weight') active, or with one mixture dir (lorakit train-router)."""
     from lorakit.adapters.files import load_adapter
     from lorakit.adapters.mixtures import is_mixture, load_mixture
@@ -54,13 +54,13 @@ def _load(args, adapters: list[str] | None = None, trainable: bool = False, mixt
     return model, tok
 
 
-def _split_targets(s: str):
+def split_targets(s: str):
     return s if "," not in s and (s in ("all-linear", "attn", "mlp", "qv") or any(c in s for c in "*().|\\[")) \
         else [t.strip() for t in s.split(",") if t.strip()]
 
 
 def _adapter_meta(adapters: list[str] | None) -> dict[str, dict]:
-    """adapter name (as `_load` names them) -> its lorakit metadata ({} for a PEFT adapter); for a mixture, how
+    """adapter name (as `load_model_and_adapters` names them) -> its lorakit metadata ({} for a PEFT adapter); for a mixture, how
     its router's rows were rendered."""
     from lorakit.adapters.files import read_metadata
     from lorakit.adapters.mixtures import is_mixture, mixture_metadata
@@ -81,7 +81,7 @@ def _template(args, tok) -> str:
     return template
 
 
-def _say(args, msg: str) -> None:
+def say(args, msg: str) -> None:
     """A status line (stdout) unless --quiet."""
     if not getattr(args, "quiet", False):
         print(msg, flush=True)
@@ -103,12 +103,12 @@ def cmd_eval(args) -> int:
     rows, _ = load_rows(args.data)
     if args.limit:
         rows = rows[:args.limit]
-    model, tok = _load(args, args.adapter)
+    model, tok = load_model_and_adapters(args, args.adapter)
     template = _template(args, tok)
     base = None
     if args.base_model:
         base, _ = load_base(args.base_model, dtype=args.dtype, device=args.device)
-    _say(args, f"eval: {len(rows)} rows of {args.data}, prompts rendered {template}")
+    say(args, f"eval: {len(rows)} rows of {args.data}, prompts rendered {template}")
     rep = evaluate(model, tok, rows, template, args.max_new_tokens, args.batch_size, base_model=base,
                    compare=bool(args.adapter or base is not None), progress=not args.quiet)
     if args.json:
@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity, exact match; before/after and behaviour change")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight), "
                                                       "or one mixture dir (lorakit train-router)")
     p.add_argument("--base-model", help="compare against this model instead of the adapter-free base "
@@ -146,7 +146,7 @@ def cmd_generate(args) -> int:
         if args.template not in (None, "chat"):
             raise ValueError(f"--chat and --template {args.template} disagree; pass one of them")
         args.template = "chat"
-    model, tok = _load(args, args.adapter)
+    model, tok = load_model_and_adapters(args, args.adapter)
     template = _template(args, tok)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
@@ -161,7 +161,7 @@ def cmd_generate(args) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the base or with adapters")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--adapter", action="append", help="adapter dir (repeat to stack; 'dir:weight' sets a weight), "
                                                       "or one mixture dir (lorakit train-router)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: stdin lines)")
@@ -178,22 +178,22 @@ def _add_generate(sub) -> None:
 # ------------------------------------------------------------------ merge
 def cmd_merge(args) -> int:
     from lorakit.core.inject import unload
-    from lorakit.models import _save_hf_dir
+    from lorakit.models import save_hf_dir
 
-    model, tok = _load(args, args.adapter, mixture_ok=False)
+    model, tok = load_model_and_adapters(args, args.adapter, mixture_ok=False)
     unload(model, merge_active=True)
     if args.save_dtype:
         from lorakit.models import resolve_dtype
 
         model.to(resolve_dtype(args.save_dtype, next(model.parameters()).device))
-    _save_hf_dir(model, tok, Path(args.output))
-    _say(args, f"wrote merged model to {args.output} (loads with transformers alone)")
+    save_hf_dir(model, tok, Path(args.output))
+    say(args, f"wrote merged model to {args.output} (loads with transformers alone)")
     return 0
 
 
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold adapters into the base and export a Hugging Face model dir")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--adapter", action="append", required=True, help="adapter dir ('dir:weight'; repeat to stack)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--save-dtype", help="dtype of the saved weights (default: the load dtype)")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def cmd_export(args) -> int:
-    from lorakit.cli.commands import _load, _say
+    from lorakit.cli.commands import load_model_and_adapters, say
 
     out = Path(args.output)
     if args.adapter_only:
@@ -22,26 +22,26 @@ def cmd_export(args) -> int:
                              f"pass its Hugging Face dir (or 'embedded')")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         write_lora_gguf(args.adapter[0], config, out, args.outtype or "f32")
-        _say(args, f"wrote llama.cpp LoRA adapter {out} (llama-cli -m BASE.gguf --lora {out}; "
+        say(args, f"wrote llama.cpp LoRA adapter {out} (llama-cli -m BASE.gguf --lora {out}; "
                    f"Ollama: ADAPTER {out})")
         return 0
     from lorakit.adapters.gguf_export import write_model_gguf
     from lorakit.core.inject import unload
 
-    model, tok = _load(args, args.adapter)
+    model, tok = load_model_and_adapters(args, args.adapter)
     if args.adapter:
         unload(model, merge_active=True)
     write_model_gguf(model, tok, out, args.outtype or "f16", name=args.name)
-    _say(args, f"wrote {out} ({args.outtype or 'f16'}; llama-cli -m {out}; Ollama: FROM {out})")
+    say(args, f"wrote {out} ({args.outtype or 'f16'}; llama-cli -m {out}; Ollama: FROM {out})")
     return 0
 
 
 def register(sub) -> None:
-    from lorakit.cli.commands import _model_args
+    from lorakit.cli.commands import model_args
 
     p = sub.add_parser("export", help="a merged model (or, with --adapter-only, the adapter) as GGUF for llama.cpp "
                                       "and Ollama")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--adapter", action="append", help="adapter dir ('dir:weight'; repeat to stack), merged first")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (merge writes a HF dir)")
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],

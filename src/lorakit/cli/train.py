@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lorakit.cli.commands import _model_args, _split_targets
+from lorakit.cli.commands import model_args, split_targets
 from lorakit.runs import EVAL
 
 log = logging.getLogger("lorakit.cli")
@@ -113,7 +113,7 @@ def _train(args, ctx) -> int:
         if v is not None:
             lora_kw[k] = v
     if args.targets is not None:
-        lora_kw["targets"] = _split_targets(args.targets)
+        lora_kw["targets"] = split_targets(args.targets)
     lora_cfg = LoraConfig.from_dict(lora_kw)
     train_cfg = _train_config(args, file_cfg)
     if train_cfg.full:  # every weight trains: the adapter-only options would be silently ignored
@@ -184,7 +184,7 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with LoRA (or --full) on a JSONL/CSV data file")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--data", required=True, help="JSONL/CSV: prompt/completion, messages, alpaca or text rows")
     p.add_argument("--eval-data", help="held-out rows for periodic eval loss (and before/after with --compare)")
     p.add_argument("-o", "--output", required=True, help="output dir: adapter files, metrics.jsonl, checkpoints")
@@ -276,7 +276,7 @@ def cmd_train_router(args) -> int:
 
 def _add_train_router(sub) -> None:
     p = sub.add_parser("train-router", help="train a mixture-of-LoRAs router over frozen adapters (same loop)")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--adapters", required=True, help="comma list of adapter dirs (or name=dir) to route between")
     p.add_argument("--data", required=True, help="rows of the mixed tasks (same formats as train)")
     p.add_argument("--eval-data", help="held-out rows for eval loss")

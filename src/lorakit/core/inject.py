@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from lorakit.config import LoraConfig
 from lorakit.core.layer import LoraLinear, Routing
-from lorakit.core.targets import (WRAPPERS, _output_head_paths, find_targets,  # noqa: F401 (re-exported)
+from lorakit.core.targets import (WRAPPERS, output_head_paths, find_targets,  # noqa: F401 (re-exported)
                                   wrapper_for, wrapper_types)
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -24,14 +24,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
             yield path, mod
 
 
-def _pattern(patterns: dict, path: str, default):
-    for key, val in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return val
-    return default
-
-
-def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, child = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child
 
@@ -62,12 +55,11 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
         mod = model.get_submodule(path)
         training = mod.training  # a new layer or adapter takes the train/eval mode of the module it adapts
         if not isinstance(mod, LoraLinear):
-            parent, child = _get_parent(model, path)
+            parent, child = get_parent(model, path)
             mod = wrapper_for(mod)(mod)
             mod.tied_with = [o for o in owners.get(id(mod.weight), []) if o != path]
             setattr(parent, child, mod)
-        pair = mod.add(name, _pattern(config.rank_pattern, path, config.r),
-                       _pattern(config.alpha_pattern, path, config.alpha), config.dropout, config.use_rslora,
+        pair = mod.add(name, config.rank_for(path), config.alpha_for(path), config.dropout, config.use_rslora,
                        config.use_dora, config.init_lora_weights, dtype=dtype)
         mod.train(training)
         pair.train(training)
@@ -88,7 +80,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(adapter_configs(model))
 
 
-def _check_names(model: nn.Module, names) -> None:
+def check_names(model: nn.Module, names) -> None:
     known = adapter_configs(model)
     for n in names:
         if n not in known:
@@ -110,7 +102,7 @@ def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float] | 
             active[n] = float(w)
     else:
         active = {n: 1.0 for n in adapters}
-    _check_names(model, active)
+    check_names(model, active)
     for _, layer in lora_layers(model):
         if layer.merged:
             raise ValueError("unmerge before changing the active adapters")
@@ -151,7 +143,7 @@ def mark_trainable(model: nn.Module, name: str | None) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    _check_names(model, [name])
+    check_names(model, [name])
     layers = list(lora_layers(model))
     for _, layer in layers:
         if any(m[0] == name for m in layer.merged):
@@ -171,7 +163,7 @@ def merge(model: nn.Module, names: list[str] | None = None, keep_original: bool 
     `keep_original` keeps a copy of each merged layer's base weight so that unmerge is exact bit for bit
     (memory: one more copy of those weights); unload(merge_active=True) skips it."""
     if names is not None:
-        _check_names(model, names)
+        check_names(model, names)
     fresh = []  # layers this call merges first: unmerged again if a later layer refuses
     try:
         for _, layer in lora_layers(model):
@@ -203,7 +195,7 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
 
 
 def _restore_linear(model: nn.Module, path: str, layer: LoraLinear) -> None:
-    parent, child = _get_parent(model, path)
+    parent, child = get_parent(model, path)
     setattr(parent, child, layer.to_base())
 
 

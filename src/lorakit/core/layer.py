@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, lora_scale
 
 # A routing hook: (layer, x, base output) -> delta to add to the base output (same shape as the output). The base
 # output (bias included) is there for what scales it: a DoRA adapter's magnitude (serve/slots.py).
@@ -34,7 +34,7 @@ class LoraPair(nn.Module):
                  use_rslora: bool = False, init_b_zero: bool = True, dtype=None, device=None):
         super().__init__()
         self.r, self.alpha = r, float(alpha)
-        self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.scale = lora_scale(self.alpha, r, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear (and PEFT) use for A

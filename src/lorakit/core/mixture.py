@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.core.inject import LoraLinear, _check_names, lora_layers, set_routing
+from lorakit.core.inject import LoraLinear, check_names, lora_layers, set_routing
 from lorakit.files import atomic_write_file, atomic_write_json
 
 ROUTER_FILE = "router.safetensors"
@@ -49,7 +49,7 @@ class Router(nn.Module):
 
     def __init__(self, model: nn.Module, names: list[str], temperature: float = 1.0):
         super().__init__()
-        _check_names(model, names)
+        check_names(model, names)
         if len(names) < 2:
             raise ValueError(f"a mixture needs at least two adapters, got {names}")
         self.names, self.temperature = list(names), float(temperature)

@@ -11,7 +11,7 @@ from lorakit.core.conv_embedding import WRAPPERS as CONV_EMBEDDING_WRAPPERS
 from lorakit.core.layer import LoraLinear
 
 
-def _output_head_paths(model: nn.Module) -> set[str]:
+def output_head_paths(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {p for p, m in model.named_modules() if head is not None and m is head}
 
@@ -38,7 +38,7 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     kinds = {p: w.kind for p, m in model.named_modules() if (w := wrapper_for(m)) is not None}
     cands = list(kinds)
     if targets == ALL_LINEAR:
-        heads = _output_head_paths(model)
+        heads = output_head_paths(model)
         found = [p for p in cands if p not in heads and kinds[p] == "linear"]
     elif isinstance(targets, str):
         found = [p for p in cands if re.fullmatch(targets, p)]

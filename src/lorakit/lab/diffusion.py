@@ -157,9 +157,9 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: str | Path, labels: li
               title: str | None = None) -> Path:
     """One row of images per (name, images (k, 1, s, s) in [-1, 1]) -> a PNG; `labels` writes the classifier's
     digit over each image."""
-    from lorakit.lab.plots import _plt, _save
+    from lorakit.lab.plots import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     k = max(len(x) for _, x in rows)
     fig, axes = plt.subplots(len(rows), k, figsize=(0.62 * k + 1.6, 0.8 * len(rows) + (0.4 if title else 0)),
                              squeeze=False)
@@ -178,4 +178,4 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: str | Path, labels: li
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -95,14 +95,14 @@ def load_config(model: str):
 
 
 def arch_of(config, name: str = "") -> Arch:
-    from lorakit.core.inject import _output_head_paths, count_params
+    from lorakit.core.inject import output_head_paths, count_params
 
     meta = _meta_model(config)
     heads = config.num_attention_heads
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     linear = {p: (m.in_features, m.out_features) for p, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
-    head = next(iter(_output_head_paths(meta)), "lm_head")
+    head = next(iter(output_head_paths(meta)), "lm_head")
     return Arch(name=name or getattr(config, "name_or_path", "") or config.model_type, vocab=config.vocab_size,
                 hidden=hidden, layers=config.num_hidden_layers, heads=heads,
                 kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -222,7 +222,7 @@ def format_estimates(ests: list[Estimate], header: str = "") -> str:
 
 
 # ---------------------------------------------------------------- measuring the real thing
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -269,7 +269,7 @@ def _build(spec: dict):
     return model
 
 
-def _child(spec: dict) -> dict:
+def measure_in_child(spec: dict) -> dict:
     """In a fresh process: build the model, train `steps` real steps with lorakit's loop, report the peak:
     on CPU the peak resident set (VmHWM), on CUDA the allocator's peak."""
     import tempfile
@@ -297,13 +297,13 @@ def _child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated() / 2 ** 20
     elif reset_peak_rss():
-        start = _status_mib("VmRSS")
+        start = status_mib("VmRSS")
     else:
         raise ValueError("cannot reset the peak RSS (/proc/self/clear_refs); measuring needs Linux >= 4.0")
     with tempfile.TemporaryDirectory() as tmp:
         res = train(model, types.SimpleNamespace(pad_token_id=0), examples, tmp, lora, tcfg, progress=False,
                     save_final=False)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _status_mib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else status_mib("VmHWM")
     return {"weights_mib": weights_mib, "start_mib": start, "peak_mib": peak,
             "measured_mib": weights_mib + peak - start, "trainable": res.trainable, "seconds": res.seconds}
 
@@ -321,7 +321,7 @@ def measure(model, method: str, r: int = 16, batch: int = 8, seq: int = 128, tar
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            # fixed mmap threshold: big tensors go straight back to the OS when freed, so RSS tracks live memory
            "MALLOC_MMAP_THRESHOLD_": "131072"}
-    code = "import json,sys; from lorakit.lab.estimate import _child; print(json.dumps(_child(json.loads(sys.argv[1]))))"
+    code = "import json,sys; from lorakit.lab.estimate import measure_in_child; print(json.dumps(measure_in_child(json.loads(sys.argv[1]))))"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {method} failed:\n{out.stderr[-2000:]}")

@@ -7,7 +7,7 @@ from pathlib import Path
 FULL_COLOR, BASE_COLOR = "black", "grey"
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,11 +16,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     from lorakit.files import atomic_write_file
 
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -66,7 +66,7 @@ def _panel(ax, results, key, title, ylabel, base_key=None, logy=False):
 
 
 def quality_vs_rank(results: list[dict], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     _panel(axes[0], results, "accuracy", "Task accuracy (exact match)", "accuracy", base_key="accuracy")
     _panel(axes[1], results, "eval_loss", "Held-out loss", "loss per target token", base_key="eval_loss",
@@ -75,22 +75,22 @@ def quality_vs_rank(results: list[dict], path: Path) -> Path:
            base_key="general_loss")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cost_vs_rank(results: list[dict], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     _panel(axes[0], results, "trainable", "Trainable parameters", "parameters", logy=True)
     _panel(axes[1], results, "peak_mib", "Peak memory while training (RSS)", "MiB (incl. base weights)")
     _panel(axes[2], results, "tokens_per_s", "Training throughput", "tokens / s")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curves(results: list[dict], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     series = _lora_series(results)
     fig, axes = plt.subplots(1, max(1, len(series)), figsize=(6.5 * max(1, len(series)), 4.2), squeeze=False)
     cmap = plt.get_cmap("viridis")
@@ -108,7 +108,7 @@ def loss_curves(results: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 RANDOM_STYLES = [(":", "x"), ("--", "^"), ("-.", "s"), ((0, (1, 3)), "d")]
@@ -117,7 +117,7 @@ RANDOM_STYLES = [(":", "x"), ("--", "^"), ("-.", "s"), ((0, (1, 3)), "d")]
 def svd_energy(analysis: dict, results: list[dict], path: Path) -> Path:
     """Left: energy of the full fine-tune's weight change in its top r singular directions, per module kind,
     with random matrices of the same shapes for reference. Right: LoRA's accuracy at r beside that energy."""
-    plt = _plt()
+    plt = pyplot()
     ranks = analysis["ranks"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
     for kind, k in analysis["kinds"].items():
@@ -145,7 +145,7 @@ def svd_energy(analysis: dict, results: list[dict], path: Path) -> Path:
     ax2.set_title("LoRA's accuracy at rank r beside the energy a rank-r matrix keeps")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_all(out: Path, results: list[dict], analysis: dict | None) -> list[Path]:

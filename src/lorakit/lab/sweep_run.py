@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.lab.estimate import _status_mib, reset_peak_rss, resident_weights
+from lorakit.lab.estimate import status_mib, reset_peak_rss, resident_weights
 from lorakit.files import atomic_write_json
 
 RESULT = "result.json"
@@ -116,10 +116,10 @@ def run(spec: dict) -> dict:
                       warmup_ratio=spec["warmup_ratio"], max_len=spec["max_len"], full=full)
     weights_mib = resident_weights(model) / 2 ** 20
     can_reset = reset_peak_rss()
-    start_mib = _status_mib("VmRSS")
+    start_mib = status_mib("VmRSS")
     tr = train(model, tok, train_ex, run_dir / "train", lora, cfg, progress=False, save_final=not full,
                base_name=base_reference(spec["model"]), metadata=template_info(tok, spec["template"]))
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     res.update(trainable=tr.trainable, total_params=tr.total, steps=tr.steps, losses=tr.losses,
                train_loss=tr.losses[-1], train_loss_last5=sum(tr.losses[-5:]) / len(tr.losses[-5:]),
                train_seconds=tr.seconds, tokens=tr.tokens, tokens_per_s=tr.tokens_per_s,

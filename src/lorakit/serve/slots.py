@@ -25,7 +25,6 @@ token, coef (b, s, k), for that layer's lora_delta. Rows of other kinds in the b
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch.nn as nn
 from lorakit import kernels
 from lorakit.adapters.files import AdapterFile, validate_adapter
 from lorakit.adapters.mixtures import MixtureFile, check_base
-from lorakit.core.inject import LoraLinear, _get_parent, _pattern
+from lorakit.core.inject import LoraLinear, get_parent
 from lorakit.core.mixture import gate_probs
 from lorakit.kernels.reference import dora_slot
 
@@ -69,9 +68,7 @@ def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tenso
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"{str(af.path)!r}: module {path!r} has lora_A {tuple(A.shape)} and lora_B "
                              f"{tuple(B.shape)}; expected (r, in) and (out, r)")
-        r = A.shape[0]
-        alpha = float(_pattern(cfg.alpha_pattern, path, cfg.alpha))
-        out[path] = (A, B, alpha / (math.sqrt(r) if cfg.use_rslora else r), t.get("lora_magnitude_vector"))
+        out[path] = (A, B, cfg.scale_for(path, r=A.shape[0]), t.get("lora_magnitude_vector"))
     return out
 
 
@@ -178,7 +175,7 @@ class SlotBank:
             if not isinstance(mod, LoraLinear):
                 if not isinstance(mod, nn.Linear):
                     raise ValueError(f"module {path!r} is a {type(mod).__name__}, not a linear layer")
-                parent, child = _get_parent(self.model, path)
+                parent, child = get_parent(self.model, path)
                 mod = LoraLinear(mod)  # shares the base weight: nothing is copied or changed
                 setattr(parent, child, mod)
             S, r = self.max_slots + 1, max(self.r_max, 1)

@@ -156,7 +156,7 @@ class FastBackend:
 
 def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
     """Why the fast backend cannot train this set-up, or None if it can."""
-    from lorakit.train.fast.model import SUPPORTED, _check_model, _lora_of
+    from lorakit.train.fast.model import SUPPORTED, check_model, lora_of
 
     if routing:
         return "the mixture router routes every layer through its gates (the fast backend trains one adapter)"
@@ -164,10 +164,10 @@ def fast_unsupported(model: nn.Module, *, routing: bool = False) -> str | None:
     if kind not in SUPPORTED:
         return f"model type {kind!r} is not one the fast backend knows ({', '.join(SUPPORTED)})"
     try:
-        _check_model(model)
+        check_model(model)
         for path, mod in lora_layers(model):
             if ".layers." in path:
-                _lora_of(mod, path)
+                lora_of(mod, path)
                 if type(mod).__name__ != "LoraLinear":
                     return f"{path} is a {type(mod).__name__} (a quantized or non-linear base layer)"
     except ValueError as e:

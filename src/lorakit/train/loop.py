@@ -37,8 +37,7 @@ from lorakit.files import atomic_write_json, atomic_write_text
 from lorakit.models import usable_cores
 from lorakit.train import distributed
 from lorakit.train.backends import causal_lm_loss, choose_backend
-from lorakit.train.checkpoint import CKPT, recover_run, load_checkpoint as _load_checkpoint, save_checkpoint as _save_checkpoint, \
-    save_full_model
+from lorakit.train.checkpoint import CKPT, load_checkpoint, recover_run, save_checkpoint, save_full_model
 from lorakit.train.data import IGNORE, Example, collate
 
 log = logging.getLogger("lorakit.train")
@@ -268,7 +267,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     if resume:  # rank 0 tidies what a kill -9 mid-write may have left, before any rank reads
         recover_run(out_dir, ctx.main, runs.METRICS, runs.CONFIG, runs.DONE) or distributed.barrier(ctx)
     if resume and (out_dir / CKPT / "state.json").exists():
-        state = _load_checkpoint(out_dir, params, opt)
+        state = load_checkpoint(out_dir, params, opt)
         if state["config"] != json.loads(json.dumps(config_echo)):
             raise ValueError(f"cannot resume {str(out_dir)!r}: its checkpoint was made with another configuration "
                              f"({state['config']}); pass the same options or a new output directory")
@@ -350,7 +349,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                     bar.set_postfix(post)
                     bar.update(1)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                    _save_checkpoint(out_dir, step + 1, {"tokens": tokens, "seconds": secs, "config": config_echo},
+                    save_checkpoint(out_dir, step + 1, {"tokens": tokens, "seconds": secs, "config": config_echo},
                                      params, opt, write=ctx.main)
                 if on_step:
                     on_step(step + 1, loss_f)

@@ -27,7 +27,7 @@ from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, chunk_lo
 SUPPORTED = ("llama",)
 
 
-def _lora_of(mod: nn.Module, path: str) -> Lora | None:
+def lora_of(mod: nn.Module, path: str) -> Lora | None:
     """The active adapter of a projection as a `Lora`, None for a plain linear; errors otherwise."""
     if isinstance(mod, LoraLinear):
         if mod.merged:
@@ -52,7 +52,7 @@ def _lora_of(mod: nn.Module, path: str) -> Lora | None:
     return None
 
 
-def _check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
     kind = model_type(model)
     if kind not in SUPPORTED:
@@ -119,7 +119,7 @@ class FastLlama(nn.Module):
     # ---- parameters, gathered each step (adapters may be swapped between steps) ----
     def _proj(self, parent: nn.Module, names: tuple, path: str) -> Proj:
         mods = [getattr(parent, n) for n in names]
-        loras = tuple(_lora_of(m, f"{path}.{n}") for m, n in zip(mods, names))
+        loras = tuple(lora_of(m, f"{path}.{n}") for m, n in zip(mods, names))
         sizes = tuple(m.out_features for m in mods)
         both = stacked(mods) if (self.fuse and len(mods) > 1) else None
         if both is not None:
@@ -250,7 +250,7 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     device: where the model will train (default: where its weights are now; FSDP moves a CPU-loaded model's
     shards to the GPU after this): decides compile, the attention probe and the loss kernel.
     """
-    _check_model(model)
+    check_model(model)
     if gqa not in ("auto", "native", "expand"):
         raise ValueError(f"gqa must be 'auto', 'native' or 'expand', got {gqa!r}")
     if adapter_dtype is not None:
