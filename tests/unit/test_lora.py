@@ -147,5 +147,6 @@ def test_one_accessor_gives_each_modules_rank_alpha_and_scale():
 
     m = tiny_llama()  # the layer uses the same rule
     add_adapter(m, cfg, "x")
-    assert m.get_submodule("model.layers.0.q_proj").adapters["x"].scale == cfg.scale_for("model.layers.0.q_proj")
-    assert m.get_submodule("model.layers.1.v_proj").adapters["x"].scale == cfg.scale_for("model.layers.1.v_proj")
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.up_proj"):
+        assert m.get_submodule(path).adapters["x"].scale == cfg.scale_for(path)
+    assert cfg.scale_for("model.layers.1.self_attn.v_proj") == 16 / 8  # "layers.1.v_proj" is not its path's end
