@@ -204,7 +204,9 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.lorakit_base_name = model_name(name)
+    from lorakit.core.state import state_of
+
+    state_of(model).base_name = model_name(name)
     if quant is not None:
         from lorakit.core.nf4 import quantize_model
 

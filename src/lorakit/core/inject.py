@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from lorakit.config import LoraConfig
 from lorakit.core.layer import LoraLinear, Routing
+from lorakit.core.state import state_of
 from lorakit.core.targets import (WRAPPERS, output_head_paths, find_targets,  # noqa: F401 (re-exported)
                                   wrapper_for, wrapper_types)
 
@@ -71,9 +72,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    if not hasattr(model, "_lorakit_configs"):
-        model._lorakit_configs = {}
-    return model._lorakit_configs
+    return state_of(model).configs
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -107,11 +106,11 @@ def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float] | 
         if layer.merged:
             raise ValueError("unmerge before changing the active adapters")
         layer.active = {n: w for n, w in active.items() if n in layer.adapters}
-    model._lorakit_active = dict(active)
+    state_of(model).active = dict(active)
 
 
 def active_adapters(model: nn.Module) -> dict[str, float]:
-    return dict(getattr(model, "_lorakit_active", {}))
+    return dict(state_of(model).active)
 
 
 @contextlib.contextmanager
@@ -155,7 +154,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not layer.adapters:
             _restore_linear(model, path, layer)  # the last adapter is gone: a plain nn.Linear again
     del adapter_configs(model)[name]
-    model._lorakit_active = {n: w for n, w in active_adapters(model).items() if n != name}
+    state_of(model).active = {n: w for n, w in active_adapters(model).items() if n != name}
 
 
 def merge(model: nn.Module, names: list[str] | None = None, keep_original: bool = True) -> None:
@@ -190,7 +189,7 @@ def unload(model: nn.Module, merge_active: bool = False) -> nn.Module:
             layer.unmerge()
         _restore_linear(model, path, layer)
     adapter_configs(model).clear()
-    model._lorakit_active = {}
+    state_of(model).active = {}
     return model
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lorakit.core.targets import WRAPPERS as LORA_WRAPPERS, find_targets
 from lorakit.core.layer import LoraLinear
+from lorakit.core.state import state_of
 
 BLOCK = 64  # values per absmax constant
 SCALER_BLOCK = 256  # absmax constants per fp32 scale (double quantization)
@@ -227,7 +228,7 @@ def quantize_model(model: nn.Module, targets: list[str] | str = "all-linear", qu
         packed += q.weight.nbytes()
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, q)
-    model.lorakit_quant = quant
+    state_of(model).quant = quant
     return {"modules": len(paths), "dense_bytes": dense, "quant_bytes": packed}
 
 
@@ -244,8 +245,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             lin.bias = mod.bias
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, lin)
-    if hasattr(model, "lorakit_quant"):
-        del model.lorakit_quant
+    state_of(model).quant = None
     return model
 
 
