@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-LORA = ["--r", "4", "--alpha", "8", "--targets", "all-linear", "--lr", "1e-2", "--warmup-ratio", "0", "--quiet"]
+COMMON = ["--lr", "1e-2", "--warmup-ratio", "0", "--quiet"]
+LORA = ["--r", "4", "--alpha", "8", "--targets", "all-linear", *COMMON]
 TOL = 1e-5  # relative, fp32
 
 
@@ -112,7 +113,7 @@ def test_ddp_two_processes_train_what_one_does(tiny_dir, data, tmp_path):
 def test_fsdp_full_fine_tuning_two_processes_train_what_one_does(tiny_dir, data, tmp_path):
     """`torchrun -m lorakit train --parallel fsdp --full`: every weight sharded, recompute, 2 accumulated
     micro-batches, periodic eval: the same losses, eval losses and saved model."""
-    args = ["--model", tiny_dir, "--data", data / "train.jsonl", *LORA, "--full", "--lr", "1e-3", "--recompute", "all",
+    args = ["--model", tiny_dir, "--data", data / "train.jsonl", *COMMON, "--full", "--lr", "1e-3", "--recompute", "all",
             "--grad-accum", "2", "--max-steps", "4", "--eval-data", data / "eval.jsonl", "--eval-every", "2"]
     one_process(*args, "--batch-size", "4", "-o", tmp_path / "one")
     p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", "-o", tmp_path / "two")

@@ -16,14 +16,20 @@ def rows(tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra,named", [(["--dora"], "--dora does not apply"),
-                                         (["--rslora", "--r", "4"], "--rslora, --r do not apply"),
+                                         (["--rslora", "--dora"], "--dora, --rslora do not apply"),
                                          (["--quantize", "nf4"], "--quantize nf4 does not apply")])
-def test_full_refuses_adapter_options_before_loading(tiny_dir, rows, tmp_path, capsys, extra, named):
+def test_full_refuses_adapter_variants_before_loading(tiny_dir, rows, tmp_path, capsys, extra, named):
     rc = main(["train", "--model", str(tiny_dir), "--data", str(rows), "--full", *extra, "--max-steps", "1",
                "--quiet", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and named in err and "--full trains every weight" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_full_says_that_adapter_shape_flags_are_not_used(tiny_dir, rows, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_dir), "--data", str(rows), "--full", "--r", "4", "--targets", "q_proj",
+                 "--max-steps", "1", "--batch-size", "2", "--no-save", "-o", str(tmp_path / "out")]) == 0
+    assert "--full: --r, --targets shape(s) an adapter and are not used" in capsys.readouterr().err
 
 
 def test_no_save_reports_metrics_not_a_written_adapter(tiny_dir, rows, tmp_path, capsys):

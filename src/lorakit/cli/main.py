@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _log_to_stderr(quiet: bool) -> None:
     """The library logs through `logging` ("lorakit.*"); the CLI shows INFO and up, or errors only with --quiet."""
     logger = logging.getLogger("lorakit")
-    if not any(getattr(h, "_lorakit_cli", False) for h in logger.handlers):
+    mine = [h for h in logger.handlers if getattr(h, "_lorakit_cli", False)]
+    if mine:  # an in-process caller's second command: write to the stderr of now, not of the first call
+        mine[0].stream = sys.stderr  # (setStream would flush the old one, which may be closed)
+    else:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(message)s"))
         h._lorakit_cli = True

@@ -116,15 +116,18 @@ def _train(args, ctx) -> int:
         lora_kw["targets"] = split_targets(args.targets)
     lora_cfg = LoraConfig.from_dict(lora_kw)
     train_cfg = _train_config(args, file_cfg)
-    if train_cfg.full:  # every weight trains: the adapter-only options would be silently ignored
-        given = [f for f, on in (("--quantize nf4", args.quantize), ("--dora", args.dora), ("--rslora", args.rslora),
-                                 ("--r", args.r is not None), ("--alpha", args.alpha is not None),
-                                 ("--dropout", args.dropout is not None), ("--targets", args.targets is not None),
-                                 ("--preset peft", args.preset == "peft")) if on]
-        if given:
-            raise ValueError(f"--full trains every weight of the model, without an adapter: {', '.join(given)} "
-                             f"{'does' if len(given) == 1 else 'do'} not apply to it; drop "
-                             f"{'it' if len(given) == 1 else 'them'} or drop --full")
+    if train_cfg.full:  # every weight trains, without an adapter: adapter variants would be silently ignored
+        variants = [f for f, on in (("--quantize nf4", args.quantize), ("--dora", args.dora),
+                                    ("--rslora", args.rslora)) if on]
+        if variants:
+            raise ValueError(f"--full trains every weight of the model, without an adapter: {', '.join(variants)} "
+                             f"{'does' if len(variants) == 1 else 'do'} not apply to it; drop "
+                             f"{'it' if len(variants) == 1 else 'them'} or drop --full")
+        shape = [f for f, v in (("--r", args.r), ("--alpha", args.alpha), ("--dropout", args.dropout),
+                                ("--targets", args.targets)) if v is not None]
+        if shape:  # scripts pass one set of flags to LoRA and full runs alike: say so, do not stop
+            log.warning("--full: %s shape(s) an adapter and %s not used", ", ".join(shape),
+                        "is" if len(shape) == 1 else "are")
     if ctx.world > 1 and args.compare:
         raise ValueError("--compare runs in one process: train with torchrun, then run `lorakit eval`")
     rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
