@@ -207,6 +207,7 @@ def load_base(name: str = EMBEDDED, *, dtype: str | torch.dtype | None = "auto",
     from lorakit.core.state import state_of
 
     state_of(model).base_name = model_name(name)
+    state_of(model).base_ref = base_reference(name)  # what save_adapter records as base_model_name_or_path
     if quant is not None:
         from lorakit.core.nf4 import quantize_model
 

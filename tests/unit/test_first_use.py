@@ -137,3 +137,34 @@ def test_help_shows_every_default():
                           ("--epochs EPOCHS", tr.epochs), ("--batch-size BATCH_SIZE", tr.batch_size)):
         text = options.split(flag, 1)[1].split(" --", 1)[0]
         assert f"(default: {default})" in text or f"(default: {default:g})" in text, flag
+
+
+def test_saved_adapter_records_where_the_base_was_found(tmp_path, monkeypatch, tiny_dir):
+    """base_model_name_or_path through the Python API (load_base, save_adapter): a local dir's absolute path, a hub
+    id (from the local cache) as the id, the embedded model's cached HF directory; PEFT loads it with the hub off."""
+    from peft import AutoPeftModelForCausalLM
+
+    from lorakit.models import EMBEDDED_NAME, base_reference, cache_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.chdir(tiny_dir.parent)
+    for given, recorded in ((tiny_dir.name, str(tiny_dir.resolve())), ("org/tiny", "org/tiny")):
+        model, _ = load_base(given, device="cpu")
+        torch.manual_seed(0)
+        add_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"], init_lora_weights=False))
+        out = tmp_path / given.replace("/", "_")
+        save_adapter(model, out)
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == recorded
+        if given == tiny_dir.name:  # a relative dir is recorded absolute: PEFT finds it from any working directory
+            monkeypatch.chdir(tmp_path)
+            peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+            ids = torch.arange(3, 19)[None]
+            with torch.no_grad():
+                assert torch.allclose(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert base_reference("embedded") == str(cache_dir() / EMBEDDED_NAME)
+    assert base_reference("embedded").endswith("/lorakit/SmolLM2-135M-Instruct")

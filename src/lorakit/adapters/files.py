@@ -99,7 +99,13 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
                  base_name: str | None = None, metadata: dict | None = None,
                  dtype: torch.dtype | None = None) -> Path:
-    """Write adapter `name` in the PEFT layout. `metadata` (JSON-able) lands in the safetensors header."""
+    """Write adapter `name` in the PEFT layout. `metadata` (JSON-able) lands in the safetensors header.
+    `base_name`: the config's base_model_name_or_path; default: where load_base found the base (models.base_reference),
+    so PEFT's AutoPeftModelForCausalLM finds it offline."""
+    if base_name is None:
+        from lorakit.core.state import state_of
+
+        base_name = state_of(model).base_ref
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(configs)}")

@@ -14,6 +14,7 @@ class ModelState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)  # adapter name -> its config, in insertion order
     active: dict[str, float] = field(default_factory=dict)  # adapter name -> weight; empty: the base alone
     base_name: str | None = None  # what load_base was given ('embedded', a directory, a hub id)
+    base_ref: str | None = None  # where load_base found it (models.base_reference): save_adapter's default base path
     quant: str | None = None  # "nf4" when the base's linear layers are held in 4 bits (core/nf4.py)
 
 
