@@ -32,6 +32,19 @@ def test_full_says_that_adapter_shape_flags_are_not_used(tiny_dir, rows, tmp_pat
     assert "--full: --r, --targets shape(s) an adapter and are not used" in capsys.readouterr().err
 
 
+def test_full_with_a_shared_config_file_says_its_lora_section_is_ignored(tiny_dir, rows, tmp_path, capsys):
+    """A settings file with 'lora' and 'train' sections (data/demo/lora.yaml) is a fair way to run the full
+    fine-tune for comparison: its train section applies, and the run says the lora section does not."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"lora": {"r": 8, "use_dora": True}, "train": {"max_steps": 2, "batch_size": 2}}))
+    out = tmp_path / "full"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(rows), "--full", "--config", str(cfg), "--no-save",
+                 "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"--full: the 'lora' section of {cfg} (r, use_dora) does not apply to full fine-tuning" in err, err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # the train section's max_steps applied
+
+
 def test_no_save_reports_metrics_not_a_written_adapter(tiny_dir, rows, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_dir), "--data", str(rows), "--max-steps", "2", "--batch-size", "2",

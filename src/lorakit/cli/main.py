@@ -92,14 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not the stream of the first call: an in-process caller
+    (tests capturing output, notebooks) that runs several commands sees each one's messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _log_to_stderr(quiet: bool) -> None:
     """The library logs through `logging` ("lorakit.*"); the CLI shows INFO and up, or errors only with --quiet."""
     logger = logging.getLogger("lorakit")
-    mine = [h for h in logger.handlers if getattr(h, "_lorakit_cli", False)]
-    if mine:  # an in-process caller's second command: write to the stderr of now, not of the first call
-        mine[0].stream = sys.stderr  # (setStream would flush the old one, which may be closed)
-    else:
-        h = logging.StreamHandler(sys.stderr)
+    if not any(getattr(h, "_lorakit_cli", False) for h in logger.handlers):
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
         h._lorakit_cli = True
         logger.addHandler(h)

@@ -128,6 +128,9 @@ def _train(args, ctx) -> int:
         if shape:  # scripts pass one set of flags to LoRA and full runs alike: say so, do not stop
             log.warning("--full: %s shape(s) an adapter and %s not used", ", ".join(shape),
                         "is" if len(shape) == 1 else "are")
+        if file_cfg.get("lora"):  # a shared settings file: its train section applies, so say what does not
+            log.warning("--full: the 'lora' section of %s (%s) does not apply to full fine-tuning; its 'train' "
+                        "section does", args.config, ", ".join(sorted(file_cfg["lora"])))
     if ctx.world > 1 and args.compare:
         raise ValueError("--compare runs in one process: train with torchrun, then run `lorakit eval`")
     rows, fmt = load_rows(args.data)  # validate the data before anything is loaded or written
