@@ -87,3 +87,22 @@ def test_eval_table_shows_whole_references_and_marks_cuts():
     assert head[0].startswith("prompt") and row[0].strip() == "Mar 24, 2077"
     assert row[1].strip() == ref and row[3] == ref and row[2] == "x" * 37 + "…"
     assert [len(c) for c in head[:3]] == [len(c) for c in row[:3]]  # the columns line up
+
+
+def test_eval_table_wraps_a_long_reference_instead_of_cutting_it():
+    from lorakit.train.evaluate import Report, format_report
+
+    ref = "The meeting moved to Thursday the 24th of March, 2077, at 10:15 in room B"  # 74 characters
+    rep = Report(n=2, before={"accuracy": 0.0}, after={"accuracy": 0.5},
+                 examples=[{"prompt": "When is it?", "reference": ref, "before": "no idea", "after": "Thursday"},
+                           {"prompt": "Short one", "reference": "yes", "before": "no", "after": "yes"}])
+    table = format_report(rep).split("\n\n")[-1].splitlines()
+    assert len(table) == 1 + 2 + 1  # header, the long row on 2 lines (38 columns at most), the short row
+    cells = [line.split(" | ") for line in table]
+    assert [c[0].strip() for c in cells] == ["prompt", "When is it?", "", "Short one"]
+    assert [c[1].strip() for c in cells[1:3]] == ["The meeting moved to Thursday the 24th",
+                                                   "of March, 2077, at 10:15 in room B"]
+    assert " ".join(c[1].strip() for c in cells[1:3]) == ref and "…" not in "\n".join(table)
+    assert max(len(c[1]) for c in cells) == 38 and cells[1][3] == "Thursday" and cells[3][1].strip() == "yes"
+    assert len(cells[2]) == 2  # the continuation line has the reference only
+    assert len({len(c[0]) for c in cells}) == 1 and len({len(c[1]) for c in cells if len(c) == 4}) == 1  # aligned

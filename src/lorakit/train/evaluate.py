@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -188,11 +189,16 @@ def format_report(rep: Report, n_examples: int = 5, width: int = 38) -> str:
     if rep.examples and n_examples:
         shown = [((e["prompt"].strip().splitlines() or [""])[-1],  # the row's own part, not a shared instruction
                   e["reference"], e["before"], e["after"]) for e in rep.examples[:n_examples]]
-        cols = list(zip(*([cut(v) for v in row] for row in shown)))
+        # the reference is what the answers are judged by: never cut, wrapped in its column past `width`
+        refs = [textwrap.wrap(" ".join(str(r).split()), width, break_long_words=True) or ["-"] for _, r, _, _ in shown]
+        cells = [(cut(p), ref[0], cut(b), cut(a)) for (p, _, b, a), ref in zip(shown, refs)]
         heads = ("prompt", "reference", "base", "adapter")
-        widths = [max(len(h), *(len(v) for v in col)) for h, col in zip(heads, cols)]  # each at most `width`
+        widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]  # each at most `width`
+        widths[1] = max(widths[1], *(len(part) for ref in refs for part in ref))
         fmt = lambda vals: " | ".join(f"{v:<{w}}" for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-        lines += ["", fmt(heads)] + [fmt(vals) for vals in zip(*cols)]
+        lines += ["", fmt(heads)]
+        for row, ref in zip(cells, refs):
+            lines += [fmt(row)] + [fmt(("", part)) for part in ref[1:]]
     return "\n".join(lines)
 
 
