@@ -40,7 +40,7 @@ def machine() -> str:
 def build(root: Path, model, r: int, targets: list[str]) -> None:
     """Adapters a, b and a mixture ab over them, written under root."""
     from lorakit import LoraConfig, add_adapter, save_adapter, set_active
-    from lorakit.adapters.files import fingerprint
+    from lorakit.adapters.peft_files import fingerprint
     from lorakit.adapters.mixtures import write_mixture
     from lorakit.core.inject import delete_adapter, set_routing
     from lorakit.core.mixture import Router
@@ -62,7 +62,7 @@ def build(root: Path, model, r: int, targets: list[str]) -> None:
 
 
 def requests(case: str, root: Path, n: int, prompt: list[int], tokens: int, sink):
-    from lorakit.adapters.files import content_sha256, read_adapter
+    from lorakit.adapters.peft_files import content_sha256, read_adapter
     from lorakit.adapters.mixtures import FILES, read_mixture
     from lorakit.serve.request import AdapterUse, GenRequest, MixtureUse
 

@@ -10,7 +10,7 @@ _EXPORTS = {
     **{n: "lorakit.core.inject" for n in ("LoraLinear", "active_adapters", "add_adapter", "adapter_names",
                                           "count_params", "delete_adapter", "disabled", "merge", "set_active",
                                           "trainable_report", "unload", "unmerge")},
-    **{n: "lorakit.adapters.files" for n in ("fingerprint", "load_adapter", "read_adapter", "save_adapter")},
+    **{n: "lorakit.adapters.peft_files" for n in ("fingerprint", "load_adapter", "read_adapter", "save_adapter")},
     "load_base": "lorakit.models",
     "compose": "lorakit.adapters.compose",
     "Router": "lorakit.core.mixture",

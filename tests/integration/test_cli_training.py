@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lorakit.adapters.files import content_sha256
+from lorakit.adapters.peft_files import content_sha256
 from lorakit.adapters.mixtures import load_mixture
 from lorakit.generate import generate
 from lorakit.models import load_base

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, fingerprint, read_adapter, validate_adapter
+from lorakit.adapters.peft_files import CONFIG_NAME, WEIGHTS_NAME, fingerprint, read_adapter, validate_adapter
 from lorakit.adapters.registry import Registry
 from lorakit.models import tiny_llama
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter, set_active
-from lorakit.adapters.files import WEIGHTS_NAME, fingerprint
+from lorakit.adapters.peft_files import WEIGHTS_NAME, fingerprint
 from lorakit.config import ServeConfig
 from lorakit.generate import encode_prompt, generate_ids
 from lorakit.models import load_base, tiny_llama

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from lorakit import set_active
-from lorakit.adapters.files import read_adapter
+from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, fingerprint
+from lorakit.adapters.peft_files import CONFIG_NAME, WEIGHTS_NAME, fingerprint
 from lorakit.adapters.registry import Registry
 from lorakit.config import ServeConfig
 from lorakit.models import load_base, tiny_llama

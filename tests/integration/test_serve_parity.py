@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, delete_adapter, load_adapter, save_adapter, set_active
-from lorakit.adapters.files import fingerprint
+from lorakit.adapters.peft_files import fingerprint
 from lorakit.config import ServeConfig
 from lorakit.generate import generate
 from lorakit.models import load_base

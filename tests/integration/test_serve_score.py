@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter, set_active
-from lorakit.adapters.files import read_adapter
+from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest, ScoreRequest

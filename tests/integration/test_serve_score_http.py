@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, delete_adapter, load_adapter, save_adapter, set_active
-from lorakit.adapters.files import fingerprint
+from lorakit.adapters.peft_files import fingerprint
 from lorakit.adapters.registry import Registry
 from lorakit.config import ServeConfig
 from lorakit.generate import encode_prompt

@@ -13,7 +13,7 @@ pytest.importorskip("jinja2")
 from lorakit import LoraConfig, load_adapter  # noqa: E402
 from lorakit.adapters.mixtures import add_mixture, write_mixture  # noqa: E402
 from lorakit.core.mixture import Router  # noqa: E402
-from lorakit.adapters.files import fingerprint  # noqa: E402
+from lorakit.adapters.peft_files import fingerprint  # noqa: E402
 from lorakit.adapters.registry import Registry  # noqa: E402
 from lorakit.config import ServeConfig  # noqa: E402
 from lorakit.models import load_base  # noqa: E402

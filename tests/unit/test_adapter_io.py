@@ -66,7 +66,7 @@ def test_missing_and_corrupt_files(tmp_path, tiny):
 
 def test_atomic_save_leaves_no_partial_dir(tmp_path, monkeypatch):
     m = _trained()
-    import lorakit.adapters.files as A
+    import lorakit.adapters.peft_files as A
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, fingerprint, read_adapter, validate_adapter
+from lorakit.adapters.peft_files import CONFIG_NAME, WEIGHTS_NAME, fingerprint, read_adapter, validate_adapter
 from lorakit.adapters.registry import Registry
 from lorakit.cli.main import main
 from lorakit.core.inject import active_adapters, adapter_names

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit import LoraConfig, TrainConfig, add_adapter, fingerprint, load_adapter, merge, save_adapter, unmerge
-from lorakit.adapters.files import PREFIX, read_adapter
+from lorakit.adapters.peft_files import PREFIX, read_adapter
 from lorakit.adapters.registry import Registry
 from lorakit.core.conv_embedding import LoraConv
 from lorakit.core.inject import set_active

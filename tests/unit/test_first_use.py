@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapters.files import read_metadata
+from lorakit.adapters.peft_files import read_metadata
 from lorakit.cli.main import build_parser, main
 from lorakit.generate import generate
 from lorakit.models import load_base, resolve_model_path

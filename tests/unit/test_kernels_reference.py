@@ -3,7 +3,7 @@ import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter, set_active
 from lorakit import kernels
-from lorakit.adapters.files import fingerprint, read_adapter
+from lorakit.adapters.peft_files import fingerprint, read_adapter
 from lorakit.kernels.reference import lora_delta, lora_delta_loop
 from lorakit.models import tiny_llama
 from lorakit.serve.slots import SlotBank

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter, set_active
-from lorakit.adapters.files import content_sha256, fingerprint, load_adapter, read_adapter
+from lorakit.adapters.peft_files import content_sha256, fingerprint, load_adapter, read_adapter
 from lorakit.adapters.mixtures import (MIXTURE_FILE, add_mixture, load_mixture, read_mixture, resolve_mixture,
                                        write_mixture)
 from lorakit.adapters.registry import IncompatibleAdapter, Registry

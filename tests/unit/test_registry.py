@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapters.files import WEIGHTS_NAME, fingerprint
+from lorakit.adapters.peft_files import WEIGHTS_NAME, fingerprint
 from lorakit.cli.main import main
 from lorakit.models import tiny_llama
 from lorakit.adapters.registry import IncompatibleAdapter, Registry, UnknownAdapter, parse_ref, validate_name

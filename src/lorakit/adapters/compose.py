@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lorakit.version import __version__
-from lorakit.adapters.files import CONFIG_NAME, EMBEDDING_SUFFIXES, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter
+from lorakit.adapters.peft_files import CONFIG_NAME, EMBEDDING_SUFFIXES, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter
 from lorakit.config import COMPOSE_METHODS, LoraConfig
 from lorakit.files import atomic_write_dir
 

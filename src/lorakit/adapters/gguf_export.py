@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit.adapters.files import read_adapter
+from lorakit.adapters.peft_files import read_adapter
 from lorakit.files import atomic_write_file
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
     mixes/support-sales/
       router.safetensors   the gates: gates.<layer path with '.' -> '__'>.weight (K, in) and .bias (K,)
       mixture.json         format, temperature, routed layers (model order), the K adapters in gate order,
-                           each with its name, content sha256 (adapters/files.content_sha256, the registry's
+                           each with its name, content sha256 (adapters/peft_files.content_sha256, the registry's
                            hash) and where it was (absolute, and relative to this directory), and the base
                            fingerprint the router was trained on (architecture, shape and weight hashes)
       router.json, metrics.jsonl, train_config.json, train_done.json   (the training run's own files)
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapters.files import content_sha256, fingerprint, load_adapter
+from lorakit.adapters.peft_files import content_sha256, fingerprint, load_adapter
 from lorakit.adapters.refs import MIX, IncompatibleAdapter, UnknownAdapter, validate_name
 from lorakit.core.inject import set_active
 from lorakit.core.mixture import ROUTER_FILE, Router, gate_key

@@ -160,7 +160,7 @@ class Registry:
         """Raise IncompatibleAdapter with the reason if adapter file `af` does not fit the base."""
         base = self.require_base()
         try:
-            from lorakit.adapters.files import check_compatible  # torch: only where files are checked
+            from lorakit.adapters.peft_files import check_compatible  # torch: only where files are checked
 
             check_compatible(af.module_shapes(), base)
         except ValueError as e:
@@ -182,7 +182,7 @@ class Registry:
         if name.startswith(MIX):
             raise ValueError(f"{name!r}: names starting with {MIX!r} are mixtures (adapters/mixtures.add_mixture)")
         src = Path(src)
-        from lorakit.adapters.files import read_adapter, validate_adapter  # torch: only where files are read
+        from lorakit.adapters.peft_files import read_adapter, validate_adapter  # torch: only where files are read
 
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
         validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)

@@ -30,7 +30,7 @@ def _adapter_spec(spec: str) -> tuple[str, float]:
 
 def load_model_and_adapters(args, adapters: list[str] | None = None, trainable: bool = False, mixture_ok: bool = True):
     """The base with `adapters` (dirs, 'dir:weight') active, or with one mixture dir (lorakit train-router)."""
-    from lorakit.adapters.files import load_adapter
+    from lorakit.adapters.peft_files import load_adapter
     from lorakit.adapters.mixtures import is_mixture, load_mixture
     from lorakit.core.inject import set_active
     from lorakit.models import load_base
@@ -62,7 +62,7 @@ def split_targets(s: str):
 def _adapter_meta(adapters: list[str] | None) -> dict[str, dict]:
     """adapter name (as `load_model_and_adapters` names them) -> its lorakit metadata ({} for a PEFT adapter); for a mixture, how
     its router's rows were rendered."""
-    from lorakit.adapters.files import read_metadata
+    from lorakit.adapters.peft_files import read_metadata
     from lorakit.adapters.mixtures import is_mixture, mixture_metadata
 
     specs = adapters or []
@@ -209,7 +209,7 @@ def _short_name(path: str) -> str:
 
 
 def inspect_adapter(path: str) -> dict:
-    from lorakit.adapters.files import read_adapter
+    from lorakit.adapters.peft_files import read_adapter
 
     af = read_adapter(path)
     mods = af.modules()

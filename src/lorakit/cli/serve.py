@@ -95,7 +95,7 @@ def _open_registry(path: str, model: str | None = None):
 
     if model is None:
         return Registry(path)
-    from lorakit.adapters.files import fingerprint
+    from lorakit.adapters.peft_files import fingerprint
     from lorakit.models import load_base, model_name
 
     m, _ = load_base(model, device="cpu")
@@ -155,7 +155,7 @@ def cmd_adapters(args) -> int:
 
 # ---------------------------------------------------------------- serve
 def _register_dir(reg, directory: str) -> list[str]:
-    from lorakit.adapters.files import CONFIG_NAME
+    from lorakit.adapters.peft_files import CONFIG_NAME
     from lorakit.adapters.mixtures import add_mixture, is_mixture
     from lorakit.adapters.registry import NAME_RE
 
@@ -184,7 +184,7 @@ def _register_dir(reg, directory: str) -> list[str]:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from lorakit.adapters.files import fingerprint
+    from lorakit.adapters.peft_files import fingerprint
     from lorakit.config import ServeConfig
     from lorakit.models import load_base, model_name
     from lorakit.serve.app import build_app, make_state

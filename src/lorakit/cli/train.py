@@ -238,7 +238,7 @@ def _named(spec: str) -> tuple[str, str]:
 
 
 def cmd_train_router(args) -> int:
-    from lorakit.adapters.files import fingerprint, load_adapter
+    from lorakit.adapters.peft_files import fingerprint, load_adapter
     from lorakit.adapters.mixtures import write_mixture
     from lorakit.config import load_config_file
     from lorakit.core.inject import set_active

@@ -90,7 +90,7 @@ def _interop(unet, base, adapter_dir: Path) -> dict:
 
 def run_demo(opts: DemoOptions, progress: bool = True) -> dict:
     """The whole demo (see the module doc) -> the result dict, also written to `out`/result.json."""
-    from lorakit.adapters.files import fingerprint, read_adapter
+    from lorakit.adapters.peft_files import fingerprint, read_adapter
     from lorakit.adapters.registry import Registry
     from lorakit.core.inject import set_active
     from lorakit.lab.diffusion import load_unet

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from lorakit.adapters.files import AdapterFile, fingerprint
+from lorakit.adapters.peft_files import AdapterFile, fingerprint
 from lorakit.generate import stop_ids
 from lorakit.serve import forward, score as scoring
 from lorakit.serve.request import AdapterUse, GenRequest, ScoreRequest, check_request, check_score, sample, \

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from lorakit.adapters.files import AdapterFile
+from lorakit.adapters.peft_files import AdapterFile
 
 log = logging.getLogger("lorakit.serve")
 MAX_WEIGHT = 10.0  # |stack weight| the engine accepts

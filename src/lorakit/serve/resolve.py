@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from lorakit.adapters.files import read_adapter, read_metadata
+from lorakit.adapters.peft_files import read_adapter, read_metadata
 from lorakit.adapters.mixtures import read_mixture, resolve_mixture
 from lorakit.adapters.registry import MIX, IncompatibleAdapter, Registry, UnknownAdapter
 from lorakit.serve import protocol as P

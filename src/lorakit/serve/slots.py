@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from lorakit import kernels
-from lorakit.adapters.files import AdapterFile, validate_adapter
+from lorakit.adapters.peft_files import AdapterFile, validate_adapter
 from lorakit.adapters.mixtures import MixtureFile, check_base
 from lorakit.core.inject import LoraLinear, get_parent
 from lorakit.core.mixture import gate_probs

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from lorakit.adapters.files import save_adapter
+from lorakit.adapters.peft_files import save_adapter
 from lorakit.config import LoraConfig, TrainConfig
 from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark_trainable, set_active, trainable_report
 from lorakit import faults, runs
