@@ -34,6 +34,7 @@ from lorakit.generate import encode_prompt
 from lorakit.serve import protocol as P
 from lorakit.serve.engine import Engine, GenRequest, ScoreRequest
 from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack
+from lorakit.serve.stops import TextStream
 from lorakit.serve.runtime import ServerThread, cpu_threads  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger("lorakit.serve")
@@ -125,7 +126,7 @@ async def complete(state: ServerState, request: Request, kind: str):
     ids = prompt_ids(state, p)
     max_tokens = P.check_prompt(ids, p.max_tokens, kind, state.limits)
     req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, mixture)
-    stream = P.TextStream(state.tok, p.stop)
+    stream = TextStream(state.tok, p.stop)
     rid = P.new_id(kind)
     evs = events(state, req)
     first = await evs.__anext__()  # errors before the first token still get a proper HTTP status
@@ -195,7 +196,7 @@ async def _cancel_on_disconnect(request: Request, req: GenRequest) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _collect(first, evs, stream: P.TextStream, req: GenRequest) -> str:
+async def _collect(first, evs, stream: TextStream, req: GenRequest) -> str:
     ev = first
     while True:
         if ev[0] == "token":
@@ -211,7 +212,7 @@ async def _collect(first, evs, stream: P.TextStream, req: GenRequest) -> str:
         ev = await evs.__anext__()
 
 
-async def _stream(p: P.Parsed, rid: str, first, evs, stream: P.TextStream, req: GenRequest, n_prompt: int):
+async def _stream(p: P.Parsed, rid: str, first, evs, stream: TextStream, req: GenRequest, n_prompt: int):
     if p.kind == "chat":
         yield _sse(P.chunk(p, rid, None, role=True))
     ev, reason = first, None

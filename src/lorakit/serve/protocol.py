@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from lorakit.adapters.refs import MIX, parse_ref
 from lorakit.serve.request import MAX_WEIGHT  # |w| of a stack weight: larger only pushes toward overflow
+from lorakit.serve.stops import MAX_STOP_CHARS, MAX_STOPS
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STACK = 8
@@ -193,8 +194,11 @@ def parse_request(body: dict, kind: str, base_ids: set[str], limits: Limits) -> 
         max_tokens = _number({key: max_tokens}, key, None, 1, limits.max_new_tokens, integer=True)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+        raise bad(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+    if sum(map(len, stop)) > MAX_STOP_CHARS:
+        raise bad(f"'stop' strings hold {sum(map(len, stop))} characters in all; this server accepts at most "
+                  f"{MAX_STOP_CHARS}", "stop", "stop_too_long")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options")
@@ -307,37 +311,3 @@ def chunk(p: Parsed, rid: str, text: str | None, reason: str | None = None, ids:
 def usage_chunk(p: Parsed, rid: str, n_prompt: int, n_out: int) -> dict:
     return {"id": rid, "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
             "created": int(time.time()), "model": p.model, "choices": [], "usage": usage(n_prompt, n_out)}
-
-
-class TextStream:
-    """Token ids -> text pieces, holding back incomplete UTF-8 and anything that may start a stop string."""
-
-    def __init__(self, tok, stop: list[str]):
-        self.tok, self.stop = tok, stop
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    def add(self, tid: int) -> str:
-        self.ids.append(tid)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # a multi-byte character is still incomplete
-        self.text = text
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = text[: min(hits)], True
-            return self._flush(len(self.text))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._flush(len(text) - hold)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-        return self._flush(len(self.text))
-
-    def _flush(self, upto: int) -> str:
-        piece = self.text[self.sent: upto] if upto > self.sent else ""
-        self.sent = max(self.sent, upto)
-        return piece
