@@ -18,7 +18,7 @@ from lorakit.adapters.registry import Registry  # noqa: E402
 from lorakit.config import ServeConfig  # noqa: E402
 from lorakit.models import load_base  # noqa: E402
 from lorakit.serve.app import ServerThread, build_app, make_state  # noqa: E402
-from lorakit.serve.ui import UIOptions  # noqa: E402
+from lorakit.ui import UIOptions  # noqa: E402
 from serve_helpers import save_noisy_adapter, tiny_base  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("jinja2")
 pytest.importorskip("starlette")
 
-from lorakit.serve.ui import markdown, runs as R, sweeps as S  # noqa: E402
-from lorakit.serve.ui.render import fmt_num  # noqa: E402
-from lorakit.serve.ui.session import ADMIN, ANON, USER, Sessions, key_level, safe_next  # noqa: E402
+from lorakit.ui import markdown, runs as R, sweeps as S  # noqa: E402
+from lorakit.ui.render import fmt_num  # noqa: E402
+from lorakit.ui.session import ADMIN, ANON, USER, Sessions, key_level, safe_next  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -80,7 +80,7 @@ def dashboard_args(p: argparse.ArgumentParser) -> None:
 
 
 def dashboard_options(args):
-    from lorakit.serve.ui import UIOptions
+    from lorakit.ui import UIOptions
 
     for flag, v in (("--runs-dir", args.runs_dir), ("--sweeps-dir", args.sweeps_dir)):
         if v and not Path(v).is_dir():

@@ -29,7 +29,7 @@ def cmd_ui(args) -> int:
 
     from lorakit.adapters.registry import Registry
     from lorakit.cli.serve import dashboard_options
-    from lorakit.serve.ui import UIState, mount
+    from lorakit.ui import UIState, mount
 
     options = dashboard_options(args)
     keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]

@@ -1,7 +1,7 @@
 """FastAPI app: OpenAI-compatible inference routes, an admin API over the registry, /health.
 
     GET  /health                                  no key
-    GET  /, /ui/...                               the web dashboard (lorakit.serve.ui): its own login
+    GET  /, /ui/...                               the web dashboard (lorakit.ui): its own login
     GET  /v1/models                               inference key
     POST /v1/chat/completions, /v1/completions    inference key; "stream": true -> server-sent events
     POST /v1/score                                inference key; per answer token KL(model || base), log-probs
@@ -246,7 +246,7 @@ async def _stream(p: P.Parsed, rid: str, first, evs, stream: TextStream, req: Ge
 
 # ---------------------------------------------------------------- app
 def build_app(state: ServerState, ui=None) -> FastAPI:
-    """The API; the web dashboard (lorakit.serve.ui) at / with `ui` its UIOptions (runs/sweeps dirs)."""
+    """The API; the web dashboard (lorakit.ui) at / with `ui` its UIOptions (runs/sweeps dirs)."""
     app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lorakit = state
 
@@ -304,7 +304,7 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
 
 def mount_ui(app: FastAPI, state: ServerState, options=None) -> None:
     try:
-        from lorakit.serve.ui import mount
+        from lorakit.ui import mount
     except ImportError as e:  # jinja2 is in the serve extra; the API works without it
         log.warning("web dashboard disabled: %s (pip install jinja2)", e)
         return

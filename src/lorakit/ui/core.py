@@ -7,8 +7,8 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from lorakit.serve.ui.render import Renderer
-from lorakit.serve.ui.session import ADMIN, ANON, LEVEL_NAMES, USER, Session, Sessions, clear_cookie, \
+from lorakit.ui.render import Renderer
+from lorakit.ui.session import ADMIN, ANON, LEVEL_NAMES, USER, Session, Sessions, clear_cookie, \
     csrf_ok, level_of, read_form, set_cookie
 
 __all__ = ["UI", "UIOptions", "UIState"]

@@ -6,10 +6,10 @@ from urllib.parse import quote
 from starlette.requests import Request
 from starlette.responses import FileResponse
 
-from lorakit.serve.ui import markdown, runs as R, sweeps as S
-from lorakit.serve.ui.core import UI
-from lorakit.serve.ui.session import USER
-from lorakit.serve.ui.render import SECURITY_HEADERS
+from lorakit.ui import markdown, runs as R, sweeps as S
+from lorakit.ui.core import UI
+from lorakit.ui.session import USER
+from lorakit.ui.render import SECURITY_HEADERS
 
 
 def add_routes(app, ui: UI) -> None:

@@ -8,13 +8,13 @@ import logging
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 
-from lorakit.serve.ui.core import UI
-from lorakit.serve.ui.session import ADMIN, ANON, USER, set_cookie
-from lorakit.serve.ui.forward import ForwardResponse
-from lorakit.serve.ui.render import SECURITY_HEADERS, STATIC
-from lorakit.serve.ui.session import csrf_ok, key_level, safe_next
+from lorakit.ui.core import UI
+from lorakit.ui.session import ADMIN, ANON, USER, set_cookie
+from lorakit.ui.forward import ForwardResponse
+from lorakit.ui.render import SECURITY_HEADERS, STATIC
+from lorakit.ui.session import csrf_ok, key_level, safe_next
 
-log = logging.getLogger("lorakit.serve.ui")
+log = logging.getLogger("lorakit.ui")
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 MAX_COMPARE_BODY = 64_000
 

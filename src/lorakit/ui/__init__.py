@@ -12,14 +12,14 @@ carries the session's CSRF token. `mount(app, state, UIOptions(...))` adds the r
 """
 from __future__ import annotations
 
-from lorakit.serve.ui.core import UI, UIOptions, UIState
+from lorakit.ui.core import UI, UIOptions, UIState
 
 __all__ = ["UI", "UIOptions", "UIState", "mount"]
 
 
 def mount(app, state, options: UIOptions | None = None) -> UI:
     """Add the dashboard's routes to a FastAPI app."""
-    from lorakit.serve.ui import lab_pages, pages
+    from lorakit.ui import lab_pages, pages
 
     ui = UI(state, options or UIOptions())
     pages.add_routes(app, ui)
