@@ -240,6 +240,9 @@ def test_no_path_traversal(env):
         r = c.get(path)
         assert r.status_code == 404 and b"PNG secret" not in r.content, path
     assert c.get("/ui/static/ui.css").headers["content-type"].startswith("text/css")
+    for path in ("/ui/adapters/nope", "/ui/runs/nope", "/ui/runs/nope/chart", "/ui/sweeps/nope"):  # one 404 page
+        r = c.get(path)
+        assert r.status_code == 404 and "nope" in r.text and "<title>" in r.text, path
 
 
 def test_live_chart_grows_and_logout_ends_the_session(env):

@@ -119,3 +119,23 @@ def test_keys_sessions_and_redirects():
 def test_number_format():
     assert [fmt_num(v) for v in (1234567, 0.012345678, 14637.2, 3.0, None, "x")] == \
         ["1,234,567", "0.01235", "14,637", "3", "", "x"]
+
+
+def test_every_page_passes_the_one_login_gate():
+    """Each GET page under /ui (not the login page, the static files or the redirects to a page) depends on
+    UI.viewer, the one login gate, rather than checking the session itself; the listings render through one macro."""
+    from fastapi import FastAPI
+
+    from lorakit.ui import UIState, mount
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    ui = mount(app, UIState(None, ["k"], None, "base"))
+    open_pages = {"/", "/ui", "/ui/login", "/ui/static/{name}"}
+    pages = [r for r in app.routes if "GET" in getattr(r, "methods", ()) and r.path not in open_pages]
+    assert len(pages) == 9, [r.path for r in pages]
+    for r in pages:
+        assert any(d.call == ui.viewer for d in r.dependant.dependencies), r.path
+    templates = REPO / "src/lorakit/ui/templates"
+    for name in ("adapters.html", "runs.html", "sweeps.html"):
+        text = (templates / name).read_text()
+        assert "{% call data_table(" in text and "<table" not in text, name

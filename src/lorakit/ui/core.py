@@ -11,7 +11,7 @@ from lorakit.ui.render import Renderer
 from lorakit.ui.session import ADMIN, ANON, LEVEL_NAMES, USER, Session, Sessions, clear_cookie, \
     csrf_ok, level_of, read_form, set_cookie
 
-__all__ = ["UI", "UIOptions", "UIState"]
+__all__ = ["UI", "UIOptions", "UIState", "Denied"]
 
 
 @dataclass
@@ -29,6 +29,15 @@ class UIState:
     admin_key: str | None
     base_name: str
     engine: object = None
+
+
+class Denied(Exception):
+    """A request the dashboard answers with a page of its own instead of the route's (the login redirect, a 404):
+    `response` is what the visitor gets; mount() installs the one handler that sends it."""
+
+    def __init__(self, response: Response):
+        super().__init__("denied")
+        self.response = response
 
 
 class UI:
@@ -68,30 +77,38 @@ class UI:
     def error(self, request: Request, s: Session | None, status: int, message: str) -> Response:
         return self.page(request, s, "error.html", status=status, status_code=status, message=message)
 
-    def gate(self, request: Request, need: int = USER) -> tuple[Session | None, Response | None]:
-        """For GET pages: (session, None) if allowed, else (session, a redirect to login or a 403 page)."""
+    def viewer(self, request: Request) -> Session | None:
+        """The login gate of every page, as one FastAPI dependency (`s=Depends(ui.viewer)`): the visitor's session
+        if it may see the pages, else `Denied` with a redirect to the login page (and back here afterwards)."""
         s = self.sessions.get(request)
-        if self.level(s) >= need:
-            return s, None
         if self.level(s) < USER:
             nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return s, RedirectResponse(f"/ui/login?next={_quote(nxt)}", status_code=303)
-        return s, self.error(request, s, 403, "This page needs the admin key: log in with it on the login page.")
+            raise Denied(RedirectResponse(f"/ui/login?next={_quote(nxt)}", status_code=303))
+        return s
 
-    async def post_gate(self, request: Request, need: int) -> tuple[Session | None, dict, Response | None]:
-        """For form POSTs: the form, after checking its CSRF token and the session's level."""
+    def find(self, request: Request, s: Session | None, lookup, *args, missing=(FileNotFoundError,)):
+        """`lookup(*args)` (a run, a sweep, a plot, an adapter by name), or `Denied` with the 404 page naming what is
+        missing: every page's "not found" comes from here."""
+        try:
+            return lookup(*args)
+        except missing as e:
+            raise Denied(self.error(request, s, 404, str(e))) from None
+
+    async def post_gate(self, request: Request, need: int) -> tuple[Session | None, dict]:
+        """For form POSTs: (session, form) after checking the form's CSRF token and the session's level, else
+        `Denied` with the error page."""
         s = self.sessions.get(request)
         try:
             form = await read_form(request)
         except ValueError as e:
-            return s, {}, self.error(request, s, 400, str(e))
+            raise Denied(self.error(request, s, 400, str(e))) from None
         if not csrf_ok(s, form.get("csrf"), request):
-            return s, form, self.error(request, s, 403, "The form's CSRF token is missing or invalid "
-                                                        "(an old page, or a request from another site). Reload and retry.")
+            raise Denied(self.error(request, s, 403, "The form's CSRF token is missing or invalid (an old page, "
+                                                     "or a request from another site). Reload and retry."))
         if self.level(s) < need:
             msg = "This action needs the admin key." if need == ADMIN else "Log in first."
-            return s, form, self.error(request, s, 403 if self.level(s) >= USER else 401, msg)
-        return s, form, None
+            raise Denied(self.error(request, s, 403 if self.level(s) >= USER else 401, msg))
+        return s, form
 
     def logout(self, request: Request, s: Session | None) -> Response:
         self.sessions.drop(s)

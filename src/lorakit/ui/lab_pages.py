@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from fastapi import Depends
 from starlette.requests import Request
 from starlette.responses import FileResponse
 
 from lorakit.ui import markdown, runs as R, sweeps as S
 from lorakit.ui.core import UI
-from lorakit.ui.session import USER
 from lorakit.ui.render import SECURITY_HEADERS
 
 
@@ -17,22 +17,13 @@ def add_routes(app, ui: UI) -> None:
 
     # ------------------------------------------------------------ runs
     @app.get("/ui/runs", include_in_schema=False)
-    async def runs(request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
+    async def runs(request: Request, s=Depends(ui.viewer)):
         rows = [run_summary(r) for r in R.list_runs(runs_dir)]
         return ui.page(request, s, "runs.html", nav="runs", rows=rows, runs_dir=str(runs_dir) if runs_dir else None)
 
     @app.get("/ui/runs/{name}", include_in_schema=False)
-    async def run(name: str, request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
-        try:
-            r = R.find_run(runs_dir, name)
-        except FileNotFoundError as e:
-            return ui.error(request, s, 404, str(e))
+    async def run(name: str, request: Request, s=Depends(ui.viewer)):
+        r = ui.find(request, s, R.find_run, runs_dir, name)
         log_y = request.query_params.get("scale") == "log"
         ev = R.read_json(r.path / R.EVAL)
         return ui.page(request, s, "run.html", nav="runs", run=run_summary(r), chart=R.loss_chart(r, log_y),
@@ -41,15 +32,9 @@ def add_routes(app, ui: UI) -> None:
                        chart_src=f"/ui/runs/{quote(name, safe='')}/chart" + ("?scale=log" if log_y else ""))
 
     @app.get("/ui/runs/{name}/chart", include_in_schema=False)
-    async def run_chart(name: str, request: Request):
+    async def run_chart(name: str, request: Request, s=Depends(ui.viewer)):
         """The live part of a run's page (numbers and the curve), fetched again while the run is going."""
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
-        try:
-            r = R.find_run(runs_dir, name)
-        except FileNotFoundError as e:
-            return ui.error(request, s, 404, str(e))
+        r = ui.find(request, s, R.find_run, runs_dir, name)
         resp = ui.renderer.page("chart.html", run=run_summary(r),
                                 chart=R.loss_chart(r, request.query_params.get("scale") == "log"))
         resp.headers["X-Run-Status"] = r.status
@@ -57,23 +42,14 @@ def add_routes(app, ui: UI) -> None:
 
     # ------------------------------------------------------------ sweeps
     @app.get("/ui/sweeps", include_in_schema=False)
-    async def sweeps(request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
+    async def sweeps(request: Request, s=Depends(ui.viewer)):
         rows = [S.summary(n, p) for n, p in S.sweep_dirs(sweeps_dir).items()]
         return ui.page(request, s, "sweeps.html", nav="sweeps", rows=rows,
                        sweeps_dir=str(sweeps_dir) if sweeps_dir else None)
 
     @app.get("/ui/sweeps/{name}", include_in_schema=False)
-    async def sweep(name: str, request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
-        try:
-            d = S.find_sweep(sweeps_dir, name)
-        except FileNotFoundError as e:
-            return ui.error(request, s, 404, str(e))
+    async def sweep(name: str, request: Request, s=Depends(ui.viewer)):
+        d = ui.find(request, s, S.find_sweep, sweeps_dir, name)
         plots = S.plots(d)
         shown: set[str] = set()
 
@@ -91,14 +67,8 @@ def add_routes(app, ui: UI) -> None:
                        extra_plots=extra)
 
     @app.get("/ui/sweeps/{name}/plots/{plot}", include_in_schema=False)
-    async def sweep_plot(name: str, plot: str, request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
-        try:
-            path = S.plot_path(S.find_sweep(sweeps_dir, name), plot)
-        except FileNotFoundError as e:
-            return ui.error(request, s, 404, str(e))
+    async def sweep_plot(name: str, plot: str, request: Request, s=Depends(ui.viewer)):
+        path = ui.find(request, s, lambda: S.plot_path(S.find_sweep(sweeps_dir, name), plot))
         return FileResponse(path, media_type="image/png", headers={**SECURITY_HEADERS, "Cache-Control": "max-age=60"})
 
 

@@ -5,10 +5,11 @@ import asyncio
 import json
 import logging
 
+from fastapi import Depends
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 
-from lorakit.ui.core import UI
+from lorakit.ui.core import UI, Denied
 from lorakit.ui.session import ADMIN, ANON, USER, set_cookie
 from lorakit.ui.forward import ForwardResponse
 from lorakit.ui.render import SECURITY_HEADERS, STATIC
@@ -44,9 +45,7 @@ def add_routes(app, ui: UI) -> None:
 
     @app.post("/ui/login", include_in_schema=False)
     async def login(request: Request):
-        s, form, deny = await ui.post_gate(request, ANON)
-        if deny:
-            return deny
+        s, form = await ui.post_gate(request, ANON)
         nxt = safe_next(form.get("next"))
         level = key_level(form.get("key", ""), list(ui.state.api_keys), ui.state.admin_key)
         if level == ANON:
@@ -63,37 +62,31 @@ def add_routes(app, ui: UI) -> None:
 
     @app.post("/ui/logout", include_in_schema=False)
     async def logout(request: Request):
-        s, _, deny = await ui.post_gate(request, ANON)
-        return deny or ui.logout(request, s)
+        s, _ = await ui.post_gate(request, ANON)
+        return ui.logout(request, s)
 
     # ------------------------------------------------------------ adapters
+    def describe(name: str) -> dict:
+        if ui.registry is None:
+            raise FileNotFoundError("no registry")
+        return ui.registry.describe(name)  # ValueError: no such adapter
+
     @app.get("/ui/adapters", include_in_schema=False)
-    async def adapters(request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
+    async def adapters(request: Request, s=Depends(ui.viewer)):
         reg = ui.registry
         rows = [adapter_row(reg, v) for v in reg.list()] if reg is not None else []
         return ui.page(request, s, "adapters.html", nav="adapters", rows=rows, registry=reg_info(reg))
 
     @app.get("/ui/adapters/{name}", include_in_schema=False)
-    async def adapter(name: str, request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
-        try:
-            info = ui.registry.describe(name)
-        except (ValueError, AttributeError) as e:
-            return ui.error(request, s, 404, str(e) if isinstance(e, ValueError) else "no registry")
+    async def adapter(name: str, request: Request, s=Depends(ui.viewer)):
+        info = ui.find(request, s, describe, name, missing=(FileNotFoundError, ValueError))
         for v in info["versions"]:
             v["size"] = _size(v["path"])
         return ui.page(request, s, "adapter.html", nav="adapters", a=info, registry=reg_info(ui.registry))
 
     @app.post("/ui/adapters/{name}/rollback", include_in_schema=False)
     async def rollback(name: str, request: Request):
-        s, form, deny = await ui.post_gate(request, ADMIN)
-        if deny:
-            return deny
+        s, form = await ui.post_gate(request, ADMIN)
         try:
             to = int(form["version"]) if form.get("version") else None
             v = ui.registry.rollback(name, to)
@@ -104,9 +97,7 @@ def add_routes(app, ui: UI) -> None:
 
     @app.post("/ui/adapters/{name}/remove", include_in_schema=False)
     async def remove(name: str, request: Request):
-        s, form, deny = await ui.post_gate(request, ADMIN)
-        if deny:
-            return deny
+        s, form = await ui.post_gate(request, ADMIN)
         ref = f"{name}@{form['version']}" if form.get("version") else name
         try:
             gone = ui.registry.remove(ref)
@@ -122,10 +113,7 @@ def add_routes(app, ui: UI) -> None:
 
     # ------------------------------------------------------------ compare
     @app.get("/ui/compare", include_in_schema=False)
-    async def compare(request: Request):
-        s, deny = ui.gate(request, USER)
-        if deny:
-            return deny
+    async def compare(request: Request, s=Depends(ui.viewer)):
         reg = ui.registry
         choices = []
         if reg is not None:
@@ -137,28 +125,29 @@ def add_routes(app, ui: UI) -> None:
         return ui.page(request, s, "compare.html", nav="compare", choices=choices, preselect=pre,
                        has_inference=ui.has_inference, max_new_tokens=_limit(ui.state))
 
-    async def compare_request(request: Request) -> tuple[dict | None, JSONResponse | None]:
-        """A Compare call's JSON body {model, prompt, ...} after the session, CSRF and size checks."""
+    async def compare_request(request: Request) -> dict:
+        """A Compare call's JSON body {model, prompt, ...} after the session, CSRF and size checks (else `Denied`
+        with a JSON error)."""
         s = ui.sessions.get(request)
         if not csrf_ok(s, request.headers.get("x-csrf-token"), request):
-            return None, _json_error(403, "missing or invalid CSRF token (reload the page)")
+            raise Denied(_json_error(403, "missing or invalid CSRF token (reload the page)"))
         if ui.level(s) < USER:
-            return None, _json_error(401, "log in first")
+            raise Denied(_json_error(401, "log in first"))
         if not ui.has_inference:
-            return None, _json_error(503, "this dashboard runs without a model (lorakit ui): start `lorakit serve`")
+            raise Denied(_json_error(503, "this dashboard runs without a model (lorakit ui): start `lorakit serve`"))
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_COMPARE_BODY:
-                return None, _json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes")
+                raise Denied(_json_error(413, f"request exceeds {MAX_COMPARE_BODY} bytes"))
         try:
             body = json.loads(raw)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str) \
                     or not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
                 raise ValueError("'model' and 'prompt' must be non-empty strings")
         except ValueError as e:
-            return None, _json_error(400, f"bad compare request: {e}")
-        return body, None
+            raise Denied(_json_error(400, f"bad compare request: {e}")) from None
+        return body
 
     def forward(request: Request, path: str, body: dict) -> ForwardResponse:
         keys = list(ui.state.api_keys)  # the session's login earned the key: the API call carries it
@@ -166,9 +155,7 @@ def add_routes(app, ui: UI) -> None:
 
     @app.post("/ui/api/complete", include_in_schema=False)
     async def complete(request: Request):
-        body, deny = await compare_request(request)
-        if deny:
-            return deny
+        body = await compare_request(request)
         try:
             max_tokens = int(body.get("max_tokens", 64))
         except (ValueError, TypeError) as e:
@@ -181,9 +168,7 @@ def add_routes(app, ui: UI) -> None:
     @app.post("/ui/api/score", include_in_schema=False)
     async def score(request: Request):
         """Per-token KL to the base of an answer Compare streamed: /v1/score on the same prompt and tokens."""
-        body, deny = await compare_request(request)
-        if deny:
-            return deny
+        body = await compare_request(request)
         return forward(request, "/v1/score", {"model": body["model"], "completion": body.get("token_ids"),
                                               "messages": [{"role": "user", "content": body["prompt"]}]})
 
