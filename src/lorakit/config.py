@@ -24,11 +24,34 @@ TARGET_PRESETS = {
 COMPOSE_METHODS = ("linear", "cat", "svd", "ties", "dare")
 
 
+MAX_PATTERN_KEYS = 4096  # rank_pattern / alpha_pattern keys (a lorakit or compose file writes one per module)
+MAX_PATTERN_CHARS = 512  # characters in one key
+PATTERN_SECONDS = 5.0  # a file's patterns are matched against its module paths within this time (patterns.py)
+
+
+def pattern_regex(key: str) -> str:
+    """PEFT's rule: a rank_pattern / alpha_pattern key matches the end of a module path (whole dotted segments)."""
+    return rf"(.*\.)?({key})$"
+
+
+def check_pattern(field_name: str, key: object) -> None:
+    """A pattern key is a string of at most MAX_PATTERN_CHARS that compiles; ValueError naming the field if not."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{field_name} keys must be non-empty strings, got {key!r}")
+    if len(key) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{field_name} key of {len(key)} characters; at most {MAX_PATTERN_CHARS} are accepted")
+    try:
+        re.compile(pattern_regex(key))
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{field_name} key {key!r} is not a valid regular expression: {e}") from None
+
+
 def match_pattern(patterns: dict, path: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that matches the end of module path
-    `path` (a regex over whole dotted segments), else `default`."""
+    `path` (a regex over whole dotted segments), else `default`. Runs the regexes here: a file from elsewhere is
+    matched through lorakit.patterns (a time limit), and its results kept in LoraConfig.resolved."""
     for key, val in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if re.match(pattern_regex(key), path):
             return val
     return default
 
@@ -77,6 +100,12 @@ class LoraConfig(_FromDict):
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            keys = getattr(self, name)
+            if len(keys) > MAX_PATTERN_KEYS:
+                raise ValueError(f"{name} has {len(keys)} keys; at most {MAX_PATTERN_KEYS} are accepted")
+            for k in keys:
+                check_pattern(name, k)
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
@@ -101,12 +130,21 @@ class LoraConfig(_FromDict):
         """HF PEFT's defaults for a Llama model: r=8, lora_alpha=8, dropout 0, target_modules q_proj and v_proj."""
         return cls(**{"r": 8, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], **overrides})
 
+    # module path -> (rank, alpha) where the patterns were matched ahead of use (lorakit.patterns.resolve: an
+    # adapter file's module paths, at read or registry-add time), so serving never runs a pattern's regex.
+    # Not a dataclass field: never saved, compared or copied with the config.
+    resolved = None  # dict[str, tuple[int, float]] | None; unannotated, so not a dataclass field
+
     def rank_for(self, path: str) -> int:
         """The rank of module `path` (rank_pattern, else r)."""
+        if self.resolved is not None and path in self.resolved:
+            return self.resolved[path][0]
         return int(match_pattern(self.rank_pattern, path, self.r))
 
     def alpha_for(self, path: str) -> float:
         """The alpha of module `path` (alpha_pattern, else alpha)."""
+        if self.resolved is not None and path in self.resolved:
+            return self.resolved[path][1]
         return float(match_pattern(self.alpha_pattern, path, self.alpha))
 
     def scale_for(self, path: str, r: int | None = None) -> float:

@@ -24,6 +24,7 @@ from lorakit.config import LoraConfig
 from lorakit.files import atomic_write_dir, atomic_write_file, atomic_write_json
 from lorakit.core.inject import (LoraLinear, active_adapters, adapter_configs, add_adapter, delete_adapter,
                                  lora_layers, mark_trainable, set_active, wrapper_for)
+from lorakit.adapters.patterns import attach as attach_patterns
 from lorakit.adapters.refs import CONFIG_NAME, WEIGHTS_NAME, content_sha256  # noqa: F401  (re-exported)
 
 PREFIX = "base_model.model."
@@ -184,7 +185,10 @@ class AdapterFile:
         return sum(t.numel() for t in self.tensors.values())
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
+def read_adapter(path: str | Path, resolved: object = None) -> AdapterFile:
+    """Read and parse an adapter directory. Its rank_pattern / alpha_pattern are matched against its module paths
+    here, within a time limit (adapters/patterns.py), or taken from `resolved` (what the registry stored at add
+    time): the returned config answers rank_for / alpha_for for its modules without running a regex."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
@@ -215,7 +219,12 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise ValueError(f"{str(w_file)!r} is not a readable safetensors file: {e}") from None
     if not tensors:
         raise ValueError(f"{str(w_file)!r} holds no tensors")
-    return AdapterFile(path, config, peft_cfg, tensors, header)
+    af = AdapterFile(path, config, peft_cfg, tensors, header)
+    try:
+        attach_patterns(config, list(af.modules()), resolved)
+    except ValueError as e:
+        raise ValueError(f"{str(cfg_file)!r}: {e}") from None
+    return af
 
 
 # The largest per-entry weight change an adapter may make, bounded by s * r * max|A| * max|B|

@@ -183,13 +183,17 @@ class Registry:
             raise ValueError(f"{name!r}: names starting with {MIX!r} are mixtures (adapters/mixtures.add_mixture)")
         src = Path(src)
         from lorakit.adapters.peft_files import read_adapter, validate_adapter  # torch: only where files are read
+        from lorakit.adapters.patterns import STORED_KEY as PATTERNS_KEY, to_json as patterns_json
 
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
         validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
         self.check_fits(af, force)
         metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
+        config = af.peft_config  # with its patterns' values per module, so serving never matches them again
+        if af.config.resolved is not None:
+            config = {**config, PATTERNS_KEY: patterns_json(af.config.resolved)}
         return self.add_version(name, src, (CONFIG_NAME, WEIGHTS_NAME), fingerprint=af.fingerprint,
-                                config=af.peft_config, num_params=af.num_params(), description=description,
+                                config=config, num_params=af.num_params(), description=description,
                                 skip_if_current=skip_if_current, metrics=metrics)
 
     def add_version(self, name: str, src: Path, files: tuple[str, ...], *, fingerprint: dict | None, config: dict,

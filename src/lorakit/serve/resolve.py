@@ -7,6 +7,7 @@ import logging
 
 from lorakit.adapters.peft_files import read_adapter, read_metadata
 from lorakit.adapters.mixtures import read_mixture, resolve_mixture
+from lorakit.adapters.patterns import STORED_KEY as PATTERNS_KEY
 from lorakit.adapters.registry import MIX, IncompatibleAdapter, Registry, UnknownAdapter
 from lorakit.serve import protocol as P
 from lorakit.serve.request import AdapterUse, MixtureUse
@@ -24,7 +25,9 @@ def registry_error(e: Exception) -> P.APIError:
 
 def _use(v, weight: float = 1.0) -> AdapterUse:
     # the slot key is the content hash: a name re-added with other files can never hit stale weights
-    return AdapterUse(v.sha256, lambda path=v.path: read_adapter(path), weight, v.ref)
+    # its rank/alpha patterns as matched at add time (adapters/patterns.py): no request runs their regexes
+    return AdapterUse(v.sha256, lambda path=v.path, res=v.config.get(PATTERNS_KEY): read_adapter(path, res),
+                      weight, v.ref)
 
 
 def resolve_stack(registry: Registry, stack: list[tuple[str, float]]) -> tuple[list[AdapterUse], MixtureUse | None]:
