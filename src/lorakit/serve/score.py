@@ -77,14 +77,14 @@ def _take(engine, budget: int, first: bool) -> ScoreRequest | None:
                 engine.stats["cancelled"] += 1
                 continue
             fits = first or 2 * (len(req.prompt) + len(req.answer)) <= budget
-            if fits and engine._files_ready(req) and engine.bank.can_acquire([a.key for a in req.adapters]):
+            if fits and engine.residency.files_ready(req) and engine.bank.can_acquire([a.key for a in req.adapters]):
                 engine.scoring.remove(req)
                 return req
     return None
 
 
 def _run(engine, req: ScoreRequest) -> None:
-    got = engine._acquire(req)  # sends the error itself if an adapter cannot be loaded
+    got = engine.acquire(req)  # sends the error itself if an adapter cannot be loaded
     if got is None:
         return
     slots, mix = got
@@ -98,6 +98,6 @@ def _run(engine, req: ScoreRequest) -> None:
         send(req, ("error", f"scoring failed for this request: {type(e).__name__}: {e}"))
         return
     finally:
-        engine._release(slots, mix)
+        engine.residency.release(slots, mix)
     engine.stats["scores"] += 1
     send(req, ("score", result))
