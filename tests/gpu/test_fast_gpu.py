@@ -14,19 +14,14 @@ import os
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-VOCAB = 2048
+from gpu_helpers import VOCAB, small_llama_config
 
 
 def small_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+    cfg = small_llama_config(attn_implementation="sdpa", use_cache=False)
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     for p in model.parameters():
         p.requires_grad_(False)

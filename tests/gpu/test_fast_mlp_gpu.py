@@ -1,37 +1,17 @@
 """The Triton kernels of lorakit.train.fast on the GPU, at the llama-1b shapes, against the plain-torch
 reference computed in float32 on the same (bf16) inputs: ||out - ref|| / ||ref|| under 1e-2 (bf16
 operands), every output element written (the allocator is poisoned with NaN first)."""
-import json
-import os
 
-import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from gpu_helpers import poison, record, rel
 
 T, H, F, R = 16384, 2048, 8192, 16   # tokens (8 x 2048), hidden, MLP width, LoRA rank
 
 
-def rel(x, r):
-    return float((x.double() - r.double()).norm() / r.double().norm())
-
-
-def poison(n_bytes: int):
-    """Fill free allocator blocks with NaN so unwritten outputs show up as NaN."""
-    buf = torch.full((n_bytes // 4,), float("nan"), device="cuda")
-    del buf
-
-
-def record(name, errs):
-    out = os.environ.get("LORAKIT_GPU_TEST_OUT")
-    if out:
-        with open(os.path.join(out, f"kernel_check_{name}.json"), "w") as fh:
-            json.dump(errs, fh)
-
-
 def test_swiglu_lora_kernels_match_reference_at_1b_shape():
-    from lorakit.train.fast.mlp import swiglu_lora_bwd, swiglu_lora_bwd_ref, swiglu_lora_fwd, swiglu_lora_fwd_ref
+    from lorakit.kernels import swiglu_lora_bwd, swiglu_lora_fwd
+    from lorakit.kernels.reference import swiglu_lora_bwd_ref, swiglu_lora_fwd_ref
 
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -61,7 +41,7 @@ def test_swiglu_lora_kernels_match_reference_at_1b_shape():
 
 
 def test_inplace_loss_kernel_matches_reference_at_1b_vocab():
-    from lorakit.train.fast.loss import chunk_loss_and_grad
+    from lorakit.kernels.reference import chunk_loss_and_grad
     from lorakit.kernels.triton_ce import ce_chunk_inplace
 
     c, V = 2048, 128256

@@ -8,34 +8,17 @@ kernel must be within 1e-2 and no worse than 1.5x torch's own bf16 reference err
 element is written (the allocator is poisoned with NaN first); a call captured in a CUDA graph replays
 with new slot indices and coefficients written in place."""
 import json
-import os
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from gpu_helpers import poison, record, rel
+
 triton = pytest.importorskip("triton")
 
 H, F, R, SLOTS = 2048, 8192, 16, 32
 SHAPES = {"decode": (64, 1), "prefill": (4, 128)}
 PROJ = {"q": (H, H), "k": (H, 512), "up": (H, F), "down": (F, H)}
-
-
-def rel(x, r):
-    return float((x.double() - r.double()).norm() / r.double().norm())
-
-
-def poison(n_bytes: int):
-    buf = torch.full((n_bytes // 4,), float("nan"), device="cuda")
-    del buf
-
-
-def record(name, errs):
-    out = os.environ.get("LORAKIT_GPU_TEST_OUT")
-    if out:
-        with open(os.path.join(out, f"kernel_check_{name}.json"), "w") as fh:
-            json.dump(errs, fh)
 
 
 def batch(b, s, din, dout, k, dtype, seed=0, dora=False):

@@ -7,24 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from gpu_helpers import VOCAB, small_llama_config
 
 ROOT = Path(__file__).resolve().parents[2]
-VOCAB = 2048
 
 
 def _model_dir(tmp_path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = small_llama_config(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     d = tmp_path / "model"
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
     vocab = {f"t{i}": i for i in range(VOCAB)}

@@ -12,8 +12,7 @@ import torch
 from lorakit import set_active
 from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
-from lorakit.models import tiny_llama
-from lorakit.serve.engine import AdapterUse, Engine, GenRequest
+from lorakit.serve.engine import AdapterUse, GenRequest
 from lorakit.serve.request import sample
 from engine_helpers import TOK, Collect, save_tiny_adapters
 
@@ -23,10 +22,8 @@ def adapters(tmp_path_factory):
 
 
 @pytest.fixture
-def eng():
-    e = Engine(tiny_llama(), TOK, max_slots=3, max_batch=4).start()
-    yield e
-    e.stop()
+def eng(start_engine):
+    return start_engine(max_slots=3)
 
 
 def use(root, n, w=1.0):

@@ -10,7 +10,7 @@ from lorakit import LoraConfig, add_adapter, save_adapter, set_active
 from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
-from lorakit.serve.engine import AdapterUse, Engine, GenRequest, ScoreRequest
+from lorakit.serve.engine import AdapterUse, GenRequest, ScoreRequest
 from engine_helpers import TOK, Collect
 
 PROMPT, ANSWER = [5, 6, 7, 8, 9], [11, 3, 40, 17, 17, 2, 60, 8]
@@ -55,88 +55,79 @@ def score(eng, prompt, answer, uses, timeout=60):
     return r.end
 
 
-def test_kl_equals_plain_torch_and_base_against_itself_is_zero(adapters):
+def test_kl_equals_plain_torch_and_base_against_itself_is_zero(adapters, start_engine):
     root, ref = adapters
-    eng = Engine(tiny_llama(), TOK, max_slots=2, max_batch=4).start()
-    try:
-        for active, uses in (("a", [use(root, "a")]), ({"a": 0.7, "b": 0.3}, [use(root, "a", 0.7), use(root, "b", 0.3)])):
-            kind, s = score(eng, PROMPT, ANSWER, uses)
-            assert kind == "score", s
-            kl, lp_a, lp_b = direct(ref, active, PROMPT, ANSWER)
-            assert len(s.kl) == len(ANSWER) and min(s.kl) > 0.01  # the adapter moves every distribution (a tiny model: near uniform)
-            assert torch.allclose(torch.tensor(s.kl, dtype=torch.float64), kl, atol=1e-4, rtol=0), (s.kl, kl)
-            assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), lp_a, atol=1e-4, rtol=0)
-            assert torch.allclose(torch.tensor(s.base_logprobs, dtype=torch.float64), lp_b, atol=1e-4, rtol=0)
-            assert s.summary()["max"] == max(s.kl) and abs(s.summary()["mean"] - sum(s.kl) / len(s.kl)) < 1e-12
-        kind, s = score(eng, PROMPT, ANSWER, [])
-        assert kind == "score" and s.kl == [0.0] * len(ANSWER) and s.logprobs == s.base_logprobs
-        assert eng.stats["scores"] == 3 and eng.info()["scoring"] == 0
-    finally:
-        eng.stop()
+    eng = start_engine(max_slots=2, max_batch=4)
+    for active, uses in (("a", [use(root, "a")]), ({"a": 0.7, "b": 0.3}, [use(root, "a", 0.7), use(root, "b", 0.3)])):
+        kind, s = score(eng, PROMPT, ANSWER, uses)
+        assert kind == "score", s
+        kl, lp_a, lp_b = direct(ref, active, PROMPT, ANSWER)
+        assert len(s.kl) == len(ANSWER) and min(s.kl) > 0.01  # the adapter moves every distribution (a tiny model: near uniform)
+        assert torch.allclose(torch.tensor(s.kl, dtype=torch.float64), kl, atol=1e-4, rtol=0), (s.kl, kl)
+        assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), lp_a, atol=1e-4, rtol=0)
+        assert torch.allclose(torch.tensor(s.base_logprobs, dtype=torch.float64), lp_b, atol=1e-4, rtol=0)
+        assert s.summary()["max"] == max(s.kl) and abs(s.summary()["mean"] - sum(s.kl) / len(s.kl)) < 1e-12
+    kind, s = score(eng, PROMPT, ANSWER, [])
+    assert kind == "score" and s.kl == [0.0] * len(ANSWER) and s.logprobs == s.base_logprobs
+    assert eng.stats["scores"] == 3 and eng.info()["scoring"] == 0
 
 
-def test_scoring_between_decode_steps_leaves_generation_alone(adapters):
+def test_scoring_between_decode_steps_leaves_generation_alone(adapters, start_engine):
     """A scoring request submitted while a row decodes with another adapter runs between its steps (not
     after it finishes) and changes none of its tokens; its own numbers are those it gets alone."""
     root, ref = adapters
-    eng = Engine(tiny_llama(), TOK, max_slots=2, max_batch=4).start()
-    try:
-        alone = score(eng, PROMPT, ANSWER, [use(root, "a")])[1]
-        gen, at = Collect(), []
+    eng = start_engine(max_slots=2, max_batch=4)
+    alone = score(eng, PROMPT, ANSWER, [use(root, "a")])[1]
+    gen, at = Collect(), []
 
-        def scored(ev):  # engine thread: how far the generation had got when the score came
-            at.append((ev, len(gen.tokens)))
+    def scored(ev):  # engine thread: how far the generation had got when the score came
+        at.append((ev, len(gen.tokens)))
 
-        def on_token(ev):
-            gen(ev)
-            if ev[0] == "token" and len(gen.tokens) == 3:
-                eng.submit(ScoreRequest(PROMPT, ANSWER, [use(root, "a")], sink=scored))
-        eng.submit(GenRequest([3, 4, 5], [use(root, "b")], max_tokens=40, ignore_eos=True, sink=on_token))
-        assert gen.done.wait(60) and gen.end == ("done", "length")
-        (ev, n), = at
-        assert ev[0] == "score" and ev[1].kl == alone.kl and 3 <= n < 40  # between the row's steps
-        set_active(ref, "b")
-        want = generate_ids(ref, TOK, [[3, 4, 5]], max_new_tokens=40)[0]
-        set_active(ref, None)
-        assert gen.tokens[:len(want)] == want and len(gen.tokens) == 40
-    finally:
-        eng.stop()
+    def on_token(ev):
+        gen(ev)
+        if ev[0] == "token" and len(gen.tokens) == 3:
+            eng.submit(ScoreRequest(PROMPT, ANSWER, [use(root, "a")], sink=scored))
+    eng.submit(GenRequest([3, 4, 5], [use(root, "b")], max_tokens=40, ignore_eos=True, sink=on_token))
+    assert gen.done.wait(60) and gen.end == ("done", "length")
+    (ev, n), = at
+    assert ev[0] == "score" and ev[1].kl == alone.kl and 3 <= n < 40  # between the row's steps
+    set_active(ref, "b")
+    want = generate_ids(ref, TOK, [[3, 4, 5]], max_new_tokens=40)[0]
+    set_active(ref, None)
+    assert gen.tokens[:len(want)] == want and len(gen.tokens) == 40
 
 
-def test_a_bad_scoring_request_fails_alone(adapters, tmp_path):
+def test_a_bad_scoring_request_fails_alone(adapters, tmp_path, start_engine):
     """Refused at submit: an empty answer, ids outside the vocabulary, prompt + answer beyond the context, a
     bad stack weight. Failing on the engine: an unreadable adapter, a resident adapter gone NaN. The
     generation running beside them gets every token it would get alone."""
     root, ref = adapters
     (tmp_path / "adapter_config.json").write_text((root / "a" / "adapter_config.json").read_text())
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    eng = Engine(tiny_llama(), TOK, max_slots=2, max_batch=4).start()
-    try:
-        for prompt, answer, match in (([5, 6], [], "answer must be a non-empty"), ([5, 6], [1, 10 ** 6], "below 128"),
-                                      ([], [3], "prompt must be"), ([1] * 300, [1] * 300, "context")):
-            with pytest.raises(ValueError, match=match):
-                eng.submit(ScoreRequest(prompt, answer, []))
-        with pytest.raises(ValueError, match="stack weight"):
-            eng.submit(ScoreRequest(PROMPT, ANSWER, [use(root, "a", float("nan"))]))
-        gen = Collect()
-        eng.submit(GenRequest([3, 4, 5], [use(root, "a")], max_tokens=30, ignore_eos=True, sink=gen))
-        kind, msg = score(eng, PROMPT, ANSWER, [AdapterUse("broken@1", lambda: read_adapter(tmp_path))])
-        assert kind == "error" and "could not be loaded" in msg and "broken@1" not in eng.bank.resident
-        assert score(eng, PROMPT, ANSWER, [use(root, "b")])[0] == "score"
+    eng = start_engine(max_slots=2, max_batch=4)
+    for prompt, answer, match in (([5, 6], [], "answer must be a non-empty"), ([5, 6], [1, 10 ** 6], "below 128"),
+                                  ([], [3], "prompt must be"), ([1] * 300, [1] * 300, "context")):
+        with pytest.raises(ValueError, match=match):
+            eng.submit(ScoreRequest(prompt, answer, []))
+    with pytest.raises(ValueError, match="stack weight"):
+        eng.submit(ScoreRequest(PROMPT, ANSWER, [use(root, "a", float("nan"))]))
+    gen = Collect()
+    eng.submit(GenRequest([3, 4, 5], [use(root, "a")], max_tokens=30, ignore_eos=True, sink=gen))
+    kind, msg = score(eng, PROMPT, ANSWER, [AdapterUse("broken@1", lambda: read_adapter(tmp_path))])
+    assert kind == "error" and "could not be loaded" in msg and "broken@1" not in eng.bank.resident
+    assert score(eng, PROMPT, ANSWER, [use(root, "b")])[0] == "score"
 
-        def poison():  # a slot gone bad past every file check: NaN in every layer's B of adapter b
-            for ls in eng.bank.layers.values():
-                ls.B[eng.bank.resident["b@1"]].fill_(math.nan)
-        eng.call(poison).result(10)
-        kind, msg = score(eng, PROMPT, ANSWER, [use(root, "b")])
-        assert kind == "error" and "the adapter's logits are not finite" in msg, msg
-        assert eng.unload(["b@1"]).result(10) == ["b@1"]
-        assert gen.done.wait(60) and gen.end == ("done", "length")
-        set_active(ref, "a")
-        assert gen.tokens == generate_ids(ref, TOK, [[3, 4, 5]], max_new_tokens=30)[0][:30]
-        set_active(ref, None)
-        kind, s = score(eng, PROMPT, ANSWER, [use(root, "a")])  # the engine scores on afterwards
-        assert kind == "score" and len(s.kl) == len(ANSWER)
-        assert eng.stats["errors"] == 2 and not eng.scoring
-    finally:
-        eng.stop()
+    def poison():  # a slot gone bad past every file check: NaN in every layer's B of adapter b
+        for ls in eng.bank.layers.values():
+            ls.B[eng.bank.resident["b@1"]].fill_(math.nan)
+    eng.call(poison).result(10)
+    kind, msg = score(eng, PROMPT, ANSWER, [use(root, "b")])
+    assert kind == "error" and "the adapter's logits are not finite" in msg, msg
+    assert eng.unload(["b@1"]).result(10) == ["b@1"]
+    assert gen.done.wait(60) and gen.end == ("done", "length")
+    set_active(ref, "a")
+    assert gen.tokens == generate_ids(ref, TOK, [[3, 4, 5]], max_new_tokens=30)[0][:30]
+    set_active(ref, None)
+    kind, s = score(eng, PROMPT, ANSWER, [use(root, "a")])  # the engine scores on afterwards
+    assert kind == "score" and len(s.kl) == len(ANSWER)
+    assert eng.stats["errors"] == 2 and not eng.scoring

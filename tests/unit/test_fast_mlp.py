@@ -1,5 +1,5 @@
 """The fused LoRA MLP (lorakit.train.fast.mlp) against the plain path, and its Triton kernels (and the
-in-place loss kernel) against the plain-torch reference under the Triton interpreter, in fp32."""
+in-place loss kernel, lorakit.kernels) against the plain-torch reference under the Triton interpreter, in fp32."""
 import copy
 import json
 import os
@@ -55,10 +55,10 @@ def test_dropout_on_the_mlp_falls_back_to_the_unfused_path():
 KERNEL_CHECK = textwrap.dedent("""
     import json
     import torch
-    from lorakit.train.fast.mlp import swiglu_lora_fwd_ref, swiglu_lora_bwd_ref, _pad_rows, _pad_cols
+    from lorakit.kernels import pad_rows as _pad_rows, pad_cols as _pad_cols
+    from lorakit.kernels.reference import swiglu_lora_fwd_ref, swiglu_lora_bwd_ref, chunk_loss_and_grad
     from lorakit.kernels.triton_mlp import swiglu_lora_fwd, swiglu_lora_bwd
     from lorakit.kernels.triton_ce import ce_chunk_inplace
-    from lorakit.train.fast.loss import chunk_loss_and_grad
 
     def rel(x, r):
         return float((x.double() - r.double()).norm() / r.double().norm())
@@ -90,9 +90,9 @@ KERNEL_CHECK = textwrap.dedent("""
                ce_inplace=float(g.data_ptr() == buf.data_ptr()), ce_ignored=float(g[2].abs().max()))
     # the custom ops' Triton branch (padding, slicing, torch.library's no-aliasing rule), rank 16
     import functools
-    import lorakit.train.fast.mlp as mlp
+    import lorakit.kernels as mlp  # the ops' dispatch
     import lorakit.kernels.triton_mlp as tm
-    mlp._triton_ok = lambda t: True
+    mlp.triton_for = lambda t: True
     tm.swiglu_lora_fwd = functools.partial(tm.swiglu_lora_fwd, block=(32, 32), cols=64)
     tm.swiglu_lora_bwd = functools.partial(tm.swiglu_lora_bwd, block=(32, 32), toks=64, cols=64)
     a16 = torch.randn(16, F)

@@ -131,3 +131,13 @@ def test_no_private_name_is_imported_from_another_module():
                 bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
+
+
+def test_kernels_are_dispatched_from_kernels_only():
+    """kernels/ is the one dispatch point: its Triton modules (kernels/triton_*.py) are imported by kernels/ alone;
+    the server and the training backends call the dispatches (lora_delta, ce_chunk, swiglu_lora_fwd/_bwd)."""
+    triton = {n for n, _ in _modules() if n.startswith("lorakit.kernels.triton_")}
+    assert triton, "no kernels/triton_*.py module found"
+    bad = [f"{name} -> {imp}" for name, f in _modules() if _part(name) != "kernels"
+           for imp in _imports(f) if imp in triton]
+    assert not bad, bad

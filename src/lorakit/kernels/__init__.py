@@ -1,13 +1,20 @@
-"""Compute kernels behind one dispatch point.
+"""Every hand-written kernel of lorakit lives here, beside its plain-torch reference (reference.py), and each op has
+one dispatch below: the Triton kernel on CUDA where Triton is installed, the reference everywhere else. The server
+(serve/slots.py) and the fast training backend (train/fast) call these dispatches, never a triton_*.py module.
 
-`lora_delta(x, A_slots, B_slots, idx, coef[, dora, base])` is the per-row multi-adapter LoRA product
-used by the server (see `reference.py` for the exact contract and shapes). The plain-torch reference
-runs everywhere; a faster implementation registers itself for a device type in `IMPLS` and must match
-the reference (tests/unit/test_kernels_triton.py under the Triton interpreter, tests/gpu on a GPU).
-On CUDA with Triton installed, `IMPLS["cuda"]` is `triton_lora.lora_delta` (gather kernels for one
-token a row, segmented kernels for longer rows); Triton is imported on the first call, not here.
-Per-token coefficients (coef (b, s, k), a mixture of LoRAs' gates) always run the reference, on any device:
-the Triton kernels take one coefficient per row and slot.
+  lora_delta(x, A_slots, B_slots, idx, coef[, dora, base])   per-row multi-adapter LoRA (serving): triton_lora.py
+  ce_chunk(logits, targets, inv_n, ignore_index)             a chunk's cross-entropy and its gradient, the
+                                                             gradient written over the logits: triton_ce.py
+  swiglu_lora_fwd / swiglu_lora_bwd                          the SwiGLU middle of a LoRA MLP: triton_mlp.py
+  NF4 dequantization (core/nf4.py)                           no hand kernel: plain torch (compiled with the layer)
+
+Kernels must match their reference (tests/unit/test_kernels_triton.py and test_fast_mlp.py under the Triton
+interpreter, tests/gpu on a GPU). Triton is imported on a kernel's first call, not here.
+
+lora_delta: see `reference.py` for the exact contract and shapes; a faster implementation registers itself for a
+device type in `IMPLS` (on CUDA with Triton, `triton_lora.lora_delta`: gather kernels for one token a row,
+segmented kernels for longer rows). Per-token coefficients (coef (b, s, k), a mixture of LoRAs' gates) always run
+the reference, on any device: the Triton kernels take one coefficient per row and slot.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import importlib.util
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from lorakit.kernels import reference
 
@@ -43,7 +52,83 @@ def _triton_cuda(*args, **kwargs) -> torch.Tensor:
     return triton_lora.lora_delta(*args, **kwargs)
 
 
-if importlib.util.find_spec("triton") is not None:
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
     IMPLS["cuda"] = _triton_cuda
 
-__all__ = ["lora_delta", "IMPLS", "reference"]
+
+# ---------------------------------------------------------------- cross-entropy of a chunk of logits
+def ce_chunk(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """logits (c, V), targets (c,) -> (summed loss over valid rows, d(mean loss)/d logits (c, V)). On CUDA with
+    Triton the gradient is written over `logits` (no second (c, V) buffer); elsewhere the reference."""
+    if logits.device.type == "cuda" and HAS_TRITON:
+        from lorakit.kernels.triton_ce import ce_chunk_inplace
+
+        return ce_chunk_inplace(logits, targets, inv_n, ignore_index)
+    return reference.chunk_loss_and_grad(logits, targets, inv_n, ignore_index)
+
+
+# ---------------------------------------------------------------- the SwiGLU + LoRA MLP middle (custom ops)
+def triton_for(t: Tensor) -> bool:
+    """Whether the SwiGLU kernels take `t`: a bf16/fp16 CUDA tensor, with Triton installed."""
+    return HAS_TRITON and t.device.type == "cuda" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def pad_rows(t: Tensor, n: int) -> Tensor:
+    return t if t.shape[0] == n else F.pad(t, (0, 0, 0, n - t.shape[0]))
+
+
+def pad_cols(t: Tensor, n: int) -> Tensor:
+    return t.contiguous() if t.shape[1] == n else F.pad(t, (0, n - t.shape[1]))
+
+
+def padded_rank(*ranks: int) -> int:
+    """tl.dot needs every dimension >= 16: ranks are zero-padded to a multiple of 16."""
+    return max(16, -(-max(ranks) // 16) * 16)
+
+
+@torch.library.custom_op("lorakit::swiglu_lora_fwd", mutates_args=())
+def swiglu_lora_fwd(y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    if not triton_for(y):
+        return reference.swiglu_lora_fwd_ref(y, a)
+    from lorakit.kernels.triton_mlp import swiglu_lora_fwd as kernel
+
+    r = a.shape[0]
+    h, ha = kernel(y.contiguous(), pad_rows(a.to(y.dtype), padded_rank(r)).contiguous())
+    return h, ha[:, :r].clone()
+
+
+@swiglu_lora_fwd.register_fake
+def _(y, a):
+    return y.new_empty(y.shape[0], y.shape[1] // 2), y.new_empty(y.shape[0], a.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lorakit::swiglu_lora_bwd", mutates_args=())
+def swiglu_lora_bwd(y: Tensor, dhb: Tensor, dsha: Tensor, a: Tensor, sxa_g: Tensor, sxa_u: Tensor,
+                    bg: Tensor, bu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if not triton_for(y):
+        return reference.swiglu_lora_bwd_ref(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu)
+    from lorakit.kernels.triton_mlp import swiglu_lora_bwd as kernel
+
+    dt = y.dtype
+    rd, rg, ru = a.shape[0], bg.shape[1], bu.shape[1]
+    R = padded_rank(rd, rg, ru)
+    sxa = torch.cat([pad_cols(sxa_g.to(dt), R), pad_cols(sxa_u.to(dt), R)], dim=-1)    # (T, 2R)
+    dy, d_sxa, db, dat = kernel(y.contiguous(), dhb.contiguous(), pad_cols(dsha.to(dt), R),
+                                pad_rows(a.to(dt), R).contiguous(), sxa,
+                                pad_cols(bg.to(dt), R), pad_cols(bu.to(dt), R))
+    d_sxa = torch.cat([d_sxa[:, :rg], d_sxa[:, R:R + ru]], dim=-1)
+    # clones: outputs of a custom op may not alias each other (db[0] and db[1] share db's storage)
+    return dy, d_sxa, db[0, :, :rg].clone(), db[1, :, :ru].clone(), dat[:, :rd].t().contiguous()
+
+
+@swiglu_lora_bwd.register_fake
+def _(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu):
+    f32 = torch.float32
+    T, F2 = y.shape
+    return (y.new_empty(T, F2), y.new_empty(T, bg.shape[1] + bu.shape[1], dtype=f32),
+            y.new_empty(bg.shape, dtype=f32), y.new_empty(bu.shape, dtype=f32), y.new_empty(a.shape, dtype=f32))
+
+
+__all__ = ["lora_delta", "IMPLS", "HAS_TRITON", "reference", "ce_chunk", "swiglu_lora_fwd", "swiglu_lora_bwd",
+           "padded_rank", "pad_rows", "pad_cols", "triton_for"]

@@ -1,4 +1,6 @@
-"""Plain-torch reference for per-row (multi-adapter) LoRA: the path every faster kernel is tested against.
+"""Plain-torch references: the maths every faster kernel is tested against and the path that runs where no kernel
+does. Per-row (multi-adapter) LoRA (`lora_delta`, `dora_slot`) first; the chunked cross-entropy
+(`chunk_loss_and_grad`) and the SwiGLU + LoRA MLP middle (`swiglu_lora_fwd_ref` / `_bwd_ref`) of train/fast at the end.
 
 The resident adapters of one linear layer are stacked into slot tensors:
 
@@ -38,6 +40,8 @@ coef * (g - 1) / c = w (g - 1), so this is exactly sum_j w_j ((g_j - 1) W x + g_
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 
 def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
@@ -105,3 +109,46 @@ def lora_delta_loop(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tenso
             for t in range(x.shape[1]):
                 out[row, t] += float(coef[row, t, j]) * (x[row, t] @ A_slots[s].T) @ B_slots[s].T
     return out
+
+
+# ---------------------------------------------------------------- train/fast: loss chunks and the LoRA MLP
+def chunk_loss_and_grad(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_index: int
+                        ) -> tuple[Tensor, Tensor]:
+    """logits (c, V) model dtype, targets (c,) -> (summed loss over valid rows (fp32 scalar),
+    d(mean loss)/d logits (c, V) in the logits' dtype)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))           # fp32 (fp64 stays)
+    lse = torch.logsumexp(x, dim=-1)                                       # (c,)
+    valid = targets != ignore_index                                         # (c,)
+    t = torch.where(valid, targets, 0)                                      # (c,) safe to gather
+    picked = x.gather(1, t[:, None]).squeeze(1)                             # (c,)
+    loss = torch.where(valid, lse - picked, 0.0).sum()
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == t[:, None]  # (c, V)
+    grad = (torch.exp(x - lse[:, None]) - onehot.to(x.dtype)) * inv_n       # (c, V)
+    grad = torch.where(valid[:, None], grad, 0.0)
+    return loss, grad.to(logits.dtype)
+
+
+def swiglu_lora_fwd_ref(y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """y (T, 2F) [g | u], a (r, F) -> h (T, F) in y's dtype, h @ a^T (T, r) fp32."""
+    g, u = y.float().chunk(2, dim=-1)
+    h = (F.silu(g) * u).to(y.dtype)
+    return h, (h @ a.to(y.dtype).t()).float()
+
+
+def swiglu_lora_bwd_ref(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu):
+    """y (T, 2F), dhb (T, F) = d_out W_d, dsha (T, r_d) = s_d d(hA), a (r_d, F), sxa_g (T, r_g),
+    sxa_u (T, r_u), bg (F, r_g), bu (F, r_u) -> dy (T, 2F) y's dtype, d_sxa (T, r_g + r_u) fp32,
+    dB_g (F, r_g), dB_u (F, r_u), dA_d (r_d, F), all fp32."""
+    dt = y.dtype
+    g, u = y.float().chunk(2, dim=-1)                                   # (T, F) each
+    dh = dhb.float() + (dsha @ a.to(dt)).float()                        # (T, F)
+    sg = torch.sigmoid(g)
+    silu = g * sg
+    h = (silu * u).to(dt)
+    da = (dsha.t() @ h).float()                                         # (r_d, F)
+    dg = (dh * u * sg * (1 + g * (1 - sg))).to(dt)
+    du = (dh * silu).to(dt)
+    d_sxa = torch.cat([dg @ bg.to(dt), du @ bu.to(dt)], dim=-1).float()  # (T, r_g + r_u)
+    dbg = (dg.t() @ sxa_g).float()                                      # (F, r_g)
+    dbu = (du.t() @ sxa_u).float()
+    return torch.cat([dg, du], dim=-1), d_sxa, dbg, dbu, da

@@ -3,7 +3,7 @@
 One program per row. Pass 1 streams the row once with an online softmax (running max and sum of
 exponentials), so max, sum and the target logit come from one read. Pass 2 reads the row again (a
 row is 256 KB for a 128k vocabulary, so most of it is still in L2) and writes
-(softmax - onehot) * inv_n in place. The plain-torch `loss.chunk_loss_and_grad` is the reference.
+(softmax - onehot) * inv_n in place. The plain-torch `reference.chunk_loss_and_grad` is the reference.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ backward only scales the stored dh (and dW) by the incoming gradient. Peak extra
 chunk's logits and gradient.
 
 Numerics match HF's ForCausalLMLoss: logits in the model dtype (the matmul output), softmax in
-float32, mean over the targets that are not `ignore_index`.
+float32, mean over the targets that are not `ignore_index`. A chunk's loss and gradient is one op of lorakit.kernels
+(`ce_chunk`: the Triton kernel on CUDA, the plain-torch `reference.chunk_loss_and_grad` elsewhere).
 """
 from __future__ import annotations
 
@@ -17,32 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorakit.kernels.reference import chunk_loss_and_grad
+
 IGNORE_INDEX = -100
-
-
-def chunk_loss_and_grad(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_index: int
-                        ) -> tuple[Tensor, Tensor]:
-    """logits (c, V) model dtype, targets (c,) -> (summed loss over valid rows (fp32 scalar),
-    d(mean loss)/d logits (c, V) in the logits' dtype)."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))           # fp32 (fp64 stays)
-    lse = torch.logsumexp(x, dim=-1)                                       # (c,)
-    valid = targets != ignore_index                                         # (c,)
-    t = torch.where(valid, targets, 0)                                      # (c,) safe to gather
-    picked = x.gather(1, t[:, None]).squeeze(1)                             # (c,)
-    loss = torch.where(valid, lse - picked, 0.0).sum()
-    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == t[:, None]  # (c, V)
-    grad = (torch.exp(x - lse[:, None]) - onehot.to(x.dtype)) * inv_n       # (c, V)
-    grad = torch.where(valid[:, None], grad, 0.0)
-    return loss, grad.to(logits.dtype)
-
-
-def chunk_loss_and_grad_inplace(logits: Tensor, targets: Tensor, inv_n: Tensor, ignore_index: int
-                                ) -> tuple[Tensor, Tensor]:
-    """`chunk_loss_and_grad` through the Triton kernel (CUDA): one streaming pass for the loss, one
-    for the gradient, written over `logits` (no second (c, V) buffer)."""
-    from lorakit.kernels.triton_ce import ce_chunk_inplace
-
-    return ce_chunk_inplace(logits, targets, inv_n, ignore_index)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

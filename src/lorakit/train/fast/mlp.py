@@ -14,9 +14,10 @@ in four or five passes over (T x F) tensors (SwiGLU backward, the LoRA delta of 
 the recomputed h for dA_d, dy @ B and dy^T @ sxa over the (T x 2F) gradient) is one read of g, u,
 dh_base and one write of dg, du. The forward likewise computes h A_d^T while writing h.
 
-On CUDA with Triton the two passes are the kernels of triton_mlp.py; elsewhere (CPU, the tests'
-fp32 reference) the same maths in plain torch (`*_ref`). Both are wrapped as torch custom ops, so
-torch.compile treats them as opaque calls inside the compiled layer.
+The two passes are ops of lorakit.kernels (`swiglu_lora_fwd`, `swiglu_lora_bwd`): on CUDA with Triton the kernels
+of kernels/triton_mlp.py, elsewhere (CPU, the tests' fp32 reference) the same maths in plain torch
+(kernels/reference.py). Both are torch custom ops, so torch.compile treats them as opaque calls inside the
+compiled layer.
 """
 from __future__ import annotations
 
@@ -24,99 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-# ---------------------------------------------------------------- reference maths (plain torch)
-def swiglu_lora_fwd_ref(y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """y (T, 2F) [g | u], a (r, F) -> h (T, F) in y's dtype, h @ a^T (T, r) fp32."""
-    g, u = y.float().chunk(2, dim=-1)
-    h = (F.silu(g) * u).to(y.dtype)
-    return h, (h @ a.to(y.dtype).t()).float()
-
-
-def swiglu_lora_bwd_ref(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu):
-    """y (T, 2F), dhb (T, F) = d_out W_d, dsha (T, r_d) = s_d d(hA), a (r_d, F), sxa_g (T, r_g),
-    sxa_u (T, r_u), bg (F, r_g), bu (F, r_u) -> dy (T, 2F) y's dtype, d_sxa (T, r_g + r_u) fp32,
-    dB_g (F, r_g), dB_u (F, r_u), dA_d (r_d, F), all fp32."""
-    dt = y.dtype
-    g, u = y.float().chunk(2, dim=-1)                                   # (T, F) each
-    dh = dhb.float() + (dsha @ a.to(dt)).float()                        # (T, F)
-    sg = torch.sigmoid(g)
-    silu = g * sg
-    h = (silu * u).to(dt)
-    da = (dsha.t() @ h).float()                                         # (r_d, F)
-    dg = (dh * u * sg * (1 + g * (1 - sg))).to(dt)
-    du = (dh * silu).to(dt)
-    d_sxa = torch.cat([dg @ bg.to(dt), du @ bu.to(dt)], dim=-1).float()  # (T, r_g + r_u)
-    dbg = (dg.t() @ sxa_g).float()                                      # (F, r_g)
-    dbu = (du.t() @ sxa_u).float()
-    return torch.cat([dg, du], dim=-1), d_sxa, dbg, dbu, da
-
-
-# ---------------------------------------------------------------- dispatch: Triton on CUDA
-def _triton_ok(t: Tensor) -> bool:
-    if t.device.type != "cuda" or t.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pad_rows(t: Tensor, n: int) -> Tensor:
-    return t if t.shape[0] == n else F.pad(t, (0, 0, 0, n - t.shape[0]))
-
-
-def _pad_cols(t: Tensor, n: int) -> Tensor:
-    return t.contiguous() if t.shape[1] == n else F.pad(t, (0, n - t.shape[1]))
-
-
-def padded_rank(*ranks: int) -> int:
-    """tl.dot needs every dimension >= 16: ranks are zero-padded to a multiple of 16."""
-    return max(16, -(-max(ranks) // 16) * 16)
-
-
-@torch.library.custom_op("lorakit::swiglu_lora_fwd", mutates_args=())
-def swiglu_lora_fwd(y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    if not _triton_ok(y):
-        return swiglu_lora_fwd_ref(y, a)
-    from lorakit.kernels.triton_mlp import swiglu_lora_fwd as kernel
-
-    r = a.shape[0]
-    h, ha = kernel(y.contiguous(), _pad_rows(a.to(y.dtype), padded_rank(r)).contiguous())
-    return h, ha[:, :r].clone()
-
-
-@swiglu_lora_fwd.register_fake
-def _(y, a):
-    return y.new_empty(y.shape[0], y.shape[1] // 2), y.new_empty(y.shape[0], a.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("lorakit::swiglu_lora_bwd", mutates_args=())
-def swiglu_lora_bwd(y: Tensor, dhb: Tensor, dsha: Tensor, a: Tensor, sxa_g: Tensor, sxa_u: Tensor,
-                    bg: Tensor, bu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if not _triton_ok(y):
-        return swiglu_lora_bwd_ref(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu)
-    from lorakit.kernels.triton_mlp import swiglu_lora_bwd as kernel
-
-    dt = y.dtype
-    rd, rg, ru = a.shape[0], bg.shape[1], bu.shape[1]
-    R = padded_rank(rd, rg, ru)
-    sxa = torch.cat([_pad_cols(sxa_g.to(dt), R), _pad_cols(sxa_u.to(dt), R)], dim=-1)    # (T, 2R)
-    dy, d_sxa, db, dat = kernel(y.contiguous(), dhb.contiguous(), _pad_cols(dsha.to(dt), R),
-                                _pad_rows(a.to(dt), R).contiguous(), sxa,
-                                _pad_cols(bg.to(dt), R), _pad_cols(bu.to(dt), R))
-    d_sxa = torch.cat([d_sxa[:, :rg], d_sxa[:, R:R + ru]], dim=-1)
-    # clones: outputs of a custom op may not alias each other (db[0] and db[1] share db's storage)
-    return dy, d_sxa, db[0, :, :rg].clone(), db[1, :, :ru].clone(), dat[:, :rd].t().contiguous()
-
-
-@swiglu_lora_bwd.register_fake
-def _(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu):
-    f32 = torch.float32
-    T, F2 = y.shape
-    return (y.new_empty(T, F2), y.new_empty(T, bg.shape[1] + bu.shape[1], dtype=f32),
-            y.new_empty(bg.shape, dtype=f32), y.new_empty(bu.shape, dtype=f32), y.new_empty(a.shape, dtype=f32))
+from lorakit.kernels import swiglu_lora_bwd, swiglu_lora_fwd
 
 
 # ---------------------------------------------------------------- autograd

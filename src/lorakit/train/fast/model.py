@@ -17,11 +17,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lorakit import kernels
 from lorakit.arch import decoder_layers, head_dim as head_dim_of, model_type
 from lorakit.core.inject import LoraLinear
 from lorakit.train.fast.fuse import GROUPS, fuse_projections, stacked
 from lorakit.train.fast.layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
-from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, chunk_loss_and_grad_inplace, default_chunk,
+from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, default_chunk,
                    linear_cross_entropy, shift_targets)
 
 SUPPORTED = ("llama",)
@@ -109,8 +110,8 @@ class FastLlama(nn.Module):
             self._ckpt_layer = torch.compile(checkpointed_layer, dynamic=False, options=opts)
             self._norm = torch.compile(rms_norm, dynamic=False, options=opts)
             self._chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False, options=opts)
-            if ce_kernel and (device or w.device).type == "cuda" and _has_triton():
-                self._chunk_fn = chunk_loss_and_grad_inplace
+            if ce_kernel and (device or w.device).type == "cuda" and kernels.HAS_TRITON:
+                self._chunk_fn = kernels.ce_chunk  # the Triton kernel (gradient written over the logits)
         else:
             self._layer, self._ckpt_layer = decoder_layer, checkpointed_layer
             self._norm, self._chunk_fn = rms_norm, chunk_loss_and_grad
@@ -210,14 +211,6 @@ def _mask_right_padding(labels: Tensor, mask: Tensor) -> Tensor:
     return labels.masked_fill(~m, IGNORE_INDEX)
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _raise_recompile_limit(n: int = 64) -> None:
     """One graph per (shape, first-layer) pair; several models in one process need more than 8."""
     import torch._dynamo.config as dc
@@ -243,8 +236,8 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     MLP as one pass forward and one backward (mlp.py; Triton kernels on CUDA). Off by default: on an
     H100 it saves 4.5 GiB on the 1b case (7.5 GiB on 8b) but costs ~8 ms a step (docs/gpu.md, round 2).
     compile_options: torch.compile `options` (Inductor config, e.g. {"coordinate_descent_tuning": True}).
-    ce_kernel: with compile on CUDA, the loss chunks go through the Triton kernel of triton_ce.py
-    (gradient written over the logits) instead of the compiled plain-torch chunk function.
+    ce_kernel: with compile on CUDA, the loss chunks go through kernels.ce_chunk (the Triton kernel of
+    kernels/triton_ce.py, gradient written over the logits) instead of the compiled plain-torch reference.
     adapter_dtype: dtype for the trainable adapter tensors (float32: the optimizer's update is not lost
     to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
     device: where the model will train (default: where its weights are now; FSDP moves a CPU-loaded model's
