@@ -266,6 +266,7 @@ class ServeConfig(_FromDict):
     admin_key: str | None = None
     registry: str = "lorakit-registry.sqlite"
     max_slots: int = 16  # adapters resident at once (LRU)
+    max_lora_rank: int = 64  # adapters of a larger rank are refused; bounds slot memory (serve/slots.py)
     max_batch: int = 16  # rows decoded together
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int = 2048

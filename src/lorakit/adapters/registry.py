@@ -176,8 +176,9 @@ class Registry:
 
     # ---------------------------------------------------------------- changes
     def add(self, name: str, src: str | Path, *, description: str = "", force: bool = False,
-            skip_if_current: bool = False) -> AdapterVersion:
-        """Copy adapter directory `src` in as the next version of `name` and make it current."""
+            skip_if_current: bool = False, max_rank: int | None = None) -> AdapterVersion:
+        """Copy adapter directory `src` in as the next version of `name` and make it current. `max_rank`: refuse
+        an adapter of a larger rank (a server's --max-lora-rank)."""
         validate_name(name)
         if name.startswith(MIX):
             raise ValueError(f"{name!r}: names starting with {MIX!r} are mixtures (adapters/mixtures.add_mixture)")
@@ -188,6 +189,11 @@ class Registry:
         af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
         validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
         self.check_fits(af, force)
+        ranks = {p: af.config.rank_for(p) for p in af.modules()}
+        if max_rank is not None and max(ranks.values()) > max_rank:
+            path = max(ranks, key=ranks.get)
+            raise ValueError(f"the adapter has rank {ranks[path]} (module {path!r}); this server holds adapters of "
+                             f"rank at most {max_rank} (--max-lora-rank)")
         metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
         config = af.peft_config  # with its patterns' values per module, so serving never matches them again
         if af.config.resolved is not None:

@@ -37,6 +37,8 @@ def register(sub) -> None:
     dashboard_args(s)
     s.add_argument("--max-slots", type=int, default=16, help="adapters resident in memory at once (LRU)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank served (larger ones are "
+                   "refused); slot memory grows with it")
     s.add_argument("--max-body-bytes", type=int, default=1_000_000)
     s.add_argument("--max-prompt-tokens", type=int, default=2048)
     s.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
@@ -193,9 +195,10 @@ def cmd_serve(args) -> int:
     keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]
     cfg = ServeConfig(host=args.host, port=args.port, api_keys=keys, admin_key=args.admin_key,
                       registry=args.registry, max_slots=args.max_slots, max_batch=args.max_batch,
+                      max_lora_rank=args.max_lora_rank,
                       max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                       max_new_tokens=args.max_new_tokens)
-    for field_, v in (("max_slots", cfg.max_slots), ("max_batch", cfg.max_batch),
+    for field_, v in (("max_slots", cfg.max_slots), ("max_batch", cfg.max_batch), ("max_lora_rank", cfg.max_lora_rank),
                       ("max_new_tokens", cfg.max_new_tokens), ("max_prompt_tokens", cfg.max_prompt_tokens)):
         if v < 1:
             raise ValueError(f"--{field_.replace('_', '-')} must be at least 1, got {v}")

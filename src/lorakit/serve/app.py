@@ -339,7 +339,8 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
         if is_mixture(path):  # a mixture dir: mix:<name>, pinned to the adapter versions of its hashes
             v = await asyncio.to_thread(call, add_mixture, reg, name, path, description=desc)
         else:
-            v = await asyncio.to_thread(call, reg.add, name, path, description=desc, force=P.flag(body, "force"))
+            v = await asyncio.to_thread(call, reg.add, name, path, description=desc, force=P.flag(body, "force"),
+                                        max_rank=state.engine.bank.max_rank)
         return JSONResponse(v.to_json(), status_code=201)
 
     @app.get("/admin/adapters/{name}")
@@ -374,7 +375,7 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
 # ---------------------------------------------------------------- running
 def make_state(model, tok, registry: Registry, cfg, base_name: str, max_prefill_tokens: int = 4096) -> ServerState:
     """Engine (started) + registry + limits from a ServeConfig."""
-    engine = Engine(model, tok, max_slots=cfg.max_slots, max_batch=cfg.max_batch,
+    engine = Engine(model, tok, max_slots=cfg.max_slots, max_batch=cfg.max_batch, max_rank=cfg.max_lora_rank,
                     max_prefill_tokens=max_prefill_tokens, base_fp=registry.base_fp).start()
     limits = P.Limits(cfg.max_prompt_tokens, cfg.max_new_tokens, engine.max_len,
                       int(getattr(model.config, "vocab_size", 0) or 0))

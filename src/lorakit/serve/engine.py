@@ -41,21 +41,21 @@ from lorakit.serve.request import AdapterUse, GenRequest, ScoreRequest, check_re
     send as _send  # noqa: F401 (AdapterUse, ScoreRequest re-exported)
 from lorakit.serve.residency import AdapterLoadError, Residency
 from lorakit.serve.rows import Row, emit
-from lorakit.serve.slots import SlotBank
+from lorakit.serve.slots import MAX_RANK, SlotBank
 
 log = logging.getLogger("lorakit.serve")
 
 
 class Engine:
     def __init__(self, model, tok, *, max_slots: int = 8, max_batch: int = 16, max_prefill_tokens: int = 4096,
-                 base_fp: dict | None = None):
+                 base_fp: dict | None = None, max_rank: int = MAX_RANK):
         forward.check_supported(model)
         self.model, self.tok = model, tok
         self.stops = stop_ids(model, tok)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self._cv = threading.Condition()
-        self.bank = SlotBank(model, max_slots, base_fp or fingerprint(model))
+        self.bank = SlotBank(model, max_slots, base_fp or fingerprint(model), max_rank)
         self.residency = Residency(self.bank, self._cv, self._poke)
         self.cache = forward.RowCache(model, max_batch)
         self.running: list[Row] = []
@@ -89,6 +89,10 @@ class Engine:
         if len(keys) > self.bank.max_slots:
             raise ValueError(f"the request stacks {len(keys)} adapters; this server holds at most "
                              f"{self.bank.max_slots} in memory (--max-slots)")
+        for a in req.adapters:
+            if a.rank > self.bank.max_rank:
+                raise ValueError(f"adapter {a.label or a.key!r} has rank {a.rank}; this server holds adapters of "
+                                 f"rank at most {self.bank.max_rank} (--max-lora-rank)")
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")

@@ -25,6 +25,7 @@ class AdapterUse:
     load: Callable[[], AdapterFile]
     weight: float = 1.0
     label: str = ""  # "name@version", for /health and logs (default: the key)
+    rank: int = 0  # its largest module rank where known before loading (the registry's record), else 0
 
 
 @dataclass

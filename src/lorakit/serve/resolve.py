@@ -27,7 +27,17 @@ def _use(v, weight: float = 1.0) -> AdapterUse:
     # the slot key is the content hash: a name re-added with other files can never hit stale weights
     # its rank/alpha patterns as matched at add time (adapters/patterns.py): no request runs their regexes
     return AdapterUse(v.sha256, lambda path=v.path, res=v.config.get(PATTERNS_KEY): read_adapter(path, res),
-                      weight, v.ref)
+                      weight, v.ref, recorded_rank(v.config))
+
+
+def recorded_rank(config: dict) -> int:
+    """An adapter version's largest module rank from its registry record (0 where the record cannot tell: patterns
+    matched before lorakit stored their values; the slot bank checks the file's own ranks then)."""
+    resolved, r = config.get(PATTERNS_KEY), config.get("r")
+    if isinstance(resolved, dict) and resolved:
+        ranks = [v[0] for v in resolved.values() if isinstance(v, list) and v and isinstance(v[0], int)]
+        return max(ranks, default=0)
+    return r if isinstance(r, int) and not config.get("rank_pattern") else 0
 
 
 def resolve_stack(registry: Registry, stack: list[tuple[str, float]]) -> tuple[list[AdapterUse], MixtureUse | None]:

@@ -2,7 +2,7 @@
 
 For every linear layer that some resident adapter targets:
 
-    A (S, r_max, in)   B (S, out, r_max)        S = 1 + max_slots; slot 0 = no adapter (zeros)
+    A (S, r, in)   B (S, out, r)        S = 1 + max_slots; slot 0 = no adapter (zeros); r: the layer's own
 
 and one scale per slot (alpha / r of the adapter); the rare adapter whose scale differs between
 layers (alpha_pattern / rank_pattern) has the ratio folded into those layers' B.
@@ -12,10 +12,13 @@ dora (S, out) float32, zero for plain slots, and a DoRA slot stores g-scaled B a
 (kernels.reference.dora_slot, g = magnitude / ||W + scale B A||_row computed once at load time); the layer's
 base output W x (from the routing hook) scales it, so a row gets exactly its adapter's offline DoRA output.
 
-Ranks are zero-padded to the largest resident rank (zero rows of A / columns of B add exactly
-nothing). Loading an adapter writes its tensors into a free slot (evicting the least recently
-used unpinned adapter if none is free); unloading zeroes the slot. The base weights are never
-written: each layer's output gets `kernels.lora_delta(x, A, B, idx, coef)` added through
+Each layer's rank is zero-padded to the largest rank a resident adapter has on that layer (zero rows of A /
+columns of B add exactly nothing), never above `max_rank` (--max-lora-rank: an adapter of a larger rank is
+refused with the number), so memory is bounded by layers x S x max_rank x (in + out) and one high-rank adapter on
+one layer grows that layer alone. Loading an adapter writes its tensors into a free slot (evicting the least
+recently used unpinned adapter if none is free); unloading zeroes the slot and gives memory back: each layer
+shrinks to the largest rank still resident on it, a layer no resident adapter adapts is dropped. The base
+weights are never written: each layer's output gets `kernels.lora_delta(x, A, B, idx, coef)` added through
 `LoraLinear.routing`, with the per-row slot index and coefficients of the current batch.
 
 Mixtures of LoRAs: a resident mixture is its router's gates, per layer (K, in) and (K,), beside the slots of
@@ -25,6 +28,7 @@ token, coef (b, s, k), for that layer's lora_delta. Rows of other kinds in the b
 """
 from __future__ import annotations
 
+import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -72,17 +76,22 @@ def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tenso
     return out
 
 
+MAX_RANK = 64  # the default --max-lora-rank
+
+
 class SlotBank:
-    def __init__(self, model: nn.Module, max_slots: int, base_fp: dict):
+    def __init__(self, model: nn.Module, max_slots: int, base_fp: dict, max_rank: int = MAX_RANK):
         if max_slots < 1:
             raise ValueError(f"max_slots must be at least 1, got {max_slots}")
-        self.model, self.max_slots, self.base_fp = model, max_slots, base_fp
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+        self.model, self.max_slots, self.base_fp, self.max_rank = model, max_slots, base_fp, max_rank
         w = next(model.parameters())
         self.dtype = w.dtype if w.is_floating_point() else torch.float32
         self.device = w.device
         self.layers: dict[str, LayerSlots] = {}
         self._by_module: dict[nn.Module, LayerSlots] = {}
-        self.r_max = 0
+        self.slot_layers: dict[int, dict[str, tuple[int, bool]]] = {}  # slot -> layer path -> (rank, DoRA)
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recent first
         self.pins = [0] * (max_slots + 1)
         self.slot_scale = torch.zeros(max_slots + 1, dtype=torch.float32)
@@ -98,12 +107,20 @@ class SlotBank:
         if key in self.resident:
             self.resident.move_to_end(key)
         else:
+            mods = adapter_scales(self._checked(load()))
+            self.check_rank(mods)
             slot = self._free_slot()
-            self._write(slot, adapter_scales(self._checked(load())))
+            self._write(slot, mods)
             self.resident[key] = slot
         slot = self.resident[key]
         self.pins[slot] += 1
         return slot
+
+    def check_rank(self, mods: dict) -> None:
+        path, (A, *_) = max(mods.items(), key=lambda kv: kv[1][0].shape[0])
+        if A.shape[0] > self.max_rank:
+            raise ValueError(f"the adapter has rank {A.shape[0]} (module {path!r}); this server holds adapters of "
+                             f"rank at most {self.max_rank} (--max-lora-rank)")
 
     def release(self, slot: int) -> None:
         if slot:
@@ -151,6 +168,7 @@ class SlotBank:
             return False
         self._zero(slot)
         del self.resident[key]
+        self._shrink()
         return True
 
     def _free_slot(self) -> int:
@@ -169,8 +187,15 @@ class SlotBank:
         return af
 
     # ---------------------------------------------------------------- tensors
-    def _layer(self, path: str) -> LayerSlots:
-        if path not in self.layers:
+    def _layer(self, path: str, r: int) -> LayerSlots:
+        """The bank of layer `path`, created (wrapping the layer) or grown to hold rank `r`."""
+        if path in self.layers:
+            ls = self.layers[path]
+            pad = r - ls.A.shape[1]
+            if pad > 0:
+                ls.A = torch.cat([ls.A, ls.A.new_zeros(ls.A.shape[0], pad, ls.A.shape[2])], dim=1)
+                ls.B = torch.cat([ls.B, ls.B.new_zeros(ls.B.shape[0], ls.B.shape[1], pad)], dim=2)
+        else:
             mod = self.model.get_submodule(path)
             if not isinstance(mod, LoraLinear):
                 if not isinstance(mod, nn.Linear):
@@ -178,30 +203,46 @@ class SlotBank:
                 parent, child = get_parent(self.model, path)
                 mod = LoraLinear(mod)  # shares the base weight: nothing is copied or changed
                 setattr(parent, child, mod)
-            S, r = self.max_slots + 1, max(self.r_max, 1)
+            S = self.max_slots + 1
             ls = LayerSlots(torch.zeros(S, r, mod.in_features, dtype=self.dtype, device=self.device),
                             torch.zeros(S, mod.out_features, r, dtype=self.dtype, device=self.device), path)
             self.layers[path], self._by_module[mod] = ls, ls
             mod.routing = self._route if self._routing_on else None
         return self.layers[path]
 
-    def _grow_rank(self, r: int) -> None:
-        for ls in self.layers.values():
-            pad = r - ls.A.shape[1]
-            if pad > 0:
-                ls.A = torch.cat([ls.A, ls.A.new_zeros(ls.A.shape[0], pad, ls.A.shape[2])], dim=1)
-                ls.B = torch.cat([ls.B, ls.B.new_zeros(ls.B.shape[0], ls.B.shape[1], pad)], dim=2)
-        self.r_max = max(self.r_max, r)
+    def _shrink(self) -> None:
+        """Give back what no resident adapter needs: each layer down to its largest resident rank, a layer that
+        none adapts (or a DoRA buffer no resident DoRA adapter uses) dropped; freed memory returned to the OS."""
+        need: dict[str, tuple[int, bool]] = {}
+        for slot in self.resident.values():
+            for path, (r, dora) in self.slot_layers.get(slot, {}).items():
+                r0, d0 = need.get(path, (0, False))
+                need[path] = (max(r0, r), d0 or dora)
+        freed = False
+        for path in list(self.layers):
+            ls = self.layers[path]
+            r, dora = need.get(path, (0, False))
+            if r == 0:
+                mod = self.model.get_submodule(path)
+                mod.routing = None
+                del self.layers[path], self._by_module[mod]
+                freed = True
+                continue
+            if r < ls.A.shape[1]:
+                ls.A, ls.B = ls.A[:, :r].clone(), ls.B[:, :, :r].clone()
+                freed = True
+            if ls.dora is not None and not dora:
+                ls.dora, freed = None, True
+        if freed and self.device.type == "cpu":
+            _trim_heap()
 
     @torch.no_grad()
     def _write(self, slot: int, mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
                ) -> None:
-        for path in mods:
-            self._layer(path)
-        r = max(m[0].shape[0] for m in mods.values())
-        if r > self.r_max:
-            self._grow_rank(r)
+        for path, m in mods.items():
+            self._layer(path, m[0].shape[0])
         self._zero(slot)
+        self.slot_layers[slot] = {path: (m[0].shape[0], m[3] is not None) for path, m in mods.items()}
         scales = [m[2] for m in mods.values()]
         common = max(set(scales), key=scales.count)
         for path, (A, B, scale, magnitude) in mods.items():
@@ -221,6 +262,7 @@ class SlotBank:
 
     @torch.no_grad()
     def _zero(self, slot: int) -> None:
+        self.slot_layers.pop(slot, None)
         for ls in self.layers.values():
             ls.A[slot].zero_()
             ls.B[slot].zero_()
@@ -229,7 +271,8 @@ class SlotBank:
         self.slot_scale[slot] = 0.0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ls in self.layers.values() for t in (ls.A, ls.B))
+        return sum(t.numel() * t.element_size() for ls in self.layers.values() for t in (ls.A, ls.B, ls.dora)
+                   if t is not None)
 
     # ---------------------------------------------------------------- per-batch routing
     def set_batch(self, idx: torch.Tensor, coef: torch.Tensor, mixtures: list[str | None] | None = None) -> None:
@@ -284,3 +327,11 @@ class SlotBank:
             g = gate_probs(x3.index_select(0, rows), gate[0], gate[1], mix.temperature)  # (n, s, K)
             coef[rows, :, :mix.k] = g * self.coef[rows, None, :mix.k]  # gate x the slot's alpha / r
         return coef
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc keeps freed blocks below its mmap threshold otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -1,0 +1,77 @@
+"""Slot memory is bounded and given back: each layer's bank holds the largest rank resident on that layer (one
+high-rank adapter on one layer grows that layer alone), an adapter above --max-lora-rank is refused with the
+number, and unloading shrinks every layer back (a layer no adapter uses is dropped) while the adapters still
+resident give exactly the outputs they gave before."""
+import pytest
+import torch
+
+from lorakit import LoraConfig, add_adapter, save_adapter, set_active
+from lorakit.adapters.peft_files import fingerprint, read_adapter
+from lorakit.models import tiny_llama
+from lorakit.serve.slots import SlotBank
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def files(tmp_path):
+    src = tiny_llama()
+    cfgs = {"small": LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False),
+            "wide": LoraConfig(r=32, alpha=32, targets=[Q0], init_lora_weights=False),  # rank 32 on one layer
+            "huge": LoraConfig(r=80, alpha=80, targets=["v_proj"], init_lora_weights=False)}
+    for name, cfg in cfgs.items():
+        add_adapter(src, cfg, name)
+        save_adapter(src, tmp_path / name, name)
+    return src, tmp_path
+
+
+def _logits(model, bank, slot, ids):
+    bank.set_batch(torch.tensor([[slot]]), torch.tensor([[1.0]]))
+    return model(ids).logits
+
+
+def test_one_high_rank_adapter_grows_its_own_layer_and_memory_comes_back(files):
+    src, d = files
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    set_active(src, "small")
+    want = src(ids).logits
+    model = tiny_llama()
+    bank = SlotBank(model, max_slots=2, base_fp=fingerprint(model), max_rank=64)
+    s = bank.acquire("small", lambda: read_adapter(d / "small"))
+    alone = bank.nbytes()
+    ranks = {p: ls.A.shape[1] for p, ls in bank.layers.items()}
+    assert set(ranks.values()) == {4}
+    w = bank.acquire("wide", lambda: read_adapter(d / "wide"))
+    assert bank.layers[Q0].A.shape[1] == 32
+    assert all(ls.A.shape[1] == 4 for p, ls in bank.layers.items() if p != Q0)  # no other layer grew
+    in_f, out_f = bank.layers[Q0].A.shape[2], bank.layers[Q0].B.shape[1]
+    elt = bank.layers[Q0].A.element_size()
+    assert bank.nbytes() - alone == 3 * (32 - 4) * (in_f + out_f) * elt  # S = 3 slots, one layer, 28 more ranks
+    torch.testing.assert_close(_logits(model, bank, s, ids), want, rtol=1e-4, atol=1e-5)
+    bank.release(w)
+    assert bank.unload("wide")
+    assert bank.nbytes() == alone and bank.layers[Q0].A.shape[1] == 4  # given back
+    torch.testing.assert_close(_logits(model, bank, s, ids), want, rtol=1e-4, atol=1e-5)
+    bank.release(s)
+    assert bank.unload("small") and bank.nbytes() == 0 and not bank.layers
+    set_active(src, None)
+    bank.set_batch(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1))
+    torch.testing.assert_close(model(ids).logits, src(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_an_adapter_above_the_maximum_rank_is_refused_with_the_number(files):
+    _, d = files
+    model = tiny_llama()
+    bank = SlotBank(model, max_slots=2, base_fp=fingerprint(model), max_rank=64)
+    with pytest.raises(ValueError, match=r"rank 80 .*at most 64 \(--max-lora-rank\)"):
+        bank.acquire("huge", lambda: read_adapter(d / "huge"))
+    assert not bank.resident and not bank.layers and bank.nbytes() == 0
+
+
+def test_eviction_shrinks_the_banks_to_what_stays(files):
+    _, d = files
+    model = tiny_llama()
+    bank = SlotBank(model, max_slots=1, base_fp=fingerprint(model), max_rank=64)
+    bank.release(bank.acquire("wide", lambda: read_adapter(d / "wide")))
+    bank.release(bank.acquire("small", lambda: read_adapter(d / "small")))  # evicts wide
+    assert list(bank.resident) == ["small"] and bank.layers[Q0].A.shape[1] == 4
