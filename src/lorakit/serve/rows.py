@@ -34,6 +34,15 @@ def emit(rows: list[Row], logits: torch.Tensor, stops: set[int], max_len: int, s
     tokens sent and the rows cancelled)."""
     greedy = logits.argmax(-1).tolist()
     broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()
+
+    def pick(i: int, r: Row) -> int:
+        return greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+    deliver(rows, pick, broken, stops, max_len, stats)
+
+
+def deliver(rows: list[Row], pick, broken: list[bool], stops: set[int], max_len: int, stats: dict) -> None:
+    """For each unfinished row i: its token pick(i, row) (unless its logits were not finite, broken[i]), sent, and
+    the row marked finished where it stops, reaches its length or is cancelled."""
     for i, r in enumerate(rows):
         if r.finished is not None:
             continue
@@ -46,7 +55,7 @@ def emit(rows: list[Row], logits: torch.Tensor, stops: set[int], max_len: int, s
                    "the adapter or stack weights it uses overflow")
             continue
         try:
-            tok = greedy[i] if r.gen is None else sample(logits[i], r.req.temperature, r.req.top_p, r.gen)
+            tok = pick(i, r)
         except Exception as e:  # noqa: BLE001 - this request's sampling, nobody else's
             r.fail(f"sampling failed for this request: {type(e).__name__}: {e}")
             continue

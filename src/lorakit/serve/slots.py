@@ -292,6 +292,17 @@ class SlotBank:
                 mod.routing = self._route if on else None
             self._routing_on = on
 
+    def batch(self, rows: list[tuple[list[int], list[float], str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx (b, k) long, coef (b, k) float32 = stack weight x the slot's scale) on the CPU from each row's
+        (slots, stack weights, mixture key or None); padding entries are slot 0 with coefficient 0."""
+        k = max(1, max(len(slots) for slots, _, _ in rows))
+        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (b, k); padding: slot 0, weight 0
+        coef = torch.zeros(len(rows), k)
+        for i, (slots, weights, _) in enumerate(rows):
+            for j, (s, w) in enumerate(zip(slots, weights)):
+                idx[i, j], coef[i, j] = s, w
+        return idx, coef * self.slot_scale[idx]
+
     def set_rows(self, rows: list[tuple[list[int], list[float], str | None]]) -> None:
         """set_batch from each row's (slots, stack weights, mixture key or None)."""
         k = max(1, max(len(slots) for slots, _, _ in rows))
@@ -301,6 +312,23 @@ class SlotBank:
             for j, (s, w) in enumerate(zip(slots, weights)):
                 idx[i, j], coef[i, j] = s, w
         self.set_batch(idx, coef, [mix for _, _, mix in rows])
+
+    def bind(self, idx: torch.Tensor | None, coef: torch.Tensor | None) -> None:
+        """Route every adapted layer with these device tensors as they are (idx (b, k), coef (b, k) already
+        scaled, as `batch` gives them), or turn routing off (None): a CUDA graph captured now reads whatever
+        the caller later writes into them. No mixture rows."""
+        self.idx, self.coef, self._mix_rows = idx, coef, []
+        on = idx is not None
+        if on != self._routing_on:
+            for mod in self._by_module:
+                mod.routing = self._route if on else None
+            self._routing_on = on
+
+    def layout(self) -> tuple:
+        """What a captured graph depends on: the adapted layers and the addresses of their slot tensors (a new
+        layer or a rank growth reallocates them)."""
+        return tuple((p, ls.A.data_ptr(), ls.B.data_ptr(), None if ls.dora is None else ls.dora.data_ptr())
+                     for p, ls in self.layers.items())
 
     def _route(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]

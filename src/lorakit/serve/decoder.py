@@ -1,0 +1,207 @@
+"""The static-cache decoder the fast engine runs: a KV cache allocated once, prefill in chunks, and decode steps
+replayed from CUDA graphs captured at a few batch sizes.
+
+The cache holds `rows` request rows of `capacity` positions per layer, (rows + 1, kv_heads, capacity, head_dim)
+for K and for V; the extra row is scratch, where the padding entries of a graph's batch write. A request keeps its
+row from admission to retirement (no compaction, nothing moves), so a decode step names each entry's row.
+`cache_bytes` is the memory this takes, computed from the model's shapes before anything is allocated.
+
+Decode: one token per entry; each layer writes the new K/V at the row's own position and attends over that row's
+valid positions (kernels.attention: a Triton flash-decoding kernel on CUDA, torch's sdpa with a length mask on the
+CPU). On CUDA the step is captured once per (batch bucket, adapter routing) into a CUDA graph whose inputs (tokens,
+rows, positions, adapter slots and coefficients) are static buffers: a step copies its batch into them and replays.
+A batch of n entries runs in the smallest bucket >= n, the rest padded with the scratch row. The graphs depend on
+the slot bank's layout (adapted layers, slot tensors): a new layer or a rank growth recaptures them.
+
+Prefill: the rows whose next chunk starts at the same position run together, right-padded; a chunk attends to its
+row's cached positions before it and causally within itself (torch's sdpa, as transformers' attention does).
+
+The layer maths is the model's own modules (norms, rotary embedding, projections whose LoraLinear routing adds each
+row's adapters, MLP, head), as in forward.py, so greedy tokens in fp32 match offline generation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lorakit import arch
+from lorakit.kernels.attention import decode_attention
+from lorakit.serve.slots import SlotBank
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def cache_bytes(config, rows: int, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for `rows` rows (plus the scratch row) of `capacity` positions."""
+    per = config.num_key_value_heads * arch.head_dim(config) * torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * (rows + 1) * capacity * per
+
+
+class StaticCache:
+    def __init__(self, model: nn.Module, rows: int, capacity: int):
+        cfg = model.config
+        w = next(model.parameters())
+        self.rows, self.capacity, self.scratch = rows, capacity, rows
+        shape = (rows + 1, cfg.num_key_value_heads, capacity, arch.head_dim(cfg))
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
+        self.free = list(range(rows - 1, -1, -1))  # row ids, popped from the end: 0 first
+
+    def take(self) -> int:
+        return self.free.pop()
+
+    def give(self, row: int) -> None:
+        self.free.append(row)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Decoder:
+    def __init__(self, model: nn.Module, bank: SlotBank, rows: int, capacity: int, graphs: bool | None = None):
+        self.model, self.bank = model, bank
+        self.cache = StaticCache(model, rows, capacity)
+        self.device = self.cache.k[0].device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.buckets = [b for b in BUCKETS if b < rows] + [rows]
+        self.n_layers = model.config.num_hidden_layers
+        n, dev = self.buckets[-1], self.device
+        self._tok = torch.zeros(n, dtype=torch.long, device=dev)
+        self._rows = torch.full((n,), self.cache.scratch, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self._idx = torch.zeros(n, bank.max_slots, dtype=torch.long, device=dev)
+        self._coef = torch.zeros(n, bank.max_slots, dtype=torch.float32, device=dev)
+        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._layout = None
+        self._pool = None
+        self.captures = 0
+
+    # ---------------------------------------------------------------- the layers
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+        """Embeddings, every layer (attend(i, attn, q, k, v) -> (b, heads, s, d) writes the cache and attends),
+        final norm. ids, pos (b, s) -> hidden (b, s, hidden)."""
+        inner = self.model.model
+        h = inner.embed_tokens(ids)
+        cos, sin = arch.rotary(self.model, h, pos)
+        b, s, _ = h.shape
+        for i, layer in enumerate(arch.decoder_layers(self.model)[: self.n_layers]):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            q, k = arch.apply_rotary(q, k, cos, sin)
+            o = attend(i, attn, q, k, v)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return inner.norm(h)
+
+    # ---------------------------------------------------------------- prefill (eager)
+    @torch.no_grad()
+    def prefill(self, rows: list[int], chunks: list[list[int]], start: int) -> torch.Tensor:
+        """Run chunk i of tokens into cache row rows[i] at positions start.. (every row has its first `start`
+        positions cached). The caller has set the slot bank's batch. -> logits (n, vocab) at each chunk's last
+        token."""
+        n, width, dev = len(chunks), max(len(c) for c in chunks), self.device
+        if start + width > self.cache.capacity:
+            raise ValueError(f"a chunk ending at position {start + width} exceeds the cache's {self.cache.capacity}")
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for r, c in enumerate(chunks):  # right padding: causal attention never lets a real token see a pad
+            ids[r, : len(c)] = torch.tensor(c)
+        ids = ids.to(dev)
+        pos = torch.arange(start, start + width, device=dev).expand(n, width)
+        rows_t = torch.tensor(rows, device=dev)
+        end = start + width
+        mask = None
+        if start:  # the chunk's token i sees positions 0 .. start + i
+            mask = (torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None])
+            mask = mask[None, None]
+
+        def attend(i, attn, q, k, v):
+            K, V = self.cache.k[i], self.cache.v[i]
+            K[rows_t, :, start:end] = k
+            V[rows_t, :, start:end] = v
+            if not start:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=width > 1, scale=attn.scaling,
+                                                      enable_gqa=q.shape[1] != k.shape[1])
+            k_all, v_all = K[rows_t, :, :end], V[rows_t, :, :end]
+            groups = q.shape[1] // k.shape[1]
+            if groups > 1:  # transformers' sdpa path: GQA by repeating K/V when a mask is given
+                k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
+
+        h = self._run(ids, pos, attend)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
+        return self.model.lm_head(h[torch.arange(n, device=dev), last][:, None, :])[:, 0].float()
+
+    # ---------------------------------------------------------------- decode
+    def _decode_body(self, n: int) -> torch.Tensor:
+        tok, rows, pos = self._tok[:n], self._rows[:n], self._pos[:n]
+        lengths = pos + 1
+
+        def attend(i, attn, q, k, v):
+            K, V = self.cache.k[i], self.cache.v[i]
+            K[rows, :, pos] = k[:, :, 0]
+            V[rows, :, pos] = v[:, :, 0]
+            return decode_attention(q[:, :, 0], K, V, rows, lengths, attn.scaling)[:, :, None]
+
+        h = self._run(tok[:, None], pos[:, None], attend)
+        return self.model.lm_head(h)[:, 0].float()
+
+    @torch.no_grad()
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int],
+               routing: tuple[torch.Tensor, torch.Tensor] | None, eager: bool = False) -> torch.Tensor:
+        """One step: token i goes to position positions[i] of cache row rows[i]. routing: (idx (n, k), coef
+        (n, k)) from SlotBank.batch, or None for base-only rows. eager: run without a graph (a batch with
+        mixture rows, whose routing the caller has set). -> logits (n, vocab)."""
+        n = len(rows)
+        bucket = next(b for b in self.buckets if b >= n)
+        k = 0 if routing is None else routing[0].shape[1]
+        self._tok[:n].copy_(torch.tensor(tokens), non_blocking=True)
+        self._rows[:n].copy_(torch.tensor(rows), non_blocking=True)
+        self._pos[:n].copy_(torch.tensor(positions), non_blocking=True)
+        self._rows[n:bucket].fill_(self.cache.scratch)
+        self._pos[n:bucket].zero_()
+        if eager or not self.graphs:
+            if not eager:
+                self.bank.bind(None if routing is None else routing[0].to(self.device),
+                               None if routing is None else routing[1].to(self.device))
+            return self._decode_body(n)
+        if routing is not None:
+            self._idx[:n, :k].copy_(routing[0], non_blocking=True)
+            self._coef[:n, :k].copy_(routing[1], non_blocking=True)
+            self._coef[n:bucket, :k].zero_()
+        graph, out = self._graph(bucket, k)
+        graph.replay()
+        return out[:n]
+
+    def _graph(self, bucket: int, k: int):
+        layout = self.bank.layout()
+        if layout != self._layout:
+            self._captured.clear()
+            self._layout = layout
+        if (bucket, k) not in self._captured:
+            self._captured[(bucket, k)] = self._capture(bucket, k)
+        return self._captured[(bucket, k)]
+
+    def _capture(self, bucket: int, k: int):
+        self.bank.bind(self._idx[:bucket, :k] if k else None, self._coef[:bucket, :k] if k else None)
+        tok, rows, pos = self._tok.clone(), self._rows.clone(), self._pos.clone()
+        self._rows[:bucket].fill_(self.cache.scratch)  # warm-up and capture write the scratch row only
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_body(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode_body(bucket)
+        self._tok.copy_(tok)
+        self._rows.copy_(rows)
+        self._pos.copy_(pos)
+        self.captures += 1
+        return graph, out
