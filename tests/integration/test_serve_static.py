@@ -1,0 +1,120 @@
+"""The static-cache engine (serve/fast.py) on the CPU, eager (no graphs): greedy output equal to offline `generate`
+token for token in fp32 with rows of different lengths and different adapters decoded together and prompts
+prefilled in chunks between decode steps; memory accounted and admission refused when every row is taken and the
+queue is full; a cancelled request gives its cache row back; sampling depends on a row's own seed only."""
+import threading
+
+import pytest
+import torch
+
+from lorakit import set_active
+from lorakit.adapters.peft_files import read_adapter
+from lorakit.generate import generate_ids
+from lorakit.models import tiny_llama
+from lorakit.serve.decoder import cache_bytes
+from lorakit.serve.engine import AdapterUse, GenRequest
+from lorakit.serve.fast import StaticEngine
+from engine_helpers import TOK, Collect, save_tiny_adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return save_tiny_adapters(tmp_path_factory.mktemp("static"))
+
+
+def use(root, n, w=1.0):
+    return AdapterUse(f"{n}@1", lambda: read_adapter(root / n), w)
+
+
+def offline(m, name, prompt, n):
+    set_active(m, name)
+    out = generate_ids(m, TOK, [prompt], max_new_tokens=n)[0]
+    set_active(m, None)
+    return out
+
+
+def run_all(eng, reqs, timeout=120):
+    sinks = [Collect() for _ in reqs]
+    gate = threading.Event()
+    eng.call(gate.wait)  # hold the engine so every request is admitted in the same turn
+    for r, s in zip(reqs, sinks):
+        r.sink = s
+        eng.submit(r)
+    gate.set()
+    for s in sinks:
+        assert s.done.wait(timeout), "a request did not finish"
+    return sinks
+
+
+def test_greedy_equals_offline_mixed_adapters_chunked_prefill(adapters):
+    root, ref = adapters
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [9, 10, 11], [3] + list(range(20, 37)), [40, 41, 42, 43, 44, 45]]
+    names = ["a", None, "b", "c"]  # the base between three adapters
+    n = 12
+    want = [offline(ref, name, p, n) for name, p in zip(names, prompts)]
+    assert len({tuple(w) for w in want}) == 4
+    eng = StaticEngine(tiny_llama(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=7).start()
+    try:
+        reqs = [GenRequest(p, [use(root, name)] if name else [], max_tokens=n) for name, p in zip(names, prompts)]
+        sinks = run_all(eng, reqs)
+        info = eng.info()
+    finally:
+        eng.stop()
+    assert [s.tokens for s in sinks] == want
+    assert all(s.end == ("done", "length") for s in sinks)
+    assert info["prefills"] > len(prompts)  # chunks of at most 7 tokens in all per turn: prompts took several turns
+    assert info["max_rows"] == 4 and info["graphs"] == 0
+
+
+def test_cache_accounted_and_admission_refused_when_full(adapters):
+    model = tiny_llama()
+    eng = StaticEngine(model, TOK, max_slots=1, max_batch=2, max_len=32, max_waiting=1)
+    cfg = model.config
+    # K and V, every layer, rows + the scratch row, 32 positions, kv heads x head size fp32 values
+    assert eng.info()["kv_bytes"] == cache_bytes(cfg, 2, 32, torch.float32) == 2 * 2 * 3 * 32 * 2 * 16 * 4
+    with pytest.raises(ValueError, match="rows hold 32 positions"):
+        eng.submit(GenRequest(list(range(3, 35)), max_tokens=1))
+    for _ in range(3):  # two rows taken and one waiting (the engine is not started: nothing moves)
+        eng.submit(GenRequest([5, 6], max_tokens=4))
+    eng.running = [object(), object()]  # both rows taken
+    with pytest.raises(ValueError, match="KV cache is full: all 2 rows are in use and 3 requests wait"):
+        eng.submit(GenRequest([5, 6], max_tokens=4))
+    eng.running = []
+    eng.stop()
+
+
+def test_cancel_frees_the_row_and_the_next_request_is_exact(adapters):
+    root, ref = adapters
+    eng = StaticEngine(tiny_llama(), TOK, max_slots=1, max_batch=1, max_len=64).start()
+    try:
+        first = GenRequest([5, 6, 7], [use(root, "a")], max_tokens=40, ignore_eos=True)
+        first_sink = Collect(on_token=lambda k: first.cancel() if k == 3 else None)
+        first.sink = first_sink
+        eng.submit(first)
+        assert first_sink.done.wait(60)
+        assert first_sink.end == ("done", "cancelled") and len(first_sink.tokens) <= 4
+        second = Collect()
+        eng.submit(GenRequest([9, 10, 11, 12], [use(root, "b")], max_tokens=8, sink=second))
+        assert second.done.wait(60)
+        assert eng.call(lambda: (len(eng.running), list(eng.decoder.cache.free))).result(10) == (0, [0])
+    finally:
+        eng.stop()
+    assert second.tokens == offline(ref, "b", [9, 10, 11, 12], 8)  # the row it reused held the cancelled one's K/V
+
+
+def test_sampling_depends_on_the_rows_own_seed(adapters):
+    root, _ = adapters
+
+    def sample(seeds, others):
+        eng = StaticEngine(tiny_llama(), TOK, max_slots=1, max_batch=4, max_len=64).start()
+        try:
+            reqs = [GenRequest([5, 6, 7], max_tokens=10, temperature=1.5, top_p=0.95, seed=s, ignore_eos=True)
+                    for s in seeds]
+            reqs += [GenRequest([8, 9], [use(root, "a")], max_tokens=6, ignore_eos=True) for _ in range(others)]
+            return [s.tokens for s in run_all(eng, reqs)][: len(seeds)]
+        finally:
+            eng.stop()
+
+    alone, crowded = sample([11, 12], 0), sample([11, 12], 2)
+    assert alone == crowded  # other rows in the batch change nothing
+    assert alone[0] != alone[1]  # seeds do
