@@ -234,6 +234,7 @@ class TrainConfig(_FromDict):
     group_by_length: bool = True  # batches of rows of similar length (less padding)
     fused_mlp: bool = False  # fast backend: SwiGLU + MLP LoRA kernels (less memory, a little slower; docs/gpu.md)
     share_prefix: bool = True  # plain backend: the leading tokens all rows of a batch share run once
+    pack: bool = True  # rows of a micro-batch concatenated (no padding), attention kept within each row
     threads: int = 0  # torch CPU threads; 0 = the cores this process may use (shared among a node's ranks)
     parallel: str = "auto"  # under torchrun: auto | ddp | fsdp (train/distributed.py); ignored in one process
 

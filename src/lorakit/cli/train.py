@@ -44,6 +44,8 @@ def _train_config(args, file_cfg: dict):
         train_kw["fused_mlp"] = True
     if getattr(args, "no_share_prefix", False):
         train_kw["share_prefix"] = False
+    if getattr(args, "no_pack", False):
+        train_kw["pack"] = False
     if getattr(args, "full", False):
         train_kw["full"] = True
     return TrainConfig.from_dict(train_kw)
@@ -184,6 +186,9 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-share-prefix", action="store_true",
                    help="run every row's tokens in full (default: the leading tokens all rows of a batch share, "
                         "such as the chat template's system prompt, run once; plain backend, one process)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="pad each micro-batch's rows to its longest (default: rows concatenated without padding, "
+                        "attention kept within each row, where the backend takes packed rows)")
     p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, errors only")
 

@@ -129,6 +129,7 @@ class FastBackend:
     """train/fast: fused Llama layers, chunked loss, compiled on CUDA. Takes right-padded batches."""
 
     name = "fast"
+    pack = True  # takes packed rows (data.pack); compiled: widths from a few buckets (data.choose_widths)
 
     def __init__(self, model: nn.Module, recompute: int | str = 0, device: torch.device | None = None,
                  fused_mlp: bool = False):
@@ -140,15 +141,38 @@ class FastBackend:
         # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are.
         # `device`: where it trains (under FSDP the model may still be on the CPU here): compile, kernels
         self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device, fused_mlp=fused_mlp)
+        self.bucketed = self.fm.compiled  # compiled graphs are per shape: packed widths come from a few buckets
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         labels = batch["labels"]
         n = batch["n_targets"] if "n_targets" in batch else int((labels[:, 1:] != IGNORE).sum())
         if n == 0:
             return torch.zeros((), device=labels.device), 0
+        if "seq_lens" in batch:  # packed rows (data.pack): a document mask keeps each row to itself
+            mean = self.fm(batch["input_ids"], labels=labels, position_ids=batch["position_ids"],
+                           seq_lens=batch["seq_lens"])
+            return mean * (n / denom), n
         mask = None if batch.get("unpadded") else batch["attention_mask"]  # no padding: no mask to check
         mean = self.fm(batch["input_ids"], labels=labels, attention_mask=mask)
         return mean * (n / denom), n
+
+    def warm_up(self, widths: list[int], pad_id: int) -> None:
+        """Compile every packed width before the first step (forward and backward on a row of pad tokens, its
+        loss times 0), so no step after it compiles; gradients and the random state are left as they were."""
+        dev = self.fm.model.lm_head.weight.device
+        cpu_rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+        params = self.fm.trainable_parameters()
+        before = [p.grad for p in params]
+        for w in widths:
+            ids = torch.full((1, w), pad_id, dtype=torch.long, device=dev)
+            pos = torch.arange(w, device=dev)[None]
+            (self.fm(ids, labels=ids, position_ids=pos, seq_lens=(w,)) * 0.0).backward()
+        for p, g in zip(params, before):
+            p.grad = g
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, dev)
 
     def close(self) -> None:
         pass  # fused q/k/v (gate/up) stay views of one buffer: the HF forward and adapter files are unaffected

@@ -234,3 +234,89 @@ def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad
         random.Random(seed * 100_003 + epoch).shuffle(order)
     for i in range(0, len(order), batch_size):
         yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+
+
+# ---------------------------------------------------------------- packing
+PACK_ALIGN = 128  # packed widths are multiples of this (FlexAttention's block size)
+
+
+def pack(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows concatenated into ONE row of `width` tokens (default: their total, no padding), padding-free:
+    input_ids, labels, position_ids (1, width) and seq_lens, a tuple of ints (the rows' lengths, then the tail's
+    if any; host-side, so reading it never waits for the device).
+    Each row keeps its own positions (0, 1, ...); its first label is IGNORE (the previous row's last token must
+    not predict it), so the targets are exactly the unpacked batch's. The tail (width - total) is a segment of
+    pad tokens with no target. Attention must stay within each segment (seq_lens: a document mask)."""
+    total = sum(len(e.input_ids) for e in examples)
+    width = total if width is None else width
+    if width < total:
+        raise ValueError(f"pack width {width} is below the rows' {total} tokens")
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((1, width), dtype=torch.long)
+    lens, at = [], 0
+    for e in examples:
+        n = len(e.input_ids)
+        ids[0, at:at + n] = torch.tensor(e.input_ids)
+        labels[0, at + 1:at + n] = torch.tensor(e.labels[1:])
+        pos[0, at:at + n] = torch.arange(n)
+        lens.append(n)
+        at += n
+    if width > total:
+        pos[0, total:] = torch.arange(width - total)
+        lens.append(width - total)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": tuple(lens)}
+
+
+def doc_ids(seq_lens, device=None) -> torch.Tensor:
+    """Segment lengths -> (sum,) the segment each token belongs to."""
+    lens = torch.as_tensor(seq_lens, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
+
+
+def choose_widths(totals: list[int], max_shapes: int = 4, align: int = PACK_ALIGN) -> list[int]:
+    """At most `max_shapes` packed widths (multiples of `align`) covering every total in `totals`, chosen to
+    pad the fewest tokens over all of them (each total goes to the smallest width >= it): a compiled forward
+    sees these shapes and no others. Exact dynamic programme over the distinct rounded-up totals."""
+    if not totals:
+        return []
+    need: dict[int, int] = {}
+    for t in totals:
+        w = -(-max(t, 1) // align) * align
+        need[w] = need.get(w, 0) + 1
+    sizes = sorted(need)
+    cnt = [need[s] for s in sizes]
+    m, k = len(sizes), min(max_shapes, len(sizes))
+    # cost(i, j): sizes[i..j] all padded up to sizes[j] (extra over their own rounded widths; the rest is fixed)
+    pre_c, pre_s = [0], [0]
+    for s, c in zip(sizes, cnt):
+        pre_c.append(pre_c[-1] + c)
+        pre_s.append(pre_s[-1] + s * c)
+
+    def cost(i: int, j: int) -> int:
+        return sizes[j] * (pre_c[j + 1] - pre_c[i]) - (pre_s[j + 1] - pre_s[i])
+    inf = float("inf")
+    best = [[inf] * m for _ in range(k + 1)]  # best[g][j]: sizes[..j] in g groups, the last ending at j
+    back = [[-1] * m for _ in range(k + 1)]
+    for j in range(m):
+        best[1][j] = cost(0, j)
+    for g in range(2, k + 1):
+        for j in range(m):
+            for i in range(j):
+                c = best[g - 1][i] + cost(i + 1, j)
+                if c < best[g][j]:
+                    best[g][j], back[g][j] = c, i
+    g = min(range(1, k + 1), key=lambda g: (best[g][m - 1], g))
+    out, j = [], m - 1
+    while j >= 0 and g >= 1:
+        out.append(sizes[j])
+        j, g = back[g][j], g - 1
+    return sorted(out)
+
+
+def width_for(total: int, widths: list[int]) -> int:
+    """The smallest of `widths` holding `total` tokens (a total above them all: rounded up to the alignment)."""
+    for w in widths:
+        if w >= total:
+            return w
+    return -(-total // PACK_ALIGN) * PACK_ALIGN

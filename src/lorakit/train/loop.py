@@ -35,7 +35,7 @@ from lorakit.core.inject import add_adapter, adapter_configs, count_params, mark
 from lorakit import faults, runs
 from lorakit.files import atomic_write_json, atomic_write_text
 from lorakit.models import usable_cores
-from lorakit.train import distributed
+from lorakit.train import distributed, packing
 from lorakit.train.backends import causal_lm_loss, choose_backend
 from lorakit.train.checkpoint import CKPT, load_checkpoint, recover_run, save_checkpoint, save_full_model
 from lorakit.train.data import IGNORE, Example, collate
@@ -99,9 +99,10 @@ class MicroBatches:
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
                  group_by_length: bool = False, window: int = 32, unit: int | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, pack: bool = False):
         import random
 
+        self.pack, self.widths = pack, None  # packed rows (train/packing.py); the allowed packed widths
         self.examples, self.bs, self.seed, self.pad = examples, batch_size * world, seed, pad_id
         self.group, self.window, self.unit = group_by_length, window, unit or batch_size * world
         self.rank, self.world = rank, world
@@ -133,11 +134,15 @@ class MicroBatches:
         epoch, i = divmod(m, self.per_epoch)
         return self.order(epoch)[i * self.bs:(i + 1) * self.bs]
 
+    def part(self, m: int) -> list[int]:  # this rank's rows of micro-batch m
+        idx = self.indices(m)
+        return idx[self.rank * len(idx) // self.world:(self.rank + 1) * len(idx) // self.world]
+
     def get(self, m: int) -> dict[str, torch.Tensor]:
         faults.point("train.micro_batch", m)
-        idx = self.indices(m)
-        part = idx[self.rank * len(idx) // self.world:(self.rank + 1) * len(idx) // self.world]
-        batch = collate([self.examples[j] for j in part or idx[:1]], self.pad)
+        part = self.part(m)
+        rows = [self.examples[j] for j in part or self.indices(m)[:1]]
+        batch = packing.micro_batch(rows, self.pad, self.widths) if self.pack else collate(rows, self.pad)
         if not part:
             batch["labels"].fill_(IGNORE)
         return batch
@@ -252,8 +257,10 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     mb = (backend.micro_batches(train_examples, cfg, ctx.rank, ctx.world) if hasattr(backend, "micro_batches")
           else MicroBatches(trim_to_targets(train_examples), cfg.batch_size, cfg.seed, pad_id, cfg.group_by_length,
-                            unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world))
+                            unit=cfg.batch_size * cfg.grad_accum * ctx.world, rank=ctx.rank, world=ctx.world,
+                            pack=cfg.pack and getattr(backend, "pack", False)))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * mb.per_epoch / cfg.grad_accum))
+    packing.setup(mb, backend, cfg, ctx.world, range(total_steps * cfg.grad_accum), pad_id)
     warmup = int(cfg.warmup_ratio * total_steps)
     what = "router" if router is not None else "full" if cfg.full else "lora"
     config_echo = {"lora": lora.to_dict() if what == "lora" else None, "train": distributed.echo(asdict(cfg), ctx),
@@ -318,7 +325,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
                     b = mb.get(m)  # this rank's rows
                     n_targets = mb.count(b)
                     unpadded = "attention_mask" not in b or bool(b["attention_mask"].all())
-                    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                    b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
                     b["n_targets"], b["unpadded"] = n_targets, unpadded
                     with runner.no_sync(last=k == len(micro) - 1):
                         loss = runner.loss(b, denom)

@@ -145,14 +145,19 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec) -> Tensor:
-    """Causal attention, no mask tensor. q (b, h, s, d), k/v (b, kvh, s, d) -> (b, h, s, d)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec, mask=None) -> Tensor:
+    """Causal attention. q (b, h, s, d), k/v (b, kvh, s, d) -> (b, h, s, d). `mask`: None (causal, no mask
+    tensor), a FlexAttention BlockMask (packed rows: causal within each row), or a boolean (1, 1, s, s) mask."""
     gqa = spec.n_kv_heads != spec.n_heads
+    if mask is not None and not isinstance(mask, Tensor):  # a BlockMask (train/fast/packing.py)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, scale=spec.head_dim ** -0.5, enable_gqa=gqa)
     if gqa and spec.gqa == "expand":
         rep = spec.n_heads // spec.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         gqa = False
-    kw = dict(is_causal=True, scale=spec.head_dim ** -0.5, enable_gqa=gqa)
+    kw = dict(is_causal=mask is None, attn_mask=mask, scale=spec.head_dim ** -0.5, enable_gqa=gqa)
     if not spec.attn_backends:
         return F.scaled_dot_product_attention(q, k, v, **kw)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -163,8 +168,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec) -> Tensor:
 
 
 def decoder_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: LayerSpec,
-                  training: bool) -> Tensor:
-    """x (b, s, hidden) -> (b, s, hidden)."""
+                  training: bool, mask=None) -> Tensor:
+    """x (b, s, hidden) -> (b, s, hidden). `mask`: see `attention` (None: plain causal)."""
     b, s, _ = x.shape
     h = rms_norm(x, p.ln_in, spec.eps)
     q, k, v = project(h, p.qkv, training)                              # (b, s, h*d), (b, s, kvh*d) x2
@@ -172,7 +177,7 @@ def decoder_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: Lay
     k = k.view(b, s, spec.n_kv_heads, spec.head_dim).transpose(1, 2)    # (b, kvh, s, d)
     v = v.view(b, s, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    o = attention(q, k, v, spec).transpose(1, 2).reshape(b, s, spec.n_heads * spec.head_dim)
+    o = attention(q, k, v, spec, mask).transpose(1, 2).reshape(b, s, spec.n_heads * spec.head_dim)
     x = x + project(o, p.o, training)[0]
     h = rms_norm(x, p.ln_post, spec.eps)
     if spec.fused_mlp and fusable_mlp(p.gate_up, p.down, training):
@@ -182,8 +187,8 @@ def decoder_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: Lay
 
 
 def checkpointed_layer(x: Tensor, cos: Tensor, sin: Tensor, p: LayerParams, spec: LayerSpec,
-                       training: bool) -> Tensor:
+                       training: bool, mask=None) -> Tensor:
     """The same layer, its activations recomputed in backward (only x is kept)."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(decoder_layer, x, cos, sin, p, spec, training, use_reentrant=False)
+    return checkpoint(decoder_layer, x, cos, sin, p, spec, training, mask, use_reentrant=False)

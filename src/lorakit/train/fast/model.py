@@ -22,6 +22,7 @@ from lorakit.arch import decoder_layers, head_dim as head_dim_of, model_type
 from lorakit.core.inject import LoraLinear
 from lorakit.train.fast.fuse import GROUPS, fuse_projections, stacked
 from lorakit.train.fast.layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
+from lorakit.train.fast.packing import doc_mask, flex_available
 from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, default_chunk,
                    linear_cross_entropy, shift_targets)
 
@@ -88,7 +89,8 @@ class FastLlama(nn.Module):
 
     def __init__(self, model: nn.Module, *, compile: bool, recompute_layers: int, chunk: int,
                  fuse: bool, gqa: str, attn_backends: tuple, wide: bool = True, fused_mlp: bool = False,
-                 compile_options: dict | None = None, ce_kernel: bool = True, device: torch.device | None = None):
+                 compile_options: dict | None = None, ce_kernel: bool = True, device: torch.device | None = None,
+                 flex: bool | None = None):
         super().__init__()
         self.model = model
         cfg = model.config
@@ -103,6 +105,7 @@ class FastLlama(nn.Module):
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                               float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
+        self.use_flex = flex_available(device or w.device) if flex is None else flex
         if compile:
             _raise_recompile_limit()
             opts = dict(compile_options or {}) or None
@@ -144,11 +147,11 @@ class FastLlama(nn.Module):
             self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
             self._proj(mlp, ("down_proj",), f"{path}.mlp"))
 
-    def _run_layer(self, i: int, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _run_layer(self, i: int, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask=None) -> Tensor:
         fn = self._ckpt_layer if i < self.recompute_layers else self._layer
 
         def forward(x, cos, sin):  # the parameters are read here: inside the module call, when FSDP gathered them
-            return fn(x, cos, sin, self._layer_params(i, layer), self.spec, self.training)
+            return fn(x, cos, sin, self._layer_params(i, layer), self.spec, self.training, mask)
         return as_forward(layer, forward, x, cos, sin)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -160,8 +163,10 @@ class FastLlama(nn.Module):
         return out
 
     # ---- forward ----
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, seq_lens: tuple | None = None) -> Tensor:
+        """Packed rows (train/data.py `pack`): input_ids, labels and position_ids (1, s), seq_lens the segments'
+        lengths (ints); attention stays within each segment (train/fast/packing.py)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         labels = input_ids if labels is None else labels
@@ -171,12 +176,18 @@ class FastLlama(nn.Module):
             labels = _mask_right_padding(labels, attention_mask)
         base = self.model.model
         b, s = input_ids.shape
+        mask = None
+        if seq_lens is not None:
+            if b != 1 or position_ids is None or sum(seq_lens) != s:
+                raise ValueError(f"packed rows: expected input_ids (1, s), position_ids and seq_lens summing to s, "
+                                 f"got {tuple(input_ids.shape)} and seq_lens sum {sum(seq_lens)}")
+            mask = doc_mask(seq_lens, self.use_flex, input_ids.device)
         x = base.embed_tokens(input_ids)                                    # (b, s, hidden)
-        pos = torch.arange(s, device=input_ids.device)[None]                # (1, s)
+        pos = torch.arange(s, device=input_ids.device)[None] if position_ids is None else position_ids  # (1, s)
         cos, sin = base.rotary_emb(x, pos)                                  # (1, s, d) each
         cos, sin = cos[0], sin[0]                                           # (s, d)
         for i, layer in enumerate(base.layers):
-            x = self._run_layer(i, layer, x, cos, sin)
+            x = self._run_layer(i, layer, x, cos, sin, mask)
         x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
         targets = shift_targets(labels)                                     # (b * s,)
         head = self.model.lm_head
@@ -224,7 +235,7 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
             chunk: int | None = None, fuse: bool = True, adapter_dtype: torch.dtype | None = torch.float32,
             gqa: str = "auto", attn_backends: tuple = (), wide: bool = True, fused_mlp: bool = False,
             compile_options: dict | None = None, ce_kernel: bool = True,
-            device: torch.device | str | None = None) -> FastLlama:
+            device: torch.device | str | None = None, flex: bool | None = None) -> FastLlama:
     """Wrap a HF Llama for fast training. Trains what requires grad: the active lorakit adapter
     (after `add_adapter`), or the base weights for full fine-tuning.
 
@@ -242,6 +253,7 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
     to bf16 rounding; compute still runs in the base dtype). Call before creating the optimizer.
     device: where the model will train (default: where its weights are now; FSDP moves a CPU-loaded model's
     shards to the GPU after this): decides compile, the attention probe and the loss kernel.
+    flex: packed rows' document mask as a FlexAttention BlockMask (default: on CUDA) or a dense SDPA mask.
     """
     check_model(model)
     if gqa not in ("auto", "native", "expand"):
@@ -260,7 +272,7 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
         chunk = default_chunk(model.lm_head.weight.shape[0])
     return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
                      gqa=gqa, attn_backends=tuple(attn_backends), wide=wide, fused_mlp=fused_mlp,
-                     compile_options=compile_options, ce_kernel=ce_kernel, device=dev)
+                     compile_options=compile_options, ce_kernel=ce_kernel, device=dev, flex=flex)
 
 
 def _lora_modules(model: nn.Module):
