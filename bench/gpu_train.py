@@ -375,6 +375,11 @@ def profile_step(loss_fn, opt, ids, path: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+    return profile_families(prof, path)
+
+
+def profile_families(prof, path: str) -> dict:
+    """A finished profile's device time by kernel family (ms); the full table goes to `path`."""
     fam: dict[str, float] = {}
     rows = []
     for ev in prof.key_averages():

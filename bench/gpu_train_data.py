@@ -72,7 +72,30 @@ def summarize(case: str, tool: str, variant: dict, times: list, losses: list, to
                 step_ms_all=[round(x * 1e3, 1) for x in times], losses=[round(x, 4) for x in losses], **extra)
 
 
-def run_peft(case: str, variant: dict, tok, exs, shape: str) -> dict:
+class StepProfile:
+    """variant prof=1: the device time of one step (the last warm step, outside the timed ones) by kernel family."""
+
+    def __init__(self, case: str, variant: dict, out: str):
+        self.on = variant.get("prof") == "1"
+        self.at, self.prof, self.res = CASES[case][4] - 1, None, None  # the last warm step: not timed
+        self.path = os.path.join(out, f"profile_{case}_{variant['tool']}.txt")
+
+    def step(self, done: int) -> None:
+        """Call after step `done` (1-based) finished."""
+        if not self.on:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        if done == self.at:
+            self.prof = profile(activities=[ProfilerActivity.CUDA if gt.DEV == "cuda" else ProfilerActivity.CPU])
+            self.prof.start()
+        elif done == self.at + 1 and self.prof is not None:
+            gt.sync()
+            self.prof.stop()
+            self.res = gt.profile_families(self.prof, self.path)
+
+
+def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
     from lorakit.config import TrainConfig
     from lorakit.train.loop import MicroBatches, lr_at
 
@@ -85,6 +108,7 @@ def run_peft(case: str, variant: dict, tok, exs, shape: str) -> dict:
     mb = MicroBatches(exs, batch, cfg.seed, tok.pad_token_id, False)
     total = steps_of(case, len(exs))
     times, losses, tokens, peaks, reserved = [], [], [], [], []
+    prof = StepProfile(case, variant, out)
     for step in range(total):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, 0, 1e-4)
@@ -106,8 +130,10 @@ def run_peft(case: str, variant: dict, tok, exs, shape: str) -> dict:
         tokens.append(n_tok)
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if gt.DEV == "cuda" else 0.0)
         reserved.append(torch.cuda.max_memory_reserved() / 2**30 if gt.DEV == "cuda" else 0.0)
+        prof.step(step + 1)
     res = summarize(case, variant["tool"], variant, times, losses, tokens, peaks, reserved,
-                    {"padded_tokens": sum(int(mb.get(s)["input_ids"].numel()) for s in range(total))})
+                    {"padded_tokens": sum(int(mb.get(s)["input_ids"].numel()) for s in range(total)),
+                     "profile": prof.res})
     del model, opt
     return res
 
@@ -124,9 +150,10 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
                       max_grad_norm=0.0, group_by_length=False, pack=variant.get("pack", "1") == "1",
                       backend=variant.get("backend", "auto"))
     work = tempfile.mkdtemp(prefix="lorakit-bench-", dir=out)
+    prof = StepProfile(case, variant, out)
     t0 = time.perf_counter()
     res = train(model, tok, exs, work, LoraConfig(r=gt.R, alpha=gt.ALPHA, dropout=0.0, targets="all-linear"), cfg,
-                progress=False, save_final=False)
+                progress=False, save_final=False, on_step=lambda step, loss: prof.step(step))
     wall = time.perf_counter() - t0
     rows = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl")) if '"loss"' in x]
     secs = [r["seconds"] for r in rows]
@@ -134,7 +161,7 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
     toks = [b - a for a, b in zip([0] + [r["tokens"] for r in rows], [r["tokens"] for r in rows])]
     peaks = [r.get("cuda_peak_alloc_gib", 0.0) for r in rows]
     reserved = [r.get("cuda_peak_reserved_gib", 0.0) for r in rows]
-    extra = {"backend": rows[0]["backend"], "setup_s": round(wall - secs[-1], 1),
+    extra = {"backend": rows[0]["backend"], "setup_s": round(wall - secs[-1], 1), "profile": prof.res,
              "train_config": json.load(open(os.path.join(work, "train_config.json"))).get("backend_reason")}
     del model, res
     return summarize(case, "lorakit", variant, times, [r["loss"] for r in rows], toks, peaks, reserved, extra)
@@ -172,7 +199,7 @@ def main() -> None:
                 cache[case] = examples(case, tok)
             try:
                 res = (run_lorakit(case, variant, tok, cache[case], args.shape, args.out) if tool == "lorakit" else
-                       run_peft(case, variant, tok, cache[case], args.shape))
+                       run_peft(case, variant, tok, cache[case], args.shape, args.out))
             except Exception as e:  # one failed run must not lose the others
                 res = dict(case=case, tool=tool, variant=variant, error=f"{type(e).__name__}: {str(e)[:600]}")
             gc.collect()
