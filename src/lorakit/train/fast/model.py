@@ -22,7 +22,7 @@ from lorakit.arch import decoder_layers, head_dim as head_dim_of, model_type
 from lorakit.core.inject import LoraLinear
 from lorakit.train.fast.fuse import GROUPS, fuse_projections, stacked
 from lorakit.train.fast.layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
-from lorakit.train.fast.packing import doc_mask, flex_available
+from lorakit.train.fast.packing import DocMasks, flex_available
 from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, default_chunk,
                    linear_cross_entropy, shift_targets)
 
@@ -106,6 +106,7 @@ class FastLlama(nn.Module):
                               float(cfg.rms_norm_eps), gqa, tuple(attn_backends), fused_mlp)
         self.compiled = compile
         self.use_flex = flex_available(device or w.device) if flex is None else flex
+        self.doc_mask = DocMasks(self.use_flex)
         if compile:
             _raise_recompile_limit()
             opts = dict(compile_options or {}) or None
@@ -181,7 +182,7 @@ class FastLlama(nn.Module):
             if b != 1 or position_ids is None or sum(seq_lens) != s:
                 raise ValueError(f"packed rows: expected input_ids (1, s), position_ids and seq_lens summing to s, "
                                  f"got {tuple(input_ids.shape)} and seq_lens sum {sum(seq_lens)}")
-            mask = doc_mask(seq_lens, self.use_flex, input_ids.device)
+            mask = self.doc_mask(seq_lens, input_ids.device)
         x = base.embed_tokens(input_ids)                                    # (b, s, hidden)
         pos = torch.arange(s, device=input_ids.device)[None] if position_ids is None else position_ids  # (1, s)
         cos, sin = base.rotary_emb(x, pos)                                  # (1, s, d) each
