@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from lorakit.arch import body_and_head, decoder_layers, model_type
 from lorakit.core.inject import lora_layers
 from lorakit.train.data import IGNORE
-from lorakit.train.prefix import body_with_prefix, prefix_supported, shared_prefix_len
+from lorakit.train import packed_attention
+from lorakit.train.prefix import (body_with_prefix, packed_body, packed_prefix_len, prefix_supported,
+                                  shared_prefix_len)
 
 log = logging.getLogger("lorakit.train")
 
@@ -36,6 +38,10 @@ def target_hidden(model, batch: dict[str, torch.Tensor], share_prefix: bool = Fa
     if parts is None:
         return None
     body, head = parts
+    if "seq_lens" in batch:  # packed rows (data.pack): attention within each row, the shared prefix once
+        hidden, labels = packed_body(body, batch, packed_prefix_len(batch) if share_prefix else 0)
+        keep = labels[:, 1:] != IGNORE
+        return hidden[:, :-1][keep], head, labels[:, 1:][keep]
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     p = shared_prefix_len(batch) if share_prefix else 0
@@ -108,6 +114,9 @@ class PlainBackend:
             prefix_supported(model)
         self.share_prefix = why_not is None
         log.info("plain backend: shared prefix %s", "on" if self.share_prefix else f"off ({why_not})")
+        self.pack_off = packed_attention.supported(model)  # why packed rows cannot run through this model
+        self.pack = self.pack_off is None
+        self._rows_attention = None
         if recompute:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"{type(model).__name__} does not support gradient checkpointing "
@@ -118,9 +127,15 @@ class PlainBackend:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
+        if "seq_lens" in batch and self._rows_attention is None:  # on until close: recompute replays it
+            self._rows_attention = packed_attention.rows_attention_on(self.model)
+            self._rows_attention.__enter__()
         return causal_lm_loss(self.model, batch, denom, self.share_prefix)
 
     def close(self) -> None:
+        if self._rows_attention is not None:
+            self._rows_attention.__exit__(None, None, None)
+            self._rows_attention = None
         if self.recompute:
             self.model.gradient_checkpointing_disable()
 
@@ -132,7 +147,7 @@ class FastBackend:
     pack = True  # takes packed rows (data.pack); compiled: widths from a few buckets (data.choose_widths)
 
     def __init__(self, model: nn.Module, recompute: int | str = 0, device: torch.device | None = None,
-                 fused_mlp: bool = False):
+                 fused_mlp: bool = False, compile: bool | None = None):
         from lorakit.train.fast import prepare
 
         n_layers = len(decoder_layers(model))
@@ -140,7 +155,8 @@ class FastBackend:
         self.model = model
         # adapters are already fp32 masters (the loop's optimizer set-up); prepare leaves them as they are.
         # `device`: where it trains (under FSDP the model may still be on the CPU here): compile, kernels
-        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device, fused_mlp=fused_mlp)
+        self.fm = prepare(model, recompute_layers=layers, adapter_dtype=None, device=device, fused_mlp=fused_mlp,
+                          compile=compile)  # compile: default on CUDA
         self.bucketed = self.fm.compiled  # compiled graphs are per shape: packed widths come from a few buckets
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:

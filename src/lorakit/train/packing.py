@@ -32,7 +32,8 @@ def setup(mb, backend, cfg, world: int, micro: range, pad_id: int) -> None:
     if not hasattr(mb, "pack"):
         return
     if not mb.pack:
-        why = "turned off (--no-pack)" if not cfg.pack else f"the {backend.name} backend takes padded batches"
+        why = "turned off (--no-pack)" if not cfg.pack else \
+            getattr(backend, "pack_off", None) or f"the {backend.name} backend takes padded batches"
         log.info("packing: off (%s)", why)
         return
     if not getattr(backend, "bucketed", False):

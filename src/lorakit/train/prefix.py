@@ -72,3 +72,43 @@ def body_with_prefix(body, batch: dict[str, torch.Tensor], p: int) -> torch.Tens
     cache = getattr(head, arg)
     _broadcast(cache, ids.shape[0])
     return body(input_ids=ids[:, p:], attention_mask=mask, use_cache=True, **{arg: cache}).last_hidden_state
+
+
+# ---------------------------------------------------------------- packed rows (train/packed_attention.py)
+def packed_prefix_len(batch: dict, min_len: int = MIN_PREFIX) -> int:
+    """shared_prefix_len for packed rows (data.pack): leading tokens every row (segment) shares, none of whose
+    hidden states predicts a target, at least one own token left per row; 0 when below `min_len`."""
+    lens = batch["seq_lens"]
+    if len(lens) < 2:
+        return 0
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    p = min(lens) - 1
+    first = ids[starts[0]:starts[0] + p]
+    for a in starts[1:]:
+        same = (ids[a:a + p] == first[:p]).long()
+        p = min(p, int(same.cumprod(0).sum()))
+    for a, n in zip(starts, lens):
+        scored = (labels[a + 1:a + n] != IGNORE).nonzero()                # hidden state j predicts label j + 1
+        if scored.numel():
+            p = min(p, int(scored[0]))
+    return p if p >= min_len else 0
+
+
+def packed_body(body, batch: dict, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body on packed rows, attention within each row (train/packed_attention.py), the first p tokens of
+    the rows computed once when p > 0 -> (hidden (1, s', d), labels (1, s')) at the positions run per row."""
+    ids, labels, pos, lens = batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_lens"]
+    if not p:
+        hidden = body(input_ids=ids, position_ids=pos, use_cache=False, row_lens=tuple(lens)).last_hidden_state
+        return hidden, labels
+    keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+    at = 0
+    for n in lens:
+        keep[at:at + p] = False
+        at += n
+    arg = arch.cache_keyword(type(body))
+    head = body(input_ids=ids[:, :p], use_cache=True)
+    hidden = body(input_ids=ids[:, keep], position_ids=pos[:, keep], use_cache=True,
+                  row_lens=tuple(n - p for n in lens), **{arg: getattr(head, arg)}).last_hidden_state
+    return hidden, labels[:, keep]
