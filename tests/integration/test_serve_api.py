@@ -20,8 +20,9 @@ KEY, ADMIN = "sk-test-inference", "sk-test-admin"
 MSGS = [{"role": "user", "content": "Name a colour."}]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+@pytest.fixture(scope="module", params=["plain", "static"])
+def env(tmp_path_factory, request):
+    """The server with either engine: the plain one (the CPU's) and the static-cache one (CUDA's), here eager."""
     root = tmp_path_factory.mktemp("serve")
     tiny_base(root)
     model, tok = load_base(str(root / "base"), device="cpu")
@@ -39,7 +40,7 @@ def env(tmp_path_factory):
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = ServeConfig(api_keys=[KEY], admin_key=ADMIN, max_slots=2, max_batch=8, max_body_bytes=20_000,
                       max_prompt_tokens=100, max_new_tokens=64)
-    state = make_state(model, tok, reg, cfg, "tiny")
+    state = make_state(model, tok, reg, cfg, "tiny", static=request.param == "static")
     server = ServerThread(build_app(state)).start()
     ref_model, _ = load_base(str(root / "base"), device="cpu")  # offline reference, separate instance
     for n in ("a", "a2", "b"):

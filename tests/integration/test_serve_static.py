@@ -13,7 +13,7 @@ from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.decoder import cache_bytes
 from lorakit.serve.engine import AdapterUse, GenRequest
-from lorakit.serve.fast import StaticEngine
+from lorakit.serve.fast import CacheFull, StaticEngine
 from engine_helpers import TOK, Collect, save_tiny_adapters
 
 
@@ -77,7 +77,7 @@ def test_cache_accounted_and_admission_refused_when_full(adapters):
     for _ in range(3):  # two rows taken and one waiting (the engine is not started: nothing moves)
         eng.submit(GenRequest([5, 6], max_tokens=4))
     eng.running = [object(), object()]  # both rows taken
-    with pytest.raises(ValueError, match="KV cache is full: all 2 rows are in use and 3 requests wait"):
+    with pytest.raises(CacheFull, match="KV cache is full: all 2 rows are in use and 3 requests wait"):
         eng.submit(GenRequest([5, 6], max_tokens=4))
     eng.running = []
     eng.stop()

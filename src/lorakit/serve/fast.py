@@ -41,12 +41,16 @@ class CacheRow(Row):
     top_p: float = 1.0
 
 
+class CacheFull(RuntimeError):
+    """Every cache row is taken and the queue for one is full: try again later (HTTP 429)."""
+
+
 class StaticEngine(Engine):
-    def __init__(self, model, tok, *, max_slots: int = 8, max_batch: int = 16, max_len: int | None = None,
-                 prefill_chunk: int = 2048, max_waiting: int | None = None, base_fp: dict | None = None,
-                 graphs: bool | None = None):
-        super().__init__(model, tok, max_slots=max_slots, max_batch=max_batch, max_prefill_tokens=1 << 62,
-                         base_fp=base_fp)
+    def __init__(self, model, tok, *, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 2048,
+                 max_waiting: int | None = None, graphs: bool | None = None, **engine_kw):
+        """engine_kw: Engine's (max_slots, max_rank, base_fp); max_prefill_tokens is taken as prefill_chunk."""
+        prefill_chunk = engine_kw.pop("max_prefill_tokens", prefill_chunk)
+        super().__init__(model, tok, max_batch=max_batch, max_prefill_tokens=1 << 62, **engine_kw)
         self.max_len = min(self.max_len, max_len or self.max_len)
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
         w = next(model.parameters())
@@ -67,7 +71,7 @@ class StaticEngine(Engine):
             with self._cv:
                 busy = len(self.running) >= self.max_batch
                 if self.max_waiting is not None and busy and len(self.waiting) >= self.max_waiting:
-                    raise ValueError(f"the KV cache is full: all {self.max_batch} rows are in use and "
+                    raise CacheFull(f"the KV cache is full: all {self.max_batch} rows are in use and "
                                      f"{len(self.waiting)} requests wait; try again later")
         return super().submit(req)
 
