@@ -4,7 +4,8 @@ Each turn of the loop
   1. runs queued commands (e.g. unload an adapter),
   2. admits waiting requests into free rows: their adapters are made resident in memory slots
      (LRU; the files are read from disk by a loader thread while others decode) and their
-     prompts prefilled together,
+     prompts prefilled together; a prompt longer than the turn's token budget, and scoring, run a chunk
+     per turn instead (`_advance`), so no one request holds the others' next tokens for long,
   3. runs ONE decode step for every running row together, whatever adapter (or stack) each row
      uses: the per-row slot index goes to `lorakit.kernels.lora_delta` through LoraLinear.routing
      (a row that runs a mixture of LoRAs gets per-token coefficients from its router's gates, slots.py),
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
@@ -44,6 +46,9 @@ from lorakit.serve.rows import Row, emit
 from lorakit.serve.slots import MAX_RANK, SlotBank
 
 log = logging.getLogger("lorakit.serve")
+CHUNK = 32  # a long prompt and a scored text run in forwards of this many positions, at fixed boundaries (the
+# numbers a request gets never depend on what else runs); a turn runs as many chunks as its token budget holds
+MIN_CHUNK_S = 0.02  # a turn's chunks may take as long as a decode step, and at least this
 
 
 class Engine:
@@ -58,6 +63,8 @@ class Engine:
         self.bank = SlotBank(model, max_slots, base_fp or fingerprint(model), max_rank)
         self.residency = Residency(self.bank, self._cv, self._poke)
         self.cache = forward.RowCache(model, max_batch)
+        self.score_job = None  # the scoring under way (score.ScoreJob)
+        self._decode_s, self._token_s, self._turn = 0.0, 0.0, 0  # recent decode step and prefill-token times
         self.running: list[Row] = []
         self.waiting: deque[GenRequest] = deque()
         self.scoring: deque[ScoreRequest] = deque()
@@ -129,7 +136,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self.running or self._wake):
+                while not (self._stopping or self.running or self._wake or self.score_job):
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -142,9 +149,9 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - reported to the caller
                     fut.set_exception(e)
             try:
-                self._admit()
-                if self.scoring:
-                    scoring.run_ready(self)
+                budget = self._budget()
+                self._admit(budget)
+                self._advance(budget)
                 if self.running:
                     self._step()
                 if not self.running and not self.waiting and self.cache.cap > self.cache.chunk:
@@ -154,6 +161,8 @@ class Engine:
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
         self._fail_all("the server is shutting down")
         with self._cv:
+            if self.score_job is not None:
+                _send(self.score_job.req, ("error", "the server is shutting down"))
             for req in [*self.waiting, *self.scoring]:
                 _send(req, ("error", "the server is shutting down"))
             self.waiting.clear()
@@ -167,8 +176,80 @@ class Engine:
         self.running = []
         self.cache.clear()
 
-    def _take_admissible(self) -> list[GenRequest]:
-        """Waiting requests that fit now (free rows, prefill budget, adapter slots), in arrival order."""
+    def _budget(self) -> int:
+        """Tokens of long prompts and scoring to run this turn: about one decode step's time (so others' tokens
+        come at most about twice as slowly), from the measured cost of a token; every prompt that fits in it is
+        prefilled whole, together with the others that fit."""
+        if not self._token_s:
+            return CHUNK
+        return int(min(self.max_prefill_tokens, max(CHUNK, max(self._decode_s, MIN_CHUNK_S) / self._token_s)))
+
+    def _timed(self, attr: str, seconds: float, n: int = 1) -> None:
+        old = getattr(self, attr)
+        new = seconds / max(1, n)
+        setattr(self, attr, new if not old else 0.7 * old + 0.3 * new)
+
+    def _advance(self, budget: int) -> None:
+        """Run this turn's chunks of the long prompts being prefilled and of the scoring under way (which goes
+        first alternates by turn, so neither starves the other)."""
+        self._turn += 1
+        chunks, scoring_first = max(1, budget // CHUNK), self._turn % 2
+        if scoring_first and (self.score_job or self.scoring):
+            chunks -= self._score()
+        chunks -= self._prefill_chunks(chunks)
+        if chunks > 0 and not scoring_first and (self.score_job or self.scoring):
+            self._score()
+
+    def _score(self) -> int:
+        """One chunk of the scoring under way (two rows of CHUNK positions); 1 if it ran."""
+        t0 = time.perf_counter()
+        used = scoring.run_ready(self, CHUNK)
+        if used:
+            self._timed("_token_s", time.perf_counter() - t0, used)
+        return int(used > 0)
+
+    def _prefill_chunks(self, chunks: int) -> int:
+        """Run up to `chunks` chunks of the prompts still being prefilled, one per row in turn; returns how many."""
+        used = 0
+        while used < chunks:
+            pending = [i for i, r in enumerate(self.running) if r.prefilling and r.finished is None]
+            if not pending:
+                break
+            k = self._turn % len(pending)
+            for i in pending[k:] + pending[:k]:
+                if used < chunks:
+                    used += self._prefill_chunk(i)
+        self._retire()
+        return used
+
+    def _prefill_chunk(self, i: int) -> int:
+        """One chunk of row i's prompt into its cache row; its first token once the prompt is in. 1 if it ran."""
+        r = self.running[i]
+        if r.req.cancelled:
+            r.finished = "cancelled"
+            self.stats["cancelled"] += 1
+            return 0
+        c = min(CHUNK, len(r.req.prompt) - r.length)
+        self._set_batch([r])
+        t0 = time.perf_counter()
+        try:
+            ids = torch.tensor([r.req.prompt[r.length: r.length + c]])  # (1, c)
+            h = forward.extend(self.model, self.cache, slice(i, i + 1), ids, r.length)  # (1, c, hidden)
+            logits = self.model.lm_head(h[:, -1]).float() if r.length + c == len(r.req.prompt) else None
+        except Exception as e:  # noqa: BLE001 - this request's prompt, nobody else's
+            log.exception("prefill failed")
+            r.fail(f"prefill failed: {type(e).__name__}: {e}")
+            return 1
+        self._timed("_token_s", time.perf_counter() - t0, c)
+        r.length += c
+        if logits is not None:  # the whole prompt is in: its first token
+            self.stats["prefills"] += 1
+            self._emit([r], logits)
+        return 1
+
+    def _take_admissible(self, budget: int) -> list[GenRequest]:
+        """Waiting requests that fit now (free rows, the turn's token budget, adapter slots), in arrival order; a
+        prompt longer than CHUNK takes a row and is prefilled a chunk at a time."""
         taken, tokens, keys = [], 0, []
         with self._cv:
             keep = deque()
@@ -179,12 +260,13 @@ class Engine:
                     self.stats["cancelled"] += 1
                     continue
                 want = [a.key for a in req.adapters]
+                long = len(req.prompt) > CHUNK
                 fits = (len(self.running) + len(taken) < self.max_batch
-                        and (not taken or tokens + len(req.prompt) <= self.max_prefill_tokens)
+                        and (long or tokens + len(req.prompt) <= max(budget, CHUNK))
                         and self.residency.files_ready(req) and self.bank.can_acquire(keys + want))
                 if fits:
                     taken.append(req)
-                    tokens += len(req.prompt)
+                    tokens += 0 if long else len(req.prompt)
                     keys += want
                 else:
                     keep.append(req)
@@ -201,9 +283,9 @@ class Engine:
             _send(req, ("error", str(e)))
             return None
 
-    def _admit(self) -> None:
+    def _admit(self, budget: int) -> None:
         rows: list[Row] = []
-        for req in self._take_admissible():
+        for req in self._take_admissible(budget):
             got = self.acquire(req)
             if got is None:
                 continue
@@ -215,6 +297,10 @@ class Engine:
                 self.residency.release(slots, mix)
                 self.stats["errors"] += 1
                 _send(req, ("error", f"invalid seed {req.seed!r}: {e}"))
+                continue
+            if len(req.prompt) > CHUNK:  # a row of its own now, its prompt run a chunk per turn
+                self.cache.zero(slice(len(self.running), len(self.running) + 1))
+                self.running.append(Row(req, slots, 0, gen=gen, mixture=mix))
                 continue
             rows.append(Row(req, slots, len(req.prompt), gen=gen, mixture=mix))
         if rows:
@@ -243,13 +329,19 @@ class Engine:
         self._emit(rows, logits)
 
     def _step(self) -> None:
-        rows = self.running
+        idx = [i for i, r in enumerate(self.running) if not r.prefilling]  # cache rows that decode
+        if not idx:
+            return
+        rows = [self.running[i] for i in idx]
         self._set_batch(rows)
+        t0 = time.perf_counter()
         try:
-            logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows])
+            logits = forward.decode(self.model, self.cache, [r.next_token for r in rows], [r.length for r in rows],
+                                    rows=None if idx[-1] == len(idx) - 1 else idx)
         except Exception:  # noqa: BLE001 - find the row at fault: run them one by one
             log.exception("decode step failed; retrying row by row")
-            logits = self._decode_each(rows)
+            logits = self._decode_each(rows, idx)
+        self._timed("_decode_s", time.perf_counter() - t0)
         for r in rows:
             r.length += 1
         self.stats["decode_steps"] += 1
@@ -258,14 +350,14 @@ class Engine:
         self._emit(rows, logits)
         self._retire()
 
-    def _decode_each(self, rows: list[Row]) -> torch.Tensor:
+    def _decode_each(self, rows: list[Row], idx: list[int]) -> torch.Tensor:
         """Decode each row alone; a row that still fails is retired with its error. If every row fails,
         the fault is the engine's, not a request's: raise (the loop fails them all)."""
         out, last = [], None
         for i, r in enumerate(rows):
             self._set_batch([r])
             try:
-                out.append(forward.decode(self.model, self.cache, [r.next_token], [r.length], rows=[i])[0])
+                out.append(forward.decode(self.model, self.cache, [r.next_token], [r.length], rows=[idx[i]])[0])
             except Exception as e:  # noqa: BLE001
                 last = e
                 r.fail(f"generation failed for this request: {type(e).__name__}: {e}")

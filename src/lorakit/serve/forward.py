@@ -146,6 +146,29 @@ def prefill(model: nn.Module, cache: RowCache, rows: slice, prompts: list[list[i
 
 
 @torch.no_grad()
+def extend(model: nn.Module, cache: RowCache, rows: slice, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Append ids (b, c) at positions start..start + c - 1 of cache rows `rows` (b rows that hold `start` tokens
+    each: a long prompt or a scored text run a chunk at a time). Returns final-norm hidden states (b, c, hidden)."""
+    b, c = ids.shape
+    dev, end = cache.device, start + c
+    cache.ensure(end + 1)
+    pos = torch.arange(start, end, device=dev).expand(b, c)
+    # query i (position start + i) sees keys 0..start + i
+    mask = (torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None])[None, None]
+
+    def write(K, V, k, v):
+        K[rows, :, start:end].copy_(k)
+        V[rows, :, start:end].copy_(v)
+
+    def read(K, V, k, v):
+        if start == 0:
+            return k, v, None, c > 1
+        return K[rows, :, :end], V[rows, :, :end], mask, False
+
+    return _run(model, ids.to(dev), pos, cache, write, read)
+
+
+@torch.no_grad()
 def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[int],
            rows: list[int] | None = None) -> torch.Tensor:
     """One step for cache rows `rows` (default 0..n-1): token i goes to position lengths[i] of row rows[i].

@@ -25,6 +25,11 @@ class Row:
     error: str = ""
     mixture: str | None = None  # the resident mixture whose gates weight `slots` per token
 
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt is still being run into the cache, a chunk per turn (a long prompt)."""
+        return self.length < len(self.req.prompt)
+
     def fail(self, message: str) -> None:
         self.finished, self.error = "error", message
 

@@ -1,8 +1,10 @@
 """Scoring an answer on the engine thread: per answer token, KL(adapter || base) over the full vocabulary and
-both models' log-probability of the token, from ONE forward over prompt + answer with two rows, the adapter's
+both models' log-probability of the token, from a forward over prompt + answer with two rows, the adapter's
 and the base's (the same tokens), routed per row through the slot bank as a decode step is.
 
-Why on the engine thread: per-row adapter routing lives in the slot bank (the batch's slot index and
+Long texts run a chunk per engine turn (ScoreJob, forward.extend into the job's own two-row KV cache), so three
+4,096-token scorings interleave with the decode steps of others instead of holding the engine for each whole
+forward. Why on the engine thread: per-row adapter routing lives in the slot bank (the batch's slot index and
 coefficients), so a forward on another thread would race with the decode steps. A ScoreRequest is queued like
 a generation request, waits like one for its adapters' files and a free slot, and runs between decode steps
 (up to the prefill budget of tokens per turn). It fails alone: an adapter that cannot be loaded, a forward that
@@ -14,7 +16,7 @@ Answer token j (0-based) is predicted at position len(prompt) + j - 1, from prom
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,17 +59,73 @@ def kl_to_base(model, h: torch.Tensor, prompt_len: int, answer: list[int], chunk
     return Score(kl, lp_a, lp_b)
 
 
-def run_ready(engine) -> None:
-    """Score the queued requests whose adapters are read and fit in the slots now, in arrival order, until
-    the turn's token budget (the prefill budget: two rows of prompt + answer each) is spent."""
-    budget, first = engine.max_prefill_tokens, True
-    while (req := _take(engine, budget, first)) is not None:
-        budget -= 2 * (len(req.prompt) + len(req.answer))
-        first = False
-        _run(engine, req)
+@dataclass
+class ScoreJob:
+    """A scoring request under way: its two rows (adapter, base) run prompt + answer[:-1] a chunk per engine turn
+    into their own KV cache, so a long text interleaves with the decode steps of everyone else."""
+    req: ScoreRequest
+    slots: list[int]
+    mixture: str | None
+    cache: forward.RowCache
+    done: int = 0  # positions run so far
+    score: Score = field(default_factory=lambda: Score([], [], []))
+
+    @property
+    def seq(self) -> list[int]:
+        return self.req.prompt + self.req.answer[:-1]
 
 
-def _take(engine, budget: int, first: bool) -> ScoreRequest | None:
+def run_ready(engine, positions: int) -> int:
+    """Advance the scoring under way by one chunk of `positions` (two rows: at fixed boundaries, so its numbers never
+    depend on what else runs), starting the first queued request that can run when none is. Returns tokens run."""
+    job = engine.score_job
+    if job is None:
+        req = _take(engine)
+        if req is None:
+            return 0
+        got = engine.acquire(req)  # sends the error itself if an adapter cannot be loaded
+        if got is None:
+            return 0
+        cache = forward.RowCache(engine.model, 2)
+        job = engine.score_job = ScoreJob(req, got[0], got[1], cache)
+    if job.req.cancelled:
+        _finish(engine, job, ("done", "cancelled"))
+        engine.stats["cancelled"] += 1
+        return 0
+    req, P, n = job.req, len(job.req.prompt), len(job.req.answer)
+    start = job.done
+    end = min(len(job.seq), start + positions)
+    try:
+        engine.bank.set_rows([(job.slots, [a.weight for a in req.adapters], job.mixture), ([], [], None)])
+        ids = torch.tensor(job.seq[start:end]).repeat(2, 1)  # (2, c)
+        h = forward.extend(engine.model, job.cache, slice(0, 2), ids, start)  # (2, c, hidden)
+        j0, j1 = max(0, start - (P - 1)), min(n, end - (P - 1))  # answer tokens predicted in this chunk
+        if j1 > j0:
+            part = kl_to_base(engine.model, h, P + j0 - start, req.answer[j0:j1])
+            job.score.kl += part.kl
+            job.score.logprobs += part.logprobs
+            job.score.base_logprobs += part.base_logprobs
+    except Exception as e:  # noqa: BLE001 - this request's problem, never the running rows'
+        log.exception("scoring failed")
+        engine.stats["errors"] += 1
+        _finish(engine, job, ("error", f"scoring failed for this request: {type(e).__name__}: {e}"))
+        return 2 * (end - start)
+    job.done = end
+    if end == len(job.seq):
+        engine.stats["scores"] += 1
+        _finish(engine, job, ("score", job.score))
+    return 2 * (end - start)
+
+
+def _finish(engine, job: ScoreJob, event: tuple) -> None:
+    engine.residency.release(job.slots, job.mixture)
+    engine.score_job = None
+    engine._poke()  # the next queued scoring may start
+    job.cache.clear()
+    send(job.req, event)
+
+
+def _take(engine) -> ScoreRequest | None:
     """The first queued request that can run now (removed from the queue); cancelled ones are dropped."""
     with engine._cv:
         for req in list(engine.scoring):
@@ -76,28 +134,7 @@ def _take(engine, budget: int, first: bool) -> ScoreRequest | None:
                 send(req, ("done", "cancelled"))
                 engine.stats["cancelled"] += 1
                 continue
-            fits = first or 2 * (len(req.prompt) + len(req.answer)) <= budget
-            if fits and engine.residency.files_ready(req) and engine.bank.can_acquire([a.key for a in req.adapters]):
+            if engine.residency.files_ready(req) and engine.bank.can_acquire([a.key for a in req.adapters]):
                 engine.scoring.remove(req)
                 return req
     return None
-
-
-def _run(engine, req: ScoreRequest) -> None:
-    got = engine.acquire(req)  # sends the error itself if an adapter cannot be loaded
-    if got is None:
-        return
-    slots, mix = got
-    try:
-        engine.bank.set_rows([(slots, [a.weight for a in req.adapters], mix), ([], [], None)])
-        ids = torch.tensor(req.prompt + req.answer[:-1], device=engine.cache.device).repeat(2, 1)  # (2, s)
-        result = kl_to_base(engine.model, forward.hidden(engine.model, ids), len(req.prompt), req.answer)
-    except Exception as e:  # noqa: BLE001 - this request's problem, never the running rows'
-        log.exception("scoring failed")
-        engine.stats["errors"] += 1
-        send(req, ("error", f"scoring failed for this request: {type(e).__name__}: {e}"))
-        return
-    finally:
-        engine.residency.release(slots, mix)
-    engine.stats["scores"] += 1
-    send(req, ("score", result))
