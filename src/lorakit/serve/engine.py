@@ -247,7 +247,7 @@ class Engine:
             self._emit([r], logits)
         return 1
 
-    def _take_admissible(self, budget: int) -> list[GenRequest]:
+    def _take_admissible(self, budget: int = 1 << 62) -> list[GenRequest]:
         """Waiting requests that fit now (free rows, the turn's token budget, adapter slots), in arrival order; a
         prompt longer than CHUNK takes a row and is prefilled a chunk at a time."""
         taken, tokens, keys = [], 0, []

@@ -80,7 +80,7 @@ class StaticEngine(Engine):
                 "graphs": self.decoder.captures}
 
     # ---------------------------------------------------------------- admission
-    def _admit(self) -> None:
+    def _admit(self, budget: int = 0) -> None:
         for req in self._take_admissible():
             got = self.acquire(req)
             if got is None:
@@ -99,6 +99,9 @@ class StaticEngine(Engine):
                                          temperature=req.temperature, top_p=req.top_p))
 
     # ---------------------------------------------------------------- a turn
+    def _prefill_chunks(self, chunks: int) -> int:
+        return 0  # this engine's prompts run in _step's prefill turn (prefill_chunk tokens at a time)
+
     def _step(self) -> None:
         self._prefill_turn()
         ready = [r for r in self.running if r.finished is None and r.done == len(r.req.prompt) and r.generated]
