@@ -148,7 +148,14 @@ def test_admin_actions_need_the_admin_key_and_the_token(env):
     r = admin.post("/ui/adapters/a/rollback", data={"csrf": atoken, "version": "9"})
     assert "has no version 9" in admin.get(r.headers["location"]).text and reg.resolve("a").version == 1
     assert user.post("/ui/adapters/c/remove", data={"csrf": utoken}).status_code == 403
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(env["url"] + "/v1/completions", headers=auth, json={"model": "c", "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    c_sha = reg.resolve("c").sha256
+    assert "c@1" in httpx.get(env["url"] + "/health").json()["engine"]["resident"]  # c holds a slot
     assert admin.post("/ui/adapters/c/remove", data={"csrf": atoken}).headers["location"] == "/ui/adapters"
+    assert "c@1" not in httpx.get(env["url"] + "/health").json()["engine"]["resident"]  # and gave it back
+    assert not reg.find_sha(c_sha)
     assert [v.name for v in reg.list()] == ["a", "b", "mix:ab"]
     api = httpx.get(env["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert "c" not in {m["id"] for m in api["data"]}
@@ -190,6 +197,35 @@ def test_compare_streams_what_the_api_answers(env):
         ref = httpx.post(env["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                          json={"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": n})
         assert r.status_code == ref.status_code >= 400 and r.json() == ref.json()  # the API's error, passed through
+
+
+def test_compare_refuses_a_max_tokens_that_is_no_whole_number(env):
+    c, token = login(env, KEY)
+    for raw in ("Infinity", "-Infinity", "NaN", "1e400", "2.5", '"64"', "true", "null"):
+        body = '{"model": "b", "prompt": "Hello", "max_tokens": %s}' % raw
+        r = c.post("/ui/api/complete", content=body, headers={"X-CSRF-Token": token,
+                                                                "Content-Type": "application/json"})
+        assert r.status_code == 400 and "'max_tokens' must be a whole number" in r.json()["error"]["message"], raw
+    r = c.post("/ui/api/complete", json={"model": "b", "prompt": "Hello", "max_tokens": 3.0},
+               headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and len(_sse_text(r.text)[1]) == 3
+
+
+def test_a_run_with_unreadable_metrics_is_listed_as_unreadable(env):
+    bad = env["runs"] / "latin1"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0, "note": "caf\xe9"}\n')
+    try:
+        c, _ = login(env, KEY)
+        page = c.get("/ui/runs")
+        assert page.status_code == 200 and "r1" in page.text
+        row = re.search(r"latin1.*?</tr>", page.text, re.S).group(0)
+        assert "status-unreadable" in row and "metrics.jsonl is not UTF-8 text (byte 37" in row, row
+        r = c.get("/ui/runs/latin1")
+        assert r.status_code == 200 and "metrics.jsonl is not UTF-8 text" in r.text
+    finally:
+        (bad / "metrics.jsonl").unlink()
+        bad.rmdir()
 
 
 def test_compare_kl_is_the_apis_score(env):

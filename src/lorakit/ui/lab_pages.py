@@ -76,7 +76,7 @@ def run_summary(r: R.Run) -> dict:
     steps = r.steps
     total = r.total_steps()
     last = steps[-1] if steps else {}
-    return {"name": r.name, "path": str(r.path), "status": r.status, "updated": r.updated,
+    return {"name": r.name, "path": str(r.path), "status": r.status, "problem": r.problem, "updated": r.updated,
             "step": last.get("step", 0), "total_steps": total,
             "progress": (last.get("step", 0) / total) if total else None,
             "loss": last.get("loss"), "first_loss": steps[0].get("loss") if steps else None,

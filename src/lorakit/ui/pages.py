@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 from fastapi import Depends
 from starlette.requests import Request
@@ -105,8 +106,8 @@ def add_routes(app, ui: UI) -> None:
             s.flash.append(("error", str(e)))
             return RedirectResponse(f"/ui/adapters/{_q(name)}", status_code=303)
         engine = getattr(ui.state, "engine", None)
-        if engine is not None:
-            await asyncio.wrap_future(engine.unload(name))
+        if engine is not None:  # slots are keyed by content hash, as the admin API's remove unloads them
+            await asyncio.wrap_future(engine.unload([v.sha256 for v in gone]))
         s.flash.append(("ok", "Removed " + ", ".join(f"{v.name}@{v.version}" for v in gone) + "."))
         left = ui.registry.versions(name)
         return RedirectResponse(f"/ui/adapters/{_q(name)}" if left else "/ui/adapters", status_code=303)
@@ -156,10 +157,11 @@ def add_routes(app, ui: UI) -> None:
     @app.post("/ui/api/complete", include_in_schema=False)
     async def complete(request: Request):
         body = await compare_request(request)
-        try:
-            max_tokens = int(body.get("max_tokens", 64))
-        except (ValueError, TypeError) as e:
-            return _json_error(400, f"bad compare request: {e}")
+        max_tokens = body.get("max_tokens", 64)  # JSON's Infinity and 1e400 parse as float inf
+        if isinstance(max_tokens, float) and math.isfinite(max_tokens) and max_tokens.is_integer():
+            max_tokens = int(max_tokens)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            return _json_error(400, f"bad compare request: 'max_tokens' must be a whole number, got {max_tokens!r}")
         return forward(request, "/v1/chat/completions", {
             "model": body["model"], "messages": [{"role": "user", "content": body["prompt"]}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,12 @@ from lorakit.adapters.refs import CONFIG_NAME as ADAPTER_CONFIG  # noqa: F401  (
 from lorakit.runs import CONFIG, DONE, EVAL, METRICS  # noqa: F401  (the pages read them from here)
 
 RUNNING_WITHIN_S = 120.0  # metrics written this recently and no train_done.json: the run is going
+MAX_METRICS_BYTES = 256 << 20  # a metrics.jsonl larger than this is shown as unreadable, not read
+MAX_JSON_BYTES = 16 << 20  # train_config.json, eval.json, train_done.json
+
+
+class Unreadable(ValueError):
+    """A run file that is not a readable UTF-8 text file of sane size: its run is listed as 'unreadable'."""
 
 
 @dataclass
@@ -21,8 +29,9 @@ class Run:
     name: str
     path: Path
     records: list[dict]
-    status: str  # running | done | stopped
+    status: str  # running | done | stopped | unreadable
     updated: float
+    problem: str = ""  # why an unreadable run could not be read
 
     @property
     def steps(self) -> list[dict]:
@@ -43,21 +52,39 @@ class Run:
         return cfg.get("total_steps")
 
 
+def read_bytes(path: Path, cap: int) -> bytes:
+    """A run file's bytes; FileNotFoundError if absent, Unreadable if it is not a regular file (a FIFO would block
+    the page) or larger than `cap`."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(f"{path.name} is not a regular file")
+        if st.st_size > cap:
+            raise Unreadable(f"{path.name} holds {st.st_size} bytes; the dashboard reads at most {cap}")
+        return fh.read(cap + 1)
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON object file, or None if absent or unreadable (a run being written is not an error)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_bytes(path, MAX_JSON_BYTES))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl -> records; a half-written last line (the run is writing it) is skipped."""
+    """metrics.jsonl -> records; a half-written last line (the run is writing it) is skipped. A file that is not
+    a regular file, is larger than MAX_METRICS_BYTES or is not UTF-8 raises Unreadable naming it."""
     try:
-        text = path.read_text()
+        raw = read_bytes(path, MAX_METRICS_BYTES)
     except OSError:
         return []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"{path.name} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     out = []
     for line in text.splitlines():
         try:
@@ -82,8 +109,11 @@ def _run_dirs(root: Path) -> dict[str, Path]:
 
 
 def load(path: Path, name: str) -> Run:
-    records = read_metrics(path / METRICS)
     updated = (path / METRICS).stat().st_mtime
+    try:
+        records = read_metrics(path / METRICS)
+    except Unreadable as e:
+        return Run(name, path, [], "unreadable", updated, str(e))
     if (path / DONE).exists():
         status = "done"
     elif time.time() - updated < RUNNING_WITHIN_S:
