@@ -6,11 +6,16 @@ instead of a test sleeping and hoping to kill it at the right moment.
 <point> is a name the code passes to `point()` (e.g. `train.micro_batch`, `checkpoint.written`,
 `checkpoint.swapped`); `@<n>` limits it to the call whose number is n (a micro-batch index, a checkpoint's step);
 <action> is `kill` (SIGKILL this process, the default), `killpg` (SIGKILL its whole process group: a sweep and
-its runs) or `raise` (a RuntimeError, as a bad row or a full disk would). Unset, `point()` costs one comparison."""
+its runs) or `raise` (a RuntimeError, as a bad row or a full disk would). Unset, `point()` costs one comparison.
+
+A test in the same process can also run its own code at a point (`with faults.hook("registry.copied", swap):`):
+the world changes at exactly that step (a file swapped, an adapter removed by another caller), no sleeping."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from typing import Callable
 
 ACTIONS = ("kill", "killpg", "raise")
 
@@ -27,10 +32,25 @@ def _parse(spec: str | None) -> tuple[str, int | None, str] | None:
 
 
 _FAULT = _parse(os.environ.get("LORAKIT_FAULT"))
+_HOOKS: dict[str, Callable[[int | None], None]] = {}
+
+
+@contextlib.contextmanager
+def hook(name: str, fn: Callable[[int | None], None]):
+    """Call fn(n) whenever the code reaches point `name` (tests only), until the block ends."""
+    if name in _HOOKS:
+        raise ValueError(f"fault point {name!r} already has a hook")
+    _HOOKS[name] = fn
+    try:
+        yield
+    finally:
+        del _HOOKS[name]
 
 
 def point(name: str, n: int | None = None) -> None:
-    """Fail here if LORAKIT_FAULT names this point (and this n)."""
+    """Fail here if LORAKIT_FAULT names this point (and this n); run a test's hook for it."""
+    if _HOOKS and name in _HOOKS:
+        _HOOKS[name](n)
     if _FAULT is None or _FAULT[0] != name or (_FAULT[1] is not None and _FAULT[1] != n):
         return
     action = _FAULT[2]

@@ -95,7 +95,8 @@ def test_refuses_bad_names_corrupt_files_and_dora(tmp_path, reg):
         reg.add("missing", tmp_path / "missing")
     assert reg.list() == []
     assert reg.add("good", good).version == 1  # still fine afterwards
-    assert [p.name for p in reg.store.iterdir()] == ["good"]  # no temp dirs left behind
+    assert sorted(p.name for p in reg.store.iterdir()) == [".staging", "good"]  # no temp dirs left behind
+    assert not any((reg.store / ".staging").iterdir())  # nor the private copies the checks read
     assert reg.add("dora", _adapter(tmp_path / "dora", dora=True)).version == 1  # DoRA is served (serve/slots.py)
     assert parse_ref("good@3") == ("good", 3) and validate_name("a-b_1") == "a-b_1"
     with pytest.raises(ValueError, match="version"):

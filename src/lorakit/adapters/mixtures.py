@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.intake import MAX_JSON_BYTES, open_member, read_member, staged_copy, staging_root
 from lorakit.adapters.peft_files import content_sha256, fingerprint, load_adapter
 from lorakit.adapters.refs import MIX, IncompatibleAdapter, UnknownAdapter, validate_name
 from lorakit.core.inject import set_active
@@ -34,6 +35,7 @@ from lorakit.version import __version__
 log = logging.getLogger("lorakit.mixture")
 MIXTURE_FILE = "mixture.json"
 FILES = (MIXTURE_FILE, ROUTER_FILE)  # what the content hash covers and the registry copies
+MAX_ROUTER_BYTES = 4 << 30  # a router is K gates of (K, in) per layer: far below this
 FORMAT = "lorakit.mixture/1"
 BASE_KEYS = ("architecture", "model_type", "hidden_size", "num_layers", "shape_hash", "weight_hash")
 
@@ -118,7 +120,7 @@ def read_mixture(path: str | Path) -> MixtureFile:
             if (path / "router.json").is_file() else ""
         raise FileNotFoundError(f"{str(path)!r} holds no {MIXTURE_FILE}{hint}")
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(read_member(path, MIXTURE_FILE))  # a regular file of bounded size
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _bad(mpath, f"not valid JSON: {e}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -138,8 +140,9 @@ def read_mixture(path: str | Path) -> MixtureFile:
         raise _bad(mpath, "'layers' must list the routed layers' module paths")
     if not isinstance(m.get("base"), dict) or not m["base"].get("shape_hash"):
         raise _bad(mpath, "'base' must hold the base fingerprint (architecture, shape_hash, weight_hash)")
-    if not rpath.is_file():
+    if not os.path.lexists(rpath):
         raise FileNotFoundError(f"mixture {str(path)!r} has no {ROUTER_FILE}")
+    os.close(open_member(path, ROUTER_FILE, MAX_ROUTER_BYTES, inside=False)[0])  # a regular file
     try:
         tensors = load_file(str(rpath))
     except (SafetensorError, OSError, ValueError) as e:
@@ -243,7 +246,13 @@ def add_mixture(reg, name: str, src: str | Path, *, description: str = "", skip_
     versions with the same content hashes (the same name preferred). Refused (IncompatibleAdapter) when the
     mixture is for another base or an adapter it gates is in no version of the registry."""
     full = validate_name(name if not isinstance(name, str) or name.startswith(MIX) else MIX + name)
-    mf = read_mixture(src)
+    # the copy first: it is what is read, checked, hashed and stored (adapters/intake.py)
+    with staged_copy(src, {MIXTURE_FILE: MAX_JSON_BYTES, ROUTER_FILE: MAX_ROUTER_BYTES}, staging_root(reg)) as copy:
+        return _add_checked(reg, full, src, copy, description, skip_if_current)
+
+
+def _add_checked(reg, full: str, src, copy: Path, description: str, skip_if_current: bool):
+    mf = read_mixture(copy)
     check_base(mf, reg.require_base())
     pinned = []
     for a in mf.manifest["adapters"]:
@@ -254,7 +263,7 @@ def add_mixture(reg, name: str, src: str | Path, *, description: str = "", skip_
                                       f"{a['sha256'][:12]}...), which is in no version of the registry: add that "
                                       f"adapter first (lorakit adapters add {a['name']} <its dir>)")
         pinned.append(same[0].ref)
-    return reg.add_version(full, Path(src), FILES, fingerprint=mf.base, num_params=mf.num_params(),
+    return reg.add_version(full, copy, FILES, fingerprint=mf.base, num_params=mf.num_params(),
                            config={"pinned": pinned, "manifest": mf.manifest}, description=description,
                            skip_if_current=skip_if_current)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lorakit.config import LoraConfig
 from lorakit.files import atomic_write_dir, atomic_write_file, atomic_write_json
 from lorakit.core.inject import (LoraLinear, active_adapters, adapter_configs, add_adapter, delete_adapter,
                                  lora_layers, mark_trainable, set_active, wrapper_for)
+from lorakit.adapters.intake import adapter_cap, open_member, read_member
 from lorakit.adapters.patterns import attach as attach_patterns
 from lorakit.adapters.refs import CONFIG_NAME, WEIGHTS_NAME, content_sha256  # noqa: F401  (re-exported)
 
@@ -193,15 +195,10 @@ def read_adapter(path: str | Path, resolved: object = None) -> AdapterFile:
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
     cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"adapter {str(path)!r} has no {CONFIG_NAME}")
-    if not w_file.exists():
-        if (path / "adapter_model.bin").exists():
-            raise ValueError(f"{str(path / 'adapter_model.bin')!r} is a pickle file; lorakit reads safetensors only")
-        raise FileNotFoundError(f"adapter {str(path)!r} has no {WEIGHTS_NAME}")
+    raw = read_member(path, CONFIG_NAME)  # a regular file of at most 8 MiB: never a FIFO or /dev/zero
     try:
-        peft_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        peft_cfg = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
     if not isinstance(peft_cfg, dict):
         raise ValueError(f"{str(cfg_file)!r} must hold a JSON object")
@@ -209,6 +206,7 @@ def read_adapter(path: str | Path, resolved: object = None) -> AdapterFile:
         config = LoraConfig.from_peft(peft_cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{str(cfg_file)!r}: {e}") from None
+    os.close(open_member(path, WEIGHTS_NAME, adapter_cap(None), inside=False)[0])  # a regular file
     try:
         tensors = load_file(str(w_file))
         from safetensors import safe_open

@@ -22,6 +22,7 @@ the mixture's manifest and the adapter versions it is pinned to (`add_version` i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from lorakit import faults
 from lorakit.adapters.refs import (CONFIG_NAME, MIX, MIX_DIR, NAME_RE, WEIGHTS_NAME, AdapterVersion,  # noqa: F401
                                    IncompatibleAdapter, content_sha256,
                                    UnknownAdapter, parse_ref, rel_dir, validate_name)
@@ -77,7 +79,9 @@ class Registry:
         (an add copies and renames inside its transaction). Returns what was removed."""
         if not self.store.is_dir():
             return []
-        gone = []
+        from lorakit.adapters.intake import clean_staging, staging_root
+
+        gone = clean_staging(staging_root(self))  # copies of adds whose process died
         try:
             with self._write() as db:
                 known = {r[0] for r in db.execute("SELECT path FROM versions")}
@@ -182,25 +186,28 @@ class Registry:
         validate_name(name)
         if name.startswith(MIX):
             raise ValueError(f"{name!r}: names starting with {MIX!r} are mixtures (adapters/mixtures.add_mixture)")
-        src = Path(src)
+        from lorakit.adapters.intake import MAX_JSON_BYTES, adapter_cap, staged_copy, staging_root
         from lorakit.adapters.peft_files import read_adapter, validate_adapter  # torch: only where files are read
         from lorakit.adapters.patterns import STORED_KEY as PATTERNS_KEY, to_json as patterns_json
 
-        af = read_adapter(src)  # ValueError / FileNotFoundError for anything unreadable
-        validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
-        self.check_fits(af, force)
-        ranks = {p: af.config.rank_for(p) for p in af.modules()}
-        if max_rank is not None and max(ranks.values()) > max_rank:
-            path = max(ranks, key=ranks.get)
-            raise ValueError(f"the adapter has rank {ranks[path]} (module {path!r}); this server holds adapters of "
-                             f"rank at most {max_rank} (--max-lora-rank)")
-        metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
-        config = af.peft_config  # with its patterns' values per module, so serving never matches them again
-        if af.config.resolved is not None:
-            config = {**config, PATTERNS_KEY: patterns_json(af.config.resolved)}
-        return self.add_version(name, src, (CONFIG_NAME, WEIGHTS_NAME), fingerprint=af.fingerprint,
-                                config=config, num_params=af.num_params(), description=description,
-                                skip_if_current=skip_if_current, metrics=metrics)
+        caps = {CONFIG_NAME: MAX_JSON_BYTES, WEIGHTS_NAME: adapter_cap(self.require_base())}
+        # the copy first: it is what is read, checked, hashed and stored (a source swapped meanwhile changes nothing)
+        with staged_copy(src, caps, staging_root(self)) as copy:
+            af = read_adapter(copy)  # ValueError / FileNotFoundError for anything unreadable
+            validate_adapter(af)  # NaN/inf, ranks, bounds; the base's shapes next (IncompatibleAdapter)
+            self.check_fits(af, force)
+            ranks = {p: af.config.rank_for(p) for p in af.modules()}
+            if max_rank is not None and max(ranks.values()) > max_rank:
+                path = max(ranks, key=ranks.get)
+                raise ValueError(f"the adapter has rank {ranks[path]} (module {path!r}); this server holds adapters "
+                                 f"of rank at most {max_rank} (--max-lora-rank)")
+            metrics = af.metadata.get("metrics") if isinstance(af.metadata, dict) else None
+            config = af.peft_config  # with its patterns' values per module, so serving never matches them again
+            if af.config.resolved is not None:
+                config = {**config, PATTERNS_KEY: patterns_json(af.config.resolved)}
+            return self.add_version(name, copy, (CONFIG_NAME, WEIGHTS_NAME), fingerprint=af.fingerprint,
+                                    config=config, num_params=af.num_params(), description=description,
+                                    skip_if_current=skip_if_current, metrics=metrics)
 
     def add_version(self, name: str, src: Path, files: tuple[str, ...], *, fingerprint: dict | None, config: dict,
                     num_params: int, description: str = "", skip_if_current: bool = False,
@@ -233,10 +240,12 @@ class Registry:
                     db.execute("UPDATE adapters SET description = ? WHERE name = ?", (description, name))
                 if isinstance(metrics, dict) and metrics:
                     self._insert_eval(db, name, version, metrics, self.base_fp)
+                added = self._version_in(db, db.execute("SELECT * FROM versions WHERE name = ? AND version = ?",
+                                                        (name, version)).fetchone())
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise
-        return self.resolve(f"{name}@{version}")
+        return added  # as committed (a removal racing it may drop it at once: resolving again could miss it)
 
     def rollback(self, name: str, to: int | None = None) -> AdapterVersion:
         """Make version `to` (default: the newest one older than the current) current."""
@@ -257,12 +266,16 @@ class Registry:
         return self.resolve(name)
 
     def remove(self, ref: str) -> list[AdapterVersion]:
-        """Remove 'name' (every version) or 'name@N' (one). Returns what was removed."""
+        """Remove 'name' (every version) or 'name@N' (one). Returns what was removed. Only the removed versions'
+        folders are deleted, after the commit: version numbers never repeat, so an add of the same name racing
+        this removal writes a folder no removal touches."""
         name, version = parse_ref(ref)
-        gone = [v for v in self.versions(name) if version is None or v.version == version]
-        if not gone:
-            raise UnknownAdapter(f"unknown adapter {ref!r}")
         with self._write() as db:  # the adapters row stays: its next_version keeps numbers from repeating
+            rows = [r for r in db.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,))
+                    if version is None or r["version"] == version]
+            if not rows:
+                raise UnknownAdapter(f"unknown adapter {ref!r}")
+            gone = [self._version_in(db, r) for r in rows]
             if version is None:
                 db.execute("DELETE FROM versions WHERE name = ?", (name,))
             else:
@@ -273,10 +286,13 @@ class Registry:
                     db.execute("UPDATE versions SET current = 1 WHERE name = ? AND version = ?", (name, left["v"]))
             if not db.execute("SELECT 1 FROM versions WHERE name = ?", (name,)).fetchone():
                 db.execute("UPDATE adapters SET description = '' WHERE name = ?", (name,))
+        faults.point("registry.removed")
         for v in gone:
             shutil.rmtree(v.path, ignore_errors=True)
-        if version is None:
-            shutil.rmtree(self.store / rel_dir(name), ignore_errors=True)
+        with self._write() as db:  # an add makes the name's folder under this lock: it is empty or in use
+            if not db.execute("SELECT 1 FROM versions WHERE name = ?", (name,)).fetchone():
+                with contextlib.suppress(OSError):
+                    (self.store / rel_dir(name)).rmdir()
         return gone
 
     def add_eval(self, ref: str, metrics: dict, base_fp: dict | None = None) -> None:
@@ -301,11 +317,19 @@ class Registry:
     def _versions(db, name) -> list[int]:
         return [r[0] for r in db.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
 
+    def _version_in(self, db, row) -> AdapterVersion:
+        """A version as the open transaction `db` sees it (no second read that a racing change could miss)."""
+        evals = db.execute("SELECT * FROM evals WHERE name = ? AND version = ? ORDER BY id",
+                           (row["name"], row["version"])).fetchall()
+        return self._make_version(row, evals)
+
     def _row_to_version(self, row) -> AdapterVersion:
+        return self._make_version(row, self._q("SELECT * FROM evals WHERE name = ? AND version = ? ORDER BY id",
+                                               (row["name"], row["version"])))
+
+    def _make_version(self, row, eval_rows) -> AdapterVersion:
         evals = [{"base_shape_hash": e["base_shape_hash"], "base_weight_hash": e["base_weight_hash"],
-                  "metrics": json.loads(e["metrics"]), "created_at": e["created_at"]}
-                 for e in self._q("SELECT * FROM evals WHERE name = ? AND version = ? ORDER BY id",
-                                  (row["name"], row["version"]))]
+                  "metrics": json.loads(e["metrics"]), "created_at": e["created_at"]} for e in eval_rows]
         return AdapterVersion(row["name"], row["version"], self.store / row["path"], row["sha256"],
                               json.loads(row["config"]), json.loads(row["fingerprint"]) if row["fingerprint"] else None,
                               row["num_params"], row["created_at"], bool(row["current"]), evals)

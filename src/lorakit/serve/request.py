@@ -96,10 +96,15 @@ def check_request(req: GenRequest) -> None:
 def _check_stack(req: GenRequest | ScoreRequest) -> None:
     if req.mixture is not None and len(req.adapters) < 2:
         raise ValueError(f"mixture {req.mixture.label or req.mixture.key!r} needs its adapters (at least two)")
+    size: dict[str, float] = {}
     for a in req.adapters:
         if not (math.isfinite(a.weight) and abs(a.weight) <= MAX_WEIGHT):
             raise ValueError(f"stack weight {a.weight!r} of {a.label or a.key!r} must be finite and at most "
                              f"{MAX_WEIGHT:g} in size")
+        size[a.key] = size.get(a.key, 0.0) + abs(a.weight)
+        if size[a.key] > MAX_WEIGHT:  # one adapter version used twice: its weights add up in the slot
+            raise ValueError(f"stack weights of {a.label or a.key!r} (used more than once) sum to {size[a.key]:g} "
+                             f"in size; the limit is {MAX_WEIGHT:g} per adapter version")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -10,7 +10,7 @@ from lorakit.adapters.mixtures import read_mixture, resolve_mixture
 from lorakit.adapters.patterns import STORED_KEY as PATTERNS_KEY
 from lorakit.adapters.registry import MIX, IncompatibleAdapter, Registry, UnknownAdapter
 from lorakit.serve import protocol as P
-from lorakit.serve.request import AdapterUse, MixtureUse
+from lorakit.serve.request import MAX_WEIGHT, AdapterUse, MixtureUse
 
 log = logging.getLogger("lorakit.serve")
 
@@ -47,9 +47,25 @@ def resolve_stack(registry: Registry, stack: list[tuple[str, float]]) -> tuple[l
         if len(stack) == 1 and stack[0][0].startswith(MIX):
             mix, adapters = resolve_mixture(registry, stack[0][0])
             return [_use(a) for a in adapters], MixtureUse(mix.sha256, lambda p=mix.path: read_mixture(p), mix.ref)
-        return [_use(registry.resolve(ref), weight) for ref, weight in stack], None
+        uses = [_use(registry.resolve(ref), weight) for ref, weight in stack]
     except ValueError as e:
         raise registry_error(e) from None
+    check_weight_sum(uses)
+    return uses, None
+
+
+def check_weight_sum(uses: list[AdapterUse]) -> None:
+    """The |w| <= MAX_WEIGHT bound holds per adapter version, whatever it is called: 'a:10+a@1:10' (or the same
+    files under two names) would otherwise run one adapter at weight 20. 400 naming the refs and the limit."""
+    total: dict[str, list] = {}
+    for u in uses:
+        t = total.setdefault(u.key, [0.0, []])
+        t[0] += abs(u.weight)
+        t[1].append(u.label)
+    for size, labels in total.values():
+        if len(labels) > 1 and size > MAX_WEIGHT:
+            raise P.bad(f"'model' names one adapter version {len(labels)} times ({', '.join(labels)}) with weights "
+                        f"whose sizes sum to {size:g}; the limit is {MAX_WEIGHT:g} per adapter version", "model")
 
 
 @functools.lru_cache(maxsize=256)
