@@ -57,3 +57,22 @@ def pytest_collection_modifyitems(config, items):
         if ({"integration", "browser"} & set(item.path.parts)
                 or "embedded" in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session (tests/pg_cluster.py); skips with the reason if absent."""
+    from pg_cluster import Cluster, Unavailable
+
+    try:
+        cluster = Cluster()
+    except Unavailable as e:
+        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """The URL of a fresh, empty database in the session's cluster."""
+    return pg_cluster.new_database()

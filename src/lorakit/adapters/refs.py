@@ -11,6 +11,7 @@ MIX = "mix:"  # the name prefix of mixture entries
 MIX_DIR = "@mix"  # their files under the store (no adapter name starts with '@')
 CONFIG_NAME = "adapter_config.json"  # an adapter directory's two files (PEFT's names)
 WEIGHTS_NAME = "adapter_model.safetensors"
+MIX_FILES = ("mixture.json", "router.safetensors")  # a mixture's two (adapters/mixtures.FILES)
 
 
 def content_sha256(path: str | Path, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> str:
@@ -25,6 +26,11 @@ def content_sha256(path: str | Path, names: tuple[str, ...] = (CONFIG_NAME, WEIG
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def entry_files(name: str) -> tuple[str, ...]:
+    """The files a registry entry's versions hold, in content-hash order: an adapter's PEFT pair or a mixture's."""
+    return MIX_FILES if name.startswith(MIX) else (CONFIG_NAME, WEIGHTS_NAME)
 
 
 class UnknownAdapter(ValueError):

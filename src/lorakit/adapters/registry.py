@@ -334,6 +334,11 @@ class Registry:
                               json.loads(row["config"]), json.loads(row["fingerprint"]) if row["fingerprint"] else None,
                               row["num_params"], row["created_at"], bool(row["current"]), evals)
 
+    def local_files(self, v: AdapterVersion) -> Path:
+        """The directory to load version `v` from (the slot load validates what it reads). The shared registry
+        (registry_pg.py) also re-hashes the files against the recorded content hash here."""
+        return v.path
+
     def resolve(self, ref: str) -> AdapterVersion:
         """'name' (the current version) or 'name@N' -> that version; UnknownAdapter if absent."""
         name, version = parse_ref(ref)

@@ -1,7 +1,8 @@
 """`lorakit serve` and `lorakit adapters list|add|show|rollback|remove|eval`.
 
 The registry file defaults to $LORAKIT_REGISTRY or ./lorakit-registry.sqlite; its adapter files live
-next to it in <name>.store/. API keys may come from $LORAKIT_API_KEYS (comma-separated) and
+next to it in <name>.store/. A postgresql:// URL instead is a registry several servers share
+(adapters/registry_pg.py), its files in the content-addressed store --store (or $LORAKIT_STORE) names. API keys may come from $LORAKIT_API_KEYS (comma-separated) and
 $LORAKIT_ADMIN_KEY instead of the command line (which other users can see in `ps`).
 """
 from __future__ import annotations
@@ -18,7 +19,11 @@ DEFAULT_REGISTRY = "lorakit-registry.sqlite"
 
 def _registry_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default=os.environ.get("LORAKIT_REGISTRY", DEFAULT_REGISTRY),
-                   help="SQLite registry file (default: $LORAKIT_REGISTRY or ./%(default)s)")
+                   help="SQLite registry file, or a postgresql:// URL shared by several servers "
+                        "(default: $LORAKIT_REGISTRY or ./%(default)s)")
+    p.add_argument("--store", default=os.environ.get("LORAKIT_STORE"),
+                   help="where adapter files live (default $LORAKIT_STORE; SQLite: <registry>.store/; PostgreSQL: "
+                        "a directory on a shared filesystem or an fsspec URL, recorded in the database on first use)")
 
 
 def register(sub) -> None:
@@ -71,6 +76,10 @@ def register(sub) -> None:
     p = asub.add_parser("eval", help="record evaluation metrics (JSON file) for name or name@N")
     p.add_argument("ref")
     p.add_argument("metrics")
+    p = asub.add_parser("migrate", help="copy a SQLite registry into a PostgreSQL one (names, counters, versions, "
+                                        "evaluations; files into the content-addressed --store)")
+    p.add_argument("--from", dest="source", required=True, help="the SQLite registry file")
+    p.add_argument("--to", dest="target", required=True, help="the postgresql:// URL")
     for p in asub.choices.values():
         _registry_arg(p)
     a.set_defaults(func=cmd_adapters)
@@ -92,16 +101,16 @@ def dashboard_options(args):
 
 
 # ---------------------------------------------------------------- adapters
-def _open_registry(path: str, model: str | None = None):
-    from lorakit.adapters.registry import Registry
+def _open_registry(path: str, model: str | None = None, store: str | None = None):
+    from lorakit.adapters.registries import open_registry
 
     if model is None:
-        return Registry(path)
+        return open_registry(path, store=store)
     from lorakit.adapters.peft_files import fingerprint
     from lorakit.models import load_base, model_name
 
     m, _ = load_base(model, device="cpu")
-    return Registry(path, base_fp=fingerprint(m), base_name=model_name(model))
+    return open_registry(path, base_fp=fingerprint(m), base_name=model_name(model), store=store)
 
 
 def _read_metrics(path: str) -> dict:
@@ -118,7 +127,17 @@ def _read_metrics(path: str) -> dict:
 
 
 def cmd_adapters(args) -> int:
-    reg = _open_registry(args.registry, getattr(args, "model", None))
+    if args.action == "migrate":
+        from lorakit.adapters.migrate import migrate
+        from lorakit.adapters.pg import is_url, redact
+
+        if not is_url(args.target):
+            raise ValueError(f"--to {args.target!r}: expected a postgresql:// URL")
+        n = migrate(args.source, args.target, args.store)
+        print(f"migrated {n['names']} names, {n['versions']} versions, {n['evals']} evaluations from {args.source} "
+              f"into {redact(args.target)} ({n['blobs_written']} files written to the store)")
+        return 0
+    reg = _open_registry(args.registry, getattr(args, "model", None), args.store)
     try:
         if args.action == "list":
             rows = reg.list()
@@ -190,7 +209,8 @@ def cmd_serve(args) -> int:
     from lorakit.config import ServeConfig
     from lorakit.models import load_base, model_name
     from lorakit.serve.app import build_app, make_state
-    from lorakit.adapters.registry import Registry
+    from lorakit.adapters.registries import open_registry
+    from lorakit.serve.follow import follow
 
     keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]
     cfg = ServeConfig(host=args.host, port=args.port, api_keys=keys, admin_key=args.admin_key,
@@ -213,16 +233,19 @@ def cmd_serve(args) -> int:
     name = model_name(args.model)
     if os.path.exists(args.model):  # a path: clients name the base by its directory (or file) name
         name = Path(args.model).resolve().stem if args.model.endswith(".gguf") else Path(args.model).resolve().name
-    reg = Registry(cfg.registry, base_fp=fingerprint(model), base_name=name)
+    reg = open_registry(cfg.registry, base_fp=fingerprint(model), base_name=name, store=args.store)
     if args.adapters:
         print("adapters: " + (", ".join(_register_dir(reg, args.adapters)) or "none"), file=sys.stderr)
     if not keys:
         print("warning: no --api-key: inference is open to anyone who can reach the port", file=sys.stderr)
     state = make_state(model, tok, reg, cfg, name)
-    print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {cfg.registry}; dashboard at /)", file=sys.stderr)
+    state.follower = follow(state.engine, reg)  # a shared registry: drop slots of versions removed anywhere
+    print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {reg.path}; dashboard at /)", file=sys.stderr)
     try:
         uvicorn.run(build_app(state, ui), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
     finally:
+        if state.follower is not None:
+            state.follower.stop()
         state.engine.stop()
         reg.close()
     return 0

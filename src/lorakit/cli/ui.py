@@ -12,7 +12,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("ui", help="web dashboard without a model: adapters, training runs, sweeps")
     p.add_argument("--registry", default=os.environ.get("LORAKIT_REGISTRY", DEFAULT_REGISTRY),
-                   help="SQLite registry file (default: $LORAKIT_REGISTRY or ./%(default)s); need not exist")
+                   help="SQLite registry file or postgresql:// URL (default: $LORAKIT_REGISTRY or ./%(default)s); "
+                        "need not exist")
     dashboard_args(p)
     p.add_argument("--api-key", action="append", default=None,
                    help="key that logs in (repeatable); default $LORAKIT_API_KEYS; none: open to read")
@@ -27,13 +28,15 @@ def cmd_ui(args) -> int:
     import uvicorn
     from fastapi import FastAPI
 
-    from lorakit.adapters.registry import Registry
+    from lorakit.adapters.pg import is_url
+    from lorakit.adapters.registries import open_registry
     from lorakit.cli.serve import dashboard_options
     from lorakit.ui import UIState, mount
 
     options = dashboard_options(args)
     keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]
-    reg = Registry(args.registry) if Path(args.registry).exists() else None  # do not create an empty one
+    # do not create an empty one
+    reg = open_registry(args.registry) if is_url(args.registry) or Path(args.registry).exists() else None
     state = UIState(reg, keys, args.admin_key, (reg.base_name if reg else None) or "no model")
     app = FastAPI(title="lorakit dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     mount(app, state, options)

@@ -51,6 +51,7 @@ class ServerState:
     admin_key: str | None
     limits: P.Limits
     max_body_bytes: int = 1_000_000
+    follower: object = None  # serve/follow.Follower when the registry is shared (PostgreSQL)
 
     @property
     def base_ids(self) -> set[str]:
@@ -129,6 +130,7 @@ async def complete(state: ServerState, request: Request, kind: str):
     ids = prompt_ids(state, p)
     max_tokens = P.check_prompt(ids, p.max_tokens, kind, state.limits)
     req = GenRequest(list(ids), uses, max_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, mixture)
+    served = {"x-lorakit-served": served_header(uses, mixture)}
     stream = TextStream(state.tok, p.stop)
     rid = P.new_id(kind)
     evs = events(state, req)
@@ -143,9 +145,16 @@ async def complete(state: ServerState, request: Request, kind: str):
         finally:
             watch.cancel()
             await evs.aclose()
-        return P.response(p, rid, stream.text, reason, stream.ids, len(ids))
+        return JSONResponse(P.response(p, rid, stream.text, reason, stream.ids, len(ids)), headers=served)
     return StreamingResponse(_stream(p, rid, first, evs, stream, req, len(ids)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served})
+
+
+def served_header(uses, mixture) -> str:
+    """What ran, as resolved when the request arrived: 'name@N#<sha256 prefix>' per adapter (and mixture), or
+    'base'; clients and tests check which version served them."""
+    parts = [f"{u.label}#{u.key[:16]}" for u in uses] + ([f"{mixture.label}#{mixture.key[:16]}"] if mixture else [])
+    return ",".join(parts) or "base"
 
 
 def prompt_ids(state: ServerState, p: P.Parsed) -> list[int]:
@@ -273,7 +282,10 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.base_name, "engine": state.engine.info()}
+        out = {"status": "ok", "model": state.base_name, "engine": state.engine.info()}
+        if state.follower is not None:
+            out["registry"] = state.follower.info()
+        return out
 
     @app.get("/v1/models")
     async def models(request: Request):

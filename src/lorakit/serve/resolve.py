@@ -8,6 +8,7 @@ import logging
 from lorakit.adapters.peft_files import read_adapter, read_metadata
 from lorakit.adapters.mixtures import read_mixture, resolve_mixture
 from lorakit.adapters.patterns import STORED_KEY as PATTERNS_KEY
+from lorakit.adapters.pg import RegistryUnavailable
 from lorakit.adapters.registry import MIX, IncompatibleAdapter, Registry, UnknownAdapter
 from lorakit.serve import protocol as P
 from lorakit.serve.request import MAX_WEIGHT, AdapterUse, MixtureUse
@@ -16,6 +17,8 @@ log = logging.getLogger("lorakit.serve")
 
 
 def registry_error(e: Exception) -> P.APIError:
+    if isinstance(e, RegistryUnavailable):
+        return P.APIError(503, str(e), "registry_unavailable")
     if isinstance(e, UnknownAdapter):
         return P.APIError(404, str(e), "model_not_found", "model")
     if isinstance(e, IncompatibleAdapter):
@@ -23,10 +26,11 @@ def registry_error(e: Exception) -> P.APIError:
     return P.APIError(400, str(e), "invalid_value")
 
 
-def _use(v, weight: float = 1.0) -> AdapterUse:
-    # the slot key is the content hash: a name re-added with other files can never hit stale weights
-    # its rank/alpha patterns as matched at add time (adapters/patterns.py): no request runs their regexes
-    return AdapterUse(v.sha256, lambda path=v.path, res=v.config.get(PATTERNS_KEY): read_adapter(path, res),
+def _use(registry, v, weight: float = 1.0) -> AdapterUse:
+    # the slot key is the content hash: a name re-added with other files can never hit stale weights; the files
+    # are checked against it when they are loaded (registry.local_files); its rank/alpha patterns as matched at
+    # add time (adapters/patterns.py): no request runs their regexes
+    return AdapterUse(v.sha256, lambda res=v.config.get(PATTERNS_KEY): read_adapter(registry.local_files(v), res),
                       weight, v.ref, recorded_rank(v.config))
 
 
@@ -46,8 +50,9 @@ def resolve_stack(registry: Registry, stack: list[tuple[str, float]]) -> tuple[l
     try:
         if len(stack) == 1 and stack[0][0].startswith(MIX):
             mix, adapters = resolve_mixture(registry, stack[0][0])
-            return [_use(a) for a in adapters], MixtureUse(mix.sha256, lambda p=mix.path: read_mixture(p), mix.ref)
-        uses = [_use(registry.resolve(ref), weight) for ref, weight in stack]
+            return [_use(registry, a) for a in adapters], MixtureUse(
+                mix.sha256, lambda: read_mixture(registry.local_files(mix)), mix.ref)
+        uses = [_use(registry, registry.resolve(ref), weight) for ref, weight in stack]
     except ValueError as e:
         raise registry_error(e) from None
     check_weight_sum(uses)
@@ -79,7 +84,7 @@ def _meta(registry: Registry, ref: str) -> dict:
     if v.kind == "mixture":
         m = v.config.get("manifest", {})
         return {k: m[k] for k in ("template", "chat_template_sha256") if k in m}
-    return _adapter_meta(str(v.path))
+    return _adapter_meta(str(v.path if v.path.is_dir() else registry.local_files(v)))
 
 
 _warned: set[str] = set()
