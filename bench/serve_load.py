@@ -65,13 +65,13 @@ def make_adapters(model_name: str, root: Path, n: int, r: int, targets: list[str
 
 
 class Server:
-    def __init__(self, args, work: Path, max_batch: int, max_slots: int):
+    def __init__(self, args, work: Path, max_batch: int, max_slots: int, registry: str = "", extra: tuple = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lorakit", "serve", "--model", args.model, "--registry",
-               str(work / "reg.sqlite"), "--adapters", str(work / "adapters"), "--api-key", KEY,
+               registry or str(work / "reg.sqlite"), *extra, "--adapters", str(work / "adapters"), "--api-key", KEY,
                "--port", str(self.port), "--max-batch", str(max_batch), "--max-slots", str(max_slots),
                "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}

@@ -231,3 +231,24 @@ def test_cli_on_a_postgresql_url(tmp_path, pg_cluster, capsys, monkeypatch):
     assert "unknown adapter 'nope'" in capsys.readouterr().err
     assert [v.version for v in PgRegistry(url).versions("tone")] == [1]
     assert isinstance(DirStore(store).shas(), list) and len(DirStore(store).shas()) == 1
+
+
+def test_mixtures_pinned_to_adapter_versions(tmp_path, pg_url):
+    from lorakit.adapters.mixtures import add_mixture, read_mixture, resolve_mixture
+    from test_mixture_artifact import _mixture
+
+    src = _mixture(tmp_path)
+    reg = PgRegistry(pg_url, base_fp=fingerprint(src), base_name="tiny", store=tmp_path / "store")
+    reg.add("a", tmp_path / "adapters" / "a")
+    reg.add("b", tmp_path / "adapters" / "b")
+    v = add_mixture(reg, "ab", tmp_path / "mix")
+    assert (v.name, v.version, v.kind, v.config["pinned"]) == ("mix:ab", 1, "mixture", ["a@1", "b@1"])
+    mix, ads = resolve_mixture(reg, "mix:ab")
+    assert [a.ref for a in ads] == ["a@1", "b@1"] and read_mixture(reg.local_files(mix)).names == ["a", "b"]
+    assert add_mixture(reg, "ab", tmp_path / "mix", skip_if_current=True).version == 1
+    reg.remove("a@1")
+    with pytest.raises(IncompatibleAdapter, match="mix:ab@1 is pinned to adapter a@1, which is gone"):
+        resolve_mixture(reg, "mix:ab@1")
+    reg.remove("mix:ab")
+    assert not v.path.exists() and len(reg.store.shas()) == 1  # b's blob alone
+    reg.close()

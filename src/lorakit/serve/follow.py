@@ -5,8 +5,9 @@ version, PostgreSQL notifies every replica (adapters/registry_watch.py), and thi
 What a request runs is resolved in the database when it arrives (serve/resolve.py), so a new version or a
 rollback is served from the next request on, and a removed version is never given to a request that arrives
 after the removal committed. Following adds the memory side: a removed version's weights leave the slots at
-once instead of waiting to be evicted. A slot that a running request still uses is dropped when it is
-released: the follower checks again every tick (1 s) until none is left."""
+once instead of waiting to be evicted. A slot that a running request holds, or that a queued request
+(resolved before the removal) waits for, is dropped after them: the follower checks again every tick (1 s)
+until none is left."""
 from __future__ import annotations
 
 import logging
@@ -42,13 +43,21 @@ class Follower:
         if not dead:
             self.pending.clear()
             return
-        unloaded = eng.unload(sorted(dead)).result(timeout=60)
+        unloaded, self.pending = eng.call(lambda: _drop(eng, dead)).result(timeout=60)
         self.dropped += len(unloaded)
         if unloaded:
             log.info("dropped from memory (no version uses them any more): %s", ", ".join(unloaded))
-        still = eng.call(lambda: {k for k in dead if k in eng.bank.resident or k in eng.bank.mixtures}).result(60)
-        self.pending = still
 
+
+def _drop(eng, dead: set[str]) -> tuple[list[str], set[str]]:
+    """On the engine thread: unload the `dead` keys that no running request holds and no queued one waits for
+    (those were resolved before the removal and are served as they were resolved); -> (labels unloaded, keys
+    still resident)."""
+    with eng._cv:
+        queued = [*eng.waiting, *eng.scoring]
+    wanted = {a.key for r in queued for a in r.adapters} | {r.mixture.key for r in queued if r.mixture is not None}
+    unloaded = [eng.labels.get(k, k) for k in sorted(dead - wanted) if eng.bank.unload(k)]
+    return unloaded, {k for k in dead if k in eng.bank.resident or k in eng.bank.mixtures}
 
 def follow(engine, registry) -> Follower | None:
     """Start following `registry` if it is a shared one (it has `watch`); None for the SQLite registry."""
