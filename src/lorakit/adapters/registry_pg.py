@@ -172,6 +172,11 @@ class PgRegistry:
                         (name, time.time()))
         return cur.execute("SELECT * FROM adapters WHERE name = %s FOR UPDATE", (name,)).fetchone()
 
+    def _row_in(self, cur, name: str, version: int) -> AdapterVersion:
+        """Version `name@version` as this transaction sees it."""
+        return self._row_to_version(cur.execute(ROW + "WHERE v.name = %s AND v.version = %s",
+                                                (name, version)).fetchone())
+
     @staticmethod
     def _notify(cur, **payload) -> None:
         cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(payload)))
@@ -193,7 +198,7 @@ class PgRegistry:
             cur.execute("SELECT version, sha256 FROM versions WHERE name = %s AND current", (name,))
             cur_row = cur.fetchone()
             if skip_if_current and cur_row is not None and cur_row["sha256"] == sha:
-                return cur_row["version"]
+                return self._row_in(cur, name, cur_row["version"])
             top = cur.execute("SELECT MAX(version) AS v FROM versions WHERE name = %s", (name,)).fetchone()["v"]
             version = max(row["next_version"], (top or 0) + 1)
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (sha_lock(sha),))
@@ -217,11 +222,11 @@ class PgRegistry:
                 if wrote:  # still under the hash's lock: nobody else can have started using it
                     self.store.delete(sha)
                 raise
-            return version
+            return self._row_in(cur, name, version)
 
-        version = self.db.write(tx)
+        v = self.db.write(tx)
         faults.point("registry.add.committed")
-        return self.resolve(f"{name}@{version}")
+        return v  # as committed (another writer may change it at once: resolving again could miss it)
 
     def rollback(self, name: str, to: int | None = None) -> AdapterVersion:
         """Make version `to` (default: the newest one older than the current) current."""
@@ -247,9 +252,9 @@ class PgRegistry:
             cur.execute("UPDATE versions SET current = TRUE WHERE name = %s AND version = %s", (name, target))
             self._notify(cur, op="rollback", name=name, version=target, current=target)
             faults.point("registry.rollback.before_commit")
+            return self._row_in(cur, name, target)
 
-        self.db.write(tx)
-        return self.resolve(name)
+        return self.db.write(tx)
 
     def remove(self, ref: str) -> list[AdapterVersion]:
         """Remove 'name' (every version) or 'name@N' (one). Returns what was removed. Blobs no version uses
