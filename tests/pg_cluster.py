@@ -58,11 +58,18 @@ class Cluster:
         self.data = self.dir / "data"
         self._run([initdb, "-D", str(self.data), "-U", "lorakit", "--auth=trust", "-E", "UTF8", "--locale=C",
                    "--no-sync"])
+        self._names = itertools.count()
+        self.start_server()
+
+    def start_server(self) -> None:
         opts = (f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
                 "-c synchronous_commit=off -c max_connections=300")
         self._run([self.pg_ctl, "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60",
                    "-o", opts, "start"])
-        self._names = itertools.count()
+
+    def stop_server(self) -> None:
+        """The database goes away (clients' connections are cut); start_server() brings it back, data kept."""
+        self._run([self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"])
 
     def _run(self, cmd: list[str]) -> None:
         p = subprocess.run(self.run_as + cmd, capture_output=True, text=True, timeout=120)

@@ -252,3 +252,33 @@ def test_mixtures_pinned_to_adapter_versions(tmp_path, pg_url):
     reg.remove("mix:ab")
     assert not v.path.exists() and len(reg.store.shas()) == 1  # b's blob alone
     reg.close()
+
+
+def test_database_outage_is_a_503_then_everything_reconnects(tmp_path):
+    from pg_cluster import Cluster, Unavailable
+
+    from lorakit.adapters.pg import RegistryUnavailable
+    from lorakit.serve.resolve import registry_error
+
+    try:
+        cluster = Cluster()  # its own: this test stops the server
+    except Unavailable as e:
+        pytest.skip(str(e))
+    try:
+        url = cluster.new_database()
+        reg = PgRegistry(url, base_fp=fingerprint(tiny_llama()), base_name="tiny", store=tmp_path / "store")
+        reg.add("a", _adapter(tmp_path / "a"))
+        seen, back = [], threading.Event()
+        w = reg.watch(lambda ev: (seen.append(ev), ev and ev["op"] == "resync" and back.set()), tick_s=0.2)
+        cluster.stop_server()
+        with pytest.raises(RegistryUnavailable, match="PostgreSQL registry") as e:
+            reg.resolve("a")
+        assert registry_error(e.value).status == 503
+        cluster.start_server()
+        assert reg.resolve("a").version == 1  # the read connection came back by itself
+        assert reg.add("a", _adapter(tmp_path / "a2", seed=2)).version == 2  # and the write connection
+        assert back.wait(10) and w.info()["reconnects"] == 1  # the watcher listens again and says so
+        w.stop()
+        reg.close()
+    finally:
+        cluster.stop()

@@ -77,7 +77,11 @@ class Pg:
     def tx(self):
         """One transaction (READ COMMITTED) on the write connection; the cursor returns dict rows."""
         with self._wlock:
-            if self._writer is None or self._writer.closed:
+            try:  # a connection the server dropped meanwhile (a restart) is replaced before anything is sent
+                self._writer.execute("SELECT 1")
+            except (AttributeError, self.psycopg.Error):
+                if self._writer is not None:
+                    self._writer.close()
                 self._writer = self.connect()
             try:
                 with self._writer.transaction():
