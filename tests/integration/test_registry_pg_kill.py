@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapters.files import fingerprint
+from lorakit.adapters.peft_files import fingerprint
 from lorakit.adapters.pg import CHANNEL
 from lorakit.adapters.registry_pg import PgRegistry
 from lorakit.models import tiny_llama

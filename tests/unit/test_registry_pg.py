@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, save_adapter
-from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, fingerprint
+from lorakit.adapters.peft_files import CONFIG_NAME, WEIGHTS_NAME, fingerprint
 from lorakit.adapters.registries import open_registry
 from lorakit.adapters.registry import IncompatibleAdapter, Registry, UnknownAdapter
 from lorakit.adapters.registry_pg import PgRegistry
