@@ -59,3 +59,10 @@ def point(name: str, n: int | None = None) -> None:
     if action == "killpg":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(spec: str | None) -> None:
+    """Set this process's fault as LORAKIT_FAULT=spec would have at start: for a child forked from a process
+    that imported this module already (a test's fork server pays the imports once for many killed children)."""
+    global _FAULT
+    _FAULT = _parse(spec)

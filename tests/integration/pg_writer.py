@@ -3,13 +3,16 @@ returned (so the test knows what was committed and reported), nothing else on st
 
     python pg_writer.py race URL SEED N_OPS GO_FILE SRC...   random add / rollback / remove on names n0, n1
     python pg_writer.py steps URL FRESH COMMON               add k FRESH; add k COMMON; rollback k; remove k@<FRESH's>
+    python pg_writer.py forks URL                            the fork server the tests use (fork_server)
 """
 import json
 import os
 import random
 import sys
 import time
+import traceback
 
+from lorakit import faults
 from lorakit.adapters.registry import UnknownAdapter
 from lorakit.adapters.registry_pg import PgRegistry
 
@@ -59,11 +62,52 @@ def steps(reg, fresh: str, common: str) -> None:
     say(op="remove", name="k", removed=[g.version for g in gone])
 
 
-if __name__ == "__main__":
-    mode, url = sys.argv[1], sys.argv[2]
+def run(url: str, mode: str, args: list[str]) -> None:
     reg = PgRegistry(url)
     if mode == "race":
-        race(reg, int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:])
+        race(reg, int(args[0]), int(args[1]), args[2], args[3:])
     else:
-        steps(reg, sys.argv[3], sys.argv[4])
+        steps(reg, args[0], args[1])
     reg.close()
+
+
+def fork_server(url: str) -> None:
+    """Writers forked from this process, which imports torch and lorakit once (seconds each on a loaded
+    2-core machine) instead of once per writer. Reads batches from stdin, one JSON line each:
+    [{"fault": LORAKIT_FAULT spec or null, "args": [mode, ...], "out": path}, ...]; forks one child per job
+    (its stdout goes to `out`), waits for all of them and prints their exit codes as one JSON line (minus the
+    signal for a killed one, as subprocess reports it). Each child is a process of its own: its own database
+    connection (this one opens none), killed alone by its fault."""
+    from lorakit.adapters import peft_files  # noqa: F401  (torch: what every add reads files with)
+
+    for line in sys.stdin:
+        pids = []
+        for job in json.loads(line):
+            pid = os.fork()
+            if pid == 0:
+                _child(url, job)
+            pids.append(pid)
+        print(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]), flush=True)
+
+
+def _child(url: str, job: dict) -> None:
+    code = 1
+    try:
+        random.seed()  # not the parent's sequence: retries' backoff jitter differs between writers
+        faults.arm(job["fault"])
+        sys.stdout = open(job["out"], "w")
+        run(url, job["args"][0], job["args"][1:])
+        sys.stdout.flush()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "forks":
+        fork_server(sys.argv[2])
+    else:
+        run(sys.argv[2], sys.argv[1], sys.argv[3:])

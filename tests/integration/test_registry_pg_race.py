@@ -4,9 +4,6 @@ possible where they happened (numbers only ever grow, rollbacks and removals nam
 in exactly the database's state; no version number is handed out twice, none is removed twice, every
 reported add is present or was reported removed; the store holds exactly the blobs the rows use, whole."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -18,10 +15,8 @@ from lorakit.adapters.pg import CHANNEL
 from lorakit.adapters.registry_pg import PgRegistry
 from lorakit.models import tiny_llama
 
-from pg_checks import check_store, db_state, replay
+from pg_checks import Writers, check_store, db_state, replay
 
-HERE = Path(__file__).resolve().parent
-SRC = str(HERE.parents[1] / "src")
 WRITERS, OPS = 4, 30
 
 
@@ -41,19 +36,13 @@ def test_four_writers_race(tmp_path, pg_url):
     listen = psycopg.connect(pg_url, autocommit=True)
     listen.execute(f"LISTEN {CHANNEL}")
     go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "pg_writer.py"), "race", pg_url, str(i), str(OPS), str(go),
-                               *map(str, srcs)], env=env, stdout=subprocess.PIPE, text=True) for i in range(WRITERS)]
-    try:
-        for p in procs:
-            assert json.loads(p.stdout.readline())["op"] == "ready"
-        go.touch()
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0] * WRITERS
-    reported = [json.loads(line) for out in outs for line in out.splitlines()]
+    with Writers(pg_url, tmp_path) as writers:  # four processes, forked from one that imported torch and lorakit
+        outs = writers.start([(None, ["race", i, OPS, go, *srcs]) for i in range(WRITERS)])
+        writers.until_ready(outs)
+        go.touch()  # all start together
+        codes = writers.wait(600)
+    assert codes == [0] * WRITERS, writers.errors()
+    reported = [r for out in outs for r in writers.reports(out) if r["op"] != "ready"]
     changes = [r for r in reported if r["op"] != "refused"]
     events = []
     for n in listen.notifies(timeout=30, stop_after=len(changes)):
