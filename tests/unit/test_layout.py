@@ -106,7 +106,8 @@ def test_modules_are_small_and_library_code_does_not_print():
 
 def test_help_and_listing_adapters_do_not_import_torch(tmp_path):
     """`lorakit --help` and `lorakit adapters list` answer without torch (the command line imports lazily; the
-    registry reads SQLite only): in a fresh interpreter, torch is not loaded after either."""
+    registry reads SQLite only): in a fresh interpreter, torch is not loaded after either, nor psycopg (only a
+    postgresql:// registry needs it)."""
     import subprocess
     import sys
 
@@ -115,7 +116,7 @@ def test_help_and_listing_adapters_do_not_import_torch(tmp_path):
             "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "    main(['--help'])\n"
             f"assert main(['adapters', 'list', '--registry', {str(tmp_path / 'r.sqlite')!r}]) == 0\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'psycopg') if m in sys.modules))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert p.returncode == 0, p.stderr
