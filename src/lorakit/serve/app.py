@@ -34,7 +34,7 @@ from lorakit.generate import encode_prompt
 from lorakit.serve import protocol as P
 from lorakit.serve.engine import Engine, GenRequest, ScoreRequest
 from lorakit.serve.fast import CacheFull, StaticEngine
-from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack
+from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack, served_header
 from lorakit.serve.stops import TextStream
 from lorakit.serve.runtime import ServerThread, cpu_threads  # noqa: F401 (part of this module's API)
 
@@ -148,13 +148,6 @@ async def complete(state: ServerState, request: Request, kind: str):
         return JSONResponse(P.response(p, rid, stream.text, reason, stream.ids, len(ids)), headers=served)
     return StreamingResponse(_stream(p, rid, first, evs, stream, req, len(ids)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served})
-
-
-def served_header(uses, mixture) -> str:
-    """What ran, as resolved when the request arrived: 'name@N#<sha256 prefix>' per adapter (and mixture), or
-    'base'; clients and tests check which version served them."""
-    parts = [f"{u.label}#{u.key[:16]}" for u in uses] + ([f"{mixture.label}#{mixture.key[:16]}"] if mixture else [])
-    return ",".join(parts) or "base"
 
 
 def prompt_ids(state: ServerState, p: P.Parsed) -> list[int]:
@@ -282,10 +275,8 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        out = {"status": "ok", "model": state.base_name, "engine": state.engine.info()}
-        if state.follower is not None:
-            out["registry"] = state.follower.info()
-        return out
+        shared = {"registry": state.follower.info()} if state.follower is not None else {}
+        return {"status": "ok", "model": state.base_name, "engine": state.engine.info(), **shared}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -123,6 +123,11 @@ class Engine:
             self._cv.notify_all()
         return fut
 
+    def queued(self) -> list[GenRequest | ScoreRequest]:
+        """A snapshot of the requests submitted and not yet admitted (generations, then scorings)."""
+        with self._cv:
+            return [*self.waiting, *self.scoring]
+
     def unload(self, keys: list[str]) -> Future:
         """Drop the resident adapters `keys` that no running request uses; the result lists their labels."""
         return self.call(lambda: self.residency.unload(keys))

@@ -53,11 +53,11 @@ def _drop(eng, dead: set[str]) -> tuple[list[str], set[str]]:
     """On the engine thread: unload the `dead` keys that no running request holds and no queued one waits for
     (those were resolved before the removal and are served as they were resolved); -> (labels unloaded, keys
     still resident)."""
-    with eng._cv:
-        queued = [*eng.waiting, *eng.scoring]
+    queued = eng.queued()
     wanted = {a.key for r in queued for a in r.adapters} | {r.mixture.key for r in queued if r.mixture is not None}
-    unloaded = [eng.labels.get(k, k) for k in sorted(dead - wanted) if eng.bank.unload(k)]
+    unloaded = eng.residency.unload(sorted(dead - wanted))
     return unloaded, {k for k in dead if k in eng.bank.resident or k in eng.bank.mixtures}
+
 
 def follow(engine, registry) -> Follower | None:
     """Start following `registry` if it is a shared one (it has `watch`); None for the SQLite registry."""

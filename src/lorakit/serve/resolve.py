@@ -34,6 +34,13 @@ def _use(registry, v, weight: float = 1.0) -> AdapterUse:
                       weight, v.ref, recorded_rank(v.config))
 
 
+def served_header(uses, mixture) -> str:
+    """What ran, as resolved when the request arrived: 'name@N#<sha256 prefix>' per adapter (and mixture), or
+    'base'; clients and tests check which version served them."""
+    parts = [f"{u.label}#{u.key[:16]}" for u in uses] + ([f"{mixture.label}#{mixture.key[:16]}"] if mixture else [])
+    return ",".join(parts) or "base"
+
+
 def recorded_rank(config: dict) -> int:
     """An adapter version's largest module rank from its registry record (0 where the record cannot tell: patterns
     matched before lorakit stored their values; the slot bank checks the file's own ranks then)."""
