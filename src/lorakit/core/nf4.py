@@ -334,6 +334,23 @@ def quantize_model(model: nn.Module, targets: list[str] | str = "all-linear", qu
     return {"modules": len(paths), "dense_bytes": dense, "quant_bytes": packed}
 
 
+def from_bitsandbytes(model: nn.Module, lib: str | None = None) -> dict:
+    """Replace bitsandbytes' 4-bit linears (Linear4bit, as transformers' BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) loads them) by lorakit's NF4Linear, sharing their
+    state: no re-quantization, the same values bit for bit. -> {"modules": n}."""
+    paths = [path for path, mod in model.named_modules()
+             if getattr(getattr(mod, "weight", None), "quant_state", None) is not None and hasattr(mod, "out_features")]
+    for path in paths:
+        mod = model.get_submodule(path)
+        qw = NF4Weight.from_bnb(mod.weight.data, mod.weight.quant_state, lib)
+        qw.dtype = getattr(mod, "compute_dtype", None) or qw.dtype
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, NF4Linear(qw, mod.bias))
+    if paths:
+        model.lorakit_quant = "nf4"
+    return {"modules": len(paths)}
+
+
 @torch.no_grad()
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Put dense nn.Linear modules back (holding the 4-bit values, dequantized), in place."""
