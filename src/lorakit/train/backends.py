@@ -22,6 +22,7 @@ from lorakit.train.data import IGNORE
 from lorakit.train import packed_attention
 from lorakit.train.prefix import (body_with_prefix, packed_body, packed_prefix_len, prefix_supported,
                                   shared_prefix_len)
+from lorakit.train.offload import offload_embedding, restore as restore_embedding
 
 log = logging.getLogger("lorakit.train")
 
@@ -93,11 +94,31 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], denom: float | None = 
 
     chunk = default_chunk(vocab, CHUNK_ABOVE)
     if torch.is_grad_enabled():  # as the head's forward: under FSDP its hooks gather the head's weight
-        return as_forward(head, lambda h: linear_cross_entropy(h, head.weight, targets, chunk=chunk), hidden) \
-            * (n * scale), n
+        fn = _inplace_chunk_fn(hidden)
+        if fn is not None:  # one bf16 logits chunk and nothing beside it: a smaller chunk costs little
+            chunk = default_chunk(vocab, INPLACE_CHUNK_ELEMS)
+        return as_forward(head, lambda h: linear_cross_entropy(h, head.weight, targets, chunk=chunk, chunk_fn=fn),
+                          hidden) * (n * scale), n
     total = sum(F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="sum")
                 for i in range(0, n, chunk))
     return total * scale, n
+
+
+# logits values in one chunk for the in-place loss kernel: 256 positions of a 128k vocabulary, 64 MiB in bf16
+INPLACE_CHUNK_ELEMS = 1 << 25
+
+
+def _inplace_chunk_fn(hidden: torch.Tensor):
+    """The Triton loss kernel that writes the gradient over the logits (kernels/triton_ce.py: no float32 copy of a
+    chunk), on CUDA for 16-bit activations where Triton is installed; else None (the plain-torch chunk)."""
+    import importlib.util
+
+    if hidden.device.type != "cuda" or hidden.dtype not in (torch.bfloat16, torch.float16) \
+            or importlib.util.find_spec("triton") is None:
+        return None
+    from lorakit.train.fast.loss import chunk_loss_and_grad_inplace
+
+    return chunk_loss_and_grad_inplace
 
 
 class PlainBackend:
@@ -125,6 +146,7 @@ class PlainBackend:
                 log.info("plain backend: recompute=%s rounds up to every layer (Hugging Face checkpointing)",
                          recompute)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.host_embedding = offload_embedding(model, next(model.parameters()).device)  # a 4-bit base on CUDA
 
     def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
         if "seq_lens" in batch and self._rows_attention is None:  # on until close: recompute replays it
@@ -138,6 +160,7 @@ class PlainBackend:
             self._rows_attention = None
         if self.recompute:
             self.model.gradient_checkpointing_disable()
+        restore_embedding(self.model, self.host_embedding)
 
 
 class FastBackend:
