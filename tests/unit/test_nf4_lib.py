@@ -12,6 +12,9 @@ from lorakit.core.qlora import qlora_linear
 from lorakit.kernels import nf4_lib
 from lorakit.models import tiny_llama
 
+NO_BNB = "bitsandbytes is optional (the test extra installs it; its CPU build runs this test)"
+NO_TORCHAO = "torchao is optional (pip install torchao); bench/gpu_train.py measures NF4Weight(lib='torchao')"
+
 NF4_REL_ERR = (0.085, 0.095)  # NF4 on Gaussian weights: ~9.2% relative error (test_quant.py)
 
 
@@ -29,7 +32,7 @@ def test_library_choice():
 
 
 def test_bitsandbytes_state_dequantizes_bit_identically_and_moves_without_copy():
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason=NO_BNB)
     torch.manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
         w = (torch.randn(384, 256) * 0.03).to(dt)
@@ -51,7 +54,7 @@ def test_bitsandbytes_state_dequantizes_bit_identically_and_moves_without_copy()
 def test_bitsandbytes_cpu_row_blocking_is_avoided():
     """bitsandbytes 0.50.2's CPU dequantization cuts blocks per row: for an even last dimension that 64 does not
     divide, its own round trip is wrong. lorakit dequantizes such a weight with the reference instead."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason=NO_BNB)
     torch.manual_seed(1)
     w = torch.randn(512, 96) * 0.05
     packed, qs = bnbf.quantize_4bit(w.clone(), blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -61,7 +64,7 @@ def test_bitsandbytes_cpu_row_blocking_is_avoided():
 
 
 def test_torchao_keeps_our_codes_and_its_own_absmax():
-    pytest.importorskip("torchao")
+    pytest.importorskip("torchao", reason=NO_TORCHAO)
     torch.manual_seed(2)
     w = (torch.randn(256, 512) * 0.02).to(torch.bfloat16)
     q = NF4Weight(w, lib="torchao")

@@ -8,7 +8,9 @@ from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
 from lorakit.core.nf4 import LoraNF4Linear, from_bitsandbytes, quantize_model
 from lorakit.models import tiny_llama
 
-bnb = pytest.importorskip("bitsandbytes")
+NO_BNB = "bitsandbytes is optional (the test extra installs it; its CPU build runs this test)"
+
+bnb = pytest.importorskip("bitsandbytes", reason=NO_BNB)
 peft = pytest.importorskip("peft")
 
 

@@ -14,6 +14,8 @@ from lorakit.core.nf4 import (BLOCK, NF4_LEVELS, SCALER_BLOCK, LoraNF4Linear, NF
                            quantize_model, quantize_nf4, weight_bytes)
 from lorakit.kernels import nf4_lib
 
+NO_BNB = "bitsandbytes is optional (the test extra installs it; its CPU build runs this test)"
+
 
 def test_levels_are_the_published_nf4_code_book():
     rebuilt = nf4_levels_from_normal()  # from N(0,1) quantiles, as defined in the QLoRA paper
@@ -66,7 +68,7 @@ def test_codes_and_dequantization_bit_identical_to_bitsandbytes():
     own CPU kernels, for fp32, bf16 and fp16 weights and sizes that leave short last blocks. bitsandbytes' CPU
     kernel takes a neighbour of the nearest 8-bit absmax code on some blocks (an approximate lookup table): its
     state is then not ours, but each state dequantizes identically in both implementations."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")  # optional: pip install bitsandbytes (CPU works)
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason=NO_BNB)
     assert torch.equal(bnbf.get_4bit_type("nf4", device="cpu"), torch.tensor(NF4_LEVELS))
     assert torch.equal(bnbf.create_dynamic_map(), dynamic_map())
     near = total = 0

@@ -347,7 +347,7 @@ def from_bitsandbytes(model: nn.Module, lib: str | None = None) -> dict:
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, NF4Linear(qw, mod.bias))
     if paths:
-        model.lorakit_quant = "nf4"
+        state_of(model).quant = "nf4"
     return {"modules": len(paths)}
 
 

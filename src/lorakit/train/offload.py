@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.state import state_of
+
 log = logging.getLogger("lorakit.train")
 
 
@@ -44,7 +46,7 @@ def why_not_offload(model: nn.Module, device: torch.device) -> str | None:
     """The reason the input embedding stays on the device, or None when it can move to the host."""
     if device.type != "cuda":
         return f"device is {device.type}"
-    if not getattr(model, "lorakit_quant", None):
+    if not state_of(model).quant:
         return "the base is not 4-bit (its weights dominate; the table is a small share)"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "several processes (DDP keeps every parameter on the device)"
