@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import kernels
 from lorakit.arch import body_and_head, decoder_layers, model_type
 from lorakit.core.inject import lora_layers
 from lorakit.train.data import IGNORE
@@ -109,16 +110,11 @@ INPLACE_CHUNK_ELEMS = 1 << 25
 
 
 def _inplace_chunk_fn(hidden: torch.Tensor):
-    """The Triton loss kernel that writes the gradient over the logits (kernels/triton_ce.py: no float32 copy of a
+    """The loss kernel that writes the gradient over the logits (kernels.ce_chunk: Triton, no float32 copy of a
     chunk), on CUDA for 16-bit activations where Triton is installed; else None (the plain-torch chunk)."""
-    import importlib.util
-
-    if hidden.device.type != "cuda" or hidden.dtype not in (torch.bfloat16, torch.float16) \
-            or importlib.util.find_spec("triton") is None:
+    if hidden.device.type != "cuda" or hidden.dtype not in (torch.bfloat16, torch.float16) or not kernels.HAS_TRITON:
         return None
-    from lorakit.train.fast.loss import chunk_loss_and_grad_inplace
-
-    return chunk_loss_and_grad_inplace
+    return kernels.ce_chunk
 
 
 class PlainBackend:
