@@ -44,6 +44,16 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
     return impl(x, A_slots, B_slots, idx, coef, dora=dora, base=base)
 
 
+def lora_add(out: torch.Tensor, x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
+             coef: torch.Tensor) -> torch.Tensor:
+    """out += lora_delta(x, A_slots, B_slots, idx, coef) in place, coef (b, k); -> out (b, s, out). The Triton
+    kernels add into out as they store (one pass, no separate add)."""
+    rows_follow = out.stride(2) == 1 and out.stride(0) == out.shape[1] * out.stride(1)
+    if x.device.type == "cuda" and "cuda" in IMPLS and coef.dim() == 2 and rows_follow:
+        return IMPLS["cuda"](x, A_slots, B_slots, idx, coef, out=out)
+    return out.add_(lora_delta(x, A_slots, B_slots, idx, coef))
+
+
 def _triton_cuda(*args, **kwargs) -> torch.Tensor:
     """The Triton kernels, imported on first use (importing Triton takes a while)."""
     from lorakit.kernels import triton_lora

@@ -58,7 +58,7 @@ def _shrink_gather(x_ptr, a_ptr, idx_ptr, coef_ptr, h_ptr, T, S_LEN, IN, K, R, s
 @triton.jit
 def _expand_gather(h_ptr, b_ptr, idx_ptr, coef_ptr, d_ptr, base_ptr, out_ptr, T, S_LEN, OUT, K, R,
                    sb_s, sb_o, sd_s, sbase, so, NSPLIT: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                   BO: tl.constexpr, DORA: tl.constexpr):
+                   BO: tl.constexpr, DORA: tl.constexpr, ACC: tl.constexpr):
     t = tl.program_id(0) * BM + tl.arange(0, BM)  # (BM,) tokens
     tm = t < T
     row = t // S_LEN
@@ -87,7 +87,10 @@ def _expand_gather(h_ptr, b_ptr, idx_ptr, coef_ptr, d_ptr, base_ptr, out_ptr, T,
     if DORA:
         bs = tl.load(base_ptr + t.to(tl.int64)[:, None] * sbase + o[None, :], mask=m2, other=0.0)
         acc += gain * bs.to(tl.float32)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * so + o[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
+    op = out_ptr + t.to(tl.int64)[:, None] * so + o[None, :]
+    if ACC:  # added to what out holds (the base output): out + delta rounded once
+        acc += tl.load(op, mask=m2, other=0.0).to(tl.float32)
+    tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -120,7 +123,7 @@ def _shrink_segment(x_ptr, a_ptr, idx_ptr, coef_ptr, h_ptr, T, S_LEN, IN, K, R, 
 @triton.jit
 def _expand_segment(h_ptr, b_ptr, idx_ptr, coef_ptr, d_ptr, base_ptr, out_ptr, T, S_LEN, OUT, K, R,
                     sb_s, sb_o, sd_s, sbase, so, NSPLIT: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                    BO: tl.constexpr, PREC: tl.constexpr, DORA: tl.constexpr):
+                    BO: tl.constexpr, PREC: tl.constexpr, DORA: tl.constexpr, ACC: tl.constexpr):
     nblk = tl.cdiv(S_LEN, BM)
     row = tl.program_id(0) // nblk
     pos = (tl.program_id(0) % nblk) * BM + tl.arange(0, BM)
@@ -149,7 +152,10 @@ def _expand_segment(h_ptr, b_ptr, idx_ptr, coef_ptr, d_ptr, base_ptr, out_ptr, T
     if DORA:
         bs = tl.load(base_ptr + t[:, None] * sbase + o[None, :], mask=m2, other=0.0)
         acc += gain[None, :] * bs.to(tl.float32)
-    tl.store(out_ptr + t[:, None] * so + o[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
+    op = out_ptr + t[:, None] * so + o[None, :]
+    if ACC:
+        acc += tl.load(op, mask=m2, other=0.0).to(tl.float32)
+    tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def _split(n_in: int, bk: int, programs: int, target: int) -> tuple[int, int]:
@@ -179,16 +185,22 @@ def _check(x, A, B, idx, coef, dora, base):
 
 def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, idx: torch.Tensor,
                coef: torch.Tensor, dora: torch.Tensor | None = None, base: torch.Tensor | None = None,
-               mode: str | None = None) -> torch.Tensor:
+               mode: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (b, s, in) -> delta (b, s, out), as reference.lora_delta. mode: "gather" | "segment" | None
-    (gather for s == 1, segment otherwise)."""
+    (gather for s == 1, segment otherwise). out: (b, s, out) of x's dtype, contiguous rows: the delta is added
+    to it in place (one rounding) and it is returned."""
     _check(x, A_slots, B_slots, idx, coef, dora, base)
     b, s, n_in = x.shape
     S, r, _ = A_slots.shape
     n_out, k, T = B_slots.shape[1], idx.shape[1], b * s
-    out = torch.empty(b, s, n_out, dtype=x.dtype, device=x.device)
+    acc = out is not None
+    if acc and (out.shape != (b, s, n_out) or out.dtype != x.dtype or out.stride(2) != 1
+                or out.stride(0) != s * out.stride(1)):
+        raise ValueError(f"out must be ({b}, {s}, {n_out}) {x.dtype} with rows one after the other, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    out = out if acc else torch.empty(b, s, n_out, dtype=x.dtype, device=x.device)
     if T == 0 or k == 0 or n_out == 0:
-        return out.zero_()
+        return out if acc else out.zero_()
     mode = mode or ("gather" if s == 1 else "segment")
     if mode not in ("gather", "segment"):
         raise ValueError(f"mode must be 'gather' or 'segment', got {mode!r}")
@@ -205,7 +217,7 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
         base = base if base.stride(1) == 1 else base.contiguous()
     d_arg, base_arg = (dora, base) if has_dora else (coef, coef)  # unread when DORA is off
     sd, sbase = (dora.stride(0), base.stride(0)) if has_dora else (0, 0)
-    out2 = out.view(T, n_out)
+    out2 = out.view(T, n_out) if out.is_contiguous() else out.as_strided((T, n_out), (out.stride(1), 1))
     if mode == "gather":
         cfg = GATHER
         RP = triton.next_power_of_2(max(r, 1))
@@ -216,7 +228,7 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
         grid = (triton.cdiv(T, cfg["BM"]), triton.cdiv(n_out, cfg["BO"]))
         _expand_gather[grid](h, B, idx, coef, d_arg, base_arg, out2, T, s, n_out, k, r, B.stride(0), B.stride(1),
                              sd, sbase, out2.stride(0), NSPLIT=nsplit, RP=RP, BM=cfg["BM"], BO=cfg["BO"],
-                             DORA=has_dora)
+                             DORA=has_dora, ACC=acc)
         return out
     cfg = SEGMENT
     RP = max(16, triton.next_power_of_2(r))
@@ -230,5 +242,5 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
     grid = (blocks, triton.cdiv(n_out, cfg["BO"]))
     _expand_segment[grid](h, B, idx, coef, d_arg, base_arg, out2, T, s, n_out, k, r, B.stride(0), B.stride(1),
                           sd, sbase, out2.stride(0), NSPLIT=nsplit, RP=RP, BM=BM, BO=cfg["BO"], PREC=prec,
-                          DORA=has_dora)
+                          DORA=has_dora, ACC=acc)
     return out

@@ -70,8 +70,7 @@ class Decoder:
         self._tok = torch.zeros(n, dtype=torch.long, device=dev)
         self._rows = torch.full((n,), self.cache.scratch, dtype=torch.long, device=dev)
         self._pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self._idx = torch.zeros(n, bank.max_slots, dtype=torch.long, device=dev)
-        self._coef = torch.zeros(n, bank.max_slots, dtype=torch.float32, device=dev)
+        self._routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> idx, coef buffers (n, k)
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._layout = None
         self._pool = None
@@ -85,16 +84,22 @@ class Decoder:
         h = inner.embed_tokens(ids)
         cos, sin = arch.rotary(self.model, h, pos)
         b, s, _ = h.shape
+        P = self.bank.project  # each projection with the batch's adapters
         for i, layer in enumerate(arch.decoder_layers(self.model)[: self.n_layers]):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            q = P(attn.q_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            k = P(attn.k_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+            v = P(attn.v_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
             q, k = arch.apply_rotary(q, k, cos, sin)
             o = attend(i, attn, q, k, v)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + P(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):  # SwiGLU-style
+                h = h + P(mlp.down_proj, mlp.act_fn(P(mlp.gate_proj, x)) * P(mlp.up_proj, x))
+            else:
+                h = h + mlp(x)
         return inner.norm(h)
 
     # ---------------------------------------------------------------- prefill (eager)
@@ -169,9 +174,10 @@ class Decoder:
                                None if routing is None else routing[1].to(self.device))
             return self._decode_body(n)
         if routing is not None:
-            self._idx[:n, :k].copy_(routing[0], non_blocking=True)
-            self._coef[:n, :k].copy_(routing[1], non_blocking=True)
-            self._coef[n:bucket, :k].zero_()
+            idx, coef = self._buffers(k)
+            idx[:n].copy_(routing[0], non_blocking=True)
+            coef[:n].copy_(routing[1], non_blocking=True)
+            coef[n:bucket].zero_()
         graph, out = self._graph(bucket, k)
         graph.replay()
         return out[:n]
@@ -185,8 +191,18 @@ class Decoder:
             self._captured[(bucket, k)] = self._capture(bucket, k)
         return self._captured[(bucket, k)]
 
+    def _buffers(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static (rows, k) slot and coefficient buffers of stacks of k (contiguous: the kernels copy
+        nothing)."""
+        if k not in self._routing:
+            n = self.buckets[-1]
+            self._routing[k] = (torch.zeros(n, k, dtype=torch.long, device=self.device),
+                                torch.zeros(n, k, dtype=torch.float32, device=self.device))
+        return self._routing[k]
+
     def _capture(self, bucket: int, k: int):
-        self.bank.bind(self._idx[:bucket, :k] if k else None, self._coef[:bucket, :k] if k else None)
+        idx, coef = self._buffers(k) if k else (None, None)
+        self.bank.bind(idx[:bucket] if k else None, coef[:bucket] if k else None)
         tok, rows, pos = self._tok.clone(), self._rows.clone(), self._pos.clone()
         self._rows[:bucket].fill_(self.cache.scratch)  # warm-up and capture write the scratch row only
         stream = torch.cuda.Stream()

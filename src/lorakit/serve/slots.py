@@ -330,6 +330,17 @@ class SlotBank:
         return tuple((p, ls.A.data_ptr(), ls.B.data_ptr(), None if ls.dora is None else ls.dora.data_ptr())
                      for p, ls in self.layers.items())
 
+    def project(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """layer(x) with the batch's adapters; for a plain adapted layer (no DoRA slot, no mixture rows) the
+        adapters' output is added into the base output in place (kernels.lora_add: no separate add)."""
+        ls = self._by_module.get(layer) if self._routing_on and not self._mix_rows else None
+        if ls is None or ls.dora is not None:
+            return layer(x)
+        y = layer.base_forward(x)
+        x3, y3 = (x, y) if x.dim() == 3 else (x.unsqueeze(1), y.unsqueeze(1))
+        kernels.lora_add(y3, x3, ls.A, ls.B, self.idx, self.coef)
+        return y
+
     def _route(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)
