@@ -268,6 +268,8 @@ class ServeConfig(_FromDict):
     registry: str = "lorakit-registry.sqlite"
     max_slots: int = 16  # adapters resident at once (LRU)
     max_lora_rank: int = 64  # adapters of a larger rank are refused; bounds slot memory (serve/slots.py)
+    header_timeout: float = 10.0  # seconds a connection has to send a request head (serve/runtime.py)
+    body_timeout: float = 30.0  # and its body
     max_batch: int = 16  # rows decoded together
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int = 2048

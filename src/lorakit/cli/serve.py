@@ -45,6 +45,9 @@ def register(sub) -> None:
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank served (larger ones are "
                    "refused); slot memory grows with it")
     s.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's "
+                   "headers (slow clients are closed)")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take (408 after)")
     s.add_argument("--max-prompt-tokens", type=int, default=2048)
     s.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 1 on a machine of up to "
@@ -211,17 +214,22 @@ def cmd_serve(args) -> int:
     from lorakit.serve.app import build_app, make_state
     from lorakit.adapters.registries import open_registry
     from lorakit.serve.follow import follow
+    from lorakit.serve.runtime import uvicorn_config
 
     keys = args.api_key or [k for k in os.environ.get("LORAKIT_API_KEYS", "").split(",") if k]
     cfg = ServeConfig(host=args.host, port=args.port, api_keys=keys, admin_key=args.admin_key,
                       registry=args.registry, max_slots=args.max_slots, max_batch=args.max_batch,
-                      max_lora_rank=args.max_lora_rank,
+                      max_lora_rank=args.max_lora_rank, header_timeout=args.header_timeout,
+                      body_timeout=args.body_timeout,
                       max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                       max_new_tokens=args.max_new_tokens)
     for field_, v in (("max_slots", cfg.max_slots), ("max_batch", cfg.max_batch), ("max_lora_rank", cfg.max_lora_rank),
                       ("max_new_tokens", cfg.max_new_tokens), ("max_prompt_tokens", cfg.max_prompt_tokens)):
         if v < 1:
             raise ValueError(f"--{field_.replace('_', '-')} must be at least 1, got {v}")
+    if not (cfg.header_timeout > 0 and cfg.body_timeout > 0):
+        raise ValueError(f"--header-timeout and --body-timeout must be positive, got {cfg.header_timeout} and "
+                         f"{cfg.body_timeout}")
     ui = dashboard_options(args)  # before the model loads: a wrong directory fails fast
     import torch
 
@@ -242,7 +250,8 @@ def cmd_serve(args) -> int:
     state.follower = follow(state.engine, reg)  # a shared registry: drop slots of versions removed anywhere
     print(f"serving {name} on http://{cfg.host}:{cfg.port} (registry {reg.path}; dashboard at /)", file=sys.stderr)
     try:
-        uvicorn.run(build_app(state, ui), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
+        uvicorn.Server(uvicorn_config(build_app(state, ui), cfg.host, cfg.port, "info", cfg.header_timeout,
+                                      timeout_graceful_shutdown=10)).run()
     finally:
         if state.follower is not None:
             state.follower.stop()

@@ -36,7 +36,7 @@ from lorakit.serve.engine import Engine, GenRequest, ScoreRequest
 from lorakit.serve.fast import CacheFull, StaticEngine
 from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack, served_header
 from lorakit.serve.stops import TextStream
-from lorakit.serve.runtime import ServerThread, cpu_threads  # noqa: F401 (part of this module's API)
+from lorakit.serve.runtime import BODY_TIMEOUT_S, ServerThread, cpu_threads  # noqa: F401 (part of this API)
 
 log = logging.getLogger("lorakit.serve")
 
@@ -52,6 +52,7 @@ class ServerState:
     limits: P.Limits
     max_body_bytes: int = 1_000_000
     follower: object = None  # serve/follow.Follower when the registry is shared (PostgreSQL)
+    body_timeout: float = BODY_TIMEOUT_S  # seconds a request body may take to arrive
 
     @property
     def base_ids(self) -> set[str]:
@@ -85,11 +86,17 @@ async def read_body(state: ServerState, request: Request, allow_empty: bool = Fa
         raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {state.max_body_bytes}",
                          "body_too_large")
     chunks, size = [], 0
-    async for c in request.stream():
-        size += len(c)
-        if size > state.max_body_bytes:
-            raise P.APIError(413, f"request body exceeds the limit of {state.max_body_bytes} bytes", "body_too_large")
-        chunks.append(c)
+    try:
+        async with asyncio.timeout(state.body_timeout):  # a body trickled in slowly holds a connection: not long
+            async for c in request.stream():
+                size += len(c)
+                if size > state.max_body_bytes:
+                    raise P.APIError(413, f"request body exceeds the limit of {state.max_body_bytes} bytes",
+                                     "body_too_large")
+                chunks.append(c)
+    except TimeoutError:
+        raise P.APIError(408, f"the request body did not arrive within {state.body_timeout:g} s",
+                         "body_timeout") from None
     raw = b"".join(chunks)
     return {} if allow_empty and not raw.strip() else P.parse_json(raw)
 
@@ -394,4 +401,4 @@ def make_state(model, tok, registry: Registry, cfg, base_name: str, max_prefill_
     limits = P.Limits(cfg.max_prompt_tokens, cfg.max_new_tokens, engine.max_len,
                       int(getattr(model.config, "vocab_size", 0) or 0))
     return ServerState(engine, registry, tok, base_name, list(cfg.api_keys), cfg.admin_key, limits,
-                       cfg.max_body_bytes)
+                       cfg.max_body_bytes, body_timeout=cfg.body_timeout)

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from lorakit.ui.render import Renderer
-from lorakit.ui.session import ADMIN, ANON, LEVEL_NAMES, USER, Session, Sessions, clear_cookie, \
+from lorakit.ui.session import ADMIN, ANON, LEVEL_NAMES, USER, Session, Sessions, LoginThrottle, clear_cookie, \
     csrf_ok, level_of, read_form, set_cookie
 
 __all__ = ["UI", "UIOptions", "UIState", "Denied"]
@@ -46,6 +46,7 @@ class UI:
     def __init__(self, state, options: UIOptions):
         self.state, self.options = state, options
         self.sessions = Sessions(options.session_ttl_s)
+        self.throttle = LoginThrottle()  # failed logins per client and in all
         self.renderer = Renderer()
 
     @property

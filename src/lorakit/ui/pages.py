@@ -48,10 +48,18 @@ def add_routes(app, ui: UI) -> None:
     async def login(request: Request):
         s, form = await ui.post_gate(request, ANON)
         nxt = safe_next(form.get("next"))
+        client = request.client.host if request.client else "?"
+        wait = ui.throttle.wait_s(client)
+        if wait:  # too many failures from here or from everyone: no key is even looked at
+            resp = ui.page(request, s, "login.html", status=429, next=nxt,
+                           error=f"Too many failed logins; try again in {wait:.0f} s.")
+            resp.headers["Retry-After"] = str(max(1, round(wait)))
+            return resp
         level = key_level(form.get("key", ""), list(ui.state.api_keys), ui.state.admin_key)
         if level == ANON:
+            ui.throttle.failed(client)
             await asyncio.sleep(0.5)  # slows guessing
-            log.warning("dashboard login refused from %s", request.client.host if request.client else "?")
+            log.warning("dashboard login refused from %s", client)
             return ui.page(request, s, "login.html", status=401, next=nxt,
                            error="Wrong key: enter an inference key or the admin key this server was started with.")
         ui.sessions.drop(s)  # a new id on every login: no session fixation

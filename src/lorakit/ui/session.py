@@ -12,7 +12,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -141,3 +141,39 @@ def safe_next(path: str | None) -> str:
             and all(32 < ord(c) < 127 for c in path):
         return path
     return "/ui/adapters"
+
+
+class LoginThrottle:
+    """Failed dashboard logins per client and in all, over a sliding window: past `per_client` failures from one
+    address, or `overall` from everyone, within `window_s` seconds, a login is refused before its key is looked at
+    (HTTP 429), so neither one client nor many in parallel can try more than that many keys a window."""
+
+    def __init__(self, per_client: int = 5, overall: int = 20, window_s: float = 60.0, max_clients: int = 10_000):
+        self.per_client, self.overall, self.window_s, self.max_clients = per_client, overall, window_s, max_clients
+        self._all: deque[float] = deque()
+        self._by: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _trim(self, q: deque, now: float) -> deque:
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        return q
+
+    def wait_s(self, client: str) -> float:
+        """0 if `client` may try a key now, else the seconds until it may."""
+        now = time.monotonic()
+        with self._lock:
+            waits = [q[0] + self.window_s - now for q, cap in
+                     ((self._trim(self._all, now), self.overall),
+                      (self._trim(self._by.get(client, deque()), now), self.per_client)) if len(q) >= cap]
+        return max(waits, default=0.0)
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._all.append(now)
+            q = self._by.pop(client, None) or deque()
+            self._by[client] = self._trim(q, now)  # most recent last
+            q.append(now)
+            while len(self._by) > self.max_clients:
+                self._by.popitem(last=False)
