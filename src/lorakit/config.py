@@ -41,6 +41,7 @@ def check_pattern(field_name: str, key: object) -> None:
     if len(key) > MAX_PATTERN_CHARS:
         raise ValueError(f"{field_name} key of {len(key)} characters; at most {MAX_PATTERN_CHARS} are accepted")
     try:
+        re.compile(key)  # its own error positions first
         re.compile(pattern_regex(key))
     except (re.error, RecursionError, OverflowError) as e:
         raise ValueError(f"{field_name} key {key!r} is not a valid regular expression: {e}") from None

@@ -139,3 +139,24 @@ def test_every_page_passes_the_one_login_gate():
     for name in ("adapters.html", "runs.html", "sweeps.html"):
         text = (templates / name).read_text()
         assert "{% call data_table(" in text and "<table" not in text, name
+
+
+def test_login_throttle_per_client_and_overall(monkeypatch):
+    """Failed logins over a sliding window: 5 from one address, 20 from everyone; waits say when the oldest
+    failure leaves the window."""
+    from lorakit.ui import session
+
+    now = [1000.0]
+    monkeypatch.setattr(session.time, "monotonic", lambda: now[0])
+    t = session.LoginThrottle(per_client=5, overall=20, window_s=60)
+    for _ in range(5):
+        assert t.wait_s("1.2.3.4") == 0
+        t.failed("1.2.3.4")
+    assert t.wait_s("1.2.3.4") == 60 and t.wait_s("5.6.7.8") == 0  # that address alone is held back
+    for i in range(15):
+        t.failed(f"10.0.0.{i}")
+    assert t.wait_s("9.9.9.9") == 60  # 20 failures from everyone: every address waits
+    now[0] += 30
+    assert t.wait_s("9.9.9.9") == 30
+    now[0] += 30.5
+    assert t.wait_s("9.9.9.9") == 0 and t.wait_s("1.2.3.4") == 0
