@@ -81,8 +81,7 @@ def require_admin(state: ServerState, request: Request) -> None:
 
 
 async def read_body(state: ServerState, request: Request, allow_empty: bool = False) -> dict:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > state.max_body_bytes:
+    if (declared := request.headers.get("content-length", "")).isdigit() and int(declared) > state.max_body_bytes:
         raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {state.max_body_bytes}",
                          "body_too_large")
     chunks, size = [], 0
@@ -95,8 +94,8 @@ async def read_body(state: ServerState, request: Request, allow_empty: bool = Fa
                                      "body_too_large")
                 chunks.append(c)
     except TimeoutError:
-        raise P.APIError(408, f"the request body did not arrive within {state.body_timeout:g} s",
-                         "body_timeout") from None
+        raise P.APIError(408, f"the request body did not arrive within {state.body_timeout:g} s", "body_timeout") \
+            from None
     raw = b"".join(chunks)
     return {} if allow_empty and not raw.strip() else P.parse_json(raw)
 
