@@ -81,17 +81,15 @@ def require_admin(state: ServerState, request: Request) -> None:
 
 
 async def read_body(state: ServerState, request: Request, allow_empty: bool = False) -> dict:
-    if (declared := request.headers.get("content-length", "")).isdigit() and int(declared) > state.max_body_bytes:
-        raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {state.max_body_bytes}",
-                         "body_too_large")
+    limit = state.max_body_bytes
+    if (declared := request.headers.get("content-length", "")).isdigit() and int(declared) > limit:
+        raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}", "body_too_large")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(state.body_timeout):  # a body trickled in slowly holds a connection: not long
             async for c in request.stream():
-                size += len(c)
-                if size > state.max_body_bytes:
-                    raise P.APIError(413, f"request body exceeds the limit of {state.max_body_bytes} bytes",
-                                     "body_too_large")
+                if (size := size + len(c)) > limit:
+                    raise P.APIError(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
                 chunks.append(c)
     except TimeoutError:
         raise P.APIError(408, f"the request body did not arrive within {state.body_timeout:g} s", "body_timeout") \
