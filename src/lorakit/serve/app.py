@@ -81,10 +81,9 @@ def require_admin(state: ServerState, request: Request) -> None:
 
 
 async def read_body(state: ServerState, request: Request, allow_empty: bool = False) -> dict:
-    limit = state.max_body_bytes
+    limit, chunks, size = state.max_body_bytes, [], 0
     if (declared := request.headers.get("content-length", "")).isdigit() and int(declared) > limit:
         raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}", "body_too_large")
-    chunks, size = [], 0
     try:
         async with asyncio.timeout(state.body_timeout):  # a body trickled in slowly holds a connection: not long
             async for c in request.stream():
