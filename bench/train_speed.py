@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["peft", "lorakit", "lorakit-nogroup", "lorakit-noshare"]  # also: lorakit-fast, lorakit-model (the loss)
+CASES = ["peft", "lorakit", "lorakit-nopack", "lorakit-nogroup", "lorakit-noshare"]  # also: lorakit-fast, lorakit-model (the loss)
 
 
 def peak_rss_mib() -> float:
@@ -107,6 +107,7 @@ def run_loop(case: str, model, tok, examples, targets, args) -> dict:
         train(model, tok, examples, d, LoraConfig(r=args.r, alpha=2 * args.r, targets=targets, dropout=0.0),
               TrainConfig(lr=1e-4, max_steps=steps, batch_size=args.batch, warmup_ratio=0.0, max_grad_norm=0.0,
                           group_by_length=case != "lorakit-nogroup", share_prefix=case != "lorakit-noshare",
+                          pack=case != "lorakit-nopack",
                           threads=args.threads), progress=False, save_final=False)
         rows = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     secs = [r["seconds"] for r in rows]

@@ -37,13 +37,13 @@ def _rows(path: Path, limit: int) -> Path:
     return out
 
 
-def run_lorakit(args, group: bool, share: bool = True) -> dict:
+def run_lorakit(args, group: bool, share: bool = True, packed: bool = True) -> dict:
     out = Path(tempfile.mkdtemp()) / "ad"
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", "embedded", "--data", str(_rows(DATA / "train.jsonl",
            args.limit)), "--r", str(args.r), "--alpha", str(2 * args.r), "--targets", args.targets, "--lr",
            str(args.lr), "--epochs", "1", "--batch-size", str(args.batch), "--threads", str(args.threads),
            "--dropout", "0", "-o", str(out), "--quiet"] + ([] if group else ["--no-group-by-length"]) + \
-        ([] if share else ["--no-share-prefix"])
+        ([] if share else ["--no-share-prefix"]) + ([] if packed else ["--no-pack"])
     t0 = time.time()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=ENV)
     if p.returncode:
@@ -116,7 +116,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TR
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="lorakit,lorakit-nogroup,peft")
+    ap.add_argument("--cases", default="lorakit,lorakit-nopack,peft")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -142,7 +142,8 @@ def main() -> int:
                 return 1
             res = json.loads(p.stdout.strip().splitlines()[-1])
         else:
-            res = run_lorakit(args, group=case != "lorakit-nogroup", share=case != "lorakit-noshare")
+            res = run_lorakit(args, group=case != "lorakit-nogroup", share=case != "lorakit-noshare",
+                              packed=case != "lorakit-nopack")
         rep = accuracy(res.pop("out"), min(args.limit, 200) if args.limit else 0)
         m = {k: v for k, v in rep.items() if k != "examples"}
         rec = {"bench": "train_task", "task": "data/classify (10-class routing)", "case": case, "r": args.r,
