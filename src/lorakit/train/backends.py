@@ -185,24 +185,28 @@ class FastBackend:
             return torch.zeros((), device=labels.device), 0
         if "seq_lens" in batch:  # packed rows (data.pack): a document mask keeps each row to itself
             mean = self.fm(batch["input_ids"], labels=labels, position_ids=batch["position_ids"],
-                           seq_lens=batch["seq_lens"])
+                           seq_lens=batch["seq_lens"], target_pos=batch.get("target_pos"))
             return mean * (n / denom), n
         mask = None if batch.get("unpadded") else batch["attention_mask"]  # no padding: no mask to check
         mean = self.fm(batch["input_ids"], labels=labels, attention_mask=mask)
         return mean * (n / denom), n
 
-    def warm_up(self, widths: list[int], pad_id: int) -> None:
-        """Compile every packed width before the first step (forward and backward on a row of pad tokens, its
-        loss times 0), so no step after it compiles; gradients and the random state are left as they were."""
+    def warm_up(self, widths: list[int], pad_id: int, targets: list[int] = ()) -> None:
+        """Compile every packed width and every bucket of target counts (`targets`: the run's micro-batches'
+        counts) before the first step (forward and backward on a row of pad tokens, its loss times 0), so no
+        step after it compiles; gradients and the random state are left as they were."""
         dev = self.fm.model.lm_head.weight.device
         cpu_rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
         params = self.fm.trainable_parameters()
         before = [p.grad for p in params]
-        for w in widths:
+        buckets = sorted({self.fm.target_bucket(n) for n in targets if n} or {1})
+        runs = [(w, buckets[0]) for w in widths] + [(widths[-1], t) for t in buckets[1:]]
+        for w, t in runs:
             ids = torch.full((1, w), pad_id, dtype=torch.long, device=dev)
             pos = torch.arange(w, device=dev)[None]
-            (self.fm(ids, labels=ids, position_ids=pos, seq_lens=(w,)) * 0.0).backward()
+            loss = self.fm(ids, labels=ids, position_ids=pos, seq_lens=(w,), target_pos=tuple(range(min(t, w - 1))))
+            (loss * 0.0).backward()
         for p, g in zip(params, before):
             p.grad = g
         torch.random.set_rng_state(cpu_rng)

@@ -243,7 +243,8 @@ PACK_ALIGN = 128  # packed widths are multiples of this (FlexAttention's block s
 def pack(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Rows concatenated into ONE row of `width` tokens (default: their total, no padding), padding-free:
     input_ids, labels, position_ids (1, width) and seq_lens, a tuple of ints (the rows' lengths, then the tail's
-    if any; host-side, so reading it never waits for the device).
+    if any; host-side, so reading it never waits for the device) and target_pos, the positions whose next label
+    is a target (ints: the fast path runs only them through the head).
     Each row keeps its own positions (0, 1, ...); its first label is IGNORE (the previous row's last token must
     not predict it), so the targets are exactly the unpacked batch's. The tail (width - total) is a segment of
     pad tokens with no target. Attention must stay within each segment (seq_lens: a document mask)."""
@@ -265,7 +266,8 @@ def pack(examples: list[Example], pad_id: int, width: int | None = None) -> dict
     if width > total:
         pos[0, total:] = torch.arange(width - total)
         lens.append(width - total)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": tuple(lens)}
+    scored = tuple((labels[0, 1:] != IGNORE).nonzero()[:, 0].tolist())  # positions that predict a target
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": tuple(lens), "target_pos": scored}
 
 
 def doc_ids(seq_lens, device=None) -> torch.Tensor:

@@ -46,5 +46,5 @@ def setup(mb, backend, cfg, world: int, micro: range, pad_id: int) -> None:
              100.0 * padded / max(1, padded + sum(totals)))
     if world == 1 and hasattr(backend, "warm_up"):
         t0 = time.perf_counter()
-        backend.warm_up(mb.widths, pad_id)
+        backend.warm_up(mb.widths, pad_id, [sum(mb.targets[j] for j in mb.part(m)) for m in micro])
         log.info("compiled %d packed widths in %.1f s", len(mb.widths), time.perf_counter() - t0)

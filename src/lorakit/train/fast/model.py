@@ -165,9 +165,11 @@ class FastLlama(nn.Module):
 
     # ---- forward ----
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, seq_lens: tuple | None = None) -> Tensor:
+                position_ids: Tensor | None = None, seq_lens: tuple | None = None,
+                target_pos: tuple | None = None) -> Tensor:
         """Packed rows (train/data.py `pack`): input_ids, labels and position_ids (1, s), seq_lens the segments'
-        lengths (ints); attention stays within each segment (train/fast/packing.py)."""
+        lengths (ints); attention stays within each segment (train/fast/packing.py). target_pos: the flat
+        positions whose next label is a target (ints, from `pack`): only they go through the head and loss."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         labels = input_ids if labels is None else labels
@@ -191,11 +193,28 @@ class FastLlama(nn.Module):
             x = self._run_layer(i, layer, x, cos, sin, mask)
         x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
         targets = shift_targets(labels)                                     # (b * s,)
+        h = x.view(b * s, -1)                                               # (b * s, hidden)
+        if target_pos is not None:  # only the positions that predict a target reach the head
+            idx = self._target_index(target_pos, b * s, input_ids.device)    # (n',) n' a bucket >= n
+            h, targets = h.index_select(0, idx), targets.index_select(0, idx)
         head = self.model.lm_head
 
-        def loss(h):                                                        # h (b * s, hidden)
+        def loss(h):                                                        # h (n, hidden)
             return linear_cross_entropy(h, head.weight, targets, chunk=self.chunk, chunk_fn=self._chunk_fn)
-        return as_forward(head, loss, x.view(b * s, -1))
+        return as_forward(head, loss, h)
+
+    def target_bucket(self, n: int) -> int:
+        """Target positions are padded to this many: a power of two from 128, then multiples of the loss chunk."""
+        return max(128, 1 << max(n - 1, 0).bit_length()) if n <= self.chunk else -(-n // self.chunk) * self.chunk
+
+    def _target_index(self, pos, total: int, device) -> Tensor:
+        """Host positions -> a device index padded to `target_bucket` (few shapes) with the last position, which
+        predicts nothing (its target is IGNORE)."""
+        n = len(pos)
+        width = self.target_bucket(n)
+        idx = torch.full((width,), total - 1, dtype=torch.long)
+        idx[:n] = torch.as_tensor(pos, dtype=torch.long)
+        return idx.to(device, non_blocking=True)
 
 
 def as_forward(module: nn.Module, fn, *args):
