@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Markdown table of the real-data GPU training runs (bench/gpu_train_data.py), from committed
+bench/results/gpu_train_data_*.jsonl files (never typed by hand). `--write FILE` replaces the text between
+<!-- gpu-data:NAME:begin --> and <!-- gpu-data:NAME:end -->.
+
+    python scripts/gpu_data_table.py bench/results/gpu_train_data_h200_2026-12-05.jsonl [--write docs/gpu.md --name r1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+LABEL = {"lorakit": "lorakit loop (`lorakit train`)", "peft-liger": "PEFT bf16 adapters + Liger, padded",
+         "peft": "PEFT defaults, padded"}
+PEER = "peft-liger"
+
+
+def label(r: dict) -> str:
+    v = {k: x for k, x in (r.get("variant") or {}).items() if k not in ("tool", "prof")}
+    name = LABEL.get(r["tool"], r["tool"])
+    if r["tool"] == "lorakit":
+        name += ", packed" if v.get("pack", "1") == "1" else ", padded (--no-pack)"
+        v.pop("pack", None)
+    return name + (f" ({', '.join(f'{k}={x}' for k, x in v.items())})" if v else "")
+
+
+def losses_at(r: dict) -> str:
+    ls = r.get("losses") or []
+    if not ls:
+        return "-"
+    at = sorted({1, len(ls) // 2, len(ls)})
+    return ", ".join(f"{ls[i - 1]:.3f}" for i in at) + f" (steps {', '.join(map(str, at))})"
+
+
+def table(rows: list[dict]) -> str:
+    ok = [r for r in rows if "tokens_per_s" in r]
+    peer = {r["case"]: r for r in ok if r["tool"] == PEER}
+    out = ["| case | tool | real tokens/s | x PEFT+Liger | peak allocated / reserved GiB | median step ms | "
+           "worst step ms (x median) | loss | file |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: (r["case"], r["tool"] != PEER, -r["tokens_per_s"])):
+        p = peer.get(r["case"])
+        x = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-"
+        out.append(f"| {r['case']} | {label(r)} | {r['tokens_per_s']:,.0f} | {x} | {r['peak_alloc_gib']:.2f} / "
+                   f"{r['peak_reserved_gib']:.2f} | {r['step_ms_median']:.1f} | {r['step_ms_worst']:.1f} "
+                   f"({r['worst_over_median']:.2f}) | {losses_at(r)} | {r['_file']} |")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            out.append(f"| {r['case']} | {label(r)} | {r.get('error') or r.get('skipped')} | | | | | | {r['_file']} |")
+    return "\n".join(out)
+
+
+def read(files: list[str]) -> list[dict]:
+    rows = []
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line)
+            if "tool" in r:
+                r["_file"] = Path(f).name
+                rows.append(r)
+    return rows
+
+
+def render(text: str, name: str, md: str) -> str:
+    pat = re.compile(rf"(<!-- gpu-data:{name}:begin -->\n).*?(<!-- gpu-data:{name}:end -->)", re.S)
+    if not pat.search(text):
+        raise SystemExit(f"no <!-- gpu-data:{name}:begin/end --> markers")
+    return pat.sub(lambda m: m.group(1) + md + "\n" + m.group(2), text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--write")
+    ap.add_argument("--name", default="main")
+    a = ap.parse_args()
+    md = table(read(a.files))
+    if not a.write:
+        print(md)
+        return 0
+    path = Path(a.write)
+    path.write_text(render(path.read_text(), a.name, md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
