@@ -51,6 +51,17 @@ def db_state(reg) -> dict[str, dict]:
     return out
 
 
+def locks_released(conn, timeout: float = 30) -> None:
+    """Wait until no other session holds an advisory lock: a killed writer's server process ends a moment after
+    its client dies (when it next reads the closed socket), and its locks go with it; before that, an open
+    rightly leaves the hash it still holds alone."""
+    deadline = time.monotonic() + timeout
+    q = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+    while conn.execute(q).fetchone()[0]:
+        assert time.monotonic() < deadline, "a killed writer's advisory locks were never released"
+        time.sleep(0.01)
+
+
 def check_store(reg) -> None:
     """Every row's blob is there and hashes to its sha; no other blob and no leftover is in the store."""
     rows = reg.db.q("SELECT name, sha256 FROM versions")

@@ -19,7 +19,7 @@ from lorakit.adapters.pg import CHANNEL
 from lorakit.adapters.registry_pg import PgRegistry
 from lorakit.models import tiny_llama
 
-from pg_checks import Writers, check_store, db_state, replay
+from pg_checks import Writers, check_store, db_state, locks_released, replay
 
 # point -> which of the writer's 4 changes it kills, and whether that change is committed when it dies
 POINTS = [("registry.add.locked", 0, False), ("registry.store.copied", 0, False),
@@ -60,6 +60,7 @@ def test_kill_9_at_named_points(tmp_path, pg_url, caplog):
             events += [json.loads(n.payload) for n in listen.notifies(timeout=0.3)]  # and nothing more
             assert len(events) == expect, f"{point}: notified {events}"
             state, high = replay(events, state, high)  # numbers grow across trials: never handed out twice
+            locks_released(listen)
             caplog.clear()
             reg = PgRegistry(pg_url)  # opening collects what the kill left in the store
             cleaned = [r.getMessage() for r in caplog.records if "leftover" in r.getMessage()]

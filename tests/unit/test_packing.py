@@ -79,6 +79,25 @@ def test_pack_keeps_each_rows_positions_and_targets():
         sum(x != IGNORE for x in e.labels[1:]) for e in ex)
 
 
+def test_a_rank_without_targets_gets_targets_at_the_same_width():
+    """Under DDP/FSDP a rank whose packed micro-batch predicts nothing still runs a forward and backward (weighted
+    zero): every token after a segment's first becomes a target and the width (a compiled shape) is unchanged;
+    rows of one token each get one more."""
+    from lorakit.train.distributed import all_targets
+
+    ex = [Example(e.input_ids, [IGNORE] * len(e.labels)) for e in rows(2)]
+    b = pack(ex, pad_id=0, width=128)
+    got = all_targets({**b, "n_targets": 0})
+    assert got["input_ids"].shape == (1, 128) and got["input_ids"].equal(b["input_ids"])
+    starts = set(itertools.accumulate((0,) + b["seq_lens"][:-1]))
+    assert got["n_targets"] == 128 - len(starts) == len(got["target_pos"])
+    assert {p + 1 for p in got["target_pos"]} == set(range(128)) - starts
+    one = pack([Example([7], [IGNORE]), Example([9], [IGNORE])], pad_id=0)
+    got = all_targets({**one, "n_targets": 0})
+    assert got["input_ids"].tolist() == [[7, 7, 9]] and got["seq_lens"] == (2, 1) and got["target_pos"] == (0,)
+    assert got["position_ids"].tolist() == [[0, 1, 0]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lora", [{}, {"use_dora": True}])
 @pytest.mark.parametrize("share", [False, True])

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     env_before = dict(os.environ)  # an in-process caller (tests, notebooks) gets its environment back
+    logger = logging.getLogger("lorakit")  # ... and lorakit's logger as it was (level, propagation, handlers)
+    log_before = (logger.level, logger.propagate, list(logger.handlers))
     quiet_libraries(bool(getattr(args, "quiet", False)), verbose=bool(getattr(args, "verbose", False)))
     _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in set(os.environ) - set(env_before):
             del os.environ[k]
         os.environ.update(env_before)
+        logger.setLevel(log_before[0])
+        logger.propagate, logger.handlers[:] = log_before[1], log_before[2]
 
 
 if __name__ == "__main__":

@@ -168,6 +168,28 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def all_targets(batch: dict) -> dict:
+    """A micro-batch without targets made into one where every token a row can predict is a target (its loss is
+    then weighted zero; only the collectives need it). Padded rows: each led by a copy of its first token. Packed
+    rows (seq_lens): every token after a segment's first, same width (a compiled shape stays a known one); only
+    where every segment is one token long is the first segment led by a copy of its first token."""
+    ids = batch["input_ids"]
+    if "seq_lens" not in batch:
+        ids = torch.cat([ids[:, :1], ids], 1)                                                   # (b, s + 1)
+        mask = torch.cat([batch["attention_mask"][:, :1], batch["attention_mask"]], 1)         # still right-padded
+        return {**batch, "input_ids": ids, "attention_mask": mask, "unpadded": bool(mask.all()),
+                "labels": ids.masked_fill(mask == 0, IGNORE), "n_targets": int(mask[:, 1:].sum())}
+    lens = list(batch["seq_lens"])
+    pos = batch["position_ids"]
+    if max(lens) < 2:
+        ids, lens = torch.cat([ids[:, :1], ids], 1), [lens[0] + 1, *lens[1:]]
+        pos = torch.cat([torch.arange(n) for n in lens]).view(1, -1).to(pos.device)
+    labels = ids.masked_fill(pos == 0, IGNORE)                   # a segment's first token is predicted by nothing
+    scored = tuple((labels[0, 1:] != IGNORE).nonzero()[:, 0].tolist())
+    return {**batch, "input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": tuple(lens),
+            "target_pos": scored, "n_targets": len(scored)}
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """FSDP's units below the root: the decoder layers, then the input embedding and the output head when they
     hold two weights (a tied pair stays with the root, which is gathered for the whole step)."""
@@ -235,11 +257,7 @@ class Runner:
         engines' collectives need every rank): its rows, each led by a copy of its first token so that every row
         predicts at least one, with every token a target, weighted zero."""
         if self.ctx.world > 1 and batch["n_targets"] == 0:
-            ids = torch.cat([batch["input_ids"][:, :1], batch["input_ids"]], 1)               # (b, s + 1)
-            mask = torch.cat([batch["attention_mask"][:, :1], batch["attention_mask"]], 1)     # still right-padded
-            batch = {**batch, "input_ids": ids, "attention_mask": mask, "unpadded": bool(mask.all()),
-                     "labels": ids.masked_fill(mask == 0, IGNORE), "n_targets": int(mask[:, 1:].sum())}
-            return self.engine(batch, 1.0)[0] * 0.0
+            return self.engine(all_targets(batch), 1.0)[0] * 0.0
         return self.engine(batch, denom / self.ctx.world)[0]
 
     def no_sync(self, last: bool):
