@@ -61,6 +61,7 @@ def _beyond_noise(diff: torch.Tensor, z: float = 3.0) -> bool:
 
 
 def test_trained_router_beats_single_adapters_and_uniform_mix(tmp_path, caplog):
+    caplog.set_level("INFO", logger="lorakit.train")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     m = tiny_llama()
