@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli_forks
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def lorakit(*args, check=True, fault=None):
-    """`lorakit ARGS` in a subprocess; `fault` (LORAKIT_FAULT, lorakit/faults.py) makes it fail at a named point."""
+    """`lorakit ARGS` as a process of its own (forked from cli_forks' server, which paid the imports once);
+    `fault` (LORAKIT_FAULT, lorakit/faults.py) makes it fail at a named point."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     env.pop("LORAKIT_FAULT", None)
     if fault:
         env["LORAKIT_FAULT"] = fault
-    p = subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
+    p = cli_forks.run([str(a) for a in args], env)
     if check and p.returncode != 0:
         raise AssertionError(f"lorakit {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

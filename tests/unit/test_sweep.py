@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import cli_forks
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -23,8 +25,7 @@ def sweep_args(tiny_dir, out, *extra):
 
 
 def run_sweep(tiny_dir, out, *extra):
-    p = subprocess.run(sweep_args(tiny_dir, out, *extra), capture_output=True, text=True, env=ENV, cwd=ROOT,
-                       timeout=900)
+    p = cli_forks.run(sweep_args(tiny_dir, out, *extra)[3:], ENV, timeout=900)  # a process of its own
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
@@ -44,8 +45,8 @@ def test_sweep_resumes_after_a_kill_and_reports_numbers(tiny_dir, tmp_path):
 
     # kill the whole sweep (orchestrator and its run) once lora-attn-r1 has trained one step: the run kills its
     # process group when it reaches micro-batch 1 (lorakit/faults.py)
-    p = subprocess.run(sweep_args(tiny_dir, out), env={**ENV, "LORAKIT_FAULT": "train.micro_batch@1:killpg"},
-                       cwd=ROOT, start_new_session=True, capture_output=True, text=True, timeout=900)
+    p = cli_forks.run(sweep_args(tiny_dir, out)[3:], {**ENV, "LORAKIT_FAULT": "train.micro_batch@1:killpg"},
+                      timeout=900)  # in a session of its own: the kill takes the sweep and its run, nothing else
     assert p.returncode == -9, p.stdout + p.stderr
     assert steps_logged(runs / "lora-attn-r1") >= 1, "the run never started training"
     assert not (runs / "lora-attn-r1" / "result.json").exists()
