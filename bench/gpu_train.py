@@ -6,8 +6,10 @@ A run SPEC is CASE/TOOL[/k=v,...]. lorakit variants: compile=0, fuse=0, wide=0 (
 mlp=1 (fused SwiGLU+LoRA MLP kernels: less memory, slower on H100), ce=0 (compiled plain-torch loss
 chunks instead of the Triton kernel), rec=N|all|match (recomputed layers), opts=cdt|mat (Inductor coordinate-descent tuning /
 max-autotune), attn=BACKEND+..., prof=1 (one profiled step, kernel families in the JSON). PEFT variants: bf16=1
-(adapters in bf16), liger=1 (Liger kernels), kbit=1 (4-bit case: peft.prepare_model_for_kbit_training); PEFT's
-4-bit case quantizes with bitsandbytes (Linear4bit NF4, double quantization, bf16 compute).
+(adapters in bf16), liger=1 (Liger kernels), kbit=1 (4-bit case: peft.prepare_model_for_kbit_training), ckpt=0
+(no gradient checkpointing: PEFT's defaults); PEFT's 4-bit case quantizes with bitsandbytes (Linear4bit NF4, double
+quantization, bf16 compute). lorakit's 4-bit cases (8b-q4*): lib=auto|bnb|own|torchao (NF4Weight's library),
+mem=1 (per-phase allocated peaks); both sides train at a constant learning rate of 1e-4 on the same token ids.
 
 Models are random-weight Llama shapes (built on the meta device, materialised on the GPU, normal(0,
 0.02) weights, norms around 1), bf16 weights, LoRA r=16 alpha=32 dropout 0 on every linear layer but
@@ -47,10 +49,12 @@ CASES = {  # name: (shape, batch, seq, mode, checkpointing in the HF run)
     "1b-full-ckpt": ("llama-1b", 8, 2048, "full", True),
     "8b": ("llama-8b", 4, 2048, "lora", False),
     "8b-ckpt": ("llama-8b", 4, 2048, "lora", True),
-    "8b-q4": ("llama-8b", 1, 2048, "qlora", True),  # issue 7: 4-bit base, batch 1 x 2048, peak <= 8 GiB
+    "8b-q4": ("llama-8b", 1, 2048, "qlora", True),  # issue 24: 4-bit base, batch 1 x 2048
+    "8b-q4-b2": ("llama-8b", 2, 2048, "qlora", True),  # issue 24: batch 2 x 2048 (fixed-length rows, no padding)
     "tiny": ("tiny", 2, 64, "lora", False),
     "tiny-full-ckpt": ("tiny", 2, 64, "full", True),
     "tiny-q4": ("tiny", 2, 64, "qlora", True),
+    "tiny-q4-b1": ("tiny", 1, 64, "qlora", True),
 }
 DEFAULT_RUNS = [  # most important first: a deadline skips the tail
     "1b/peft", "1b/lorakit/prof=1", "8b-ckpt/peft", "8b-ckpt/lorakit", "1b-ckpt/peft", "1b-full-ckpt/peft",
@@ -203,29 +207,72 @@ def setup_lorakit(model, mode: str, ckpt: bool, variant: dict):
 
 
 def setup_lorakit_qlora(model, mode: str, ckpt: bool, variant: dict):
-    """QLoRA: every decoder linear in lorakit's NF4 (double quantization; the head stays bf16), LoRA r=16 on
-    all of them, HF gradient checkpointing, and the chunked linear cross-entropy (no full logits tensor)."""
-    import gc
-
+    """QLoRA as `lorakit train --quantize nf4` runs it on CUDA, in process (the CLI would save and reload the 16 GB
+    random model): every decoder linear in NF4 through `lib=` (auto: bitsandbytes' kernels; own; torchao), LoRA r=16
+    on all of them with fp32 masters (the loop's), AdamW, and the loop's plain backend (train/backends.py: HF
+    checkpointing on every layer, the input embedding in host memory, the chunked in-place loss). mem=1 records the
+    allocated peak of each phase (forward, backward, optimizer) of every step."""
     from lorakit import LoraConfig, add_adapter
-    from lorakit.train.fast.loss import default_chunk, linear_cross_entropy, shift_targets
     from lorakit.core.nf4 import quantize_model
+    from lorakit.train.backends import PlainBackend
 
-    quantize_model(model, "all-linear")
+    lib = variant.get("lib", "auto")
+    quantize_model(model, "all-linear", lib=lib)
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
     add_adapter(model, LoraConfig(r=R, alpha=ALPHA, dropout=0.0, targets="all-linear"))
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():  # the loop's fp32 adapter masters
+        if p.requires_grad:
+            p.data = p.data.float()
     model.train()
+    backend = PlainBackend(model, recompute="all" if variant.get("rec", "all") == "all" else int(variant["rec"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEV == "cuda")
-    chunk = default_chunk(model.config.vocab_size)
+    phases: list = []
 
     def loss_fn(ids):
-        h = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (b, s, d)
-        return linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, shift_targets(ids), chunk=chunk)
-    return model, opt, loss_fn, {"quant": "nf4", "chunk": chunk}
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "unpadded": True}
+        if variant.get("mem") != "1" or DEV != "cuda":
+            return backend.loss(batch, float(ids.numel() - ids.shape[0]))[0]
+        torch.cuda.reset_peak_memory_stats()
+        loss = backend.loss(batch, float(ids.numel() - ids.shape[0]))[0]
+        phases.append({"forward_peak_gib": round(mem("peak") / 2**30, 3), "after_forward_gib": round(mem("now") / 2**30, 3)})
+        return PhaseLoss(loss, phases)
+    from lorakit.kernels import nf4_lib
+    return model, PhaseOpt(opt, phases), loss_fn, {"quant": "nf4", "lib": nf4_lib.resolve(lib, DEV), "phases": phases,
+                                                   "host_embedding": backend.host_embedding is not None}
+
+
+class PhaseLoss:
+    """A loss whose backward records the allocated peak of the backward pass (mem=1)."""
+
+    def __init__(self, loss, phases):
+        self.loss, self.phases = loss, phases
+
+    def backward(self):
+        torch.cuda.reset_peak_memory_stats()
+        self.loss.backward()
+        self.phases[-1].update(backward_peak_gib=round(mem("peak") / 2**30, 3))
+
+    def __float__(self):
+        return float(self.loss)
+
+
+class PhaseOpt:
+    """The optimizer, recording the allocated peak of its step (mem=1)."""
+
+    def __init__(self, opt, phases):
+        self.opt, self.phases = opt, phases
+
+    def step(self):
+        if self.phases and DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.opt.step()
+        if self.phases and DEV == "cuda":
+            self.phases[-1].update(optimizer_peak_gib=round(mem("peak") / 2**30, 3))
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
 
 
 # ---------------------------------------------------------------- the user path: `lorakit train`
@@ -302,6 +349,7 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
     if tool == "cli":
         return run_cli(case, variant, args, env)
     shape, batch, seq, mode, ckpt = CASES[case]
+    ckpt = ckpt and variant.get("ckpt") != "0"  # peft/ckpt=0: PEFT at its defaults, no gradient checkpointing
     if variant.get("rec") == "match":
         variant = dict(variant, rec=str(match_recompute(case, results)))
     torch.manual_seed(0)
@@ -330,6 +378,10 @@ def run(case: str, tool: str, variant: dict, args, env: dict, results: list) -> 
         sync()
         times.append(time.perf_counter() - t0)
     peak = mem("peak")
+    phases = extra.get("phases")
+    if phases:  # mem=1 reset the peak at every phase: the step's peak is the largest phase's
+        peak = max(v for ph in phases[args.warmup:] for k, v in ph.items() if k.endswith("_peak_gib")) * 2**30
+        peak_warm = max(v for ph in phases[:args.warmup] for k, v in ph.items() if k.endswith("_peak_gib")) * 2**30
     reserved = torch.cuda.max_memory_reserved() if DEV == "cuda" else 0
     step = statistics.median(times[args.warmup:])
     tok_s = batch * seq / step
