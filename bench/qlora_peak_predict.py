@@ -126,6 +126,9 @@ def predict(shape: str, seq: int, upto: str) -> dict:
         backends._inplace_chunk_fn = lambda h: _inplace_ce
     meta = build(shape)
     dynamic_map("cpu"), _byte_table(torch.device("cpu"))  # real code books, made before the fake mode (cached)
+    if "bnb" in on:  # bitsandbytes' code books too (its dynamic map reads values back: no fake tensor can)
+        from lorakit.kernels import nf4_lib
+        nf4_lib.bnb_state(*(torch.zeros(1),) * 3, (1, 64), torch.bfloat16)
     mem = LiveBytes()
     gib = lambda b: round(b / GIB, 3)  # noqa: E731
     steps = []
