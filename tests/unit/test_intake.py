@@ -170,3 +170,51 @@ def test_a_mixture_is_copied_before_it_is_checked(tmp_path, reg, good):
     with pytest.raises(ValueError) as e:
         add_mixture(reg, "m", d)
     assert str(d / MIXTURE_FILE) in str(e.value) and ".staging" not in str(e.value)
+
+
+def _reshaped(tmp_path, good, name, edit):
+    d = _variant(tmp_path, good, name)
+    t = load_file(good / WEIGHTS_NAME)
+    edit(t)
+    save_file(t, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
+    return d
+
+
+def test_tensors_must_have_the_layout_of_the_bases_layer_kind(tmp_path, good):
+    base = tiny_llama()
+    fp = fingerprint(base)
+    assert fp["kinds"]["model.layers.0.self_attn.q_proj"] == "linear"
+    assert fp["kinds"]["model.embed_tokens"] == "embedding"
+    old = {k: v for k, v in fp.items() if k not in ("kinds", "kernels")}  # a registry made before kinds
+    Registry(tmp_path / "old.sqlite", base_fp=old, base_name="tiny").close()
+    reg = Registry(tmp_path / "old.sqlite", base_fp=fp, base_name="tiny")  # opened with the model: kinds recorded
+    assert Registry(tmp_path / "old.sqlite").base_fp["kinds"] == fp["kinds"]
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+    def conv_pair(t):  # A (r, in, 3, 3), B (out, r, 1, 1): a conv layer's pair, (out, in) as the linear layer's
+        t[q + ".lora_A.weight"] = t[q + ".lora_A.weight"][:, :, None, None].repeat(1, 1, 3, 3).contiguous()
+        t[q + ".lora_B.weight"] = t[q + ".lora_B.weight"][:, :, None, None].contiguous()
+
+    def embedding_keys(t):
+        t[q + ".lora_embedding_A"] = t.pop(q + ".lora_A.weight")
+        t[q + ".lora_embedding_B"] = t.pop(q + ".lora_B.weight")
+
+    for name, edit, msg in [
+            ("conv", conv_pair, "module 'model.layers.0.self_attn.q_proj' is a linear layer on the base, but the "
+                                "adapter has lora_A (4, 64, 3, 3) and lora_B (64, 4, 1, 1); expected (r, in) and (out, r)"),
+            ("embkeys", embedding_keys, "module 'model.layers.0.self_attn.q_proj' is a linear layer on the base; its "
+                                        "tensors must be named .lora_A.weight/lora_B.weight")]:
+        d = _reshaped(tmp_path, good, name, edit)
+        for check in (lambda: reg.add("x", d), lambda: read_and_validate(d, fp)):
+            with pytest.raises(ValueError) as e:
+                check()
+            assert msg in str(e.value) and str(d / WEIGHTS_NAME) in str(e.value), str(e.value)
+            assert type(e.value) is ValueError  # a malformed file (400), not another base (409)
+    assert reg.list() == []
+    reg.close()
+
+
+def read_and_validate(d, fp):
+    from lorakit.adapters.peft_files import validate_adapter
+
+    return validate_adapter(read_adapter(d), fp)

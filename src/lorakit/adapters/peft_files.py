@@ -44,12 +44,16 @@ EMBEDDING_SUFFIXES = {".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_
 def fingerprint(model: nn.Module) -> dict:
     """What an adapter needs of its base: architecture and the shape of every linear module.
     `shape_hash` decides compatibility; `weight_hash` tells two bases of equal shape apart."""
-    shapes = {}
+    shapes, kinds, kernels = {}, {}, {}
     for path, mod in model.named_modules():
         if isinstance(mod, LoraLinear):
             shapes[path] = [mod.out_features, mod.in_features]
+            kinds[path] = mod.kind
         elif (wrap := wrapper_for(mod)) is not None:  # linear, 4-bit linear, conv, embedding
             shapes[path] = list(wrap.shape_of(mod))
+            kinds[path] = wrap.kind
+        if kinds.get(path) == "conv":
+            kernels[path] = list(getattr(mod, "kernel_size", ()))
     cfg = getattr(model, "config", None)
     arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
     shape_hash = hashlib.sha256(json.dumps([arch, sorted(shapes.items())]).encode()).hexdigest()[:16]
@@ -67,6 +71,8 @@ def fingerprint(model: nn.Module) -> dict:
         "shape_hash": shape_hash,
         "weight_hash": h.hexdigest()[:16],
         "shapes": shapes,
+        "kinds": kinds,  # what an adapter's tensors must look like per module (check_layouts); not in shape_hash
+        "kernels": kernels,
     }
 
 
@@ -83,6 +89,38 @@ def check_compatible(adapter_shapes: dict[str, list[int]], base_fp: dict) -> Non
             raise ValueError(f"adapter is for another base: module {path!r} is (out, in)={tuple(shape)} "
                              f"in the adapter but {tuple(base_shapes[path])} in the base model "
                              f"({base_fp['architecture']}{hidden})")
+
+
+def check_layouts(af: "AdapterFile", base_fp: dict) -> None:
+    """Raise ValueError naming the module whose tensors do not have the layout of the base's layer there
+    (PEFT's: linear A (r, in), B (out, r); embedding .lora_embedding_A/B, 2-D; conv A (r, in, *kernel), B (out, r,
+    1...)). A conv-shaped pair on a linear layer would pass the (out, in) check and fail every request later.
+    Bases fingerprinted before kinds were recorded are not checked."""
+    kinds, kernels = base_fp.get("kinds"), base_fp.get("kernels") or {}
+    if not kinds:
+        return
+    where = str(af.path / WEIGHTS_NAME)
+    emb = {k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in af.tensors
+           if any(k.endswith(s) for s in EMBEDDING_SUFFIXES)}
+    for path, parts in af.modules().items():
+        kind, A, B = kinds.get(path), parts["lora_A"], parts["lora_B"]
+        got = f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}"
+        if kind is None:
+            continue  # check_compatible names modules the base lacks
+        if (kind == "embedding") != (path in emb):
+            keys = "lora_embedding_A/B" if kind == "embedding" else "lora_A.weight/lora_B.weight"
+            raise ValueError(f"{where}: module {path!r} is a{'n' if kind[0] in 'ae' else ''} {kind} layer on the base; "
+                             f"its tensors must be named .{keys}")
+        want = 2 + len(kernels.get(path, ())) if kind == "conv" else 2
+        if A.dim() != want or B.dim() != want:
+            shape = "(r, in, *kernel) and (out, r, 1...)" if kind == "conv" else "(r, in) and (out, r)"
+            raise ValueError(f"{where}: module {path!r} is a{'n' if kind[0] in 'ae' else ''} {kind} layer on the base, "
+                             f"but the adapter has {got}; expected {shape}")
+        if kind == "conv" and list(A.shape[2:]) != list(kernels.get(path, ())):
+            raise ValueError(f"{where}: module {path!r} is a conv layer with kernel {tuple(kernels[path])} on the base, "
+                             f"but the adapter has {got}")
+        if kind != "linear" and "lora_magnitude_vector" in parts:
+            raise ValueError(f"{where}: module {path!r} is a {kind} layer; lorakit applies DoRA to linear layers only")
 
 
 # ---------------------------------------------------------------- save
@@ -121,7 +159,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
     header = {
         "format": "pt",
         "lorakit.version": __version__,
-        "lorakit.base_fingerprint": json.dumps({**fp, "shapes": targeted}),
+        "lorakit.base_fingerprint": json.dumps({**fp, "shapes": targeted,
+                                                **{k: {p: v for p, v in fp[k].items() if p in targeted}
+                                                   for k in ("kinds", "kernels")}}),
         "lorakit.metadata": json.dumps(metadata or {}),
     }
     # a causal LM (it can generate) is PEFT's CAUSAL_LM task; anything else (a UNet) gets no task type, which
@@ -268,6 +308,7 @@ def validate_adapter(af: AdapterFile, base_fp: dict | None = None) -> dict[str, 
                              f"the limit is {MAX_DELTA_BOUND:g}")
     if base_fp is not None:
         check_compatible(af.module_shapes(), base_fp)
+        check_layouts(af, base_fp)
     return mods
 
 

@@ -120,6 +120,13 @@ class Registry:
                         f"registry {str(self.path)!r} belongs to base {row['name']!r} ({key} "
                         f"{stored.get(key)}), but the model given is {base_name!r} ({key} {base_fp.get(key)}); "
                         "use another registry file for another base")
+            if "kinds" not in stored and base_fp.get("kinds"):  # recorded before layer kinds were: add them
+                stored = {**stored, "kinds": base_fp["kinds"], "kernels": base_fp.get("kernels", {})}
+                try:
+                    with self._write():
+                        self._db.execute("UPDATE base SET fingerprint = ? WHERE id = 1", (json.dumps(stored),))
+                except sqlite3.Error as e:  # read-only: check with them in memory
+                    log.warning("could not record the base's layer kinds in %s: %s", self.path, e)
         return stored, row["name"]
 
     def require_base(self) -> dict:
@@ -164,11 +171,12 @@ class Registry:
         """Raise IncompatibleAdapter with the reason if adapter file `af` does not fit the base."""
         base = self.require_base()
         try:
-            from lorakit.adapters.peft_files import check_compatible  # torch: only where files are checked
+            from lorakit.adapters.peft_files import check_compatible, check_layouts  # torch: only where files are checked
 
             check_compatible(af.module_shapes(), base)
         except ValueError as e:
             raise IncompatibleAdapter(str(e)) from None
+        check_layouts(af, base)  # a file malformed for the base's layer kinds: ValueError, a 400
         fp = af.fingerprint
         if fp and fp.get("architecture") != base.get("architecture"):
             raise IncompatibleAdapter(f"adapter is for another base: trained on a {fp.get('architecture')}, "
