@@ -218,3 +218,24 @@ def read_and_validate(d, fp):
     from lorakit.adapters.peft_files import validate_adapter
 
     return validate_adapter(read_adapter(d), fp)
+
+
+def test_the_cli_says_what_is_wrong_in_one_line(tmp_path, reg, good, capsys):
+    from lorakit.cli.main import main
+
+    fifo = _variant(tmp_path, good, "fifo")
+    (fifo / WEIGHTS_NAME).unlink()
+    os.mkfifo(fifo / WEIGHTS_NAME)
+    zero = _variant(tmp_path, good, "zero")
+    (zero / CONFIG_NAME).unlink()
+    (zero / CONFIG_NAME).symlink_to("/dev/zero")
+    badpat = _variant(tmp_path, good, "badpat")
+    cfg = json.loads((good / CONFIG_NAME).read_text())
+    (badpat / CONFIG_NAME).write_text(json.dumps({**cfg, "rank_pattern": {"(": 8}}))
+    path = str(reg.path)
+    for d, msg in ((fifo, "is a FIFO, not a regular file"), (zero, "is a link to '/dev/zero', outside the adapter"),
+                   (badpat, "rank_pattern"), (tmp_path / "nowhere", "does not exist")):
+        capsys.readouterr()
+        assert main(["adapters", "add", "x", str(d), "--registry", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lorakit adapters: error: ") and msg in err[0], err

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(quiet=bool(getattr(args, "quiet", False)))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a bad value or file (OSError: unreadable, not permitted): one line
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # torchrun
         print(f"lorakit {args.command}: error: {rank}{e}", file=sys.stderr)
         return 2
