@@ -239,3 +239,23 @@ def test_the_cli_says_what_is_wrong_in_one_line(tmp_path, reg, good, capsys):
         assert main(["adapters", "add", "x", str(d), "--registry", path]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("lorakit adapters: error: ") and msg in err[0], err
+
+
+def test_the_postgresql_registry_stores_the_checked_copy_too(tmp_path, good, pg_url):
+    from lorakit.adapters.registry_pg import PgRegistry
+
+    reg = PgRegistry(pg_url, base_fp=fingerprint(tiny_llama()), base_name="tiny", store=tmp_path / "store")
+    try:
+        src = _variant(tmp_path, good, "src")
+        _nan_weights(good, tmp_path / "nan.safetensors")
+        with faults.hook("registry.copied", lambda n: n == 1 and os.replace(tmp_path / "nan.safetensors",
+                                                                            src / WEIGHTS_NAME)):
+            v = reg.add("s", src)
+        assert v.sha256 == content_sha256(good) == content_sha256(reg.local_files(v))
+        other = _adapter(tmp_path / "other", 2)
+        with faults.hook("registry.copied", lambda n: n == 1 and reg.remove("s")):  # removed while we copy
+            v2 = reg.add("s", other)
+        assert [x.version for x in reg.versions("s")] == [2] == [v2.version]
+        assert content_sha256(reg.local_files(reg.resolve("s"))) == content_sha256(other)
+    finally:
+        reg.close()
