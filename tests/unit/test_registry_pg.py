@@ -282,3 +282,18 @@ def test_database_outage_is_a_503_then_everything_reconnects(tmp_path):
         reg.close()
     finally:
         cluster.stop()
+
+
+def test_without_postgresql_the_tests_are_skipped_naming_what_is_missing(monkeypatch):
+    """Where PostgreSQL or psycopg is absent, the cluster says which and how to install it (the pg_cluster
+    fixture skips with that reason), before creating anything."""
+    import sys
+
+    import pg_cluster
+
+    monkeypatch.setattr(pg_cluster, "_bin", lambda name: None)
+    with pytest.raises(pg_cluster.Unavailable, match=r"PostgreSQL is not installed .*install_postgresql\.sh"):
+        pg_cluster.Cluster()
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    with pytest.raises(pg_cluster.Unavailable, match=r"psycopg is not installed \(pip install 'lorakit\[postgres\]'\)"):
+        pg_cluster.Cluster()
