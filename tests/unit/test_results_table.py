@@ -44,3 +44,10 @@ def test_experiments_estimate_examples_match_the_estimator():
     rt = _script()
     text = (ROOT / "docs" / "experiments.md").read_text()
     assert rt.TARGETS["docs/experiments.md"](text) == text
+
+
+def test_serving_doc_replica_and_repeat_results_match_the_files():
+    """docs/serving.md's two-replica load table and the race/kill repeat count come from their result files."""
+    rt = _script()
+    text = (ROOT / "docs" / "serving.md").read_text()
+    assert rt.TARGETS["docs/serving.md"](text) == text, "docs/serving.md drifted: run python scripts/results_table.py"
