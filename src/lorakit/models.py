@@ -235,3 +235,38 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: i
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# per model type, what a tiny random model sets beyond the shared sizes: windows small enough that a test prompt
+# passes them, soft-caps small enough to bend a tiny model's scores, partial RoPE, q/k norms (qwen3, gemma3)
+TINY = {
+    "llama": dict(tie_word_embeddings=False),
+    "mistral": dict(sliding_window=8, tie_word_embeddings=False),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=False),
+    "qwen3": dict(tie_word_embeddings=False),
+    "gemma2": dict(sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=1.0,
+                   final_logit_softcapping=2.0, hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16,
+                        final_logit_softcapping=2.0, hidden_activation="gelu_pytorch_tanh"),
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=8, tie_word_embeddings=False),
+}
+
+
+def tiny_decoder(model_type: str = "llama", seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: int = 2,
+                 dtype=torch.float32, init_std: float = 0.1, **config):
+    """A tiny random decoder of one of the families arch.py describes (TINY: its family's features switched on;
+    `config` overrides), every norm weight perturbed so that a norm used in the wrong place shows, frozen, eval."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=init_std)
+    cfg = AutoConfig.for_model(model_type, **{**sizes, **TINY.get(model_type, {}), **config})
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.requires_grad_(False)
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model

@@ -102,5 +102,7 @@ def test_off_where_it_cannot_apply(caplog):
         b = PlainBackend(m, recompute="all", share_prefix=True)
     assert not b.share_prefix and "recompute" in caplog.text
     b.close()
-    m.config.sliding_window = 8
+    m.config.sliding_window = 8  # Llama's attention has no window (arch.windows): the prefix may be shared
+    assert PlainBackend(m, share_prefix=True).share_prefix
+    m.config.model_type = "mistral"  # whose layers attend through it
     assert not PlainBackend(m, share_prefix=True).share_prefix

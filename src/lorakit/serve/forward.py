@@ -5,10 +5,12 @@ position t); a decode step writes every row's new key/value at its own length an
 positions beyond it. This is what lets a new request join the running batch at the next step
 (continuous batching) without padding everyone to the same length.
 
-The layer maths is the model's: embeddings, RMSNorms, rotary embedding, q/k/v/o projections (whose
-LoraLinear routing adds each row's adapter), MLP and head are the model's own modules, and attention
-is torch's scaled_dot_product_attention as transformers' "sdpa" path calls it, so greedy tokens
-match offline generation. Supported: Llama-style decoders (llama, mistral without sliding window, qwen2).
+The layer maths is the model's, read from its description (lorakit.arch): the embedding, norms, rotary tables,
+projections (whose LoraLinear routing adds each row's adapter; a fused qkv projection is split after it), q/k norms,
+MLP and head are the model's own modules; attention is torch's scaled_dot_product_attention as transformers'
+"sdpa" path calls it, or the eager maths where scores are soft-capped (Gemma 2), so greedy tokens match offline
+generation. Sliding-window layers mask keys more than `window - 1` positions back (the cache keeps them all).
+Served: the model types arch.SUPPORTED (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3).
 """
 from __future__ import annotations
 
@@ -16,20 +18,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.arch import LLAMA_LIKE as SUPPORTED, head_dim
+from lorakit import arch
+
+# RoPE whose frequencies depend on what the module computed before (transformers' "dynamic" updates them in
+# place as longer sequences pass): a batch of rows cannot reproduce each row's offline numbers
+STATEFUL_ROPE = ("dynamic",)
 
 
 def check_supported(model: nn.Module) -> None:
-    cfg = getattr(model, "config", None)
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED:
-        raise ValueError(f"the server runs Llama-style decoders ({', '.join(SUPPORTED)}); "
-                         f"this model's model_type is {mt!r}")
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and mt == "mistral":
-        raise ValueError(f"sliding-window attention (sliding_window={cfg.sliding_window}) is not supported")
-    attn = model.model.layers[0].self_attn
-    if hasattr(attn, "q_norm"):
-        raise ValueError(f"{mt} attention with q/k norms is not supported by the server's decoder loop")
+    """Refuse (ValueError naming the model type or setting, and what is served) a model this forward does not
+    compute exactly."""
+    arch.family(model, "the server")
+    cfg = model.config
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise ValueError(f"{cfg.model_type} with use_bidirectional_attention=True is an encoder; the server "
+                         "generates with causal attention")
+    kind = arch.rope_type(model)
+    if kind in STATEFUL_ROPE:
+        raise ValueError(f"RoPE scaling {kind!r} is not served (its frequencies depend on earlier calls); "
+                         "use a static scaling (linear, llama3, yarn, longrope)")
 
 
 class RowCache:
@@ -39,7 +46,7 @@ class RowCache:
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = head_dim(cfg)
+        self.head_dim = arch.head_dim(cfg)
         w = next(model.parameters())
         self.dtype, self.device = w.dtype, w.device
         self.max_rows, self.chunk = max_rows, chunk
@@ -77,9 +84,29 @@ class RowCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def _attention(attn: nn.Module, q, k, v, mask, causal: bool) -> torch.Tensor:
-    """q (b, h, s, d), k/v (b, kvh, t, d), mask (b, 1, 1, t) bool or None -> (b, h, s, d)."""
+class Model:
+    """What one forward needs of the model, read from arch once per call: family, parts, windows, soft-caps."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.fam = model, arch.family(model, "the server")
+        self.layers = [arch.layer_parts(layer) for layer in arch.decoder_layers(model)]
+        self.layers = self.layers[:model.config.num_hidden_layers]
+        self.windows = arch.windows(model)
+        self.softcap = arch.attn_softcap(model)
+        self.sizes = arch.qkv_sizes(model.config)
+
+
+def _attention(attn: nn.Module, q, k, v, mask, causal: bool, softcap: float | None) -> torch.Tensor:
+    """q (b, h, s, d), k/v (b, kvh, t, d), mask (b or 1, 1, s or 1, t) bool (True: attend) or None -> (b, h, s, d)."""
     groups = q.shape[1] // k.shape[1]
+    if softcap is not None:  # transformers' eager maths: cap the scores, then mask, softmax in float32
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.tanh(q @ k.transpose(2, 3) * attn.scaling / softcap) * softcap  # (b, h, s, t)
+        if mask is None and causal:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     if groups > 1 and mask is not None:  # transformers' sdpa path: GQA only without a mask
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -88,36 +115,43 @@ def _attention(attn: nn.Module, q, k, v, mask, causal: bool) -> torch.Tensor:
                                           enable_gqa=groups > 1)
 
 
-def _layer(layer: nn.Module, i: int, h: torch.Tensor, cos_sin, cache: RowCache, write, read) -> torch.Tensor:
+def _layer(m: Model, i: int, h: torch.Tensor, cos_sin, cache: RowCache, write, read) -> torch.Tensor:
     """One decoder layer (the model's modules). h (b, s, hidden)."""
     b, s, _ = h.shape
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # (b, heads, s, d)
-    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # (b, kv_heads, s, d)
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = cos_sin
-    q, k = _rotary(q, k, cos, sin)
+    p = m.layers[i]
+    q, k, v = arch.project_qkv(m.fam, p.attn, p.input_norm(h), m.sizes)  # (b, s, heads or kv_heads, d)
+    if p.q_norm is not None:
+        q, k = p.q_norm(q), p.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, s, d)
+    q, k = arch.apply_rotary(q, k, *cos_sin)
     write(cache.k[i], cache.v[i], k, v)
-    k_all, v_all, mask, causal = read(cache.k[i], cache.v[i], k, v)
-    o = _attention(attn, q, k_all, v_all, mask, causal)  # (b, heads, s, d)
-    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    k_all, v_all, mask, causal = read(cache.k[i], cache.v[i], k, v, m.windows[i])
+    o = _attention(p.attn, q, k_all, v_all, mask, causal, m.softcap)  # (b, heads, s, d)
+    o = p.attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+    h = h + (o if p.post_attn is None else p.post_attn(o))
+    o = p.mlp(p.pre_mlp(h))
+    return h + (o if p.post_mlp is None else p.post_mlp(o))
 
 
-def _rotary(q, k, cos, sin):
-    from lorakit.arch import apply_rotary as apply_rotary_pos_emb
+def _run(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: RowCache, write, read,
+         lengths: list[int] | None = None) -> torch.Tensor:
+    """Final-norm hidden states (b, s, hidden) of tokens ids (b, s) at positions pos (b, s); `lengths`: each row's
+    real tokens (the rest is padding), for RoPE whose tables depend on a row's length."""
+    m = Model(model)
+    h = arch.embed(model)(ids)  # (b, s, hidden)
+    tables = arch.rotary(model, h, pos, lengths)
+    for i in range(len(m.layers)):
+        h = _layer(m, i, h, tables[i], cache, write, read)
+    return arch.final_norm(model)(h)
 
-    return apply_rotary_pos_emb(q, k, cos, sin)
 
-
-def _run(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: RowCache, write, read) -> torch.Tensor:
-    inner = model.model
-    h = inner.embed_tokens(ids)  # (b, s, hidden)
-    cos_sin = inner.rotary_emb(h, position_ids=pos)
-    for i, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
-        h = _layer(layer, i, h, cos_sin, cache, write, read)
-    return inner.norm(h)
+def _window_mask(q_pos: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:
+    """(b, 1, s, width) bool: key j is seen by the query at q_pos (b, s) when q_pos - window < j <= q_pos."""
+    j = torch.arange(width, device=q_pos.device)
+    seen = j <= q_pos[..., None]  # (b, s, width)
+    if window is not None:
+        seen = seen & (j > q_pos[..., None] - window)
+    return seen[:, None]
 
 
 @torch.no_grad()
@@ -137,12 +171,18 @@ def prefill(model: nn.Module, cache: RowCache, rows: slice, prompts: list[list[i
         K[rows, :, :width].copy_(k)
         V[rows, :, :width].copy_(v)
 
-    def read(K, V, k, v):
-        return k, v, None, width > 1
+    masks = {}
 
-    h = _run(model, ids, pos, cache, write, read)  # (n, width, hidden)
+    def read(K, V, k, v, window):
+        if window is None or window >= width:
+            return k, v, None, width > 1
+        if window not in masks:
+            masks[window] = _window_mask(pos[:1], width, window)  # (1, 1, width, width)
+        return k, v, masks[window], False
+
+    h = _run(model, ids, pos, cache, write, read, [len(p) for p in prompts])  # (n, width, hidden)
     last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-    return model.lm_head(h[torch.arange(n, device=dev), last][:, None, :])[:, 0].float()  # (n, vocab)
+    return arch.logits(model, h[torch.arange(n, device=dev), last][:, None, :])[:, 0].float()  # (n, vocab)
 
 
 @torch.no_grad()
@@ -181,19 +221,23 @@ def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[i
     rows = torch.arange(n, device=dev) if leading else torch.tensor(rows, device=dev)
     width = max(lengths) + 1
     same = min(lengths) == max(lengths)
-    mask = None if same else (torch.arange(width, device=dev)[None, :] <= pos_t[:, None])[:, None, None, :]
+    masks = {}
 
     def write(K, V, k, v):
         K[rows, :, pos_t] = k[:, :, 0]  # (n, kv_heads, d) at each row's own position
         V[rows, :, pos_t] = v[:, :, 0]
 
-    def read(K, V, k, v):
+    def read(K, V, k, v, window):
+        if window is not None and window >= width:
+            window = None
+        if window not in masks:
+            masks[window] = None if same and window is None else _window_mask(pos_t[:, None], width, window)
         if leading:
-            return K[:n, :, :width], V[:n, :, :width], mask, False
-        return K[rows, :, :width], V[rows, :, :width], mask, False
+            return K[:n, :, :width], V[:n, :, :width], masks[window], False
+        return K[rows, :, :width], V[rows, :, :width], masks[window], False
 
-    h = _run(model, ids, pos_t[:, None], cache, write, read)  # (n, 1, hidden)
-    return model.lm_head(h)[:, 0].float()  # (n, vocab)
+    h = _run(model, ids, pos_t[:, None], cache, write, read, [1] * n)  # (n, 1, hidden)
+    return arch.logits(model, h)[:, 0].float()  # (n, vocab)
 
 
 class _NoCache:
@@ -209,11 +253,16 @@ def hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     (b, s, hidden). The layer maths of prefill and decode, so a row's numbers are those it generates with."""
     b, s = ids.shape
     pos = torch.arange(s, device=ids.device).expand(b, s)
+    masks = {}
 
     def write(K, V, k, v):
         pass
 
-    def read(K, V, k, v):
-        return k, v, None, s > 1
+    def read(K, V, k, v, window):
+        if window is None or window >= s:
+            return k, v, None, s > 1
+        if window not in masks:
+            masks[window] = _window_mask(pos[:1], s, window)
+        return k, v, masks[window], False
 
-    return _run(model, ids, pos, _NoCache(model.config.num_hidden_layers), write, read)
+    return _run(model, ids, pos, _NoCache(model.config.num_hidden_layers), write, read, [s] * b)

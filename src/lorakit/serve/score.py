@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorakit import arch
 from lorakit.serve import forward
 from lorakit.serve.request import ScoreRequest, send
 
@@ -46,7 +47,7 @@ def kl_to_base(model, h: torch.Tensor, prompt_len: int, answer: list[int], chunk
     kl, lp_a, lp_b = [], [], []
     for c in range(0, n, chunk):
         m = min(n, c + chunk) - c
-        logits = model.lm_head(h[:, prompt_len - 1 + c: prompt_len - 1 + c + m]).float()  # (2, m, vocab)
+        logits = arch.logits(model, h[:, prompt_len - 1 + c: prompt_len - 1 + c + m]).float()  # (2, m, vocab)
         if not torch.isfinite(logits).all():
             which = "the adapter's" if not torch.isfinite(logits[0]).all() else "the base's"
             raise ValueError(f"{which} logits are not finite (NaN/inf) at answer token {c} or after: the adapter "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from lorakit import arch
-from lorakit.arch import LLAMA_LIKE, body_and_head, model_type
 from lorakit.train.data import IGNORE
 
 MIN_PREFIX = 16  # below this the second call costs more than it saves
@@ -27,13 +26,13 @@ MIN_PREFIX = 16  # below this the second call costs more than it saves
 
 def prefix_supported(model) -> str | None:
     """Why the shared-prefix forward cannot run on this model, or None if it can."""
-    kind = model_type(model)
-    if kind not in LLAMA_LIKE:
+    kind = arch.model_type(model)
+    if kind not in arch.LLAMA_LIKE:
         return f"model type {kind!r} is not a Llama-family decoder"
-    if body_and_head(model) is None:
+    if arch.body_and_head(model) is None:
         return "the head is not a plain projection of the last hidden state"
-    window = getattr(model.config, "sliding_window", None)
-    if window and getattr(model.config, "use_sliding_window", True):
+    window = next((w for w in arch.windows(model) if w), None)
+    if window:
         return f"the model uses sliding-window attention ({window})"
     return None
 

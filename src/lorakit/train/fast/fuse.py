@@ -12,9 +12,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lorakit.arch import decoder_layers
+from lorakit import arch
 
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+def groups(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of a layer's attention input projections and MLP gate/up projections (arch: the family's)."""
+    fam = arch.family(model, "the fast path")
+    return fam.qkv, fam.gate_up
+
+
+def _modules(model: nn.Module):
+    """Per decoder layer, the module lists that may be stacked: q/k/v and gate/up (one module where fused)."""
+    for layer in arch.decoder_layers(model):
+        p = arch.layer_parts(layer)
+        qkv, gate_up = groups(model)
+        yield [getattr(p.attn, n) for n in qkv]
+        yield [getattr(p.mlp, n) for n in gate_up]
 
 
 def _stack(params: list) -> torch.Tensor | None:
@@ -72,27 +85,21 @@ def fuse_projections(model: nn.Module) -> int:
     """Stack q/k/v and gate/up weights of every decoder layer whose weights are frozen.
     Returns how many groups are stacked afterwards (already stacked ones count)."""
     count = 0
-    for layer in decoder_layers(model):
-        for parent_name, names in GROUPS:
-            parent = getattr(layer, parent_name)
-            mods = [getattr(parent, n) for n in names]
-            if not fusable(mods):
-                continue
-            if stacked(mods) is None:
-                with torch.no_grad():
-                    _stack([m.weight for m in mods])
-                    _stack([getattr(m, "bias", None) for m in mods])
-            count += 1
+    for mods in _modules(model):
+        if len(mods) < 2 or not fusable(mods):
+            continue
+        if stacked(mods) is None:
+            with torch.no_grad():
+                _stack([m.weight for m in mods])
+                _stack([getattr(m, "bias", None) for m in mods])
+        count += 1
     return count
 
 
 def unfuse_projections(model: nn.Module) -> None:
     """Give every stacked weight (and bias) its own storage again."""
-    for layer in decoder_layers(model):
-        for parent_name, names in GROUPS:
-            parent = getattr(layer, parent_name)
-            for n in names:
-                m = getattr(parent, n)
-                for p in (m.weight, getattr(m, "bias", None)):
-                    if p is not None:
-                        p.data = p.data.clone()
+    for mods in _modules(model):
+        for m in mods:
+            for p in (m.weight, getattr(m, "bias", None)):
+                if p is not None:
+                    p.data = p.data.clone()

@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lorakit import kernels
-from lorakit.arch import decoder_layers, head_dim as head_dim_of, model_type
+from lorakit import arch, kernels
 from lorakit.core.inject import LoraLinear
-from lorakit.train.fast.fuse import GROUPS, fuse_projections, stacked
+from lorakit.train.fast.fuse import fuse_projections, groups, stacked
 from lorakit.train.fast.layer import LayerParams, LayerSpec, Lora, Proj, checkpointed_layer, decoder_layer, rms_norm
 from lorakit.train.fast.packing import DocMasks, flex_available
 from lorakit.train.fast.loss import (IGNORE_INDEX, chunk_loss_and_grad, default_chunk,
@@ -56,14 +55,14 @@ def lora_of(mod: nn.Module, path: str) -> Lora | None:
 
 def check_model(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
-    kind = model_type(model)
+    kind = arch.model_type(model)
     if kind not in SUPPORTED:
         raise ValueError(f"the fast path supports model types {SUPPORTED}, got {kind!r}")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (expected 'silu')")
     if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) != 0.0:
         raise ValueError(f"attention_dropout={cfg.attention_dropout} is not supported (expected 0.0)")
-    if getattr(model.lm_head, "bias", None) is not None:
+    if getattr(arch.head(model), "bias", None) is not None:
         raise ValueError("an lm_head with a bias is not supported")
 
 
@@ -94,12 +93,12 @@ class FastLlama(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.config
-        n_layers = len(decoder_layers(model))
+        n_layers = len(arch.decoder_layers(model))
         if not isinstance(recompute_layers, int) or not 0 <= recompute_layers <= n_layers:
             raise ValueError(f"recompute_layers must be an integer in [0, {n_layers}], got {recompute_layers!r}")
         self.recompute_layers, self.chunk, self.fuse, self.wide = recompute_layers, chunk, fuse, wide
-        head_dim = head_dim_of(cfg)
-        w = model.lm_head.weight
+        head_dim = arch.head_dim(cfg)
+        w = arch.head(model).weight
         if gqa == "auto":
             gqa = _probe_gqa(head_dim, w.dtype, device or w.device)
         self.spec = LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
@@ -133,20 +132,20 @@ class FastLlama(nn.Module):
         return Proj(tuple(m.weight for m in mods), tuple(getattr(m, "bias", None) for m in mods), loras, sizes)
 
     def layer_params(self) -> list[LayerParams]:
-        return [self._layer_params(i, layer) for i, layer in enumerate(decoder_layers(self.model))]
+        return [self._layer_params(i, layer) for i, layer in enumerate(arch.decoder_layers(self.model))]
 
     def _layer_params(self, i: int, layer: nn.Module) -> LayerParams:
-        path = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        if hasattr(attn, "q_norm"):
-            raise ValueError(f"{path}: attention with q/k norms is not supported")
+        path, p = arch.layer_path(self.model, i), arch.layer_parts(layer)
+        if p.q_norm is not None or p.post_attn is not None:
+            raise ValueError(f"{path}: attention with q/k norms or sandwich norms is not supported")
+        (qkv, gate_up), (attn, mlp) = groups(self.model), (f"{path}.self_attn", f"{path}.mlp")
         return LayerParams(
-            layer.input_layernorm.weight,
-            self._proj(attn, GROUPS[0][1], f"{path}.self_attn"),
-            self._proj(attn, ("o_proj",), f"{path}.self_attn"),
-            layer.post_attention_layernorm.weight,
-            self._proj(mlp, GROUPS[1][1], f"{path}.mlp"),
-            self._proj(mlp, ("down_proj",), f"{path}.mlp"))
+            p.input_norm.weight,
+            self._proj(p.attn, qkv, attn),
+            self._proj(p.attn, ("o_proj",), attn),
+            p.pre_mlp.weight,
+            self._proj(p.mlp, gate_up, mlp),
+            self._proj(p.mlp, ("down_proj",), mlp))
 
     def _run_layer(self, i: int, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask=None) -> Tensor:
         fn = self._ckpt_layer if i < self.recompute_layers else self._layer
@@ -177,7 +176,7 @@ class FastLlama(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if attention_mask is not None:
             labels = _mask_right_padding(labels, attention_mask)
-        base = self.model.model
+        m = self.model
         b, s = input_ids.shape
         mask = None
         if seq_lens is not None:
@@ -185,19 +184,20 @@ class FastLlama(nn.Module):
                 raise ValueError(f"packed rows: expected input_ids (1, s), position_ids and seq_lens summing to s, "
                                  f"got {tuple(input_ids.shape)} and seq_lens sum {sum(seq_lens)}")
             mask = self.doc_mask(seq_lens, input_ids.device)
-        x = base.embed_tokens(input_ids)                                    # (b, s, hidden)
+        x = arch.embed(m)(input_ids)                                        # (b, s, hidden)
         pos = torch.arange(s, device=input_ids.device)[None] if position_ids is None else position_ids  # (1, s)
-        cos, sin = base.rotary_emb(x, pos)                                  # (1, s, d) each
+        cos, sin = arch.rotary(m, x, pos)[0]                                # (1, s, d) each (one RoPE: llama)
         cos, sin = cos[0], sin[0]                                           # (s, d)
-        for i, layer in enumerate(base.layers):
+        for i, layer in enumerate(arch.decoder_layers(m)):
             x = self._run_layer(i, layer, x, cos, sin, mask)
-        x = self._norm(x, base.norm.weight, float(base.norm.variance_epsilon))
+        norm = arch.final_norm(m)
+        x = self._norm(x, norm.weight, arch.norm_eps(norm))
         targets = shift_targets(labels)                                     # (b * s,)
         h = x.view(b * s, -1)                                               # (b * s, hidden)
         if target_pos is not None:  # only the positions that predict a target reach the head
             idx = self._target_index(target_pos, b * s, input_ids.device)    # (n',) n' a bucket >= n
             h, targets = h.index_select(0, idx), targets.index_select(0, idx)
-        head = self.model.lm_head
+        head = arch.head(m)
 
         def loss(h):                                                        # h (n, hidden)
             return linear_cross_entropy(h, head.weight, targets, chunk=self.chunk, chunk_fn=self._chunk_fn)
@@ -285,11 +285,12 @@ def prepare(model: nn.Module, *, compile: bool | None = None, recompute_layers: 
                     p.data = p.data.to(adapter_dtype)
     if fuse:
         fuse_projections(model)
-    dev = torch.device(device) if device is not None else model.lm_head.weight.device
+    head = arch.head(model)
+    dev = torch.device(device) if device is not None else head.weight.device
     if compile is None:
         compile = dev.type == "cuda"
     if chunk is None:
-        chunk = default_chunk(model.lm_head.weight.shape[0])
+        chunk = default_chunk(head.weight.shape[0])
     return FastLlama(model, compile=compile, recompute_layers=recompute_layers, chunk=chunk, fuse=fuse,
                      gqa=gqa, attn_backends=tuple(attn_backends), wide=wide, fused_mlp=fused_mlp,
                      compile_options=compile_options, ce_kernel=ce_kernel, device=dev, flex=flex)
