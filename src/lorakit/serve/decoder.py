@@ -80,9 +80,8 @@ class Decoder:
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
         """Embeddings, every layer (attend(i, attn, q, k, v) -> (b, heads, s, d) writes the cache and attends),
         final norm. ids, pos (b, s) -> hidden (b, s, hidden)."""
-        inner = self.model.model
-        h = inner.embed_tokens(ids)
-        cos, sin = arch.rotary(self.model, h, pos)
+        h = arch.embed(self.model)(ids)
+        tables = arch.rotary(self.model, h, pos)  # per layer (cos, sin)
         b, s, _ = h.shape
         P = self.bank.project  # each projection with the batch's adapters
         for i, layer in enumerate(arch.decoder_layers(self.model)[: self.n_layers]):
@@ -91,7 +90,7 @@ class Decoder:
             q = P(attn.q_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
             k = P(attn.k_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
             v = P(attn.v_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-            q, k = arch.apply_rotary(q, k, cos, sin)
+            q, k = arch.apply_rotary(q, k, *tables[i])
             o = attend(i, attn, q, k, v)
             h = h + P(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
             x = layer.post_attention_layernorm(h)
@@ -100,7 +99,7 @@ class Decoder:
                 h = h + P(mlp.down_proj, mlp.act_fn(P(mlp.gate_proj, x)) * P(mlp.up_proj, x))
             else:
                 h = h + mlp(x)
-        return inner.norm(h)
+        return arch.final_norm(self.model)(h)
 
     # ---------------------------------------------------------------- prefill (eager)
     @torch.no_grad()
@@ -138,7 +137,7 @@ class Decoder:
 
         h = self._run(ids, pos, attend)
         last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
-        return self.model.lm_head(h[torch.arange(n, device=dev), last][:, None, :])[:, 0].float()
+        return arch.logits(self.model, h[torch.arange(n, device=dev), last][:, None, :])[:, 0].float()
 
     # ---------------------------------------------------------------- decode
     def _decode_body(self, n: int) -> torch.Tensor:
@@ -152,7 +151,7 @@ class Decoder:
             return decode_attention(q[:, :, 0], K, V, rows, lengths, attn.scaling)[:, :, None]
 
         h = self._run(tok[:, None], pos[:, None], attend)
-        return self.model.lm_head(h)[:, 0].float()
+        return arch.logits(self.model, h)[:, 0].float()
 
     @torch.no_grad()
     def decode(self, rows: list[int], tokens: list[int], positions: list[int],

@@ -11,10 +11,9 @@ Each turn of the loop
      (a row that runs a mixture of LoRAs gets per-token coefficients from its router's gates, slots.py),
   4. streams each row's new token to its request and retires finished rows.
 
-A request that arrives while others decode joins at the next turn. Results leave through each
-request's `sink(event)`, called on the engine thread: ("token", id), ("done", reason) with reason
-"stop" | "length" | "cancelled", or ("error", message). A ScoreRequest (score.py: per-token KL to the base)
-waits for its adapters likewise and runs between steps on this thread: its routing never races with a step.
+A request that arrives while others decode joins at the next turn. Results go to each request's `sink(event)` on the
+engine thread: ("token", id), ("done", "stop" | "length" | "cancelled") or ("error", message). A ScoreRequest
+(score.py: per-token KL to the base) waits for its adapters likewise and runs between steps on this thread.
 
 Isolation: one request's numbers never reach another row. A row's KV cache is zeroed when a new
 request takes it; a request whose adapter cannot be loaded, whose prefill or decode raises, or whose
@@ -36,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from lorakit import arch
 from lorakit.adapters.peft_files import fingerprint
 from lorakit.generate import stop_ids
 from lorakit.serve import forward, score as scoring
@@ -240,7 +240,7 @@ class Engine:
         try:
             ids = torch.tensor([r.req.prompt[r.length: r.length + c]])  # (1, c)
             h = forward.extend(self.model, self.cache, slice(i, i + 1), ids, r.length)  # (1, c, hidden)
-            logits = self.model.lm_head(h[:, -1]).float() if r.length + c == len(r.req.prompt) else None
+            logits = arch.logits(self.model, h[:, -1]).float() if r.length + c == len(r.req.prompt) else None
         except Exception as e:  # noqa: BLE001 - this request's prompt, nobody else's
             log.exception("prefill failed")
             r.fail(f"prefill failed: {type(e).__name__}: {e}")

@@ -193,17 +193,20 @@ def extend(model: nn.Module, cache: RowCache, rows: slice, ids: torch.Tensor, st
     dev, end = cache.device, start + c
     cache.ensure(end + 1)
     pos = torch.arange(start, end, device=dev).expand(b, c)
-    # query i (position start + i) sees keys 0..start + i
-    mask = (torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None])[None, None]
+    masks = {}
 
     def write(K, V, k, v):
         K[rows, :, start:end].copy_(k)
         V[rows, :, start:end].copy_(v)
 
-    def read(K, V, k, v):
-        if start == 0:
+    def read(K, V, k, v, window):
+        if window is not None and window >= end:
+            window = None
+        if start == 0 and window is None:
             return k, v, None, c > 1
-        return K[rows, :, :end], V[rows, :, :end], mask, False
+        if window not in masks:  # query i (position start + i) sees keys start + i - window + 1 .. start + i
+            masks[window] = _window_mask(pos[:1], end, window)  # (1, 1, c, end)
+        return K[rows, :, :end], V[rows, :, :end], masks[window], False
 
     return _run(model, ids.to(dev), pos, cache, write, read)
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit import kernels
-from lorakit.arch import body_and_head, decoder_layers, model_type
+from lorakit.arch import body_and_head, decoder_layers, head as output_head, model_type
 from lorakit.core.inject import lora_layers
 from lorakit.train.data import IGNORE
 from lorakit.train import packed_attention
@@ -195,7 +195,7 @@ class FastBackend:
         """Compile every packed width and every bucket of target counts (`targets`: the run's micro-batches'
         counts) before the first step (forward and backward on a row of pad tokens, its loss times 0), so no
         step after it compiles; gradients and the random state are left as they were."""
-        dev = self.fm.model.lm_head.weight.device
+        dev = output_head(self.fm.model).weight.device
         cpu_rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
         params = self.fm.trainable_parameters()
