@@ -2,7 +2,8 @@
 model of every family the server runs (models.TINY: windows shorter than the prompts, soft-caps, q/k norms, partial
 RoPE, fused qkv and gate_up, sandwich norms), with six rows of four prompt lengths in one batch: base rows and rows
 of two adapters on every linear layer (Phi-3's fused qkv_proj and gate_up_proj included), against PEFT's model
-with that adapter loaded."""
+with that adapter loaded; and a prompt longer than the engine's CHUNK, prefilled a chunk at a time (forward.extend,
+windows masked across chunk boundaries)."""
 import copy
 import threading
 
@@ -13,7 +14,7 @@ from peft import PeftModel
 from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter
 from lorakit.adapters.peft_files import read_adapter
 from lorakit.models import TINY, tiny_decoder
-from lorakit.serve.engine import AdapterUse, Engine, GenRequest
+from lorakit.serve.engine import CHUNK, AdapterUse, Engine, GenRequest
 from engine_helpers import TOK, Collect
 
 N = 12  # new tokens: the longest row ends at 32, four windows of 8
@@ -68,6 +69,25 @@ def test_engine_greedy_equals_generate(kind, tmp_path):
         gate.set()
         assert all(s.done.wait(60) for s in sinks)
         assert eng.stats["max_rows"] == len(ROWS)  # all six decoded in the same steps
+        assert [s.tokens for s in sinks] == want
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_chunked_prefill_equals_generate(kind, tmp_path):
+    base = tiny_decoder(kind)
+    _adapters(copy.deepcopy(base), tmp_path)
+    prompt = torch.randint(3, 128, (2 * CHUNK + 11,), generator=torch.Generator().manual_seed(1)).tolist()
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    want = [_generate(base, prompt), _generate(peft, prompt)]
+    eng = Engine(copy.deepcopy(base), TOK, max_slots=1, max_batch=2).start()
+    try:
+        sinks = [Collect(), Collect()]
+        for a, sink in zip([None, "a"], sinks):
+            use = [] if a is None else [AdapterUse(f"{a}@1", lambda a=a: read_adapter(tmp_path / a))]
+            eng.submit(GenRequest(prompt, use, max_tokens=N, ignore_eos=True, sink=sink))
+        assert all(s.done.wait(60) for s in sinks)
         assert [s.tokens for s in sinks] == want
     finally:
         eng.stop()

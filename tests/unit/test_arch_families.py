@@ -1,7 +1,7 @@
 """The model description (lorakit.arch) and the server's forward (serve/forward.py) on a tiny random model of each
 described family, every family feature switched on (models.TINY: sliding windows shorter than the prompts, Gemma
 2's attention and logit soft-caps, q/k norms, partial RoPE, fused qkv and gate_up, sandwich norms with perturbed
-weights): the server's prefill, decode and no-cache forward give the model's own logits, and a model type
+weights): the server's prefill, decode, chunked extend and no-cache forward give the model's own logits, and a model type
 outside the description is refused by name."""
 import pytest
 import torch
@@ -53,6 +53,19 @@ def test_no_cache_forward_gives_the_models_logits(kind):
     ids = torch.tensor(_prompts(1)[-1:] * 2)  # (2, 20)
     ref = model(ids).logits
     got = arch.logits(model, forward.hidden(model, ids))
+    assert (got - ref).abs().max() <= _tol(ref)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_extend_in_chunks_gives_the_models_logits(kind):
+    """A long prompt or a scored text runs a chunk at a time (forward.extend): chunks of 6 over 20 tokens, so a
+    chunk's queries see keys of earlier chunks and windows of 8 reach back across chunk boundaries."""
+    model = tiny_decoder(kind, seed=2)
+    ids = torch.tensor(_prompts(2)[-1:] * 2)  # (2, 20)
+    ref = model(ids).logits
+    cache = forward.RowCache(model, 2, chunk=16)
+    got = torch.cat([arch.logits(model, forward.extend(model, cache, slice(0, 2), ids[:, i:i + 6], i))
+                     for i in range(0, ids.shape[1], 6)], dim=1)
     assert (got - ref).abs().max() <= _tol(ref)
 
 
