@@ -3,6 +3,7 @@ the mixture router with `lorakit train-router`; `lorakit inspect` says what each
 import json
 
 import pytest
+import torch
 
 from lorakit.adapters.peft_files import content_sha256
 from lorakit.adapters.mixtures import load_mixture
@@ -38,6 +39,13 @@ def test_qlora_trains_from_the_cli_and_inspect_says_so(tiny_dir, two_tasks, tmp_
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
     info = json.loads(lorakit("inspect", out, "--json").stdout)
     assert info["metadata"]["base_quant"] == "nf4" and info["ranks"] == [8]
+    # merged where it was trained: the 4-bit base dequantized, in bf16 (tests/unit/test_qlora_merge.py: the numbers)
+    p = lorakit("merge", "--model", tiny_dir, "--adapter", out, "-o", tmp_path / "merged")
+    assert "into the dequantized nf4 base" in p.stdout
+    from safetensors.torch import load_file
+
+    saved = load_file(next((tmp_path / "merged").glob("*.safetensors")))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16} and not any("lora" in k for k in saved)
 
 
 def test_dora_with_recompute_trains_and_fast_refuses_it(tiny_dir, two_tasks, tmp_path):

@@ -28,8 +28,10 @@ def _adapter_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def load_model_and_adapters(args, adapters: list[str] | None = None, trainable: bool = False, mixture_ok: bool = True):
-    """The base with `adapters` (dirs, 'dir:weight') active, or with one mixture dir (lorakit train-router)."""
+def load_model_and_adapters(args, adapters: list[str] | None = None, trainable: bool = False, mixture_ok: bool = True,
+                            quant: str | None = None):
+    """The base with `adapters` (dirs, 'dir:weight') active, or with one mixture dir (lorakit train-router).
+    `quant` ("nf4"): the base's linear layers in 4 bits, as `lorakit train --quantize` held them."""
     from lorakit.adapters.peft_files import load_adapter
     from lorakit.adapters.mixtures import is_mixture, load_mixture
     from lorakit.core.inject import set_active
@@ -39,7 +41,7 @@ def load_model_and_adapters(args, adapters: list[str] | None = None, trainable: 
     if mixes and (len(adapters) > 1 or not mixture_ok):
         raise ValueError(f"{mixes[0]!r} is a mixture: it runs alone" + ("" if mixture_ok else
                          ", and its per-token gates cannot be merged into the weights"))
-    model, tok = load_base(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_base(args.model, dtype=args.dtype, device=args.device, quant=quant)
     if mixes:
         load_mixture(model, mixes[0])
         return model, tok
@@ -176,19 +178,58 @@ def _add_generate(sub) -> None:
 
 
 # ------------------------------------------------------------------ merge
-def cmd_merge(args) -> int:
+def base_quant(adapters: list[str], asked: str = "auto") -> str | None:
+    """The 4-bit format the adapters' base is merged from: `asked` ("nf4" or "none"), or with "auto" what their
+    metadata says they were trained on (`lorakit train --quantize` records base_quant)."""
+    if asked != "auto":
+        return None if asked == "none" else asked
+    from lorakit.adapters.mixtures import is_mixture
+    from lorakit.adapters.peft_files import read_metadata
+
+    paths = [_adapter_spec(a)[0] for a in adapters]
+    quants = {read_metadata(p).get("base_quant") for p in paths if not is_mixture(p)}
+    if len(quants) > 1:
+        raise ValueError(f"adapters {paths} were trained on different bases ({sorted(map(str, quants))}): pass "
+                         f"--base-quant nf4 or none to say which base they are merged into")
+    return next(iter(quants), None)
+
+
+def merged_model(args, adapters: list[str]):
+    """The base with `adapters` merged. A QLoRA adapter (base_quant) merges into the base it was trained on:
+    the 4-bit weights dequantized to fp32, the deltas added in fp32, rounded once to --save-dtype (default
+    bfloat16; core/qlora_merge.py). Otherwise into the full-precision base as loaded. -> (model, tok, quant)."""
     from lorakit.core.inject import unload
+    from lorakit.models import resolve_dtype
+
+    quant = base_quant(adapters, getattr(args, "base_quant", "auto"))
+    model, tok = load_model_and_adapters(args, adapters, mixture_ok=False, quant=quant)
+    dev = next(model.parameters()).device
+    if quant:
+        from lorakit.core.qlora_merge import merge_qlora
+
+        merge_qlora(model, resolve_dtype(args.save_dtype or "bfloat16", dev))
+    else:
+        unload(model, merge_active=True)
+        if args.save_dtype:
+            model.to(resolve_dtype(args.save_dtype, dev))
+    return model, tok, quant
+
+
+def cmd_merge(args) -> int:
     from lorakit.models import save_hf_dir
 
-    model, tok = load_model_and_adapters(args, args.adapter, mixture_ok=False)
-    unload(model, merge_active=True)
-    if args.save_dtype:
-        from lorakit.models import resolve_dtype
-
-        model.to(resolve_dtype(args.save_dtype, next(model.parameters()).device))
+    model, tok, quant = merged_model(args, args.adapter)
     save_hf_dir(model, tok, Path(args.output))
-    say(args, f"wrote merged model to {args.output} (loads with transformers alone)")
+    how = f" (into the dequantized {quant} base the adapter was trained on)" if quant else ""
+    say(args, f"wrote merged model to {args.output}{how} (loads with transformers alone)")
     return 0
+
+
+def merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-quant", default="auto", choices=["auto", "nf4", "none"],
+                   help="merge into the base dequantized from this 4-bit format (the weights a QLoRA adapter was "
+                        "trained on: dequantized to fp32, the delta added in fp32, rounded once) or into the "
+                        "full-precision base (none); auto: what the adapter's metadata records (default: auto)")
 
 
 def _add_merge(sub) -> None:
@@ -196,7 +237,9 @@ def _add_merge(sub) -> None:
     model_args(p)
     p.add_argument("--adapter", action="append", required=True, help="adapter dir ('dir:weight'; repeat to stack)")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--save-dtype", help="dtype of the saved weights (default: the load dtype)")
+    p.add_argument("--save-dtype", help="dtype of the saved weights (default: the load dtype; bfloat16 when "
+                                        "merging into a 4-bit base)")
+    merge_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
 

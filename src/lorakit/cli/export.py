@@ -26,18 +26,20 @@ def cmd_export(args) -> int:
                    f"Ollama: ADAPTER {out})")
         return 0
     from lorakit.adapters.gguf_export import write_model_gguf
-    from lorakit.core.inject import unload
+    from lorakit.cli.commands import merged_model
 
-    model, tok = load_model_and_adapters(args, args.adapter)
+    args.save_dtype = None  # the GGUF's tensor type is --outtype; a 4-bit base's merge rounds to bfloat16 first
     if args.adapter:
-        unload(model, merge_active=True)
+        model, tok, _ = merged_model(args, args.adapter)
+    else:
+        model, tok = load_model_and_adapters(args)
     write_model_gguf(model, tok, out, args.outtype or "f16", name=args.name)
     say(args, f"wrote {out} ({args.outtype or 'f16'}; llama-cli -m {out}; Ollama: FROM {out})")
     return 0
 
 
 def register(sub) -> None:
-    from lorakit.cli.commands import model_args
+    from lorakit.cli.commands import merge_args, model_args
 
     p = sub.add_parser("export", help="a merged model (or, with --adapter-only, the adapter) as GGUF for llama.cpp "
                                       "and Ollama")
@@ -50,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--adapter-only", action="store_true",
                    help="write the adapter as a llama.cpp LoRA GGUF (applied at load time on a GGUF of the base) "
                         "instead of a merged model")
+    merge_args(p)
     p.add_argument("--name", help="general.name in the file (default: the model directory's name)")
     p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     p.add_argument("--quiet", action="store_true")
