@@ -219,13 +219,27 @@ def gate_up_modules(fam: Family, mlp: nn.Module) -> list[nn.Module]:
     return [getattr(mlp, n) for n in fam.gate_up]
 
 
-def project_qkv(fam: Family, attn: nn.Module, x: torch.Tensor, sizes: tuple[int, int, int]):
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def project_qkv(fam: Family, attn: nn.Module, x: torch.Tensor, sizes: tuple[int, int, int], proj=_call):
     """x (b, s, hidden) -> q (b, s, heads, d), k and v (b, s, kv_heads, d) through the attention's own projection
-    modules (where each row's adapter is added), split where they are fused; `sizes` from qkv_sizes."""
+    modules (where each row's adapter is added), split where they are fused; `sizes` from qkv_sizes. proj(module,
+    x) applies a projection (default: calls it; the static decoder adds its batch's adapters in place)."""
     b, s, _ = x.shape
     mods = qkv_modules(fam, attn)
-    outs = [m(x) for m in mods] if len(mods) == 3 else mods[0](x).split(list(sizes), dim=-1)
+    outs = [proj(m, x) for m in mods] if len(mods) == 3 else proj(mods[0], x).split(list(sizes), dim=-1)
     return tuple(o.view(b, s, -1, attn.head_dim) for o in outs)
+
+
+def project_mlp(fam: Family, mlp: nn.Module, x: torch.Tensor, proj=_call) -> torch.Tensor:
+    """The MLP's output, each projection applied through proj (as in project_qkv): down(act(gate(x)) * up(x)), gate
+    and up split from one fused module where the family fuses them (the model's MLP computes the same)."""
+    mods = gate_up_modules(fam, mlp)
+    gate, up = (proj(mods[0], x), proj(mods[1], x)) if len(mods) == 2 else proj(mods[0], x).chunk(2, dim=-1)
+    act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3 names it activation_fn
+    return proj(mlp.down_proj, act(gate) * up)
 
 
 # ---------------------------------------------------------------- rotary embedding
@@ -239,21 +253,28 @@ def _layer_types(model: nn.Module) -> list[str]:
 LENGTH_DEPENDENT_ROPE = ("longrope",)
 
 
-def rotary(model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
-           lengths: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rotary(model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None,
+           seq_lens: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per decoder layer, (cos, sin) (b, s, rotary_dim) for `position_ids` (b, s) from the model's own rotary
     module(s), their scaling included; layers of one kind share one pair. x gives the dtype and device.
-    `lengths`: each row's real tokens (the rest is padding), where the tables depend on a row's length."""
+    Where the tables depend on a sequence's length: `lengths`, each row's real tokens (the rest is padding);
+    `seq_lens`, the length each row's tables are chosen by where it is more than its last position + 1 (a prompt
+    run a chunk at a time: offline, the whole prompt is one forward)."""
     tables = _rotary(model, x, position_ids)
     if lengths is None or rope_type(model) not in LENGTH_DEPENDENT_ROPE:
         return tables
-    own = [_rotary(model, x[r:r + 1, :n], position_ids[r:r + 1, :n]) for r, n in enumerate(lengths)]
+    own = []
+    for r, n in enumerate(lengths):
+        pos = position_ids[r:r + 1, :n]
+        if seq_lens is not None:  # one more position, the sequence's last, decides the tables; dropped below
+            pos = torch.cat([pos, pos.new_full((1, 1), seq_lens[r] - 1)], dim=1)
+        own.append(_rotary(model, x[r:r + 1, :1].expand(1, pos.shape[1], -1), pos))
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, (cos, sin) in enumerate(tables):
         if id(cos) not in done:
             cos, sin = cos.expand(x.shape[0], -1, -1).clone(), sin.expand(x.shape[0], -1, -1).clone()
             for r, n in enumerate(lengths):  # padding keeps the batch's values: nothing real attends to it
-                cos[r, :n], sin[r, :n] = own[r][i][0][0], own[r][i][1][0]
+                cos[r, :n], sin[r, :n] = own[r][i][0][0, :n], own[r][i][1][0, :n]
             done[id(tables[i][0])] = (cos, sin)
     return [done[id(c)] for c, _ in tables]
 

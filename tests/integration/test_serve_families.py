@@ -15,6 +15,7 @@ from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter
 from lorakit.adapters.peft_files import read_adapter
 from lorakit.models import TINY, tiny_decoder
 from lorakit.serve.engine import CHUNK, AdapterUse, Engine, GenRequest
+from lorakit.serve.fast import StaticEngine
 from engine_helpers import TOK, Collect
 
 N = 12  # new tokens: the longest row ends at 32, four windows of 8
@@ -42,15 +43,15 @@ def _generate(model, prompt):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind", list(TINY))
-def test_engine_greedy_equals_generate(kind, tmp_path):
-    base = tiny_decoder(kind)
+def _greedy_rows(base, tmp_path, make_engine, lengths=LENGTHS):
+    """The six rows through make_engine(copy of base), held so they are prefilled and decoded together, against
+    generate on base and on PEFT's model with each adapter."""
     _adapters(copy.deepcopy(base), tmp_path)
     keys = {p for p in read_adapter(tmp_path / "a").modules()}
     assert any(k.endswith(("qkv_proj", "q_proj")) for k in keys) and any(k.endswith(("gate_up_proj", "gate_proj"))
                                                                          for k in keys)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in LENGTHS]
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
     refs = {None: base}
     for name in "ab":
         refs[name] = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
@@ -58,7 +59,7 @@ def test_engine_greedy_equals_generate(kind, tmp_path):
     assert all(len(w) == N for w in want)
     assert want[3] != want[4] and want[2] != want[5]  # the adapters change what the model says
 
-    eng = Engine(copy.deepcopy(base), TOK, max_slots=2, max_batch=8).start()
+    eng = make_engine(copy.deepcopy(base)).start()
     try:
         gate = threading.Event()
         eng.call(gate.wait)  # hold the engine so that all rows are prefilled and decoded together
@@ -72,6 +73,46 @@ def test_engine_greedy_equals_generate(kind, tmp_path):
         assert [s.tokens for s in sinks] == want
     finally:
         eng.stop()
+
+
+# Phi-3 with longrope: rows of 2 and 3 tokens stay inside the original 16 positions while they decode, rows of 17 and
+# 20 start past it (long factors), decoded together. A row that crosses it while decoding is not served as offline:
+# transformers' Phi-3 generate then recomputes the whole sequence with the long factors, the engines do not.
+LONGROPE = dict(original_max_position_embeddings=16, rope_scaling={
+    "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, 4.0, 8.0]})
+LONGROPE_LENGTHS = [2, 3, 17, 20]
+
+
+@pytest.mark.parametrize("case", list(TINY) + ["phi3-longrope"])
+def test_engine_greedy_equals_generate(case, tmp_path):
+    longrope = case == "phi3-longrope"
+    base = tiny_decoder(case.split("-")[0], **(LONGROPE if longrope else {}))
+    _greedy_rows(base, tmp_path, lambda m: Engine(m, TOK, max_slots=2, max_batch=8),
+                 LONGROPE_LENGTHS if longrope else LENGTHS)
+
+
+# the static engine's rows of 64 positions: windows of 64 never bind
+STATIC = {k: dict(sliding_window=64) for k in TINY if k != "gemma2"}
+STATIC["phi3-longrope"] = dict(sliding_window=64, **LONGROPE)
+
+
+@pytest.mark.parametrize("case", list(STATIC))
+def test_static_engine_greedy_equals_generate(case, tmp_path):
+    """The static-cache engine (serve/fast.py, eager on the CPU; prompts prefilled in chunks of 16)."""
+    base = tiny_decoder(case.split("-")[0], **STATIC[case])
+    longrope = case == "phi3-longrope"
+    _greedy_rows(base, tmp_path, lambda m: StaticEngine(m, TOK, max_slots=2, max_batch=8, max_len=64,
+                                                          prefill_chunk=16), LONGROPE_LENGTHS if longrope else LENGTHS)
+    if longrope:  # its tables are computed row by row: no graph replays them
+        assert StaticEngine(base, TOK, max_batch=2, max_len=64, graphs=True).decoder.graphs is False
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "mistral", "qwen2", "gemma3_text", "phi3"])
+def test_static_engine_refuses_what_it_does_not_compute(kind):
+    """Gemma 2's soft-capped attention scores; windows of 8, shorter than its rows of 64 (the decode kernel has
+    neither): refused by name at start, before a cache is allocated."""
+    with pytest.raises(ValueError, match="soft-caps its attention" if kind == "gemma2" else "window of 8 positions"):
+        StaticEngine(tiny_decoder(kind), TOK, max_slots=2, max_batch=8, max_len=64)
 
 
 @pytest.mark.parametrize("kind", list(TINY))

@@ -56,15 +56,20 @@ def test_no_cache_forward_gives_the_models_logits(kind):
     assert (got - ref).abs().max() <= _tol(ref)
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+LONGROPE = dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, 4.0, 8.0]},
+                original_max_position_embeddings=16)  # phi3: rotary dims / 2 = head 16 x partial 0.5 / 2
+
+
+@pytest.mark.parametrize("kind", FAMILIES + ["phi3-longrope"])
 def test_extend_in_chunks_gives_the_models_logits(kind):
     """A long prompt or a scored text runs a chunk at a time (forward.extend): chunks of 6 over 20 tokens, so a
-    chunk's queries see keys of earlier chunks and windows of 8 reach back across chunk boundaries."""
-    model = tiny_decoder(kind, seed=2)
+    chunk's queries see keys of earlier chunks and windows of 8 reach back across chunk boundaries; with longrope
+    the first chunks (inside the original 16 positions) take the long factors that the whole text's forward does."""
+    model = tiny_decoder(kind.split("-")[0], seed=2, **(LONGROPE if kind.endswith("longrope") else {}))
     ids = torch.tensor(_prompts(2)[-1:] * 2)  # (2, 20)
     ref = model(ids).logits
     cache = forward.RowCache(model, 2, chunk=16)
-    got = torch.cat([arch.logits(model, forward.extend(model, cache, slice(0, 2), ids[:, i:i + 6], i))
+    got = torch.cat([arch.logits(model, forward.extend(model, cache, slice(0, 2), ids[:, i:i + 6], i, 20))
                      for i in range(0, ids.shape[1], 6)], dim=1)
     assert (got - ref).abs().max() <= _tol(ref)
 
@@ -90,10 +95,7 @@ def test_each_feature_changes_the_numbers(kind):
 def test_longrope_rows_get_their_own_factors():
     """Phi-3's longrope switches to its long factors once a sequence passes the original context: a batch of a
     short and a long row gives each the logits it has alone."""
-    half = 4  # rotary dims / 2: head 16 x partial 0.5
-    model = tiny_decoder("phi3", rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * half,
-                                               "long_factor": [1.0, 2.0, 4.0, 8.0]},
-                         original_max_position_embeddings=16)
+    model = tiny_decoder("phi3", **LONGROPE)
     assert arch.rope_type(model) == "longrope"
     prompts = _prompts()[1:4:2]  # 9 and 20 tokens: one row inside the original 16, one past it
     cache = forward.RowCache(model, 2, chunk=16)

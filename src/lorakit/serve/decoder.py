@@ -16,8 +16,11 @@ the slot bank's layout (adapted layers, slot tensors): a new layer or a rank gro
 Prefill: the rows whose next chunk starts at the same position run together, right-padded; a chunk attends to its
 row's cached positions before it and causally within itself (torch's sdpa, as transformers' attention does).
 
-The layer maths is the model's own modules (norms, rotary embedding, projections whose LoraLinear routing adds each
-row's adapters, MLP, head), as in forward.py, so greedy tokens in fp32 match offline generation.
+The layer maths is the model's own modules as its description (lorakit.arch) names them, as in forward.py: norms
+(sandwich norms and q/k norms where the family has them), rotary tables per layer (partial, per-layer-type, longrope
+row by row and then without graphs), projections whose LoraLinear routing adds each row's adapters (a fused qkv or
+gate_up split after it), MLP, soft-capped logits; so greedy tokens in fp32 match offline generation. Refused
+(`unsupported`): soft-capped attention scores (Gemma 2) and sliding windows shorter than a row.
 """
 from __future__ import annotations
 
@@ -58,14 +61,34 @@ class StaticCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def unsupported(model: nn.Module, capacity: int) -> str | None:
+    """Why this decoder does not compute `model` exactly with rows of `capacity` positions, or None: it attends
+    over a row's whole prefix with plain scores (the decode kernel has no window and no soft-cap)."""
+    kind = arch.model_type(model)
+    if arch.attn_softcap(model) is not None:
+        return f"{kind} soft-caps its attention scores, which the static engine's decode kernel does not"
+    short = min((w for w in arch.windows(model) if w is not None and w < capacity), default=None)
+    if short is not None:
+        return (f"{kind} attends through a sliding window of {short} positions, shorter than the static engine's "
+                f"rows of {capacity} (the decode kernel attends to a row's whole prefix)")
+    return None
+
+
 class Decoder:
     def __init__(self, model: nn.Module, bank: SlotBank, rows: int, capacity: int, graphs: bool | None = None):
-        self.model, self.bank = model, bank
+        why = unsupported(model, capacity)
+        if why:
+            raise ValueError(f"{why}; serve it with the plain engine (serve/engine.py)")
+        self.model, self.bank, self.fam = model, bank, arch.family(model, "the static engine")
+        self.parts = [arch.layer_parts(layer) for layer in arch.decoder_layers(model)]
+        self.parts = self.parts[:model.config.num_hidden_layers]
+        self.sizes = arch.qkv_sizes(model.config)
+        # RoPE whose tables depend on a row's length runs row by row (arch.rotary), which a graph cannot replay
+        self.row_rope = arch.rope_type(model) in arch.LENGTH_DEPENDENT_ROPE
         self.cache = StaticCache(model, rows, capacity)
         self.device = self.cache.k[0].device
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.graphs = (self.device.type == "cuda" if graphs is None else graphs) and not self.row_rope
         self.buckets = [b for b in BUCKETS if b < rows] + [rows]
-        self.n_layers = model.config.num_hidden_layers
         n, dev = self.buckets[-1], self.device
         self._tok = torch.zeros(n, dtype=torch.long, device=dev)
         self._rows = torch.full((n,), self.cache.scratch, dtype=torch.long, device=dev)
@@ -77,35 +100,34 @@ class Decoder:
         self.captures = 0
 
     # ---------------------------------------------------------------- the layers
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, attend, lengths: list[int] | None = None,
+             seq_lens: list[int] | None = None) -> torch.Tensor:
         """Embeddings, every layer (attend(i, attn, q, k, v) -> (b, heads, s, d) writes the cache and attends),
-        final norm. ids, pos (b, s) -> hidden (b, s, hidden)."""
-        h = arch.embed(self.model)(ids)
-        tables = arch.rotary(self.model, h, pos)  # per layer (cos, sin)
+        final norm. ids, pos (b, s) -> hidden (b, s, hidden). lengths, seq_lens: where the RoPE tables depend on
+        a sequence's length, each row's real tokens and the length its tables are chosen by (arch.rotary)."""
+        m, fam, P = self.model, self.fam, self.bank.project  # P: each projection with the batch's adapters
+        h = arch.embed(m)(ids)
+        tables = arch.rotary(m, h, pos, lengths, seq_lens)  # per layer (cos, sin)
         b, s, _ = h.shape
-        P = self.bank.project  # each projection with the batch's adapters
-        for i, layer in enumerate(arch.decoder_layers(self.model)[: self.n_layers]):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = P(attn.q_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-            k = P(attn.k_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-            v = P(attn.v_proj, x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-            q, k = arch.apply_rotary(q, k, *tables[i])
-            o = attend(i, attn, q, k, v)
-            h = h + P(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
-            x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):  # SwiGLU-style
-                h = h + P(mlp.down_proj, mlp.act_fn(P(mlp.gate_proj, x)) * P(mlp.up_proj, x))
-            else:
-                h = h + mlp(x)
-        return arch.final_norm(self.model)(h)
+        for i, p in enumerate(self.parts):
+            q, k, v = arch.project_qkv(fam, p.attn, p.input_norm(h), self.sizes, P)  # (b, s, heads, d)
+            if p.q_norm is not None:
+                q, k = p.q_norm(q), p.k_norm(k)
+            q, k = arch.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *tables[i])
+            o = attend(i, p.attn, q, k, v.transpose(1, 2))
+            o = P(p.attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
+            h = h + (o if p.post_attn is None else p.post_attn(o))
+            o = arch.project_mlp(fam, p.mlp, p.pre_mlp(h), P)
+            h = h + (o if p.post_mlp is None else p.post_mlp(o))
+        return arch.final_norm(m)(h)
 
     # ---------------------------------------------------------------- prefill (eager)
     @torch.no_grad()
-    def prefill(self, rows: list[int], chunks: list[list[int]], start: int) -> torch.Tensor:
+    def prefill(self, rows: list[int], chunks: list[list[int]], start: int,
+                totals: list[int] | None = None) -> torch.Tensor:
         """Run chunk i of tokens into cache row rows[i] at positions start.. (every row has its first `start`
-        positions cached). The caller has set the slot bank's batch. -> logits (n, vocab) at each chunk's last
+        positions cached). totals: each row's whole prompt length, which RoPE tables that depend on a sequence's
+        length are chosen by. The caller has set the slot bank's batch. -> logits (n, vocab) at each chunk's last
         token."""
         n, width, dev = len(chunks), max(len(c) for c in chunks), self.device
         if start + width > self.cache.capacity:
@@ -135,7 +157,7 @@ class Decoder:
                 k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
             return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
 
-        h = self._run(ids, pos, attend)
+        h = self._run(ids, pos, attend, [len(c) for c in chunks] if self.row_rope else None, totals)
         last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
         return arch.logits(self.model, h[torch.arange(n, device=dev), last][:, None, :])[:, 0].float()
 
@@ -150,7 +172,7 @@ class Decoder:
             V[rows, :, pos] = v[:, :, 0]
             return decode_attention(q[:, :, 0], K, V, rows, lengths, attn.scaling)[:, :, None]
 
-        h = self._run(tok[:, None], pos[:, None], attend)
+        h = self._run(tok[:, None], pos[:, None], attend, [1] * n if self.row_rope else None)
         return arch.logits(self.model, h)[:, 0].float()
 
     @torch.no_grad()

@@ -239,7 +239,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             ids = torch.tensor([r.req.prompt[r.length: r.length + c]])  # (1, c)
-            h = forward.extend(self.model, self.cache, slice(i, i + 1), ids, r.length)  # (1, c, hidden)
+            h = forward.extend(self.model, self.cache, slice(i, i + 1), ids, r.length, len(r.req.prompt))  # (1, c, d)
             logits = arch.logits(self.model, h[:, -1]).float() if r.length + c == len(r.req.prompt) else None
         except Exception as e:  # noqa: BLE001 - this request's prompt, nobody else's
             log.exception("prefill failed")

@@ -127,7 +127,8 @@ class StaticEngine(Engine):
         rows = [r for r, _ in group]
         self._set_batch(rows)
         try:
-            logits = self.decoder.prefill([r.row for r in rows], [c for _, c in group], start)
+            logits = self.decoder.prefill([r.row for r in rows], [c for _, c in group], start,
+                                          [len(r.req.prompt) for r in rows])
         except Exception as e:  # noqa: BLE001 - retry one by one, so only a bad request fails
             if len(group) > 1:
                 for one in group:

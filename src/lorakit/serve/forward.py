@@ -134,12 +134,13 @@ def _layer(m: Model, i: int, h: torch.Tensor, cos_sin, cache: RowCache, write, r
 
 
 def _run(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: RowCache, write, read,
-         lengths: list[int] | None = None) -> torch.Tensor:
+         lengths: list[int] | None = None, seq_lens: list[int] | None = None) -> torch.Tensor:
     """Final-norm hidden states (b, s, hidden) of tokens ids (b, s) at positions pos (b, s); `lengths`: each row's
-    real tokens (the rest is padding), for RoPE whose tables depend on a row's length."""
+    real tokens (the rest is padding) and `seq_lens`, for RoPE whose tables depend on a sequence's length
+    (arch.rotary)."""
     m = Model(model)
     h = arch.embed(model)(ids)  # (b, s, hidden)
-    tables = arch.rotary(model, h, pos, lengths)
+    tables = arch.rotary(model, h, pos, lengths, seq_lens)
     for i in range(len(m.layers)):
         h = _layer(m, i, h, tables[i], cache, write, read)
     return arch.final_norm(model)(h)
@@ -186,9 +187,12 @@ def prefill(model: nn.Module, cache: RowCache, rows: slice, prompts: list[list[i
 
 
 @torch.no_grad()
-def extend(model: nn.Module, cache: RowCache, rows: slice, ids: torch.Tensor, start: int) -> torch.Tensor:
+def extend(model: nn.Module, cache: RowCache, rows: slice, ids: torch.Tensor, start: int,
+           total: int | None = None) -> torch.Tensor:
     """Append ids (b, c) at positions start..start + c - 1 of cache rows `rows` (b rows that hold `start` tokens
-    each: a long prompt or a scored text run a chunk at a time). Returns final-norm hidden states (b, c, hidden)."""
+    each: a long prompt or a scored text run a chunk at a time). total: the whole prompt's or text's length, which
+    RoPE tables that depend on a sequence's length are chosen by (as offline, in one forward). Returns final-norm
+    hidden states (b, c, hidden)."""
     b, c = ids.shape
     dev, end = cache.device, start + c
     cache.ensure(end + 1)
@@ -208,7 +212,7 @@ def extend(model: nn.Module, cache: RowCache, rows: slice, ids: torch.Tensor, st
             masks[window] = _window_mask(pos[:1], end, window)  # (1, 1, c, end)
         return K[rows, :, :end], V[rows, :, :end], masks[window], False
 
-    return _run(model, ids.to(dev), pos, cache, write, read)
+    return _run(model, ids.to(dev), pos, cache, write, read, [c] * b, None if total is None else [total] * b)
 
 
 @torch.no_grad()

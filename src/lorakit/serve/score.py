@@ -99,7 +99,7 @@ def run_ready(engine, positions: int) -> int:
     try:
         engine.bank.set_rows([(job.slots, [a.weight for a in req.adapters], job.mixture), ([], [], None)])
         ids = torch.tensor(job.seq[start:end]).repeat(2, 1)  # (2, c)
-        h = forward.extend(engine.model, job.cache, slice(0, 2), ids, start)  # (2, c, hidden)
+        h = forward.extend(engine.model, job.cache, slice(0, 2), ids, start, len(job.seq))  # (2, c, hidden)
         j0, j1 = max(0, start - (P - 1)), min(n, end - (P - 1))  # answer tokens predicted in this chunk
         if j1 > j0:
             part = kl_to_base(engine.model, h, P + j0 - start, req.answer[j0:j1])
