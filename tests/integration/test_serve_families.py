@@ -15,7 +15,7 @@ from lorakit import LoraConfig, add_adapter, delete_adapter, save_adapter
 from lorakit.adapters.peft_files import read_adapter
 from lorakit.models import TINY, tiny_decoder
 from lorakit.serve.engine import CHUNK, AdapterUse, Engine, GenRequest
-from lorakit.serve.fast import StaticEngine
+from lorakit.serve.fast import StaticEngine, refusal
 from engine_helpers import TOK, Collect
 
 N = 12  # new tokens: the longest row ends at 32, four windows of 8
@@ -111,8 +111,11 @@ def test_static_engine_greedy_equals_generate(case, tmp_path):
 def test_static_engine_refuses_what_it_does_not_compute(kind):
     """Gemma 2's soft-capped attention scores; windows of 8, shorter than its rows of 64 (the decode kernel has
     neither): refused by name at start, before a cache is allocated."""
-    with pytest.raises(ValueError, match="soft-caps its attention" if kind == "gemma2" else "window of 8 positions"):
+    why = "soft-caps its attention" if kind == "gemma2" else "window of 8 positions"
+    with pytest.raises(ValueError, match=why):
         StaticEngine(tiny_decoder(kind), TOK, max_slots=2, max_batch=8, max_len=64)
+    assert why in refusal(tiny_decoder(kind), 64)  # the server then runs the plain engine on a GPU (app.make_state)
+    assert (refusal(tiny_decoder(kind, sliding_window=8), 8) is None) == (kind != "gemma2")  # rows within the window
 
 
 @pytest.mark.parametrize("kind", list(TINY))
