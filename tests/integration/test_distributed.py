@@ -1,6 +1,6 @@
 """Training past one process (CPU, gloo, the tiny model): two processes train what one process trains at the same
-global batch, with DDP and with FSDP2 (LoRA and full fine-tuning); a run saved on two processes resumes on one with
-the same next losses; one failing rank stops them all with its message."""
+global batch, with DDP and with FSDP2 (LoRA and full fine-tuning, and QLoRA: a 4-bit base sharded); a run saved on
+two processes resumes on one with the same next losses; one failing rank stops them all with its message."""
 import json
 import os
 import subprocess
@@ -143,3 +143,52 @@ def test_failing_rank_stops_all_and_the_fsdp_run_resumes_on_one_process(tiny_dir
     assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
     assert_same_training(tmp_path / "two" / "adapter_model.safetensors", tmp_path / "one" / "adapter_model.safetensors",
                          init_adapter(args, tmp_path / "init"), steps=6)
+
+
+QLORA = ["--quantize", "nf4", *LORA, "--recompute", "all", "--grad-accum", "2", "--max-steps", "4", "--save-every",
+         "2", "--threads", "1"]  # one thread a process: two on this shared 2-core machine run slower
+
+
+@pytest.fixture(scope="module")
+def qlora_one(tiny_dir, data, tmp_path_factory):
+    """The one-process QLoRA run both FSDP tests compare with, and the adapter it starts from."""
+    args = ["--model", tiny_dir, "--data", data / "train.jsonl", *QLORA]
+    out = tmp_path_factory.mktemp("qlora")
+    one_process(*args, "--batch-size", "4", "-o", out / "one")
+    return out / "one", init_adapter(args, out / "init")
+
+
+def test_fsdp_qlora_shards_the_4bit_base_and_two_processes_train_what_one_does(tiny_dir, data, qlora_one, tmp_path):
+    """`lorakit train --nproc 2 --parallel fsdp --quantize nf4`: each rank holds half of every 4-bit weight's bytes
+    (FSDP2 shards the flat NF4 storage) and the two ranks train the one-process curve and adapter (recompute, 2
+    accumulated micro-batches, a micro-batch where rank 1 has no rows)."""
+    one, init = qlora_one
+    p, _ = launch(["-m", "lorakit", "train", "--model", tiny_dir, "--data", data / "train.jsonl", *QLORA,
+                   "--batch-size", "2", "--parallel", "fsdp", "--nproc", "2", "-o", tmp_path / "two"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_close(losses(tmp_path / "two"), losses(one))
+    assert_same_training(tmp_path / "two" / "adapter_model.safetensors", one / "adapter_model.safetensors", init,
+                         steps=4)
+    cfg = json.loads((tmp_path / "two" / "train_config.json").read_text())
+    assert (cfg["world"], cfg["parallel"]) == (2, "fsdp")
+    held = cfg["sharded"]
+    assert held["nf4_weights"] == 2 * 7  # every linear of the 2 decoder layers (all-linear keeps the head dense)
+    # 1/2 of each flat weight, up to one padding element of at most 4 bytes each
+    assert held["nf4_bytes"] / 2 <= held["nf4_bytes_rank"] <= held["nf4_bytes"] / 2 + 4 * held["nf4_weights"]
+    assert held["bytes_rank"] < 0.51 * held["bytes"]  # the rest too (embedding, head, norms, adapters)
+
+
+def test_fsdp_qlora_killed_on_two_processes_resumes_on_one(tiny_dir, data, qlora_one, tmp_path):
+    """Both ranks killed (SIGKILL) in step 3, after the step-2 checkpoint: the run resumes on one process (twice
+    the per-rank batch) with the uninterrupted run's next losses and final adapter."""
+    one, init = qlora_one
+    args = ["--model", tiny_dir, "--data", data / "train.jsonl", *QLORA]
+    p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", "-o", tmp_path / "two",
+                    LORAKIT_FAULT="train.micro_batch@5:kill")
+    assert p.returncode != 0
+    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert_close(losses(tmp_path / "two"), losses(one)[:2])
+    one_process(*args, "--batch-size", "4", "-o", tmp_path / "two", "--resume")
+    assert_close(losses(tmp_path / "two"), losses(one))
+    assert_same_training(tmp_path / "two" / "adapter_model.safetensors", one / "adapter_model.safetensors", init,
+                         steps=4)

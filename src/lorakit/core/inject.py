@@ -201,7 +201,8 @@ def _restore_linear(model: nn.Module, path: str, layer: LoraLinear) -> None:
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors counted once. A quantized frozen weight (a
     module with `represented_params()`, core/nf4.py) counts as the parameters it stands for, not its storage."""
-    seen, trainable, total = set(), 0, 0
+    stand_ins = [m for m in model.modules() if hasattr(m, "represented_params")]
+    seen, trainable, total = {id(p) for m in stand_ins for p in m.parameters()}, 0, 0  # their storage: not counted
     for p in model.parameters():
         if id(p) in seen:
             continue
@@ -209,7 +210,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0
-    total += sum(m.represented_params() for m in model.modules() if hasattr(m, "represented_params"))
+    total += sum(m.represented_params() for m in stand_ins)
     return trainable, total
 
 

@@ -195,7 +195,7 @@ class NF4Weight(nn.Module):
         """-> (packed (n/2, 1) uint8, bitsandbytes QuantState), views of this weight's buffers."""
         if self.lib == "torchao":
             raise ValueError("a torchao-format NF4 weight has no bitsandbytes state; quantize with lib='bnb'")
-        b = self._buffers
+        b = self.state()
         return b["codes"].view(-1, 1), nf4_lib.bnb_state(b["absmax_q"], b["absmax_scale"], b["absmax_mean"],
                                                          self.shape, self.dtype)
 
@@ -211,8 +211,12 @@ class NF4Weight(nn.Module):
         self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
         return self
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The quantized state by name (core/nf4_shard.FlatNF4Weight keeps it in one flat parameter)."""
+        return self._buffers
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype, b = dtype or self.dtype, self._buffers
+        dtype, b = dtype or self.dtype, self.state()
         if self.lib == "torchao":
             return nf4_lib.torchao_dequantize(b, self.shape, dtype)
         dev = b["codes"].device

@@ -9,9 +9,11 @@ drives the model through a `Runner`:
   fsdp  FSDP2: every decoder layer (the model's `_no_split_modules` classes), the input embedding and the output
         head (when they are two weights, not one tied) and the root are `fully_shard`ed, so each device holds
         1/world of every weight (frozen base, adapters, optimizer state) and gathers one unit at a time;
-        gradients are reduce-scattered. Works for LoRA and for full fine-tuning.
-  auto  DDP when the base's weights take at most AUTO_SHARE of one device's memory, else FSDP; DDP for a
-        4-bit (QLoRA) base, which FSDP does not shard.
+        gradients are reduce-scattered. Works for LoRA and for full fine-tuning, and for a 4-bit (QLoRA) base:
+        each NF4 weight's state is first laid into one flat frozen parameter (core/nf4_shard.py), which FSDP
+        shards and gathers like any weight.
+  auto  DDP when the base's weights (a 4-bit base's quantized bytes) take at most AUTO_SHARE of one device's
+        memory, else FSDP.
 Both engines average gradients over ranks; the loss each rank backpropagates is its rows' summed token loss
 divided by (global target count / world), so the average is the loss of the whole global batch, exactly as
 one process computes it. Checkpoints and final files gather full tensors (`full_tensor`) and rank 0 writes.
@@ -122,11 +124,6 @@ def choose_parallel(requested: str, model: nn.Module, ctx: Context) -> tuple[str
         raise ValueError(f"parallel must be one of {PARALLEL}, got {requested!r}")
     if ctx.world == 1:
         return "none", "one process"
-    if _quantized(model):
-        if requested == "fsdp":
-            raise ValueError("--parallel fsdp does not shard a 4-bit (NF4) base; use --parallel ddp "
-                             "(the 4-bit base is small enough to replicate)")
-        return "ddp", "asked for" if requested == "ddp" else "a 4-bit base is replicated (FSDP does not shard it)"
     if requested != "auto":
         return requested, "asked for"
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -245,6 +242,10 @@ class Runner:
                                  "use --parallel ddp") from None
 
             mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+            if _quantized(model):  # the 4-bit state as one flat parameter a weight, which FSDP shards
+                from lorakit.core.nf4_shard import flatten_nf4
+
+                flatten_nf4(model)
             for unit in shard_units(model):
                 fully_shard(unit, mesh=mesh)
             fully_shard(self.root, mesh=mesh)  # the fast backend runs each unit as its module (fast.as_forward)
@@ -288,6 +289,31 @@ class Runner:
             return torch.zeros(())
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def held(self) -> dict:
+        """FSDP: the bytes of the model's weights (parameters and buffers), whole and on this rank, and of those
+        the 4-bit base's (FlatNF4Weight storage): {"sharded": {...}}, what a run's train_config.json records;
+        {} without FSDP."""
+        if self.mode != "fsdp":
+            return {}
+        from lorakit.core.nf4 import NF4Weight
+
+        nf4 = {id(p) for m in self.model.modules() if isinstance(m, NF4Weight) for p in m.parameters()}
+        out = {"bytes": 0, "bytes_rank": 0, "nf4_bytes": 0, "nf4_bytes_rank": 0, "nf4_weights": len(nf4)}
+        seen = set()
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            whole = t.numel() * t.element_size()
+            local = t.to_local() if hasattr(t, "to_local") else t
+            here = local.numel() * local.element_size()
+            out["bytes"] += whole
+            out["bytes_rank"] += here
+            if id(t) in nf4:
+                out["nf4_bytes"] += whole
+                out["nf4_bytes_rank"] += here
+        return {"sharded": out}
 
     def peaks(self) -> dict:
         """CUDA memory peaks since the last call (allocated, reserved; GiB), the largest over ranks; {} on CPU."""

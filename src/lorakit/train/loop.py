@@ -293,7 +293,7 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
         (out_dir / runs.DONE).unlink(missing_ok=True)
         atomic_write_json(out_dir / runs.CONFIG, {
             **config_echo, "backend": backend.name, "backend_reason": why, "threads": threads, "world": ctx.world,
-            "parallel": mode, "batch_size_per_rank": cfg.batch_size})
+            "parallel": mode, "batch_size_per_rank": cfg.batch_size, **runner.held()})
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     log.info("%s: %s", {"router": "router", "full": "full fine-tuning", "lora": "LoRA"}[what],
              f"trainable params: {trainable:,} of {total:,}" if router is not None else trainable_report(model))

@@ -1,0 +1,53 @@
+"""The 4-bit base as FSDP shards it (core/nf4_shard.py): each NF4 weight's state laid into one flat frozen
+parameter dequantizes to the same values bit for bit, in every storage dtype, keeps its bytes through
+model.to(dtype), and changes neither the model's outputs nor its parameter counts."""
+import pytest
+import torch
+
+from lorakit import LoraConfig, add_adapter
+from lorakit.core.inject import count_params
+from lorakit.core.nf4 import NF4Weight, quantize_model, weight_bytes
+from lorakit.core.nf4_shard import ALIGN, FlatNF4Weight, flatten_nf4, pack_state, unpack_state
+from lorakit.models import tiny_llama
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_flat_weight_is_the_same_state_and_values(storage):
+    w = torch.randn(37, 29, generator=torch.Generator().manual_seed(0))  # 1073 values: no block divides it
+    q = NF4Weight(w, "own")
+    f = FlatNF4Weight(q, storage)
+    assert f.flat.dtype == storage and f.flat.ndim == 1 and not f.flat.requires_grad
+    assert list(f.state_dict()) == ["flat"] and not list(f.buffers())
+    for k, t in q.state().items():
+        assert f.state()[k].dtype == t.dtype and torch.equal(f.state()[k], t), k
+    assert torch.equal(f.dequantize(), q.dequantize()) and f.nbytes() == q.nbytes()
+    assert f.flat.numel() * f.flat.element_size() % ALIGN == 0
+    f.to(torch.bfloat16)  # the compute dtype changes; the stored bytes do not
+    assert f.flat.dtype == storage and f.dtype == torch.bfloat16
+    assert torch.equal(f.dequantize(torch.float32), q.dequantize(torch.float32))
+
+
+def test_unpack_copies_only_where_a_view_would_be_misaligned():
+    state = {"a": torch.arange(3, dtype=torch.uint8), "b": torch.tensor([1.5, -2.0]), "c": torch.tensor(7.0)}
+    flat, layout = pack_state(state, torch.uint8)
+    assert [o % ALIGN for *_, o, _ in layout] == [0, 0, 0]
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), flat])[1:]  # the same bytes at an odd address
+    for got in (unpack_state(flat, layout), unpack_state(shifted, layout)):
+        assert all(torch.equal(got[k], state[k]) and got[k].shape == state[k].shape for k in state)
+    assert unpack_state(flat, layout)["b"].data_ptr() == flat.data_ptr() + layout[1][3]  # a view, no copy
+
+
+def test_a_flattened_qlora_model_computes_and_counts_the_same():
+    model = tiny_llama()
+    quantize_model(model, "all-linear", lib="own")
+    add_adapter(model, LoraConfig(r=4, targets="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    before, counts, nbytes = model(ids).logits, count_params(model), weight_bytes(model)
+    assert flatten_nf4(model) == 2 * 7 and flatten_nf4(model) == 0  # every 4-bit linear, once
+    assert torch.equal(model(ids).logits, before)
+    assert count_params(model) == counts and weight_bytes(model)["quant_bytes"] >= nbytes["quant_bytes"]
+    flat = [p for n, p in model.named_parameters() if n.endswith("weight.flat")]
+    assert len(flat) == 14 and all(p.dtype == torch.float32 for p in flat)  # matched to the compute dtype
