@@ -249,7 +249,9 @@ def _layer_types(model: nn.Module) -> list[str]:
 
 
 # RoPE scalings whose tables depend on the sequence's length (longrope: the long factors once it passes the
-# original context); a batch computes them row by row, as each row alone would
+# original context); a batch computes them row by row, as each row alone would. Not reproduced: transformers' Phi-3
+# generate recomputes a whole sequence once it reaches original_max_position_embeddings + 1 tokens (the keys cached
+# before get the long factors too); the server keeps those keys
 LENGTH_DEPENDENT_ROPE = ("longrope",)
 
 
