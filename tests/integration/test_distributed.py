@@ -159,9 +159,10 @@ def qlora_one(tiny_dir, data, tmp_path_factory):
 
 
 def test_fsdp_qlora_shards_the_4bit_base_and_two_processes_train_what_one_does(tiny_dir, data, qlora_one, tmp_path):
-    """`lorakit train --nproc 2 --parallel fsdp --quantize nf4`: each rank holds half of every 4-bit weight's bytes
-    (FSDP2 shards the flat NF4 storage) and the two ranks train the one-process curve and adapter (recompute, 2
-    accumulated micro-batches, a micro-batch where rank 1 has no rows)."""
+    """`lorakit train --nproc 2 --parallel fsdp --quantize nf4`: the base is built on meta and each rank reads and
+    quantizes only its shards; each holds half of every 4-bit weight's bytes (FSDP2 shards the flat NF4 storage)
+    and the two ranks train the one-process curve and adapter (recompute, 2 accumulated micro-batches, a
+    micro-batch where rank 1 has no rows)."""
     one, init = qlora_one
     p, _ = launch(["-m", "lorakit", "train", "--model", tiny_dir, "--data", data / "train.jsonl", *QLORA,
                    "--batch-size", "2", "--parallel", "fsdp", "--nproc", "2", "-o", tmp_path / "two"])
@@ -173,6 +174,7 @@ def test_fsdp_qlora_shards_the_4bit_base_and_two_processes_train_what_one_does(t
     assert (cfg["world"], cfg["parallel"]) == (2, "fsdp")
     held = cfg["sharded"]
     assert held["nf4_weights"] == 2 * 7  # every linear of the 2 decoder layers (all-linear keeps the head dense)
+    assert held["read_shard_by_shard"] == 14 + 2 * 2 + 3  # built on meta, every weight read after sharding
     # 1/2 of each flat weight, up to one padding element of at most 4 bytes each
     assert held["nf4_bytes"] / 2 <= held["nf4_bytes_rank"] <= held["nf4_bytes"] / 2 + 4 * held["nf4_weights"]
     assert held["bytes_rank"] < 0.51 * held["bytes"]  # the rest too (embedding, head, norms, adapters)

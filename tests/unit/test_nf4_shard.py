@@ -1,6 +1,7 @@
 """The 4-bit base as FSDP shards it (core/nf4_shard.py): each NF4 weight's state laid into one flat frozen
 parameter dequantizes to the same values bit for bit, in every storage dtype, keeps its bytes through
-model.to(dtype), and changes neither the model's outputs nor its parameter counts."""
+model.to(dtype), and changes neither the model's outputs nor its parameter counts. A base built on meta and
+materialized weight by weight (train/shard_load.py) is the model load_base gives, adapters included."""
 import pytest
 import torch
 
@@ -51,3 +52,35 @@ def test_a_flattened_qlora_model_computes_and_counts_the_same():
     assert count_params(model) == counts and weight_bytes(model)["quant_bytes"] >= nbytes["quant_bytes"]
     flat = [p for n, p in model.named_parameters() if n.endswith("weight.flat")]
     assert len(flat) == 14 and all(p.dtype == torch.float32 for p in flat)  # matched to the compute dtype
+
+
+def test_a_meta_built_base_materialized_weight_by_weight_is_the_loaded_one(tiny_dir):
+    """load_meta holds no parameter memory; after adapters and flattening, materialize (one process: every chunk
+    is the whole) gives the adapters and the logits of load_base(quant='nf4') + add_adapter under the same seed."""
+    from lorakit.models import load_base
+    from lorakit.train.shard_load import load_meta, materialize, pending
+
+    cfg = LoraConfig(r=4, targets="all-linear")
+    ref, _ = load_base(str(tiny_dir), dtype="float32", device="cpu", quant="nf4")
+    torch.manual_seed(3)
+    add_adapter(ref, cfg)
+    model, _ = load_meta(str(tiny_dir), torch.float32, torch.device("cpu"))
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    assert len(nf4) == 14 and all(b.is_meta for m in nf4 for b in m.buffers())
+    assert all(p.is_meta for p in model.parameters())
+    real = [b for m in model.modules() if not isinstance(m, NF4Weight) for b in m.buffers(recurse=False)]
+    assert real and not any(b.is_meta for b in real)  # the rotary tables: computed, not on meta
+    add_adapter(model, cfg)
+    flatten_nf4(model)
+    assert pending(model)
+    assert materialize(model, seed=3) == 14 + 2 * 2 + 3  # the linears, the layers' norms, final norm, embedding, head
+    assert not pending(model)
+    want = {n: p for n, p in ref.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+    for n, p in want.items():
+        if "lora_B" in n:  # B starts at zero: give both models the same non-zero B so the adapters act
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
+            got[n].data.copy_(p)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -59,6 +59,10 @@ def _load_for_training(args, ctx=None, parallel: str = "auto"):
     if ctx is None or ctx.world == 1:
         return load_base(args.model, dtype=args.dtype, device=args.device, quant=args.quantize)
     dtype = resolve_dtype(args.dtype, ctx.device)
+    if parallel == "fsdp" and args.quantize:  # each rank reads and quantizes only its shards (train/shard_load.py)
+        from lorakit.train.shard_load import load_meta
+
+        return load_meta(args.model, dtype, ctx.device)
     device = "cpu" if parallel != "ddp" and not args.quantize else ctx.device
     return load_base(args.model, dtype=dtype, device=str(resolve_device(str(device))), quant=args.quantize)
 

@@ -33,7 +33,7 @@ class LoraPair(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                  use_rslora: bool = False, init_b_zero: bool = True, dtype=None, device=None):
         super().__init__()
-        self.r, self.alpha = r, float(alpha)
+        self.r, self.alpha, self.init_b_zero = r, float(alpha), init_b_zero
         self.scale = lora_scale(self.alpha, r, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))

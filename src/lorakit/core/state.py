@@ -16,6 +16,7 @@ class ModelState:
     base_name: str | None = None  # what load_base was given ('embedded', a directory, a hub id)
     base_ref: str | None = None  # where load_base found it (models.base_reference): save_adapter's default base path
     quant: str | None = None  # "nf4" when the base's linear layers are held in 4 bits (core/nf4.py)
+    source: dict | None = None  # a base built on meta, to be read shard by shard (train/shard_load.py)
 
 
 def state_of(model: nn.Module) -> ModelState:

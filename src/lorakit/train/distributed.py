@@ -216,6 +216,7 @@ class Runner:
     def __init__(self, model: nn.Module, backend, mode: str, ctx: Context):
         self.model, self.backend, self.mode, self.ctx = model, backend, mode, ctx
         self.root = _Loss(model, backend)
+        self.read_sharded = 0  # base weights read from the checkpoint shard by shard (train/shard_load.py)
         self.engine = self.root
         if mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -249,6 +250,11 @@ class Runner:
             for unit in shard_units(model):
                 fully_shard(unit, mesh=mesh)
             fully_shard(self.root, mesh=mesh)  # the fast backend runs each unit as its module (fast.as_forward)
+            from lorakit.train import shard_load
+
+            if shard_load.pending(model):  # a base built on meta: each rank reads and quantizes its shards now
+                self.read_sharded = shard_load.materialize(model, torch.initial_seed())
+                log.info("fsdp: %d base weights read shard by shard", self.read_sharded)
         elif mode != "none":
             raise ValueError(f"unknown parallel mode {mode!r}")
 
@@ -299,7 +305,8 @@ class Runner:
         from lorakit.core.nf4 import NF4Weight
 
         nf4 = {id(p) for m in self.model.modules() if isinstance(m, NF4Weight) for p in m.parameters()}
-        out = {"bytes": 0, "bytes_rank": 0, "nf4_bytes": 0, "nf4_bytes_rank": 0, "nf4_weights": len(nf4)}
+        out = {"bytes": 0, "bytes_rank": 0, "nf4_bytes": 0, "nf4_bytes_rank": 0, "nf4_weights": len(nf4),
+               "read_shard_by_shard": self.read_sharded}
         seen = set()
         for t in list(self.model.parameters()) + list(self.model.buffers()):
             if id(t) in seen:
