@@ -128,3 +128,27 @@ def test_estimate_cli(tiny_dir, capsys):
     assert main(["estimate", "--model", str(tiny_dir), "--r", "4", "--targets", "q_proj+v_proj"]) == 0
     text = capsys.readouterr().out
     assert f"{2 * 4 * (128 + 96):,}" in text and "qlora" in text
+
+
+def test_fsdp_estimate_shards_weights_grads_and_state_and_adds_two_whole_units():
+    """--shards S: weights, gradients and AdamW state are 1/S of one process's; two units gathered whole; the
+    decoder-layer unit of a QLoRA model is the bytes a real 4-bit layer with its adapters holds (bf16 norms and
+    adapters), up to the quantizer's per-weight rounding."""
+    from lorakit.core.nf4 import quantize_model, weight_bytes
+    from lorakit.lab.estimate import unit_bytes
+
+    model = small_llama(torch.bfloat16)
+    arch = arch_of(model.config)
+    for method in ("lora", "qlora", "full"):
+        one = estimate(arch, method, 16, 2, 64, "all-linear", "bfloat16", True)
+        two = estimate(arch, method, 16, 2, 64, "all-linear", "bfloat16", True, shards=2)
+        assert (two.weights, two.grads, two.optimizer) == tuple(-(-x // 2) for x in (one.weights, one.grads,
+                                                                                    one.optimizer))
+        assert (two.activations, two.logits) == (one.activations, one.logits) and one.gathered == 0
+        assert two.gathered == 2 * max(unit_bytes(arch, method, 16, "all-linear", 2))
+    quantize_model(model, "all-linear")
+    add_adapter(model, LoraConfig(r=16, targets="all-linear"))
+    layer = model.model.layers[0].to(torch.bfloat16)
+    real = weight_bytes(layer)["total_bytes"]
+    predicted = unit_bytes(arch, "qlora", 16, "all-linear", 2)[0]
+    assert abs(real - predicted) <= 8 * 7, (real, predicted)  # 7 linears: ceil()s and the fp32 mean

@@ -114,6 +114,8 @@ def _add_lab(sub) -> None:
     e.add_argument("--seq", type=int, default=512)
     e.add_argument("--dtype", default="float32", help="weights/compute dtype for LoRA and full: float32, bfloat16")
     e.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    e.add_argument("--shards", type=int, default=1, help="FSDP processes (per-GPU share of weights, gradients and "
+                                                          "AdamW state; --batch is per GPU)")
     e.add_argument("--measure", action="store_true",
                    help="also train 2 real steps on random tokens (in a subprocess) and print the measured peak")
     e.add_argument("--device", default="cpu", help="where --measure trains: cpu (peak RSS) or cuda (allocator peak)")
@@ -128,7 +130,7 @@ def cmd_estimate(args) -> int:
 
     targets = parse_targets(args.targets)
     arch = arch_of(load_config(args.model), args.model)
-    ests = [estimate(arch, m, args.r, args.batch, args.seq, targets, args.dtype, args.checkpointing)
+    ests = [estimate(arch, m, args.r, args.batch, args.seq, targets, args.dtype, args.checkpointing, args.shards)
             for m in METHODS]
     measured = {}
     if args.measure:
@@ -144,7 +146,8 @@ def cmd_estimate(args) -> int:
                           "estimates": [e.to_dict() for e in ests], "measured": measured}, indent=2))
         return 0
     head = (f"{arch.name}: {arch.params:,} parameters; r={args.r}, targets={targets}, batch {args.batch} x "
-            f"seq {args.seq}, {args.dtype}" + (", checkpointing" if args.checkpointing else ""))
+            f"seq {args.seq}, {args.dtype}" + (", checkpointing" if args.checkpointing else "")
+            + (f", FSDP over {args.shards} (per GPU)" if args.shards > 1 else ""))
     print(format_estimates(ests, head))
     for m, res in measured.items():
         pred = next(e for e in ests if e.method == m).total / 2 ** 20

@@ -29,6 +29,10 @@ The memory model (bytes; P = base parameters, p = trainable parameters, T = batc
 Peak = weights + optimizer + max(gradients, activations + logits): the saved activations and the logits are
 all alive at the start of the backward, when no gradient exists yet (they are set to None after each step);
 by the end of the backward the gradients are all there and the activations are gone.
+FSDP over S processes (`shards`, per-GPU batch): weights, gradients and AdamW state are 1/S each (every tensor
+is cut in S chunks), plus `gathered`: two units whole at once (the one running and the next, prefetched), a unit
+being a decoder layer (4-bit linears, norms, adapters) or the embedding or the head, the largest counted. The
+activations and logits are those of the per-GPU batch. QLoRA's 4-bit base shards the same way (core/nf4_shard.py).
 Not in it: the framework itself (a CPU process with torch imported ~0.25 GiB, plus ~12 MiB that the first
 backward allocates whatever the model's size, measured with a one-layer model; a CUDA context ~0.5 GiB),
 the allocator's caching, and the tokenizer and data.
@@ -166,24 +170,26 @@ class Estimate:
     activations: int
     logits: int
     checkpointing: bool = False
+    shards: int = 1  # FSDP processes: weights, grads and optimizer are this rank's 1/shards
+    gathered: int = 0  # FSDP: units gathered whole at once (module doc)
 
     @property
     def total(self) -> int:
         """The peak: weights and optimizer state stay; the gradients grow during the backward as the saved
         activations are freed, so the two peak at different times (start vs end of the backward)."""
-        return self.weights + self.optimizer + max(self.grads, self.activations + self.logits)
+        return self.weights + self.gathered + self.optimizer + max(self.grads, self.activations + self.logits)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
 
 
 def estimate(arch: Arch, method: str, r: int = 16, batch: int = 8, seq: int = 512, targets="all-linear",
-             dtype: str = "float32", checkpointing: bool = False) -> Estimate:
+             dtype: str = "float32", checkpointing: bool = False, shards: int = 1) -> Estimate:
     if method not in METHODS:
         raise ValueError(f"method {method!r} unknown; expected one of {METHODS}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(DTYPE_BYTES)}")
-    for k, v in (("r", r), ("batch", batch), ("seq", seq)):
+    for k, v in (("r", r), ("batch", batch), ("seq", seq), ("shards", shards)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
     wb = DTYPE_BYTES[dtype]
@@ -202,21 +208,42 @@ def estimate(arch: Arch, method: str, r: int = 16, batch: int = 8, seq: int = 51
             weights = arch.params * wb + trainable * tb
     act_bytes = 2 if method == "qlora" else wb
     acts = activation_bytes(arch, method, r, targets, checkpointing, act_bytes) * tokens
-    return Estimate(method=method, params=arch.params, trainable=trainable, weights=weights,
-                    grads=trainable * tb, optimizer=2 * trainable * tb, activations=acts,
-                    logits=3 * tokens * arch.vocab * 4, checkpointing=checkpointing)
+    grads, optimizer, gathered = trainable * tb, 2 * trainable * tb, 0
+    if shards > 1:
+        weights, grads, optimizer = (-(-x // shards) for x in (weights, grads, optimizer))
+        gathered = 2 * max(unit_bytes(arch, method, r, targets, wb))
+    return Estimate(method=method, params=arch.params, trainable=trainable, weights=weights, grads=grads,
+                    optimizer=optimizer, activations=acts, logits=3 * tokens * arch.vocab * 4,
+                    checkpointing=checkpointing, shards=shards, gathered=gathered)
+
+
+def unit_bytes(arch: Arch, method: str, r: int, targets, wb: int) -> tuple[int, int]:
+    """(one decoder layer, the embedding or head, the larger) whole, in bytes: FSDP's units (module doc)."""
+    layer = {p: io for p, io in arch.linear.items() if ".layers.0." in p}
+    dense = sum(i * o for i, o in layer.values())
+    adapted = [p for p in lora_modules(arch, targets) if p in layer] if method != "full" else []
+    lora = sum(r * sum(layer[p]) for p in adapted)
+    norms = 2 * arch.hidden
+    if method == "qlora":
+        one = int(dense * NF4_BYTES) + norms * 2 + lora * 2
+    else:
+        one = (dense + norms) * wb + lora * wb
+    return one, arch.vocab * arch.hidden * (2 if method == "qlora" else wb)
 
 
 def format_estimates(ests: list[Estimate], header: str = "") -> str:
     unit, div = ("GiB", GiB) if max(e.total for e in ests) >= GiB else ("MiB", 2 ** 20)
     num = lambda b: f"{b / div:.2f}" if unit == "GiB" else f"{b / div:.1f}"  # noqa: E731
     lines = [header] if header else []
-    lines.append(f"{'method':<7}{'trainable':>14}{'weights':>9}{'grads':>8}{'AdamW':>8}{'activ.':>8}"
-                 f"{'logits':>8}{'peak ' + unit:>10}")
+    fsdp = any(e.shards > 1 for e in ests)
+    lines.append(f"{'method':<7}{'trainable':>14}{'weights':>9}{'gather' if fsdp else '':>8}{'grads':>8}{'AdamW':>8}"
+                 f"{'activ.':>8}{'logits':>8}{'peak ' + unit:>10}")
     for e in ests:
-        lines.append(f"{e.method:<7}{e.trainable:>14,}{num(e.weights):>9}{num(e.grads):>8}{num(e.optimizer):>8}"
-                     f"{num(e.activations):>8}{num(e.logits):>8}{num(e.total):>10}")
-    lines.append(f"{unit}; peak = weights + AdamW + max(grads, activations + logits); not included: the framework "
+        lines.append(f"{e.method:<7}{e.trainable:>14,}{num(e.weights):>9}{num(e.gathered) if fsdp else '':>8}"
+                     f"{num(e.grads):>8}{num(e.optimizer):>8}{num(e.activations):>8}{num(e.logits):>8}"
+                     f"{num(e.total):>10}")
+    lines.append(f"{unit}{' a GPU' if fsdp else ''}; peak = weights + {'gathered + ' if fsdp else ''}AdamW + "
+                 "max(grads, activations + logits); not included: the framework "
                  "itself (~0.25 GiB CPU process + ~12 MiB at the first backward; ~0.5 GiB CUDA context)")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -51,7 +52,8 @@ def meta_nf4_state(n: int) -> dict[str, torch.Tensor]:
     """The NF4 state of an n-value weight (core/nf4.quantize_nf4's shapes and dtypes), on meta."""
     nb = -(-n // 64)
     m = dict(device="meta")
-    return {"codes": torch.empty(-(-n // 2), dtype=torch.uint8, **m), "absmax_q": torch.empty(nb, dtype=torch.uint8, **m),
+    return {"codes": torch.empty(-(-n // 2), dtype=torch.uint8, **m),
+            "absmax_q": torch.empty(nb, dtype=torch.uint8, **m),
             "absmax_scale": torch.empty(-(-nb // 256), dtype=torch.float32, **m),
             "absmax_mean": torch.empty((), dtype=torch.float32, **m)}
 
@@ -86,20 +88,37 @@ def load_meta(name: str, dtype: torch.dtype, device: torch.device):
     return model, tok
 
 
-def checkpoint_reader(path: str | Path):
-    """-> read(key) -> the checkpoint's tensor (CPU, memory-mapped) from model.safetensors or its index."""
+RANDOM_KEY = "lorakit_random_weights"  # in config.json: no checkpoint, seeded random weights (benchmarks)
+
+
+def checkpoint_reader(path: str | Path, device: torch.device):
+    """-> read(key, shape) -> the checkpoint's tensor (CPU, memory-mapped) from model.safetensors or its index.
+    A directory without weights whose config.json holds {"lorakit_random_weights": {"std": s}} (a benchmark's
+    model too big for its disk, bench/gpu_qlora_fsdp.py) reads seeded random weights instead: N(0, s) for
+    matrices, N(1, s) for vectors (norms), one generator on `device` seeded from the key."""
     from safetensors import safe_open
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
+    random = json.loads((path / "config.json").read_text()).get(RANDOM_KEY)
+    if random is not None and not index.exists() and not (path / "model.safetensors").exists():
+        def draw(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+            g = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+            t = torch.empty(shape, dtype=torch.float32, device=device)
+            return t.normal_(0.0 if len(shape) >= 2 else 1.0, float(random["std"]), generator=g)
+
+        return draw
     files = json.loads(index.read_text())["weight_map"] if index.exists() else None
     opened: dict[str, object] = {}
 
-    def read(key: str) -> torch.Tensor:
+    def read(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         name = files[key] if files is not None else "model.safetensors"
         if name not in opened:
             opened[name] = safe_open(str(path / name), "pt", device="cpu")
-        return opened[name].get_tensor(key)
+        t = opened[name].get_tensor(key)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{key}: the checkpoint holds {tuple(t.shape)}, the model expects {tuple(shape)}")
+        return t
 
     return read
 
@@ -129,7 +148,7 @@ def materialize(model: nn.Module, seed: int) -> int:
     model.to_empty(device=device)
     for n, b in model.named_buffers():
         b.copy_(buffers[n])
-    read = checkpoint_reader(src["path"])
+    read = checkpoint_reader(src["path"], device)
     torch.manual_seed(seed)  # the adapters' initialisation, as one process runs it after the loop's seed
     n_read, seen = 0, set()
     for name, mod in model.named_modules():
@@ -149,8 +168,8 @@ def materialize(model: nn.Module, seed: int) -> int:
             if id(p) in seen:  # a tied weight, filled once
                 continue
             seen.add(id(p))
-            key = name if isinstance(mod, FlatNF4Weight) else f"{name}.{pname}"
-            w = read(key).to(device, dtype)
+            key, shape = (name, mod.shape) if isinstance(mod, FlatNF4Weight) else (f"{name}.{pname}", p.shape)
+            w = read(key, tuple(shape)).to(device, dtype)
             n_read += 1
             if isinstance(mod, FlatNF4Weight):
                 lib = nf4_lib.resolve(mod.lib, device)
