@@ -40,7 +40,7 @@ DEFAULT_RUNS = ["classify/peft-liger", "classify/lorakit", "long/peft-liger", "l
 
 def examples(case: str, tok):
     from lorakit.train.data import build_examples, load_rows
-    from lorakit.train.loop import trim_to_targets
+    from lorakit.train.batches import trim_to_targets
 
     src, *_, max_len = CASES[case]
     if src == "long":
@@ -97,7 +97,8 @@ class StepProfile:
 
 def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
     from lorakit.config import TrainConfig
-    from lorakit.train.loop import MicroBatches, lr_at
+    from lorakit.train.batches import MicroBatches
+    from lorakit.train.loop import lr_at
 
     _, batch, *_ = CASES[case]
     torch.manual_seed(0)

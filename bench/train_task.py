@@ -63,7 +63,8 @@ def run_peft(args) -> dict:
 
     from lorakit.models import load_base
     from lorakit.train.data import build_examples, load_rows
-    from lorakit.train.loop import MicroBatches, lr_at
+    from lorakit.train.batches import MicroBatches
+    from lorakit.train.loop import lr_at
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -31,6 +31,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def set_threads(threads: int) -> int:
+    """Torch CPU threads: `threads` if > 0, else the cores this process may use (physical ones where known)."""
+    if threads <= 0:
+        threads = usable_cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

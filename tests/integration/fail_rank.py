@@ -4,16 +4,16 @@ import os
 import sys
 
 from lorakit.cli.main import main
-from lorakit.train import loop
+from lorakit.train import batches
 
 if os.environ.get("RANK") == os.environ["FAIL_RANK"]:
-    _get = loop.MicroBatches.get
+    _get = batches.MicroBatches.get
 
     def get(self, m):
         if m >= int(os.environ["FAIL_AT"]):
             raise ValueError(f"injected failure at micro-batch {m}")
         return _get(self, m)
 
-    loop.MicroBatches.get = get
+    batches.MicroBatches.get = get
 
 sys.exit(main(sys.argv[1:]))

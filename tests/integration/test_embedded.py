@@ -79,7 +79,8 @@ def test_merge_unmerge_exact_on_embedded(model_tok):
 def test_short_training_lowers_heldout_loss(model_tok, tmp_path):
     from lorakit import TrainConfig
     from lorakit.train.data import build_examples, load_rows
-    from lorakit.train.loop import evaluate_loss, train
+    from lorakit.train.evaluate import evaluate_loss
+    from lorakit.train.loop import train
 
     model, tok = model_tok
     rows, _ = load_rows(ROOT / "data" / "demo" / "train.jsonl")

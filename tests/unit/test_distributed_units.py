@@ -8,7 +8,7 @@ from lorakit.core.nf4 import quantize_model
 from lorakit.models import tiny_llama
 from lorakit.train.data import IGNORE, Example
 from lorakit.train.distributed import Context, choose_parallel, decoder_layers, echo
-from lorakit.train.loop import MicroBatches
+from lorakit.train.batches import MicroBatches
 
 
 def _examples(n):

@@ -10,7 +10,8 @@ from lorakit.config import TrainConfig
 from lorakit.models import tiny_llama
 from lorakit.train.backends import choose_backend
 from lorakit.train.data import IGNORE, Example
-from lorakit.train.loop import MicroBatches, train, trim_to_targets
+from lorakit.train.batches import MicroBatches, trim_to_targets
+from lorakit.train.loop import train
 
 
 def _examples(n=48, seed=0):

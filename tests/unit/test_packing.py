@@ -20,7 +20,8 @@ from lorakit.config import TrainConfig
 from lorakit.models import tiny_llama
 from lorakit.train.backends import FastBackend, PlainBackend
 from lorakit.train.data import IGNORE, Example, choose_widths, collate, pack, width_for
-from lorakit.train.loop import MicroBatches, train
+from lorakit.train.batches import MicroBatches
+from lorakit.train.loop import train
 
 HEAD = list(range(40, 60))  # a shared "system prompt" of 20 tokens
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (4 * 2.0 ** -8, 16 * 2.0 ** -8)}

@@ -94,7 +94,7 @@ def run_demo(opts: DemoOptions, progress: bool = True) -> dict:
     from lorakit.adapters.registry import Registry
     from lorakit.core.inject import set_active
     from lorakit.lab.diffusion import load_unet
-    from lorakit.train.loop import set_threads
+    from lorakit.models import set_threads
 
     opts.validate()
     t_start = time.perf_counter()

@@ -56,7 +56,7 @@ def _held_out(model, tok, spec: dict, rows: list[dict], ex, pad: int, compare: b
 
 def _general_loss(model, tok, spec: dict, pad: int) -> float | None:
     from lorakit.train.data import build_examples
-    from lorakit.train.loop import evaluate_loss
+    from lorakit.train.evaluate import evaluate_loss
 
     rows = _rows(spec.get("general"), spec.get("general_rows", 0))
     if not rows:

@@ -3,14 +3,14 @@ forward with lorakit's layers, any architecture, any device) or the fast backend
 Llama-family layers, compiled on CUDA). The loop, its optimizer, schedule, checkpoints and metrics are the same
 for both; `choose_backend` picks one and says why.
 
-A backend is any object with
-    name: str
-    loss(batch, denom) -> (summed loss over the batch's target tokens / denom, target count)
-    close() -> None          (undo what the backend changed in the model, if anything)
+A backend is what the `Backend` protocol declares; one that brings its own data (train/diffusion.py: images, not
+token rows) also has `micro_batches(...)` (`OwnData`), returning what `MicroBatchSource` declares (for text rows the
+loop uses train/batches.py's MicroBatches).
 """
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,45 @@ from lorakit.train.prefix import (body_with_prefix, packed_body, packed_prefix_l
 from lorakit.train.offload import offload_embedding, restore as restore_embedding
 
 log = logging.getLogger("lorakit.train")
+
+
+
+class Backend(Protocol):
+    """How the loop computes a micro-batch's loss. Optional (train/packing.py asks with getattr): `pack` (takes
+    packed rows), `pack_off` (why not), `bucketed` (compiled: packed widths from a few buckets) and
+    `warm_up(widths, pad_id, targets)` (compile them before the first step)."""
+    name: str
+
+    def loss(self, batch: dict[str, torch.Tensor], denom: float) -> tuple[torch.Tensor, int]:
+        """(summed loss over the batch's target tokens / denom, target count)."""
+
+    def close(self) -> None:
+        """Undo what the backend changed in the model, if anything (the loop calls it once, at the end)."""
+
+
+class MicroBatchSource(Protocol):
+    """Micro-batch number m -> the same batch every time (a resumed run, or another rank, sees what the uninterrupted
+    single process would have)."""
+    per_epoch: int  # micro-batches an epoch
+    targets: list  # per example: its target count (the loss's denominator is counted on the host)
+    lengths: list  # per example: its tokens (or items), for tokens/s
+
+    def indices(self, m: int) -> list[int]:
+        """The examples of global micro-batch m (every rank's)."""
+
+    def get(self, m: int) -> dict[str, torch.Tensor]:
+        """This rank's share of micro-batch m, as the backend's loss takes it."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """A batch's target count."""
+
+
+class OwnData(Backend, Protocol):
+    """A backend that cuts the examples itself (images, not token rows)."""
+
+    def micro_batches(self, examples, cfg, rank: int, world: int) -> MicroBatchSource:
+        """The examples as numbered micro-batches, this rank's share of each."""
+
 
 BACKENDS = ("auto", "plain", "fast")
 # logits computed at once above this many (tokens x vocab) values go through the chunked loss instead

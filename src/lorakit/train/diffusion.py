@@ -23,8 +23,8 @@ import torch.nn as nn
 
 class ImageBatches:
     """Micro-batch number m -> {"images" (b, c, h, w), "noise" (b, c, h, w), "timesteps" (b,)}: the loop's
-    micro-batch protocol (as train/loop.py's MicroBatches: per_epoch, indices, get, targets, lengths, count), where
-    an image is one target and one item."""
+    micro-batch protocol (backends.MicroBatchSource, as train/batches.py's MicroBatches: per_epoch, indices, get,
+    targets, lengths, count), where an image is one target and one item."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, num_timesteps: int):
         if images.ndim != 4 or not images.is_floating_point():

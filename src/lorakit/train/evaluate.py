@@ -12,10 +12,27 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.templates import render_prompt, resolve_template
-from lorakit.train.data import build_examples, collate, prompt_and_answer, row_format
+from lorakit.train.data import Example, build_examples, collate, prompt_and_answer, row_format
 from lorakit.generate import generate_ids
 from lorakit.core.inject import active_adapters, disabled
-from lorakit.train.backends import target_logits
+from lorakit.train.backends import causal_lm_loss, target_logits
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, call=None) -> dict:
+    """Mean loss per target token and perplexity. `call(fn)` runs each forward (a Runner's, under FSDP)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        loss, n = (call or (lambda f: f()))(lambda: causal_lm_loss(model, batch, denom=1.0))
+        total += float(loss)
+        count += n
+    model.train(was)
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
 
 
 def normalize(text: str) -> str:
