@@ -84,3 +84,34 @@ def test_a_meta_built_base_materialized_weight_by_weight_is_the_loaded_one(tiny_
             got[n].data.copy_(p)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(2))
     assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_the_checkpoint_reader_checks_shapes_and_draws_seeded_weights_where_marked(tiny_dir, tmp_path):
+    """A real checkpoint: its tensors, and a shape the model does not expect named with its key. A directory
+    marked lorakit_random_weights without weight files: the same draw for the same key on every call (every
+    rank), another for another key, N(0, std) matrices and N(1, std) vectors."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lorakit.train.shard_load import RANDOM_KEY, checkpoint_reader
+
+    read = checkpoint_reader(tiny_dir, torch.device("cpu"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    want = load_file(str(tiny_dir / "model.safetensors"))[key]
+    assert torch.equal(read(key, tuple(want.shape)), want)
+    with pytest.raises(ValueError, match="up_proj.weight: the checkpoint holds"):
+        read(key, (want.shape[0], want.shape[1] + 1))
+    d = tmp_path / "random"
+    d.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, RANDOM_KEY: {"std": 0.02}}))
+    draw = checkpoint_reader(d, torch.device("cpu"))
+    a, b = draw(key, (256, 64)), checkpoint_reader(d, torch.device("cpu"))(key, (256, 64))
+    assert torch.equal(a, b) and not torch.equal(a, draw("model.layers.1.mlp.up_proj.weight", (256, 64)))
+    n = a.numel()  # mean within 5 standard errors, std within 5%
+    assert abs(float(a.mean())) < 5 * 0.02 / n ** 0.5 and abs(float(a.std()) / 0.02 - 1) < 0.05
+    assert abs(float(draw("model.norm.weight", (4096,)).mean()) - 1) < 5 * 0.02 / 4096 ** 0.5
+    shutil.copy(tiny_dir / "model.safetensors", d / "model.safetensors")  # weights present: they are read
+    assert torch.equal(checkpoint_reader(d, torch.device("cpu"))(key, tuple(want.shape)), want)

@@ -174,7 +174,9 @@ def materialize(model: nn.Module, seed: int) -> int:
             if isinstance(mod, FlatNF4Weight):
                 lib = nf4_lib.resolve(mod.lib, device)
                 state = nf4_lib.bnb_quantize(w) if lib == "bnb" else quantize_nf4(w)
-                w = pack_state(state, p.dtype)[0]
+                w, layout = pack_state({k: state[k] for k, *_ in mod.layout}, p.dtype)
+                if layout != mod.layout:  # the bytes must land where the sharded layout expects them
+                    raise ValueError(f"{key}: quantized state {layout} does not match the sharded layout {mod.layout}")
             fill(p, w)
             del w
     state_of(model).source = None
