@@ -51,7 +51,7 @@ class LoraPair(nn.Module):
 class LoraLinear(nn.Module):
     """A frozen linear layer plus any number of named low-rank adapters."""
 
-    kind = "linear"  # "all-linear" selects layers of this kind; layers.py adds "conv" and "embedding"
+    kind = "linear"  # "all-linear" selects layers of this kind; conv_embedding.py adds "conv" and "embedding"
 
     def __init__(self, base: nn.Module):
         super().__init__()
