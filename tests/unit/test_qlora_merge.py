@@ -14,7 +14,7 @@ from lorakit import LoraConfig, add_adapter, save_adapter  # noqa: E402
 from lorakit.cli.main import main  # noqa: E402
 from lorakit.core.inject import lora_layers, unload  # noqa: E402
 from lorakit.core.nf4 import dequantize_nf4, quantize_model  # noqa: E402
-from lorakit.core.qlora_merge import merge_qlora  # noqa: E402
+from lorakit.core.qlora_merge import dequantize_fp32, merge_qlora  # noqa: E402
 from lorakit.models import load_base, tiny_llama  # noqa: E402
 from test_gguf_export import small_dir  # noqa: E402,F401  (the fixture: a tiny Llama dir with a tokenizer)
 
@@ -35,6 +35,19 @@ def qlora(seed: int = 0):
         w4 = dequantize_nf4(dict(layer.weight.named_buffers()), torch.Size(layer.weight.shape), torch.float32)
         ref[path] = (w4, (p.lora_B.detach().float() @ p.lora_A.detach().float()) * p.scale)  # (out, in) fp32
     return model, ref
+
+
+def test_dequantized_once_computes_what_the_4bit_layers_compute():
+    """dequantize_fp32 keeps the adapters, unmerged and active, on dense fp32 weights holding the values the 4-bit
+    layers dequantize to at every call: the same logits up to fp32 summation order (a few ulp of their scale)."""
+    model, ref = qlora()
+    with torch.no_grad():
+        want = model(IDS).logits
+        assert dequantize_fp32(model) == len(ref)
+        got = model(IDS).logits
+    for path, (w4, _) in ref.items():
+        assert torch.equal(model.get_submodule(path).weight, w4) and model.get_submodule(path).active == {"default": 1.0}
+    assert (got - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * want.abs().max()
 
 
 def test_merged_weight_is_dequant_plus_delta_rounded_once():

@@ -8,7 +8,7 @@ one rounding of the weights: the merged model's logits are the 4-bit model + ada
 weights to `dtype` moves them (tests/unit/test_qlora_merge.py derives the bound).
 
 Merging onto the original full-precision checkpoint instead (lorakit merge --base-quant none) gives a different
-model: the adapter then meets the weights it never saw (docs/qlora.md measures the difference).
+model: the adapter then meets the weights it never saw (docs/variants.md measures the difference).
 """
 from __future__ import annotations
 
