@@ -1,0 +1,25 @@
+"""docs/variants.md's QLoRA quality table equals what scripts/qlora_table.py generates from the committed result
+file, and a changed number in that file changes the table."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("qlora_table", ROOT / "scripts" / "qlora_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_doc_table_matches_the_result_file(tmp_path):
+    qt = _script()
+    text = qt.DOC.read_text()
+    assert qt.render(text, qt.table(qt.RESULTS)) == text, "docs/variants.md drifted: python scripts/qlora_table.py --write"
+    rows = [json.loads(x) for x in (ROOT / qt.RESULTS).read_text().splitlines() if x.strip()]
+    rows[0]["loss"] += 0.5
+    (tmp_path / qt.RESULTS).parent.mkdir(parents=True)
+    (tmp_path / qt.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert qt.render(text, qt.table(qt.RESULTS, tmp_path)) != text
