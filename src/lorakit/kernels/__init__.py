@@ -1,12 +1,16 @@
 """Every hand-written kernel of lorakit lives here, beside its plain-torch reference (reference.py), and each op has
 one dispatch below: the Triton kernel on CUDA where Triton is installed, the reference everywhere else. The server
-(serve/slots.py) and the fast training backend (train/fast) call these dispatches, never a triton_*.py module.
+(serve/slots.py, serve/decoder.py) and the fast training backend (train/fast) call these dispatches, never a
+triton_*.py module.
 
   lora_delta(x, A_slots, B_slots, idx, coef[, dora, base])   per-row multi-adapter LoRA (serving): triton_lora.py
+  lora_add(out, x, A_slots, B_slots, idx, coef)              the same added into out in place (decode): triton_lora.py
   ce_chunk(logits, targets, inv_n, ignore_index)             a chunk's cross-entropy and its gradient, the
                                                              gradient written over the logits: triton_ce.py
   swiglu_lora_fwd / swiglu_lora_bwd                          the SwiGLU middle of a LoRA MLP: triton_mlp.py
-  NF4 dequantization (core/nf4.py)                           no hand kernel: plain torch (compiled with the layer)
+  decode_attention (kernels/attention.py)                    the static-cache engine's decode step: triton_attn.py
+  NF4 dequantization (core/nf4.py)                           no hand kernel: plain torch (compiled with the layer),
+                                                             or a 4-bit library through nf4_lib.py
 
 Kernels must match their reference (tests/unit/test_kernels_triton.py and test_fast_mlp.py under the Triton
 interpreter, tests/gpu on a GPU). Triton is imported on a kernel's first call, not here.
