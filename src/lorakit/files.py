@@ -69,3 +69,15 @@ def recover(path: str | Path) -> None:
         os.rename(olds.pop(), path)
     for p in olds + sorted(path.parent.glob(f".{path.name}.tmp-*")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (the owner of a lock or a leftover temporary file): a process of another
+    user counts as running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

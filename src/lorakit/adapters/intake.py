@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from lorakit import faults
+from lorakit.files import pid_alive
 
 MAX_JSON_BYTES = 8 << 20  # adapter_config.json / mixture.json (4,096 patterns of 512 characters fit)
 MAX_HEADER_BYTES = 100 << 20  # what safetensors itself allows for a header
@@ -159,17 +160,7 @@ def clean_staging(root: Path) -> list[Path]:
         return gone
     for d in root.iterdir():
         pid = d.name.partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

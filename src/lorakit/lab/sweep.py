@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorakit.files import atomic_write_json
+from lorakit.files import atomic_write_json, pid_alive
 from lorakit.runs import METRICS
 
 log = logging.getLogger("lorakit.lab")
@@ -114,7 +114,7 @@ class _Lock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid = int(self.path.read_text().strip() or 0)
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 raise ValueError(f"another sweep (pid {pid}) is running in {str(self.path.parent)!r}; "
                                  f"wait for it or stop it, then re-run to resume") from None
             self.path.unlink()  # left by a sweep that was killed
@@ -125,16 +125,6 @@ class _Lock:
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _steps_done(run_dir: Path) -> int:

@@ -42,7 +42,7 @@ from lorakit.serve import forward, score as scoring
 from lorakit.serve.request import AdapterUse, GenRequest, ScoreRequest, check_request, check_score, \
     send as _send  # noqa: F401 (AdapterUse, ScoreRequest re-exported)
 from lorakit.serve.residency import AdapterLoadError, Residency
-from lorakit.serve.rows import Row, emit
+from lorakit.serve.rows import Row, decode_each, emit
 from lorakit.serve.slots import MAX_RANK, SlotBank
 
 log = logging.getLogger("lorakit.serve")
@@ -356,21 +356,11 @@ class Engine:
         self._retire()
 
     def _decode_each(self, rows: list[Row], idx: list[int]) -> torch.Tensor:
-        """Decode each row alone; a row that still fails is retired with its error. If every row fails,
-        the fault is the engine's, not a request's: raise (the loop fails them all)."""
-        out, last = [], None
-        for i, r in enumerate(rows):
+        """Decode each row alone (rows.decode_each: a row that still fails is retired with its error)."""
+        def one(i: int, r: Row) -> torch.Tensor:
             self._set_batch([r])
-            try:
-                out.append(forward.decode(self.model, self.cache, [r.next_token], [r.length], rows=[idx[i]])[0])
-            except Exception as e:  # noqa: BLE001
-                last = e
-                r.fail(f"generation failed for this request: {type(e).__name__}: {e}")
-                out.append(None)
-        if all(o is None for o in out):
-            raise last
-        like = next(o for o in out if o is not None)
-        return torch.stack([like.new_zeros(like.shape) if o is None else o for o in out])
+            return forward.decode(self.model, self.cache, [r.next_token], [r.length], rows=[idx[i]])[0]
+        return decode_each(rows, one)
 
     def _set_batch(self, rows: list[Row]) -> None:
         self.bank.set_rows([(r.slots, [a.weight for a in r.req.adapters], r.mixture) for r in rows])

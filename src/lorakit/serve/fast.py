@@ -26,7 +26,7 @@ import torch
 from lorakit.serve.decoder import Decoder, cache_bytes, unsupported
 from lorakit.serve.engine import Engine
 from lorakit.serve.request import GenRequest, ScoreRequest, send
-from lorakit.serve.rows import Row, deliver
+from lorakit.serve.rows import Row, decode_each, deliver
 from lorakit.serve.sampler import choose
 
 log = logging.getLogger("lorakit.serve")
@@ -176,18 +176,7 @@ class StaticEngine(Engine):
                                    routing, eager=eager)
 
     def _decode_each(self, rows: list[CacheRow]) -> torch.Tensor:
-        out, last = [], None
-        for r in rows:
-            try:
-                out.append(self._decode_rows([r], eager=True)[0])
-            except Exception as e:  # noqa: BLE001
-                last = e
-                r.fail(f"generation failed for this request: {type(e).__name__}: {e}")
-                out.append(None)
-        if all(o is None for o in out):
-            raise last
-        like = next(o for o in out if o is not None)
-        return torch.stack([like.new_zeros(like.shape) if o is None else o for o in out])
+        return decode_each(rows, lambda i, r: self._decode_rows([r], eager=True)[0])
 
     def _emit(self, rows: list[CacheRow], logits: torch.Tensor) -> None:
         """Every row's next token chosen on the device; one transfer of (token, broken) pairs."""

@@ -7,6 +7,7 @@ A row whose logits are not finite, whose sampling fails, or whose receiver is go
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -76,3 +77,21 @@ def deliver(rows: list[Row], pick, broken: list[bool], stops: set[int], max_len:
         r.next_token = tok
         if r.generated >= r.req.max_tokens or r.length + 1 >= max_len:
             r.finished = "length"
+
+
+def decode_each(rows: list[Row], one: Callable[[int, Row], torch.Tensor]) -> torch.Tensor:
+    """After a batch step failed: decode each row alone (`one(i, row)` -> that row's logits); a row that still
+    fails is finished with its error and gets zero logits (it is retired after the step). If every row fails, the
+    fault is the engine's, not a request's: raise it (the loop fails them all)."""
+    out, last = [], None
+    for i, r in enumerate(rows):
+        try:
+            out.append(one(i, r))
+        except Exception as e:  # noqa: BLE001
+            last = e
+            r.fail(f"generation failed for this request: {type(e).__name__}: {e}")
+            out.append(None)
+    if all(o is None for o in out):
+        raise last
+    like = next(o for o in out if o is not None)
+    return torch.stack([like.new_zeros(like.shape) if o is None else o for o in out])
