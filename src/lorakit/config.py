@@ -238,6 +238,8 @@ class TrainConfig(_FromDict):
     pack: bool = True  # rows of a micro-batch concatenated (no padding), attention kept within each row
     threads: int = 0  # torch CPU threads; 0 = the cores this process may use (shared among a node's ranks)
     parallel: str = "auto"  # under torchrun: auto | ddp | fsdp (train/distributed.py); ignored in one process
+    offload: str = "none"  # fsdp: none | params (sharded weights, grads and AdamW state in host memory; train/fsdp.py)
+    adapter_state: str = "shard"  # fsdp: shard | replicate (adapters and their AdamW state whole on every rank)
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -252,6 +254,10 @@ class TrainConfig(_FromDict):
             raise ValueError(f"backend must be auto, plain or fast, got {self.backend!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if self.offload not in ("none", "params"):
+            raise ValueError(f"offload must be none or params, got {self.offload!r}")
+        if self.adapter_state not in ("shard", "replicate"):
+            raise ValueError(f"adapter_state must be shard or replicate, got {self.adapter_state!r}")
         if isinstance(self.recompute, str) and self.recompute != "all":
             if not self.recompute.isdigit():
                 raise ValueError(f"recompute must be a number of layers or 'all', got {self.recompute!r}")

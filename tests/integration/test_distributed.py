@@ -1,6 +1,7 @@
 """Training past one process (CPU, gloo, the tiny model): two processes train what one process trains at the same
-global batch, with DDP and with FSDP2 (LoRA and full fine-tuning, and QLoRA: a 4-bit base sharded); a run saved on
-two processes resumes on one with the same next losses; one failing rank stops them all with its message."""
+global batch, with DDP and with FSDP2 (LoRA and full fine-tuning, and QLoRA: a 4-bit base sharded, its shards
+offloaded to host memory or not, its adapters sharded or replicated); a run saved on two processes resumes on one
+with the same next losses; one failing rank stops them all with its message."""
 import json
 import os
 import subprocess
@@ -158,21 +159,32 @@ def qlora_one(tiny_dir, data, tmp_path_factory):
     return out / "one", init_adapter(args, out / "init")
 
 
-def test_fsdp_qlora_shards_the_4bit_base_and_two_processes_train_what_one_does(tiny_dir, data, qlora_one, tmp_path):
+def qlora_fsdp(tiny_dir, data, out: Path, *options: str) -> Path:
+    """`lorakit train --nproc 2 --parallel fsdp --quantize nf4` with the one-process run's global batch -> out."""
+    p, _ = launch(["-m", "lorakit", "train", "--model", tiny_dir, "--data", data / "train.jsonl", *QLORA,
+                   "--batch-size", "2", "--parallel", "fsdp", "--nproc", "2", *options, "-o", out])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def qlora_two(tiny_dir, data, tmp_path_factory):
+    """The two-process FSDP QLoRA run, adapters sharded (the default), shards on the device."""
+    return qlora_fsdp(tiny_dir, data, tmp_path_factory.mktemp("qlora2") / "two")
+
+
+def test_fsdp_qlora_shards_the_4bit_base_and_two_processes_train_what_one_does(qlora_one, qlora_two):
     """`lorakit train --nproc 2 --parallel fsdp --quantize nf4`: the base is built on meta and each rank reads and
     quantizes only its shards; each holds half of every 4-bit weight's bytes (FSDP2 shards the flat NF4 storage)
     and the two ranks train the one-process curve and adapter (recompute, 2 accumulated micro-batches, a
     micro-batch where rank 1 has no rows)."""
     one, init = qlora_one
-    p, _ = launch(["-m", "lorakit", "train", "--model", tiny_dir, "--data", data / "train.jsonl", *QLORA,
-                   "--batch-size", "2", "--parallel", "fsdp", "--nproc", "2", "-o", tmp_path / "two"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert_close(losses(tmp_path / "two"), losses(one))
-    assert_same_training(tmp_path / "two" / "adapter_model.safetensors", one / "adapter_model.safetensors", init,
-                         steps=4)
-    cfg = json.loads((tmp_path / "two" / "train_config.json").read_text())
+    assert_close(losses(qlora_two), losses(one))
+    assert_same_training(qlora_two / "adapter_model.safetensors", one / "adapter_model.safetensors", init, steps=4)
+    cfg = json.loads((qlora_two / "train_config.json").read_text())
     assert (cfg["world"], cfg["parallel"]) == (2, "fsdp")
     held = cfg["sharded"]
+    assert (held["offload"], held["adapter_state"], held["replicated_bytes"]) == (False, "shard", 0)
     assert held["nf4_weights"] == 2 * 7  # every linear of the 2 decoder layers (all-linear keeps the head dense)
     assert held["read_shard_by_shard"] == 14 + 2 * 2 + 3  # built on meta, every weight read after sharding
     # 1/2 of each flat weight, up to one padding element of at most 4 bytes each
@@ -187,6 +199,52 @@ def test_fsdp_qlora_killed_on_two_processes_resumes_on_one(tiny_dir, data, qlora
     args = ["--model", tiny_dir, "--data", data / "train.jsonl", *QLORA]
     p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", "-o", tmp_path / "two",
                     LORAKIT_FAULT="train.micro_batch@5:kill")
+    assert p.returncode != 0
+    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert_close(losses(tmp_path / "two"), losses(one)[:2])
+    one_process(*args, "--batch-size", "4", "-o", tmp_path / "two", "--resume")
+    assert_close(losses(tmp_path / "two"), losses(one))
+    assert_same_training(tmp_path / "two" / "adapter_model.safetensors", one / "adapter_model.safetensors", init,
+                         steps=4)
+
+
+def test_fsdp_qlora_replicated_adapters_train_what_one_process_and_sharded_adapters_do(tiny_dir, data, qlora_one,
+                                                                                       qlora_two, tmp_path):
+    """--adapter-state replicate: the LoRA tensors are FSDP's ignored parameters, whole on both ranks (AdamW state
+    too), their gradients all-reduced once a step; the 4-bit base is sharded as before. The one-process curve and
+    adapter, and the sharded-adapter run's."""
+    one, init = qlora_one
+    two = qlora_fsdp(tiny_dir, data, tmp_path / "two", "--adapter-state", "replicate")
+    assert_close(losses(two), losses(one))
+    assert_close(losses(two), losses(qlora_two))
+    for ref in (one, qlora_two):
+        assert_same_training(two / "adapter_model.safetensors", ref / "adapter_model.safetensors", init, steps=4)
+    held = json.loads((two / "train_config.json").read_text())["sharded"]
+    adapter = sum(t.numel() * 4 for t in load_file(str(init)).values())  # fp32 masters, whole on each rank
+    assert (held["adapter_state"], held["replicated_bytes"]) == ("replicate", adapter)
+    assert held["nf4_bytes"] / 2 <= held["nf4_bytes_rank"] <= held["nf4_bytes"] / 2 + 4 * held["nf4_weights"]
+    dense = held["bytes"] - held["nf4_bytes"] - adapter  # embedding, head, norms: still halved
+    assert held["bytes_rank"] - held["nf4_bytes_rank"] - adapter < 0.51 * dense
+
+
+def test_fsdp_qlora_offloaded_shards_train_what_one_process_does(tiny_dir, data, qlora_one, tmp_path):
+    """--offload params (FSDP2's CPUOffloadPolicy, unpinned on CPU processes): the shards, their gradients and AdamW
+    state in host memory; AdamW steps on the sharded adapters there. The one-process curve and adapter."""
+    one, init = qlora_one
+    two = qlora_fsdp(tiny_dir, data, tmp_path / "two", "--offload", "params")
+    assert_close(losses(two), losses(one))
+    assert_same_training(two / "adapter_model.safetensors", one / "adapter_model.safetensors", init, steps=4)
+    held = json.loads((two / "train_config.json").read_text())["sharded"]
+    assert (held["offload"], held["adapter_state"]) == (True, "shard")
+
+
+def test_fsdp_qlora_replicated_offloaded_run_killed_resumes_on_one(tiny_dir, data, qlora_one, tmp_path):
+    """Replicated adapters and offloaded shards together, both ranks killed in step 3: the step-2 checkpoint (whole
+    adapters from rank 0, no gather) resumes on one process with the uninterrupted run's next losses and adapter."""
+    one, init = qlora_one
+    args = ["--model", tiny_dir, "--data", data / "train.jsonl", *QLORA]
+    p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", "--adapter-state", "replicate",
+                    "--offload", "params", "-o", tmp_path / "two", LORAKIT_FAULT="train.micro_batch@5:kill")
     assert p.returncode != 0
     assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 2
     assert_close(losses(tmp_path / "two"), losses(one)[:2])

@@ -1,5 +1,6 @@
 """The pieces of distributed training that need no process group: each rank's share of a global micro-batch,
-the parallel mode chosen and refused, the run identity a checkpoint compares, the layers FSDP shards."""
+the parallel mode chosen and refused (and FSDP's options where they cannot apply), the run identity a checkpoint
+compares, the layers FSDP shards."""
 import pytest
 import torch
 
@@ -7,7 +8,8 @@ from lorakit.config import TrainConfig
 from lorakit.core.nf4 import quantize_model
 from lorakit.models import tiny_llama
 from lorakit.train.data import IGNORE, Example
-from lorakit.train.distributed import Context, choose_parallel, decoder_layers, echo
+from lorakit.train.distributed import Context, choose_parallel, echo, place_model
+from lorakit.train.fsdp import shard_units
 from lorakit.train.batches import MicroBatches
 
 
@@ -42,6 +44,10 @@ def test_a_rank_without_rows_gets_one_row_without_targets():
 def test_parallel_modes_chosen_and_refused():
     model = tiny_llama()
     assert choose_parallel("fsdp", model, Context()) == ("none", "one process")
+    # a one-process group a caller made (tests/gpu: CPU offload on one GPU): FSDP only where asked for
+    one_group = Context(device=torch.device("cpu"), group=True)
+    assert choose_parallel("fsdp", model, one_group) == ("fsdp", "asked for, in a one-process group")
+    assert choose_parallel("auto", model, one_group) == ("none", "one process")
     two = Context(world=2, device=torch.device("cpu"))
     assert choose_parallel("auto", model, two)[0] == "ddp"
     assert choose_parallel("fsdp", model, two) == ("fsdp", "asked for")
@@ -54,18 +60,41 @@ def test_parallel_modes_chosen_and_refused():
     assert choose_parallel("fsdp", model, two) == ("fsdp", "asked for")  # a 4-bit base shards too (core/nf4_shard)
 
 
+@pytest.mark.parametrize("mode,offload,state,full,error", [
+    ("none", "params", "shard", False, "--offload params moves FSDP2's shards to host memory: it needs --parallel "
+                                       "fsdp on several processes (torchrun / --nproc), this run is one process"),
+    ("ddp", "params", "shard", False, "this run is DDP (every rank holds the whole model)"),
+    ("none", "none", "replicate", False, "--adapter-state replicate chooses how FSDP2 holds the adapters: it needs "
+                                         "--parallel fsdp on several processes, this run is one process"),
+    ("ddp", "none", "replicate", False, "this run is DDP"),
+    ("fsdp", "none", "replicate", True, "--full trains every weight and FSDP shards them all"),
+])
+def test_fsdp_options_refused_where_they_cannot_apply(mode, offload, state, full, error):
+    model = tiny_llama()
+    ctx = Context() if mode == "none" else Context(world=2, device=torch.device("cpu"))
+    with pytest.raises(ValueError) as e:
+        place_model(model, mode if mode != "none" else "auto", ctx, offload=offload, adapter_state=state, full=full)
+    assert error in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="offload must be none or params"):
+        TrainConfig(offload="disk")
+    with pytest.raises(ValueError, match="adapter_state must be shard or replicate"):
+        TrainConfig(adapter_state="mirror")
+
+
 def test_the_run_identity_is_the_global_micro_batch():
-    """2 ranks x 2 rows and 1 process x 4 rows are the same run (a checkpoint of one resumes as the other)."""
-    a = echo(TrainConfig(batch_size=2, parallel="fsdp").to_dict(), Context(world=2, device=torch.device("cpu")))
+    """2 ranks x 2 rows and 1 process x 4 rows are the same run (a checkpoint of one resumes as the other), whatever
+    the placement (FSDP or not, offloaded or not, adapters sharded or replicated)."""
+    a = echo(TrainConfig(batch_size=2, parallel="fsdp", offload="params", adapter_state="replicate").to_dict(),
+             Context(world=2, device=torch.device("cpu")))
     b = echo(TrainConfig(batch_size=4).to_dict(), Context())
-    assert a == b and a["batch_size"] == 4 and "parallel" not in a
+    assert a == b and a["batch_size"] == 4 and not {"parallel", "offload", "adapter_state"} & set(a)
 
 
 def test_fsdp_shards_the_decoder_layers():
     model = tiny_llama()
-    assert decoder_layers(model) == list(model.model.layers)
+    assert shard_units(model) == [*model.model.layers, model.model.embed_tokens, model.lm_head]
     with pytest.raises(ValueError, match="no decoder layer classes"):
-        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        shard_units(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 @pytest.mark.parametrize("backend", ["plain", "fast"])

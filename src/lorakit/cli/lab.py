@@ -116,6 +116,11 @@ def _add_lab(sub) -> None:
     e.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     e.add_argument("--shards", type=int, default=1, help="FSDP processes (per-GPU share of weights, gradients and "
                                                           "AdamW state; --batch is per GPU)")
+    e.add_argument("--offload", choices=["none", "params"], default="none",
+                   help="FSDP's CPU offload (lorakit train --offload params): the shards, gradients and AdamW state "
+                        "in host memory; prints the host bytes a process")
+    e.add_argument("--adapter-state", choices=["shard", "replicate"], default="shard",
+                   help="FSDP: adapters sharded, or whole on every GPU (lorakit train --adapter-state)")
     e.add_argument("--measure", action="store_true",
                    help="also train 2 real steps on random tokens (in a subprocess) and print the measured peak")
     e.add_argument("--device", default="cpu", help="where --measure trains: cpu (peak RSS) or cuda (allocator peak)")
@@ -130,7 +135,9 @@ def cmd_estimate(args) -> int:
 
     targets = parse_targets(args.targets)
     arch = arch_of(load_config(args.model), args.model)
-    ests = [estimate(arch, m, args.r, args.batch, args.seq, targets, args.dtype, args.checkpointing, args.shards)
+    replicate = args.adapter_state == "replicate"  # adapters only: full fine-tuning shards every weight
+    ests = [estimate(arch, m, args.r, args.batch, args.seq, targets, args.dtype, args.checkpointing, args.shards,
+                     args.offload == "params", "replicate" if replicate and m != "full" else "shard")
             for m in METHODS]
     measured = {}
     if args.measure:
@@ -147,7 +154,8 @@ def cmd_estimate(args) -> int:
         return 0
     head = (f"{arch.name}: {arch.params:,} parameters; r={args.r}, targets={targets}, batch {args.batch} x "
             f"seq {args.seq}, {args.dtype}" + (", checkpointing" if args.checkpointing else "")
-            + (f", FSDP over {args.shards} (per GPU)" if args.shards > 1 else ""))
+            + (f", FSDP over {args.shards} (per GPU)" if args.shards > 1 else "")
+            + (", CPU offload" if args.offload == "params" else "") + (", adapters replicated" if replicate else ""))
     print(format_estimates(ests, head))
     for m, res in measured.items():
         pred = next(e for e in ests if e.method == m).total / 2 ** 20

@@ -33,7 +33,7 @@ def _train_config(args, file_cfg: dict):
         v = getattr(args, flag.replace("-", "_"))
         if v is not None:
             train_kw[flag.replace("-", "_")] = v
-    for k in ("backend", "recompute", "parallel"):
+    for k in ("backend", "recompute", "parallel", "offload", "adapter_state"):
         if getattr(args, k, None) is not None:
             train_kw[k] = getattr(args, k)
     if getattr(args, "grad_checkpointing", False):
@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if (args.nproc or 1) > 1 and not distributed.launched():
         return _spawn(args)
-    ctx = distributed.init(args.device)
+    ctx = distributed.init(args.device, offload=_offload(args) == "params")
     try:
         if not ctx.main:  # one voice: rank 0 logs and prints; every rank still reports its own error
             logging.getLogger("lorakit").setLevel(logging.ERROR)
@@ -101,6 +101,15 @@ def cmd_train(args) -> int:
         return _train(args, ctx)
     finally:
         distributed.teardown()
+
+
+def _offload(args) -> str:
+    """--offload, else the config file's train.offload (the process group needs to know before the run starts)."""
+    if args.offload is not None or not args.config:
+        return args.offload or "none"
+    from lorakit.config import load_config_file
+
+    return str(load_config_file(args.config).get("train", {}).get("offload", "none"))
 
 
 def _train(args, ctx) -> int:
@@ -224,6 +233,12 @@ def _add_train(sub) -> None:
                    help="write no adapter or model at the end, only metrics.jsonl (benchmarks, dry runs)")
     p.add_argument("--nproc", type=int, help="train on N local processes (GPUs) through torchrun; --batch-size is "
                                              "per process (multi-node: run torchrun yourself, docs/distributed.md)")
+    p.add_argument("--offload", choices=["none", "params"],
+                   help="--parallel fsdp: keep the shards (base, adapters), their gradients and AdamW state in host "
+                        "memory, each unit copied to the GPU when it runs; AdamW steps on the CPU (default: none)")
+    p.add_argument("--adapter-state", choices=["shard", "replicate"],
+                   help="--parallel fsdp: shard the adapters and their AdamW state like every weight, or keep them "
+                        "whole on every rank, their gradients all-reduced once a step (default: shard)")
     _loop_args(p)
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="how prompt/completion rows are rendered (auto: the chat template if the model has one)")

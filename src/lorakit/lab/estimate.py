@@ -33,6 +33,10 @@ FSDP over S processes (`shards`, per-GPU batch): weights, gradients and AdamW st
 is cut in S chunks), plus `gathered`: two units whole at once (the one running and the next, prefetched), a unit
 being a decoder layer (4-bit linears, norms, adapters) or the embedding or the head, the largest counted. The
 activations and logits are those of the per-GPU batch. QLoRA's 4-bit base shards the same way (core/nf4_shard.py).
+`adapter_state="replicate"`: the trainable tensors, their gradients and AdamW state whole on every GPU (not in the
+gathered units). `offload` (FSDP2's CPU offload, train/fsdp.py): the sharded weights, gradients and AdamW state
+move to host memory (`host`, per process); the GPU keeps the replicated part, and each gathered unit has its shard
+copied in beside it (2 units x (1 + 1/S)).
 Not in it: the framework itself (a CPU process with torch imported ~0.25 GiB, plus ~12 MiB that the first
 backward allocates whatever the model's size, measured with a one-layer model; a CUDA context ~0.5 GiB),
 the allocator's caching, and the tokenizer and data.
@@ -172,6 +176,9 @@ class Estimate:
     checkpointing: bool = False
     shards: int = 1  # FSDP processes: weights, grads and optimizer are this rank's 1/shards
     gathered: int = 0  # FSDP: units gathered whole at once (module doc)
+    offload: bool = False  # FSDP's CPU offload: the sharded weights, grads and AdamW state in host memory
+    adapter_state: str = "shard"  # FSDP: the trainable tensors sharded, or whole on every GPU ("replicate")
+    host: int = 0  # bytes in host memory a process (offload)
 
     @property
     def total(self) -> int:
@@ -184,9 +191,12 @@ class Estimate:
 
 
 def estimate(arch: Arch, method: str, r: int = 16, batch: int = 8, seq: int = 512, targets="all-linear",
-             dtype: str = "float32", checkpointing: bool = False, shards: int = 1) -> Estimate:
+             dtype: str = "float32", checkpointing: bool = False, shards: int = 1, offload: bool = False,
+             adapter_state: str = "shard") -> Estimate:
     if method not in METHODS:
         raise ValueError(f"method {method!r} unknown; expected one of {METHODS}")
+    if adapter_state not in ("shard", "replicate") or (adapter_state == "replicate" and method == "full"):
+        raise ValueError(f"adapter_state {adapter_state!r}: shard, or replicate for lora/qlora (not {method})")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(DTYPE_BYTES)}")
     for k, v in (("r", r), ("batch", batch), ("seq", seq), ("shards", shards)):
@@ -196,32 +206,39 @@ def estimate(arch: Arch, method: str, r: int = 16, batch: int = 8, seq: int = 51
     tokens = batch * seq
     if method == "full":
         trainable = arch.params
-        weights = arch.params * wb
-        tb = wb
+        base, tb = 0, wb
     else:
         trainable = lora_params(arch, r, targets)
         tb = 2 if method == "qlora" else wb  # adapters in the compute dtype, as lorakit creates them
         if method == "qlora":
             quant = sum(i * o for p, (i, o) in arch.linear.items() if p != arch.head)
-            weights = int(quant * NF4_BYTES) + (arch.params - quant) * 2 + trainable * tb
+            base = int(quant * NF4_BYTES) + (arch.params - quant) * 2
         else:
-            weights = arch.params * wb + trainable * tb
+            base = arch.params * wb
     act_bytes = 2 if method == "qlora" else wb
     acts = activation_bytes(arch, method, r, targets, checkpointing, act_bytes) * tokens
-    grads, optimizer, gathered = trainable * tb, 2 * trainable * tb, 0
-    if shards > 1:
-        weights, grads, optimizer = (-(-x // shards) for x in (weights, grads, optimizer))
-        gathered = 2 * max(unit_bytes(arch, method, r, targets, wb))
+    train = (trainable * tb, trainable * tb, 2 * trainable * tb)  # weights, grads, AdamW state
+    whole = adapter_state == "replicate"  # the trainable tensors stay whole on every GPU, outside FSDP
+    part = lambda x: -(-x // shards)  # noqa: E731  (this rank's chunk)
+    sharded = (part(base + (0 if whole else train[0])), *(0 if whole else part(x) for x in train[1:]))
+    host = sum(sharded) if offload else 0
+    weights, grads, optimizer = ((w if whole else 0) + (0 if offload else s) for w, s in zip(train, sharded))
+    gathered = 0
+    if shards > 1 or offload:
+        gathered = int(2 * max(unit_bytes(arch, method, r, targets, wb, adapters=not whole))
+                       * (1 + (1 / shards if offload else 0)))
     return Estimate(method=method, params=arch.params, trainable=trainable, weights=weights, grads=grads,
                     optimizer=optimizer, activations=acts, logits=3 * tokens * arch.vocab * 4,
-                    checkpointing=checkpointing, shards=shards, gathered=gathered)
+                    checkpointing=checkpointing, shards=shards, gathered=gathered, offload=offload,
+                    adapter_state=adapter_state, host=host)
 
 
-def unit_bytes(arch: Arch, method: str, r: int, targets, wb: int) -> tuple[int, int]:
-    """(one decoder layer, the embedding or head, the larger) whole, in bytes: FSDP's units (module doc)."""
+def unit_bytes(arch: Arch, method: str, r: int, targets, wb: int, adapters: bool = True) -> tuple[int, int]:
+    """(one decoder layer, the embedding or head, the larger) whole, in bytes: FSDP's units (module doc);
+    `adapters` False: the layer's adapters are not in it (kept whole outside FSDP)."""
     layer = {p: io for p, io in arch.linear.items() if ".layers.0." in p}
     dense = sum(i * o for i, o in layer.values())
-    adapted = [p for p in lora_modules(arch, targets) if p in layer] if method != "full" else []
+    adapted = [p for p in lora_modules(arch, targets) if p in layer] if method != "full" and adapters else []
     lora = sum(r * sum(layer[p]) for p in adapted)
     norms = 2 * arch.hidden
     if method == "qlora":
@@ -235,13 +252,15 @@ def format_estimates(ests: list[Estimate], header: str = "") -> str:
     unit, div = ("GiB", GiB) if max(e.total for e in ests) >= GiB else ("MiB", 2 ** 20)
     num = lambda b: f"{b / div:.2f}" if unit == "GiB" else f"{b / div:.1f}"  # noqa: E731
     lines = [header] if header else []
-    fsdp = any(e.shards > 1 for e in ests)
+    fsdp, off = any(e.shards > 1 or e.offload for e in ests), any(e.offload for e in ests)
     lines.append(f"{'method':<7}{'trainable':>14}{'weights':>9}{'gather' if fsdp else '':>8}{'grads':>8}{'AdamW':>8}"
-                 f"{'activ.':>8}{'logits':>8}{'peak ' + unit:>10}")
+                 f"{'activ.':>8}{'logits':>8}{'peak ' + unit:>10}{'host' if off else '':>8}")
     for e in ests:
         lines.append(f"{e.method:<7}{e.trainable:>14,}{num(e.weights):>9}{num(e.gathered) if fsdp else '':>8}"
                      f"{num(e.grads):>8}{num(e.optimizer):>8}{num(e.activations):>8}{num(e.logits):>8}"
-                     f"{num(e.total):>10}")
+                     f"{num(e.total):>10}{num(e.host) if off else '':>8}")
+    if off:
+        lines.append("host: the offloaded shards, their gradients and AdamW state, a process (pinned memory)")
     lines.append(f"{unit}{' a GPU' if fsdp else ''}; peak = weights + {'gathered + ' if fsdp else ''}AdamW + "
                  "max(grads, activations + logits); not included: the framework "
                  "itself (~0.25 GiB CPU process + ~12 MiB at the first backward; ~0.5 GiB CUDA context)")

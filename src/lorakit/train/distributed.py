@@ -11,7 +11,10 @@ drives the model through a `Runner`:
         1/world of every weight (frozen base, adapters, optimizer state) and gathers one unit at a time;
         gradients are reduce-scattered. Works for LoRA and for full fine-tuning, and for a 4-bit (QLoRA) base:
         each NF4 weight's state is first laid into one flat frozen parameter (core/nf4_shard.py), which FSDP
-        shards and gathers like any weight.
+        shards and gathers like any weight. Options (train/fsdp.py): the shards in host memory (--offload
+        params), the adapters whole on every rank with one all-reduce a step (--adapter-state replicate).
+        In one process FSDP runs only inside a process group the caller made (world 1: e.g. CPU offload on
+        one GPU, tests/gpu); `lorakit train` never makes one.
   auto  DDP when the base's weights (a 4-bit base's quantized bytes) take at most AUTO_SHARE of one device's
         memory, else FSDP.
 Both engines average gradients over ranks; the loss each rank backpropagates is its rows' summed token loss
@@ -46,6 +49,7 @@ class Context:
     local_rank: int = 0
     local_world: int = 1
     device: torch.device | None = None  # this rank's device (None: one process, the model's own)
+    group: bool = False  # a process group exists (always where world > 1; world 1 only where a caller made one)
 
     @property
     def main(self) -> bool:
@@ -72,27 +76,28 @@ def _device(requested: str | None) -> torch.device:
                      "pass --device auto, cuda or cpu")
 
 
-def init(device: str | None = "auto") -> Context:
-    """Join the process group torchrun set up (no-op in a single process); -> this process's Context."""
+def init(device: str | None = "auto", offload: bool = False) -> Context:
+    """Join the process group torchrun set up (no-op in a single process); -> this process's Context. With
+    `offload` (FSDP's shards in host memory) a GPU group gets gloo beside NCCL for the collectives on host tensors."""
     if not launched():
         return Context()
     if not dist.is_initialized():
         dev = _device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-            dist.init_process_group("nccl", device_id=dev)
+            dist.init_process_group("cuda:nccl,cpu:gloo" if offload else "nccl", device_id=dev)
         else:
             dist.init_process_group("gloo")
     return context()
 
 
 def context() -> Context:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return Context()
-    nccl = dist.get_backend() == "nccl"
+    nccl = "nccl" in str(dist.get_backend())  # "nccl", or "cuda:nccl,cpu:gloo" (init's offload)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return Context(dist.get_world_size(), dist.get_rank(), local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                   torch.device("cuda", local) if nccl else torch.device("cpu"))
+                   torch.device("cuda", local) if nccl else torch.device("cpu"), group=True)
 
 
 def teardown() -> None:
@@ -112,17 +117,13 @@ def default_threads(ctx: Context) -> int:
     return max(1, usable_cores() // ctx.local_world)
 
 
-def _quantized(model: nn.Module) -> bool:
-    from lorakit.core.nf4 import NF4Weight
-
-    return any(isinstance(m, NF4Weight) for m in model.modules())
-
-
 def choose_parallel(requested: str, model: nn.Module, ctx: Context) -> tuple[str, str]:
     """-> (mode, why): 'none' in one process, else 'ddp' or 'fsdp' (see the module doc for `auto`)."""
     if requested not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {requested!r}")
     if ctx.world == 1:
+        if requested == "fsdp" and ctx.group:
+            return "fsdp", "asked for, in a one-process group"
         return "none", "one process"
     if requested != "auto":
         return requested, "asked for"
@@ -136,12 +137,17 @@ def choose_parallel(requested: str, model: nn.Module, ctx: Context) -> tuple[str
     return "fsdp", f"the base takes {share:.0%} of one device's memory (> {AUTO_SHARE:.0%}): sharded"
 
 
-def place_model(model: nn.Module, requested: str, ctx: Context, routing: bool = False) -> str:
+def place_model(model: nn.Module, requested: str, ctx: Context, routing: bool = False, offload: str = "none",
+                adapter_state: str = "shard", full: bool = False) -> str:
     """Choose the mode (logged with why) and move the model where it trains: DDP to this rank's device; FSDP
-    leaves it where it is (fully_shard moves each shard to the device)."""
+    leaves it where it is (fully_shard moves each shard to the device). FSDP's options are refused, in one line,
+    where the mode cannot apply them (fsdp.check_options)."""
+    from lorakit.train.fsdp import check_options
+
     mode, why = choose_parallel(requested, model, ctx)
     if routing and mode != "none":
         raise ValueError("the mixture router trains in one process; run train-router without torchrun")
+    check_options(mode, offload, adapter_state, full)
     if mode != "none":
         log.info("parallel: %s over %d processes (%s)", mode, ctx.world, why)
     if mode == "ddp":
@@ -149,20 +155,14 @@ def place_model(model: nn.Module, requested: str, ctx: Context, routing: bool = 
     return mode
 
 
+PLACEMENT = ("parallel", "offload", "adapter_state")  # where tensors live, not what is computed
+
+
 def echo(train: dict, ctx: Context) -> dict:
     """A run's train settings as its checkpoint records them: the rows of a global micro-batch instead of the
-    per-rank batch size, and no parallel mode, so the run resumes on another number of processes."""
-    return {**{k: v for k, v in train.items() if k != "parallel"}, "batch_size": train["batch_size"] * ctx.world}
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules FSDP shards one by one: those of the classes Hugging Face lists in `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} lists no decoder layer classes (_no_split_modules={names or None}); "
-                         "FSDP needs them to shard layer by layer: use --parallel ddp")
-    return layers
+    per-rank batch size, and no placement (parallel mode, offload, adapter state), so the run resumes on another
+    number of processes or placement."""
+    return {**{k: v for k, v in train.items() if k not in PLACEMENT}, "batch_size": train["batch_size"] * ctx.world}
 
 
 def all_targets(batch: dict) -> dict:
@@ -187,16 +187,6 @@ def all_targets(batch: dict) -> dict:
             "target_pos": scored, "n_targets": len(scored)}
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """FSDP's units below the root: the decoder layers, then the input embedding and the output head when they
-    hold two weights (a tied pair stays with the root, which is gathered for the whole step)."""
-    units = decoder_layers(model)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb is not None and head is not None and emb.weight is not head.weight:
-        units += [emb, head]
-    return units
-
-
 class _Loss(nn.Module):
     """The root the engines wrap: its forward is a micro-batch's loss through the backend (or, with `fn`, any
     computation that must run inside the root, such as an eval forward under FSDP)."""
@@ -213,10 +203,13 @@ class _Loss(nn.Module):
 class Runner:
     """The loop's handle on the model across ranks: loss, gradient sync, reductions, eval calls."""
 
-    def __init__(self, model: nn.Module, backend, mode: str, ctx: Context):
+    def __init__(self, model: nn.Module, backend, mode: str, ctx: Context, offload: bool = False,
+                 replicate: bool = False):
         self.model, self.backend, self.mode, self.ctx = model, backend, mode, ctx
+        self.offload, self.replicate = offload and mode == "fsdp", replicate and mode == "fsdp"
         self.root = _Loss(model, backend)
         self.read_sharded = 0  # base weights read from the checkpoint shard by shard (train/shard_load.py)
+        self.replicated: list[nn.Parameter] = []  # FSDP's ignored trainable tensors (--adapter-state replicate)
         self.engine = self.root
         if mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -234,27 +227,14 @@ class Runner:
             self.engine = DDP(self.root, device_ids=[ctx.device] if cuda else None, gradient_as_bucket_view=True,
                               find_unused_parameters=False, **quiet)
         elif mode == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
+            from lorakit.train import fsdp
 
-            try:
-                from torch.distributed.fsdp import fully_shard
-            except ImportError:
-                raise ValueError(f"--parallel fsdp needs FSDP2 (torch >= 2.6), this is torch {torch.__version__}; "
-                                 "use --parallel ddp") from None
-
-            mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-            if _quantized(model):  # the 4-bit state as one flat parameter a weight, which FSDP shards
-                from lorakit.core.nf4_shard import flatten_nf4
-
-                flatten_nf4(model)
-            for unit in shard_units(model):
-                fully_shard(unit, mesh=mesh)
-            fully_shard(self.root, mesh=mesh)  # the fast backend runs each unit as its module (fast.as_forward)
-            from lorakit.train import shard_load
-
-            if shard_load.pending(model):  # a base built on meta: each rank reads and quantizes its shards now
-                self.read_sharded = shard_load.materialize(model, torch.initial_seed())
+            self.read_sharded, self.replicated = fsdp.shard(model, self.root, ctx.device, ctx.world, self.offload,
+                                                            self.replicate)
+            if self.read_sharded:
                 log.info("fsdp: %d base weights read shard by shard", self.read_sharded)
+            if self.offload:
+                log.info("fsdp: shards, their gradients and AdamW state in host memory (CPU offload)")
         elif mode != "none":
             raise ValueError(f"unknown parallel mode {mode!r}")
 
@@ -266,6 +246,13 @@ class Runner:
         if self.ctx.world > 1 and batch["n_targets"] == 0:
             return self.engine(all_targets(batch), 1.0)[0] * 0.0
         return self.engine(batch, denom / self.ctx.world)[0]
+
+    def sync_grads(self) -> None:
+        """After a step's last backward: the replicated adapters' gradients averaged over ranks (train/fsdp.py)."""
+        if self.replicated and self.ctx.world > 1:
+            from lorakit.train.fsdp import sync_replicated
+
+            sync_replicated(self.replicated, self.ctx.world)
 
     def no_sync(self, last: bool):
         """DDP: no all-reduce on micro-batches before the last of a step (FSDP reduce-scatters each one: its
@@ -306,7 +293,9 @@ class Runner:
 
         nf4 = {id(p) for m in self.model.modules() if isinstance(m, NF4Weight) for p in m.parameters()}
         out = {"bytes": 0, "bytes_rank": 0, "nf4_bytes": 0, "nf4_bytes_rank": 0, "nf4_weights": len(nf4),
-               "read_shard_by_shard": self.read_sharded}
+               "read_shard_by_shard": self.read_sharded, "offload": self.offload,
+               "adapter_state": "replicate" if self.replicate else "shard",
+               "replicated_bytes": sum(p.numel() * p.element_size() for p in self.replicated)}
         seen = set()
         for t in list(self.model.parameters()) + list(self.model.buffers()):
             if id(t) in seen:
@@ -347,12 +336,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def place(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A full tensor laid out as `like`: this rank's shard where `like` is a DTensor, else on its device."""
+    """A full tensor laid out as `like`: this rank's shard where `like` is a DTensor (its local part where like's
+    is: in host memory under FSDP's CPU offload, though the mesh is on the GPU), else on its device."""
     if hasattr(like, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
-                                 src_data_rank=None)
+        out = distribute_tensor(value.to(dtype=like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+        if out.to_local().device != like.to_local().device:
+            out = DTensor.from_local(out.to_local().to(like.to_local().device), like.device_mesh, like.placements,
+                                     run_check=False, shape=like.shape, stride=like.stride())
+        return out
     return value.to(like.device)
 
 

@@ -165,6 +165,7 @@ def optimizer_step(run: TrainRun, step: int, t0: float) -> dict:
             loss.backward()
         loss_sum += loss.detach()
     run.tokens += sum(mb.lengths[j] for j in rows)
+    runner.sync_grads()  # replicated adapters under FSDP: one all-reduce a step
     gnorm = runner.clip(list(run.params.values()), cfg.max_grad_norm)
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)

@@ -68,8 +68,10 @@ def setup_model(run: TrainRun) -> None:
     run.ctx = distributed.context()
     run.threads = set_threads(run.cfg.threads or distributed.default_threads(run.ctx))
     torch.manual_seed(run.cfg.seed)
-    run.mode = distributed.place_model(run.model, run.cfg.parallel, run.ctx, routing=run.router is not None)
-    run.device = run.ctx.device or next(run.model.parameters()).device
+    run.mode = distributed.place_model(run.model, run.cfg.parallel, run.ctx, routing=run.router is not None,
+                                       offload=run.cfg.offload, adapter_state=run.cfg.adapter_state,
+                                       full=run.cfg.full)
+    run.device = (run.ctx.device if run.mode != "none" else None) or next(run.model.parameters()).device
 
 
 def setup_adapters(run: TrainRun) -> None:
@@ -116,7 +118,8 @@ def setup_backend(run: TrainRun, backend: Backend | None, eval_examples) -> None
         choose_backend(run.model, cfg.backend, recompute=cfg.recompute, routing=routing, device=run.device,
                        share_prefix=not prefix_off, prefix_off=prefix_off, fused_mlp=cfg.fused_mlp)
     log.info("backend: %s (%s)", run.backend.name, run.why)
-    run.runner = distributed.Runner(run.model, run.backend, run.mode, ctx)
+    run.runner = distributed.Runner(run.model, run.backend, run.mode, ctx, offload=cfg.offload == "params",
+                                    replicate=cfg.adapter_state == "replicate")
     if run.mode == "fsdp":
         run.params = _trainable(run.model)  # FSDP replaced each parameter by its shard
 
@@ -144,13 +147,15 @@ def setup_data(run: TrainRun, examples) -> None:
 
 
 def setup_optimizer(run: TrainRun) -> None:
-    """AdamW (weight decay on matrices only; fused on CUDA) and the schedule's warmup steps (`lr_at`)."""
+    """AdamW (weight decay on matrices only; fused where every trained tensor is on CUDA, so not on FSDP's
+    offloaded shards, which step on the CPU) and the schedule's warmup steps (`lr_at`)."""
     cfg = run.cfg
     decay = [p for n, p in run.params.items() if p.ndim >= 2]
     no_decay = [p for n, p in run.params.items() if p.ndim < 2]
+    on_cuda = all((p.to_local() if hasattr(p, "to_local") else p).is_cuda for p in run.params.values())
     run.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                fused=run.device.type == "cuda")
+                                fused=run.device.type == "cuda" and on_cuda)
     run.warmup = int(cfg.warmup_ratio * run.total_steps)
 
 

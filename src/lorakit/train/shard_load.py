@@ -124,13 +124,14 @@ def checkpoint_reader(path: str | Path, device: torch.device):
 
 
 def fill(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy this rank's chunk of `full` (a sharded parameter's whole value) into its local tensor."""
+    """Copy this rank's chunk of `full` (a sharded parameter's whole value) into its local tensor (which may be in
+    host memory while the mesh is on the GPU: FSDP's CPU offload)."""
     local = param.to_local() if hasattr(param, "to_local") else param
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
-        full = distribute_tensor(full.to(local.device, local.dtype), param.device_mesh, param.placements,
-                                 src_data_rank=None).to_local()
+        full = distribute_tensor(full.to(dtype=local.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None).to_local()  # chunked on the mesh's device, no collective
     local.copy_(full.reshape(local.shape).to(local.device, local.dtype))
 
 
@@ -140,14 +141,16 @@ def pending(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, seed: int) -> int:
-    """Memory for this rank's shards only, filled from the checkpoint (module doc); -> dense weights read."""
+def materialize(model: nn.Module, seed: int, params_device: torch.device | None = None) -> int:
+    """Memory for this rank's shards only, filled from the checkpoint (module doc); -> dense weights read. The
+    parameters' memory on `params_device` (FSDP's CPU offload: host memory; default: the rank's device), each
+    weight still read and quantized on the rank's device; the buffers stay where they are."""
     src = state_of(model).source
     device, dtype = src["device"], src["dtype"]
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # to_empty would leave them garbage
-    model.to_empty(device=device)
-    for n, b in model.named_buffers():
-        b.copy_(buffers[n])
+    buffers = [(mod, n, b) for mod in model.modules() for n, b in mod._buffers.items() if b is not None]
+    model.to_empty(device=params_device or device)
+    for mod, n, b in buffers:  # to_empty left them garbage (and on params_device): the computed ones back
+        mod._buffers[n] = b
     read = checkpoint_reader(src["path"], device)
     torch.manual_seed(seed)  # the adapters' initialisation, as one process runs it after the loop's seed
     n_read, seen = 0, set()
