@@ -36,7 +36,8 @@ activations and logits are those of the per-GPU batch. QLoRA's 4-bit base shards
 `adapter_state="replicate"`: the trainable tensors, their gradients and AdamW state whole on every GPU (not in the
 gathered units). `offload` (FSDP2's CPU offload, train/fsdp.py): the sharded weights, gradients and AdamW state
 move to host memory (`host`, per process); the GPU keeps the replicated part, and each gathered unit has its shard
-copied in beside it (2 units x (1 + 1/S)).
+copied in beside it (2 units x (1 + 1/S)); not counted: a unit's whole gradient before its reduce-scatter and copy
+to the host (small for adapters, a whole layer's for full fine-tuning).
 Not in it: the framework itself (a CPU process with torch imported ~0.25 GiB, plus ~12 MiB that the first
 backward allocates whatever the model's size, measured with a one-layer model; a CUDA context ~0.5 GiB),
 the allocator's caching, and the tokenizer and data.
