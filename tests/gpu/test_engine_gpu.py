@@ -1,6 +1,8 @@
 """The static-cache engine on the GPU: decode steps replayed from CUDA graphs (Triton decode attention, mixed
 adapters added into the base output in place) give the offline greedy tokens in fp32, token for token, with rows
-of different lengths and adapters; the kernels it adds against their references (bf16, llama-1b widths)."""
+of different lengths and adapters, also on models with sliding windows shorter than the rows (Mistral, Gemma 2)
+and soft-capped attention scores (Gemma 2); the kernels it adds against their references (bf16, llama-1b widths;
+decode attention also with windows and soft-caps, in bf16 and fp32)."""
 import sys
 import threading
 from pathlib import Path
@@ -8,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import set_active
+from lorakit import LoraConfig, add_adapter, save_adapter, set_active
 from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.kernels import attention, lora_add, reference
-from lorakit.models import tiny_llama
+from lorakit.models import tiny_decoder, tiny_llama
 from lorakit.serve.engine import AdapterUse, GenRequest
 from lorakit.serve.fast import StaticEngine
 
@@ -49,6 +51,67 @@ def test_decode_attention_matches_reference_bf16():
     got = attention.decode_attention(q, K, V, rows, lens, 0.125).double()
     err = float((got - want).norm() / want.norm())
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("window, cap", [(None, 2.0), (256, None), (100, 5.0), (1, None), (64, 2.0), (4096, 2.0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_window_softcap_matches_reference(window, cap, dtype):
+    """Rows of 1 .. 776 positions, windows shorter and longer than them (1: the token itself; 64: one block;
+    4096: past the capacity), caps that bend scores of scale ~1. The reference sees the same inputs in float64.
+    bf16: the kernel rounds the softmax weights to bf16 before P @ V and the output once (each 2^-9 relative per
+    element): 1e-2 of the output's norm is 2.5 x 2^-8. fp32 (ieee dots, fp32 online softmax): sums of at most 776
+    terms, sqrt(776) x 2^-24 ~ 2e-6, bounded by 1e-5."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(64, 32, 64, generator=g, device="cuda").to(dtype)
+    K = torch.randn(65, 8, 776, 64, generator=g, device="cuda").to(dtype)
+    V = torch.randn(65, 8, 776, 64, generator=g, device="cuda").to(dtype)
+    rows = torch.randperm(64, device="cuda")
+    lens = torch.randint(1, 777, (64,), device="cuda")
+    lens[:4] = torch.tensor([1, 2, 776, 65], device="cuda")
+    want = attention.reference(q.double(), K.double(), V.double(), rows, lens, 0.125, window, cap)
+    got = attention.decode_attention(q, K, V, rows, lens, 0.125, window=window, softcap=cap).double()
+    err = float((got - want).norm() / want.norm())
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_graph_decode_windows_and_softcap_greedy_equals_generate(kind, tmp_path):
+    """models.TINY's windows of 8 (Mistral every layer, Gemma 2 every other) and Gemma 2's attention soft-cap of 1.0
+    in graph-replayed decode and chunked prefill: rows of 3 .. 20 prompt tokens and 16 new, base and adapter rows
+    together, equal to transformers' generate on the same model (the adapter active) token for token in fp32."""
+    base = tiny_decoder(kind).cuda()
+    torch.manual_seed(5)
+    add_adapter(base, LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False), "a")
+    save_adapter(base, tmp_path / "a", "a")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 9, 14, 20, 20)]
+    names = [None, "a", None, "a", None]
+    n, want = 16, []
+    for name, p in zip(names, prompts):
+        set_active(base, name)
+        ids = torch.tensor([p], device="cuda")
+        out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
+        want.append(out[0, len(p):].tolist())
+    set_active(base, None)
+    assert want[3] != want[4]  # the adapter changes what the model says
+    eng = StaticEngine(tiny_decoder(kind).cuda(), TOK, max_slots=2, max_batch=8, max_len=64,
+                       prefill_chunk=7).start()
+    try:
+        sinks = [Collect() for _ in prompts]
+        gate = threading.Event()
+        eng.call(gate.wait)
+        for name, p, s in zip(names, prompts, sinks):
+            eng.submit(GenRequest(p, [AdapterUse(f"{name}@1", lambda: read_adapter(tmp_path / "a"))] if name else [],
+                                  max_tokens=n, ignore_eos=True, sink=s))
+        gate.set()
+        for s in sinks:
+            assert s.done.wait(120)
+        info = eng.info()
+    finally:
+        eng.stop()
+    assert [s.tokens for s in sinks] == want
+    assert info["graphs"] >= 1 and info["max_rows"] == len(prompts)
 
 
 def test_graph_decode_greedy_equals_offline_fp32(tmp_path):

@@ -8,7 +8,9 @@ triton_*.py module.
   ce_chunk(logits, targets, inv_n, ignore_index)             a chunk's cross-entropy and its gradient, the
                                                              gradient written over the logits: triton_ce.py
   swiglu_lora_fwd / swiglu_lora_bwd                          the SwiGLU middle of a LoRA MLP: triton_mlp.py
-  decode_attention (kernels/attention.py)                    the static-cache engine's decode step: triton_attn.py
+  decode_attention (kernels/attention.py)                    the static-cache engine's decode step (windows,
+                                                             soft-capped scores): triton_attn.py; beside it
+                                                             dense_attention, transformers' attention maths
   NF4 dequantization (core/nf4.py)                           no hand kernel: plain torch (compiled with the layer),
                                                              or a 4-bit library through nf4_lib.py
 

@@ -1,14 +1,16 @@
-"""Triton decode attention over a static KV cache: one query token per row, rows of different lengths, GQA.
+"""Triton decode attention over a static KV cache: one query token per row, rows of different lengths, GQA, a
+sliding window and soft-capped scores.
 
     q (b, heads, d)   K, V (rows, kv_heads, capacity, d)   rows (b,) cache row of each query
     lengths (b,)      valid positions of each row (the new token's included; at least 1)
+    window            the row's last `window` positions only (None: all); softcap: scores = c * tanh(scores / c)
 
 Flash-decoding in two launches: `_split` gives each (query row, kv head, chunk of positions) program the
-heads that share that kv head, reads only the row's valid positions of its chunk (block by block, online
+heads that share that kv head, reads only the row's attended positions of its chunk (block by block, online
 softmax in fp32) and writes an unnormalised partial output with its running max and sum; `_combine` merges
 a head's partials. The grid depends on shapes only and nothing syncs with the host, so the call is captured
-in a CUDA graph; a chunk that lies past a row's length reads nothing. The contract and the plain-torch
-reference are in kernels/attention.py.
+in a CUDA graph; a chunk that lies past a row's length or before its window reads nothing. The contract and the
+plain-torch reference are in kernels/attention.py.
 """
 from __future__ import annotations
 
@@ -18,9 +20,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, B, H, G, D,
+def _tanh(x):
+    """tanh from exp (absolute error ~ fp32 epsilon), for Triton builds without a tanh of their own."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, W, cap, B, H, G, D,
            sq_b, sq_h, sk_r, sk_h, sk_l, sv_r, sv_h, sv_l,
-           CHUNK: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+           CHUNK: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+           SOFTCAP: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -28,6 +39,7 @@ def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, B, H, G
     n = tl.load(len_ptr + b)
     start = sp * CHUNK
     end = tl.minimum(n, start + CHUNK)
+    lo = tl.maximum(start, n - W)  # the chunk's first position inside the row's window
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gm = g < G
@@ -41,11 +53,13 @@ def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, B, H, G
     vb = v_ptr + row * sv_r + kh * sv_h
     for i in range(0, CHUNK, BN):
         s0 = start + i
-        if s0 < end:
+        if (s0 < end) & (s0 + BN > lo) & (lo < end):  # the block holds at least one attended position
             pos = s0 + tl.arange(0, BN)
-            pm = pos < end
+            pm = (pos < end) & (pos >= lo)
             k = tl.load(kb + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (GP, BN)
+            if SOFTCAP:
+                s = cap * _tanh(s / cap)
             s = tl.where(pm[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
@@ -86,7 +100,8 @@ def splits(capacity: int, programs: int, target: int = 1024, block: int = 64) ->
 
 
 def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, nsplit: int | None = None) -> torch.Tensor:
+                     scale: float, nsplit: int | None = None, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     b, H, D = q.shape
     _, KVH, L, _ = K.shape
     G = H // KVH
@@ -100,9 +115,11 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, rows: to
     part = torch.empty(nsplit, b, H, DP, dtype=torch.float32, device=q.device)
     ml = torch.empty(nsplit, b, H, 2, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _split[(b, KVH, nsplit)](q, K, V, rows, lengths, part, ml, scale, b, H, G, D,
+    W = L + 1 if window is None else min(int(window), L + 1)  # a window past the capacity never binds
+    _split[(b, KVH, nsplit)](q, K, V, rows, lengths, part, ml, scale, W, float(softcap or 1.0), b, H, G, D,
                              q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2),
-                             V.stride(0), V.stride(1), V.stride(2), CHUNK=chunk, GP=GP, DP=DP, BN=bn, PREC=prec)
+                             V.stride(0), V.stride(1), V.stride(2), CHUNK=chunk, GP=GP, DP=DP, BN=bn, PREC=prec,
+                             SOFTCAP=softcap is not None)
     out = torch.empty(b, H, D, dtype=q.dtype, device=q.device)
     _combine[(b, H)](part, ml, out, b, H, D, nsplit, out.stride(0), out.stride(1),
                      SP=triton.next_power_of_2(nsplit), DP=DP)

@@ -33,7 +33,7 @@ from lorakit.adapters.registry import Registry, parse_ref
 from lorakit.generate import encode_prompt
 from lorakit.serve import protocol as P
 from lorakit.serve.engine import Engine, GenRequest, ScoreRequest
-from lorakit.serve.fast import CacheFull, StaticEngine, refusal
+from lorakit.serve.fast import CacheFull, StaticEngine
 from lorakit.serve.resolve import chat_prompt_for, registry_error, resolve_stack, served_header
 from lorakit.serve.stops import TextStream
 from lorakit.serve.runtime import BODY_TIMEOUT_S, ServerThread, cpu_threads  # noqa: F401 (part of this API)
@@ -385,11 +385,11 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
 def make_state(model, tok, registry: Registry, cfg, base_name: str, max_prefill_tokens: int = 4096,
                static: bool | None = None) -> ServerState:
     """Engine (started) + registry + limits from a ServeConfig. static: the static-cache engine (serve/fast.py);
-    default: on a CUDA device where it computes the model (fast.refusal), the plain engine elsewhere."""
+    default: on a CUDA device, the plain engine elsewhere."""
     kw = dict(max_slots=cfg.max_slots, max_batch=cfg.max_batch, max_rank=cfg.max_lora_rank,
               max_prefill_tokens=max_prefill_tokens, base_fp=registry.base_fp)
     max_len = cfg.max_prompt_tokens + cfg.max_new_tokens  # StaticEngine: at most the model's context
-    if static if static is not None else next(model.parameters()).device.type == "cuda" and not refusal(model, max_len):
+    if static if static is not None else next(model.parameters()).device.type == "cuda":
         engine = StaticEngine(model, tok, max_len=max_len, max_waiting=8 * cfg.max_batch, **kw).start()
     else:
         engine = Engine(model, tok, **kw).start()

@@ -7,29 +7,32 @@ row from admission to retirement (no compaction, nothing moves), so a decode ste
 `cache_bytes` is the memory this takes, computed from the model's shapes before anything is allocated.
 
 Decode: one token per entry; each layer writes the new K/V at the row's own position and attends over that row's
-valid positions (kernels.attention: a Triton flash-decoding kernel on CUDA, torch's sdpa with a length mask on the
-CPU). On CUDA the step is captured once per (batch bucket, adapter routing) into a CUDA graph whose inputs (tokens,
-rows, positions, adapter slots and coefficients) are static buffers: a step copies its batch into them and replays.
+valid positions, the last `window` of them on a sliding-window layer, with the scores soft-capped where the model
+caps them (kernels.attention: a Triton flash-decoding kernel on CUDA; on the CPU torch's sdpa with a length and
+window mask, transformers' eager maths where the scores are capped). A windowed layer's row still holds every
+position (what the window leaves out is never read). On CUDA the step is captured once per (batch bucket, adapter
+routing) into a CUDA graph whose inputs (tokens, rows, positions, adapter slots and coefficients) are static
+buffers: a step copies its batch into them and replays.
 A batch of n entries runs in the smallest bucket >= n, the rest padded with the scratch row. The graphs depend on
 the slot bank's layout (adapted layers, slot tensors): a new layer or a rank growth recaptures them.
 
 Prefill: the rows whose next chunk starts at the same position run together, right-padded; a chunk attends to its
-row's cached positions before it and causally within itself (torch's sdpa, as transformers' attention does).
+row's cached positions before it and causally within itself, within each layer's window, scores soft-capped where
+the model caps them (kernels.attention.dense_attention: transformers' attention maths).
 
 The layer maths is the model's own modules as its description (lorakit.arch) names them, as in forward.py: norms
 (sandwich norms and q/k norms where the family has them), rotary tables per layer (partial, per-layer-type, longrope
 row by row and then without graphs), projections whose LoraLinear routing adds each row's adapters (a fused qkv or
-gate_up split after it), MLP, soft-capped logits; so greedy tokens in fp32 match offline generation. Refused
-(`unsupported`): soft-capped attention scores (Gemma 2) and sliding windows shorter than a row.
+gate_up split after it), MLP, soft-capped logits; per-layer windows and the attention soft-cap (arch.windows,
+arch.attn_softcap); so greedy tokens in fp32 match offline generation.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lorakit import arch
-from lorakit.kernels.attention import decode_attention
+from lorakit.kernels.attention import causal_mask, decode_attention, dense_attention
 from lorakit.serve.slots import SlotBank
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -61,27 +64,13 @@ class StaticCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def unsupported(model: nn.Module, capacity: int) -> str | None:
-    """Why this decoder does not compute `model` exactly with rows of `capacity` positions, or None: it attends
-    over a row's whole prefix with plain scores (the decode kernel has no window and no soft-cap)."""
-    kind = arch.model_type(model)
-    if arch.attn_softcap(model) is not None:
-        return f"{kind} soft-caps its attention scores, which the static engine's decode kernel does not"
-    short = min((w for w in arch.windows(model) if w is not None and w < capacity), default=None)
-    if short is not None:
-        return (f"{kind} attends through a sliding window of {short} positions, shorter than the static engine's "
-                f"rows of {capacity} (the decode kernel attends to a row's whole prefix)")
-    return None
-
-
 class Decoder:
     def __init__(self, model: nn.Module, bank: SlotBank, rows: int, capacity: int, graphs: bool | None = None):
-        why = unsupported(model, capacity)
-        if why:
-            raise ValueError(f"{why}; serve it with the plain engine (serve/engine.py)")
         self.model, self.bank, self.fam = model, bank, arch.family(model, "the static engine")
         self.parts = [arch.layer_parts(layer) for layer in arch.decoder_layers(model)]
         self.parts = self.parts[:model.config.num_hidden_layers]
+        self.windows = arch.windows(model)  # per layer: a query at p sees keys p - window + 1 .. p, or None
+        self.softcap = arch.attn_softcap(model)  # attention scores c * tanh(scores / c), or None
         self.sizes = arch.qkv_sizes(model.config)
         # RoPE whose tables depend on a row's length runs row by row (arch.rotary), which a graph cannot replay
         self.row_rope = arch.rope_type(model) in arch.LENGTH_DEPENDENT_ROPE
@@ -139,23 +128,19 @@ class Decoder:
         pos = torch.arange(start, start + width, device=dev).expand(n, width)
         rows_t = torch.tensor(rows, device=dev)
         end = start + width
-        mask = None
-        if start:  # the chunk's token i sees positions 0 .. start + i
-            mask = (torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None])
-            mask = mask[None, None]
+        masks: dict[int | None, torch.Tensor] = {}  # window -> (1, 1, width, end) bool, one per call
 
         def attend(i, attn, q, k, v):
             K, V = self.cache.k[i], self.cache.v[i]
             K[rows_t, :, start:end] = k
             V[rows_t, :, start:end] = v
-            if not start:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=width > 1, scale=attn.scaling,
-                                                      enable_gqa=q.shape[1] != k.shape[1])
-            k_all, v_all = K[rows_t, :, :end], V[rows_t, :, :end]
-            groups = q.shape[1] // k.shape[1]
-            if groups > 1:  # transformers' sdpa path: GQA by repeating K/V when a mask is given
-                k_all, v_all = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
-            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
+            window = self.windows[i] if self.windows[i] is not None and self.windows[i] < end else None  # binds?
+            if not start and window is None:
+                return dense_attention(q, k, v, attn.scaling, causal=width > 1, softcap=self.softcap)
+            if window not in masks:
+                masks[window] = causal_mask(pos[:1], end, window)
+            k_all, v_all = (k, v) if not start else (K[rows_t, :, :end], V[rows_t, :, :end])
+            return dense_attention(q, k_all, v_all, attn.scaling, masks[window], softcap=self.softcap)
 
         h = self._run(ids, pos, attend, [len(c) for c in chunks] if self.row_rope else None, totals)
         last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
@@ -170,7 +155,8 @@ class Decoder:
             K, V = self.cache.k[i], self.cache.v[i]
             K[rows, :, pos] = k[:, :, 0]
             V[rows, :, pos] = v[:, :, 0]
-            return decode_attention(q[:, :, 0], K, V, rows, lengths, attn.scaling)[:, :, None]
+            return decode_attention(q[:, :, 0], K, V, rows, lengths, attn.scaling, self.windows[i],
+                                    self.softcap)[:, :, None]
 
         h = self._run(tok[:, None], pos[:, None], attend, [1] * n if self.row_rope else None)
         return arch.logits(self.model, h)[:, 0].float()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.serve.decoder import Decoder, cache_bytes, unsupported
+from lorakit.serve.decoder import Decoder, cache_bytes
 from lorakit.serve.engine import Engine
 from lorakit.serve.request import GenRequest, ScoreRequest, send
 from lorakit.serve.rows import Row, decode_each, deliver
@@ -39,12 +39,6 @@ class CacheRow(Row):
     seed: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
-
-
-def refusal(model, max_len: int | None = None) -> str | None:
-    """Why StaticEngine would refuse `model` with rows of `max_len` positions (at most its context), or None."""
-    context = int(getattr(model.config, "max_position_embeddings", 2048))
-    return unsupported(model, min(context, max_len or context))
 
 
 class CacheFull(RuntimeError):

@@ -7,18 +7,19 @@ positions beyond it. This is what lets a new request join the running batch at t
 
 The layer maths is the model's, read from its description (lorakit.arch): the embedding, norms, rotary tables,
 projections (whose LoraLinear routing adds each row's adapter; a fused qkv projection is split after it), q/k norms,
-MLP and head are the model's own modules; attention is torch's scaled_dot_product_attention as transformers'
-"sdpa" path calls it, or the eager maths where scores are soft-capped (Gemma 2), so greedy tokens match offline
-generation. Sliding-window layers mask keys more than `window - 1` positions back (the cache keeps them all).
+MLP and head are the model's own modules; attention is kernels.attention.dense_attention: torch's
+scaled_dot_product_attention as transformers' "sdpa" path calls it, or the eager maths where scores are soft-capped
+(Gemma 2), so greedy tokens match offline generation. Sliding-window layers mask keys more than `window - 1`
+positions back (the cache keeps them all).
 Served: the model types arch.SUPPORTED (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lorakit import arch
+from lorakit.kernels.attention import causal_mask, dense_attention
 
 # RoPE whose frequencies depend on what the module computed before (transformers' "dynamic" updates them in
 # place as longer sequences pass): a batch of rows cannot reproduce each row's offline numbers
@@ -96,25 +97,6 @@ class Model:
         self.sizes = arch.qkv_sizes(model.config)
 
 
-def _attention(attn: nn.Module, q, k, v, mask, causal: bool, softcap: float | None) -> torch.Tensor:
-    """q (b, h, s, d), k/v (b, kvh, t, d), mask (b or 1, 1, s or 1, t) bool (True: attend) or None -> (b, h, s, d)."""
-    groups = q.shape[1] // k.shape[1]
-    if softcap is not None:  # transformers' eager maths: cap the scores, then mask, softmax in float32
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = torch.tanh(q @ k.transpose(2, 3) * attn.scaling / softcap) * softcap  # (b, h, s, t)
-        if mask is None and causal:
-            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-    if groups > 1 and mask is not None:  # transformers' sdpa path: GQA only without a mask
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling,
-                                          enable_gqa=groups > 1)
-
-
 def _layer(m: Model, i: int, h: torch.Tensor, cos_sin, cache: RowCache, write, read) -> torch.Tensor:
     """One decoder layer (the model's modules). h (b, s, hidden)."""
     b, s, _ = h.shape
@@ -126,7 +108,7 @@ def _layer(m: Model, i: int, h: torch.Tensor, cos_sin, cache: RowCache, write, r
     q, k = arch.apply_rotary(q, k, *cos_sin)
     write(cache.k[i], cache.v[i], k, v)
     k_all, v_all, mask, causal = read(cache.k[i], cache.v[i], k, v, m.windows[i])
-    o = _attention(p.attn, q, k_all, v_all, mask, causal, m.softcap)  # (b, heads, s, d)
+    o = dense_attention(q, k_all, v_all, p.attn.scaling, mask, causal, m.softcap)  # (b, heads, s, d)
     o = p.attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
     h = h + (o if p.post_attn is None else p.post_attn(o))
     o = p.mlp(p.pre_mlp(h))
@@ -144,15 +126,6 @@ def _run(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: RowCache
     for i in range(len(m.layers)):
         h = _layer(m, i, h, tables[i], cache, write, read)
     return arch.final_norm(model)(h)
-
-
-def _window_mask(q_pos: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:
-    """(b, 1, s, width) bool: key j is seen by the query at q_pos (b, s) when q_pos - window < j <= q_pos."""
-    j = torch.arange(width, device=q_pos.device)
-    seen = j <= q_pos[..., None]  # (b, s, width)
-    if window is not None:
-        seen = seen & (j > q_pos[..., None] - window)
-    return seen[:, None]
 
 
 @torch.no_grad()
@@ -178,7 +151,7 @@ def prefill(model: nn.Module, cache: RowCache, rows: slice, prompts: list[list[i
         if window is None or window >= width:
             return k, v, None, width > 1
         if window not in masks:
-            masks[window] = _window_mask(pos[:1], width, window)  # (1, 1, width, width)
+            masks[window] = causal_mask(pos[:1], width, window)  # (1, 1, width, width)
         return k, v, masks[window], False
 
     h = _run(model, ids, pos, cache, write, read, [len(p) for p in prompts])  # (n, width, hidden)
@@ -209,7 +182,7 @@ def extend(model: nn.Module, cache: RowCache, rows: slice, ids: torch.Tensor, st
         if start == 0 and window is None:
             return k, v, None, c > 1
         if window not in masks:  # query i (position start + i) sees keys start + i - window + 1 .. start + i
-            masks[window] = _window_mask(pos[:1], end, window)  # (1, 1, c, end)
+            masks[window] = causal_mask(pos[:1], end, window)  # (1, 1, c, end)
         return K[rows, :, :end], V[rows, :, :end], masks[window], False
 
     return _run(model, ids.to(dev), pos, cache, write, read, [c] * b, None if total is None else [total] * b)
@@ -238,7 +211,7 @@ def decode(model: nn.Module, cache: RowCache, tokens: list[int], lengths: list[i
         if window is not None and window >= width:
             window = None
         if window not in masks:
-            masks[window] = None if same and window is None else _window_mask(pos_t[:, None], width, window)
+            masks[window] = None if same and window is None else causal_mask(pos_t[:, None], width, window)
         if leading:
             return K[:n, :, :width], V[:n, :, :width], masks[window], False
         return K[rows, :, :width], V[rows, :, :width], masks[window], False
@@ -269,7 +242,7 @@ def hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         if window is None or window >= s:
             return k, v, None, s > 1
         if window not in masks:
-            masks[window] = _window_mask(pos[:1], s, window)
+            masks[window] = causal_mask(pos[:1], s, window)
         return k, v, masks[window], False
 
     return _run(model, ids, pos, _NoCache(model.config.num_hidden_layers), write, read, [s] * b)
