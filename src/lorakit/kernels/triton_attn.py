@@ -9,8 +9,9 @@ Flash-decoding in two launches: `_split` gives each (query row, kv head, chunk o
 heads that share that kv head, reads only the row's attended positions of its chunk (block by block, online
 softmax in fp32) and writes an unnormalised partial output with its running max and sum; `_combine` merges
 a head's partials. The grid depends on shapes only and nothing syncs with the host, so the call is captured
-in a CUDA graph; a chunk that lies past a row's length or before its window reads nothing. The contract and the
-plain-torch reference are in kernels/attention.py.
+in a CUDA graph. A row's chunks start at its window's first position (0 without a window), so a layer with a
+window splits only the window's positions; a chunk that lies past a row's length reads nothing. The contract and
+the plain-torch reference are in kernels/attention.py.
 """
 from __future__ import annotations
 
@@ -37,9 +38,8 @@ def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, W, cap,
     sp = tl.program_id(2)
     row = tl.load(rows_ptr + b).to(tl.int64)
     n = tl.load(len_ptr + b)
-    start = sp * CHUNK
+    start = tl.maximum(n - W, 0) + sp * CHUNK  # chunks cover the row's window (its first n - W positions unread)
     end = tl.minimum(n, start + CHUNK)
-    lo = tl.maximum(start, n - W)  # the chunk's first position inside the row's window
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gm = g < G
@@ -53,9 +53,9 @@ def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, W, cap,
     vb = v_ptr + row * sv_r + kh * sv_h
     for i in range(0, CHUNK, BN):
         s0 = start + i
-        if (s0 < end) & (s0 + BN > lo) & (lo < end):  # the block holds at least one attended position
+        if s0 < end:
             pos = s0 + tl.arange(0, BN)
-            pm = (pos < end) & (pos >= lo)
+            pm = pos < end
             k = tl.load(kb + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (GP, BN)
             if SOFTCAP:
@@ -105,17 +105,18 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, rows: to
     b, H, D = q.shape
     _, KVH, L, _ = K.shape
     G = H // KVH
-    nsplit = nsplit or splits(L, b * KVH)
-    bn = 64 if L >= 64 else 16
-    chunk = triton.cdiv(triton.cdiv(L, nsplit), bn) * bn
-    nsplit = triton.cdiv(L, chunk)
+    W = L + 1 if window is None else min(int(window), L + 1)  # a window past the capacity never binds
+    span = min(L, W)  # positions a row attends to at most
+    nsplit = nsplit or splits(span, b * KVH)
+    bn = 64 if span >= 64 else 16
+    chunk = triton.cdiv(triton.cdiv(span, nsplit), bn) * bn
+    nsplit = triton.cdiv(span, chunk)
     DP = triton.next_power_of_2(D)
     GP = max(16, triton.next_power_of_2(G))
     q = q if q.stride(2) == 1 else q.contiguous()
     part = torch.empty(nsplit, b, H, DP, dtype=torch.float32, device=q.device)
     ml = torch.empty(nsplit, b, H, 2, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    W = L + 1 if window is None else min(int(window), L + 1)  # a window past the capacity never binds
     _split[(b, KVH, nsplit)](q, K, V, rows, lengths, part, ml, scale, W, float(softcap or 1.0), b, H, G, D,
                              q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2),
                              V.stride(0), V.stride(1), V.stride(2), CHUNK=chunk, GP=GP, DP=DP, BN=bn, PREC=prec,
