@@ -1,70 +1,54 @@
-"""Serving throughput on a GPU: the static-cache decoder (CUDA graphs) with 0, 1, 8, 32 mixed adapters against the
-bandwidth limit and against transformers' generate (static cache + torch.compile, one adapter merged).
+"""Serving throughput on a GPU: the static-cache engine (serve/fast.py, CUDA graphs) against the bandwidth limit and
+its peers, all in one run. One JSON line per case on stdout (and appended to --out).
 
-    PYTHONPATH=src python bench/gpu_serve.py --out bench/results/gpu_serve_h200_DATE.jsonl
-    PYTHONPATH=src python bench/gpu_serve.py --dry-run --out /tmp/s.jsonl     (CPU, tiny model, no graphs)
+    PYTHONPATH=src python bench/gpu_serve.py --cases 0,1,8,32 --peer --out bench/results/gpu_serve_h200_DATE.jsonl
+    PYTHONPATH=src python bench/gpu_serve.py --cases stack2-32,zipf-1000,http-8,peft-8 --out ...
+    PYTHONPATH=src python bench/gpu_serve.py --shape llama-8b --cases 0,32
+    PYTHONPATH=src python bench/gpu_serve.py --dry-run --cases ... --out /tmp/s.jsonl   (CPU, tiny model, no graphs)
 
-A random-weight model of the llama-1b shape (bf16), random r=16 adapters in the PEFT layout on all seven
-projections. Each case: `rows` requests of `prompt` random tokens, `new` tokens each, greedy, rows dealt
-round-robin over the case's adapters. Reported per case: prefill time, decode tokens/s, ms per step, the
-bandwidth limit (bytes a step must read: weights + the KV cache at the rows' mean length, + the adapters' bytes
-for adapter cases; over the device copy rate measured here) and the share of it reached, ITL p50/p99 (the time
-between a row's tokens, host side), TTFT p50/p99 (submission of all rows to each row's first token).
-api=engine runs through StaticEngine.submit (threads, streaming sinks), api=decoder calls the decoder in a loop.
+A random-weight model of the llama-1b (or --shape llama-8b) shape in bf16, random r=16 adapters in the PEFT layout
+on all seven projections. The rows: `rows` requests of `prompt` random tokens (the same tokens in every case),
+exactly `new` tokens each, greedy. Cases (--cases, comma-separated, run in that order):
+  N            api=engine, StaticEngine.submit (streaming sinks), rows dealt round-robin over N adapters (0: the
+               base); with the bandwidth limit (bytes a step reads: weights + the KV cache at the rows' mean
+               length + the N adapters' bytes, over the copy rate measured here) and the share reached; vs_base
+               against case 0 of the run
+  stack2-N     every request names two of N adapters with weights 1.0 and 0.5; vs_base against case 0 (run
+               here if the run has none)
+  zipf-N       N adapters written to a folder (/dev/shm when it has room); requests pick one by Zipf(1.0),
+               --zipf-requests of them through --zipf-slots slots; first the same requests over --zipf-ref
+               adapters round-robin (case zipf-ref-K), then Zipf (vs_ref); adapter read and slot-load p50/p99
+  http-N       the N-adapter rows through the real HTTP server and the `openai` client (bench/gpu_serve_http.py);
+               vs_engine against case N of the run
+  peft-N       PEFT's PeftModel with the same N adapters, mixed-batch generate(adapter_names=...);
+               lorakit_x = engine case N's end-to-end tokens/s over PEFT's
+and --peer: transformers' generate with a static cache and torch.compile, one adapter merged (runs last: it
+merges into the weights). Per engine case: TTFT p50/p99 (submission of all rows to each row's first token), ITL
+p50/p99 (between a row's tokens, host side), decode tokens/s (once every row has its first token), end-to-end
+tokens/s (all tokens over submission to the last token: what the peers report).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
-SHAPES = {"llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                           num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                           rope_theta=500000.0),
-          "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_serve_lib import (SHAPES, build_model, make_adapter, make_prompts, run_engine_case,  # noqa: E402
+                           summarize)
 
 
-def build_model(shape: str, dtype, dev, max_len: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(max_len, 2048), bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def make_adapter(model, seed: int, r: int = 16):
-    """An AdapterFile in the PEFT layout (A random, B random and small) on every projection of every layer."""
-    from lorakit.adapters.peft_files import PREFIX, AdapterFile
-    from lorakit.config import LoraConfig
-
-    g = torch.Generator().manual_seed(1000 + seed)
-    tensors = {}
-    for path, mod in model.named_modules():
-        if path.rsplit(".", 1)[-1] in TARGETS:
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = torch.randn(r, mod.in_features, generator=g) / mod.in_features ** 0.5
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = torch.randn(mod.out_features, r, generator=g) * 0.02
-    cfg = LoraConfig(r=r, alpha=2 * r, targets=list(TARGETS))
-    return AdapterFile(Path(f"bench-adapter-{seed}"), cfg, {}, tensors, {})
 
 
 def copy_rate(dev) -> float:
     """Device memory bytes/s moved by a large copy (read + write counted)."""
     if dev != "cuda":
-        return float("nan")
+        return None
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
     for _ in range(3):
@@ -79,11 +63,6 @@ def copy_rate(dev) -> float:
     return rate
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
-
-
 def weight_bytes(model) -> int:
     seen, n = set(), 0
     for p in model.parameters():
@@ -93,76 +72,17 @@ def weight_bytes(model) -> int:
     return n
 
 
-def run_engine_case(model, adapters, n_adapters, args, dev, sync):
-    """rows requests through StaticEngine.submit; -> per-row token times."""
-    from lorakit.serve.fast import StaticEngine
-    from lorakit.serve.request import AdapterUse, GenRequest
-
-    eng = StaticEngine(model, types.SimpleNamespace(eos_token_id=2), max_slots=max(1, len(adapters)), max_batch=args.rows,
-                       max_len=args.prompt + args.new + 8, prefill_chunk=args.chunk).start()
-    g = torch.Generator().manual_seed(7)
-    vocab = model.config.vocab_size
-    prompts = [torch.randint(3, vocab, (args.prompt,), generator=g).tolist() for _ in range(args.rows)]
-    uses = [AdapterUse(f"a{i}", (lambda a=a: a)) for i, a in enumerate(adapters[:n_adapters])]
-
-    def one_pass(rows):
-        times = [[] for _ in range(rows)]
-        done = [None] * rows
-        import threading
-        ev = threading.Event()
-        left = [rows]
-
-        def sink_for(i):
-            def sink(e):
-                if e[0] == "token":
-                    times[i].append(time.perf_counter())
-                else:
-                    done[i] = e
-                    left[0] -= 1
-                    if left[0] == 0:
-                        ev.set()
-            return sink
-        t0 = time.perf_counter()
-        for i in range(rows):
-            eng.submit(GenRequest(prompts[i], [uses[i % len(uses)]] if uses else [], max_tokens=args.new,
-                                  ignore_eos=True, sink=sink_for(i)))
-        ev.wait(600)
-        return t0, times, done
-
-    one_pass(min(args.rows, 4))  # warm-up: kernels compiled, graphs captured for small buckets
-    one_pass(args.rows)  # and for the full bucket
-    t0, times, done = one_pass(args.rows)
-    info = eng.info()
-    eng.stop()
-    bad = [d for d in done if d is None or d[0] != "done"]
-    if bad:
-        raise RuntimeError(f"{len(bad)} requests did not finish: {bad[:3]}")
-    return t0, times, info
-
-
-def summarize(t0, times, args):
-    first = [t[0] - t0 for t in times]
-    itl = [b - a for t in times for a, b in zip(t, t[1:])]
-    # decode span: from the moment every row has its first token to the end
-    start = max(t[0] for t in times)
-    end = max(t[-1] for t in times)
-    decode_tokens = sum(sum(1 for x in t if x > start) for t in times)
-    return dict(ttft_p50_ms=round(1e3 * pct(first, .5), 2), ttft_p99_ms=round(1e3 * pct(first, .99), 2),
-                itl_p50_ms=round(1e3 * pct(itl, .5), 3), itl_p99_ms=round(1e3 * pct(itl, .99), 3),
-                decode_tok_s=round(decode_tokens / (end - start), 1) if end > start else None,
-                total_s=round(end - t0, 3), prefill_s=round(start - t0, 3))
-
-
 def peer_generate(model, adapter, args, dev, sync):
     """transformers generate, static cache, torch.compile (reduce-overhead), one adapter merged into the weights."""
+    from lorakit.core.inject import unload
     from lorakit.serve.slots import adapter_scales
 
+    unload(model)  # plain nn.Linear modules, as transformers built them (the engines wrap them for slot routing)
     with torch.no_grad():
         for path, (A, B, scale, _) in adapter_scales(adapter).items():
             w = model.get_submodule(path).weight
             w += (scale * (B.float() @ A.float())).to(device=w.device, dtype=w.dtype)
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, model.config.vocab_size, (args.rows, args.prompt), generator=g).to(dev)
+    ids = torch.tensor(make_prompts(args.rows, args, model.config.vocab_size), device=dev)
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = None
     if dev == "cuda":
@@ -175,7 +95,8 @@ def peer_generate(model, adapter, args, dev, sync):
     out = model.generate(ids, **kw)
     sync()
     dt = time.perf_counter() - t0
-    return dict(total_s=round(dt, 3), tok_s=round(args.rows * (out.shape[1] - ids.shape[1]) / dt, 1))
+    new = out.shape[1] - ids.shape[1]
+    return dict(total_s=round(dt, 3), new_tokens=new, e2e_tok_s=round(args.rows * new / dt, 1))
 
 
 def profile(model, adapters, n, args, dev):
@@ -218,22 +139,43 @@ def profile(model, adapters, n, args, dev):
     print(p.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total", row_limit=25), flush=True)
 
 
+def parse_cases(spec: str) -> list[tuple[str, int]]:
+    """'0,8,stack2-32,zipf-1000,http-8,peft-8' -> [("engine", 0), ("engine", 8), ("stack2", 32), ...]."""
+    out = []
+    for tok in (t.strip() for t in spec.split(",")):
+        if not tok:
+            continue
+        kind, _, n = tok.rpartition("-")
+        if kind not in ("", "stack2", "zipf", "http", "peft") or not n.isdigit():
+            raise SystemExit(f"unknown case {tok!r}: N, stack2-N, zipf-N, http-N or peft-N")
+        if kind in ("stack2", "peft") and int(n) < {"stack2": 2, "peft": 1}[kind]:
+            raise SystemExit(f"{tok!r}: {kind} needs at least {2 if kind == 'stack2' else 1} adapters")
+        out.append((kind or "engine", int(n)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="")
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--shape", default="llama-1b", choices=[s for s in SHAPES if s != "tiny"])
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=8192, help="prefill tokens per engine turn")
-    ap.add_argument("--cases", default="0,1,8,32", help="adapter counts")
+    ap.add_argument("--cases", default="0,1,8,32", help="N, stack2-N, zipf-N, http-N, peft-N (see the top)")
+    ap.add_argument("--zipf-slots", type=int, default=64, help="adapter slots on the device for zipf-N")
+    ap.add_argument("--zipf-requests", type=int, default=0, help="requests of zipf-N (default 4 x rows)")
+    ap.add_argument("--zipf-ref", type=int, default=8, help="adapters of the round-robin case zipf-N is compared with")
     ap.add_argument("--peer", action="store_true", help="also transformers' compiled static-cache generate")
     ap.add_argument("--profile", default="", help="adapter counts to profile a decode step at (CUDA), e.g. 0,32")
     args = ap.parse_args(argv)
     cuda = not args.dry_run
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    shape = "tiny" if args.dry_run else "llama-1b"
+    shape = "tiny" if args.dry_run else args.shape
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cases = parse_cases(args.cases)
+    t_build = time.perf_counter()
     model = build_model(shape, dtype, dev, args.prompt + args.new + 8)
     rate = copy_rate(dev)
     wbytes = weight_bytes(model)
@@ -243,10 +185,11 @@ def main(argv=None) -> int:
     meta = dict(tool="lorakit", bench="gpu_serve", shape=shape, dtype=str(dtype)[6:], rows=args.rows,
                 prompt=args.prompt, new=args.new, r=16, torch=torch.__version__,
                 device=torch.cuda.get_device_name() if cuda else "cpu", date=datetime.date.today().isoformat(),
-                copy_gbs=round(rate / 1e9, 1), weight_bytes=wbytes)
-    counts = [int(c) for c in args.cases.split(",") if c]
+                copy_gbs=None if rate is None else round(rate / 1e9, 1), weight_bytes=wbytes)
     profiled = [int(c) for c in args.profile.split(",") if c]
-    adapters = [make_adapter(model, i) for i in range(max(counts + profiled + [1]))]
+    need = [n for kind, n in cases if kind != "zipf"] + profiled + [1]
+    adapters = [make_adapter(model, i) for i in range(max(need))]
+    log(f"# model and {len(adapters)} adapters in {time.perf_counter() - t_build:.1f} s")
     fh = open(args.out, "a") if args.out else None
 
     def put(row):
@@ -258,28 +201,72 @@ def main(argv=None) -> int:
 
     for n in profiled:
         profile(model, adapters, n, args, dev)
-    base_tok_s = None
-    for n in counts:
-        t0, times, info = run_engine_case(model, adapters, n, args, dev, sync)
-        row = dict(case=f"engine-{n}", api="engine", adapters=n, **summarize(t0, times, args),
+    engine = {}  # adapter count -> that case's row, for the cases compared with it
+    prompts = make_prompts(args.rows, args, cfg.vocab_size)
+
+    def engine_case(n):
+        from gpu_serve_cases import uses_for
+
+        t0, times, info = run_engine_case(model, prompts, uses_for(adapters, n, args.rows), args, n)
+        row = dict(case=f"engine-{n}", api="engine", adapters=n, **summarize(t0, times),
                    graphs=info.get("graphs"), steps=info.get("decode_steps"))
-        mean_len = args.prompt + args.new / 2
-        lora = n * sum(a.numel() * a.element_size() for a in adapters[0].tensors.values()) // 2  # fp32 -> bf16
-        step_bytes = wbytes + args.rows * mean_len * kv_tok + (lora if cuda else 0)
-        limit = args.rows * rate / step_bytes if cuda else None
+        lora = n * sum(t.numel() * t.element_size() for t in adapters[0].tensors.values())
+        step_bytes = wbytes + args.rows * (args.prompt + args.new / 2) * kv_tok + lora
+        limit = args.rows * rate / step_bytes if rate else None
         row.update(step_bytes=int(step_bytes), limit_tok_s=None if limit is None else round(limit, 1),
                    share_of_limit=None if limit is None or not row["decode_tok_s"] else round(row["decode_tok_s"] / limit, 3))
-        if n == 0:
-            base_tok_s = row["decode_tok_s"]
-        elif base_tok_s:
-            row["vs_base"] = round(row["decode_tok_s"] / base_tok_s, 3)
+        if n and 0 in engine:
+            row["vs_base"] = round(row["decode_tok_s"] / engine[0]["decode_tok_s"], 3)
+        engine[n] = row
         put(row)
+
+    for kind, n in cases:
+        t = time.perf_counter()
+        if kind == "engine":
+            engine_case(n)
+        elif kind == "stack2":
+            from gpu_serve_cases import stack_case
+
+            if 0 not in engine:
+                engine_case(0)
+            row = dict(case=f"stack2-{n}", **stack_case(model, adapters, n, args))
+            row["vs_base"] = round(row["decode_tok_s"] / engine[0]["decode_tok_s"], 3)
+            put(row)
+        elif kind == "zipf":
+            from gpu_serve_cases import zipf_case
+
+            for row in zipf_case(model, n, args, log):
+                put(row)
+        elif kind == "http":
+            from gpu_serve_http import http_case
+
+            t0, times, info = http_case(model, adapters, n, args)
+            row = dict(case=f"http-{n}", api="http", client="openai", adapters=n, **summarize(t0, times),
+                       graphs=info.get("graphs"), steps=info.get("decode_steps"))
+            if n in engine:
+                row["vs_engine"] = round(row["decode_tok_s"] / engine[n]["decode_tok_s"], 3)
+            put(row)
+        elif kind == "peft":
+            from gpu_serve_cases import peft_case
+
+            row = dict(case=f"peft-{n}", **peft_case(model, adapters, n, args, sync))
+            if n in engine:
+                row["lorakit_x"] = round(engine[n]["e2e_tok_s"] / row["e2e_tok_s"], 2)
+            put(row)
+        log(f"# {kind}-{n}: {time.perf_counter() - t:.1f} s")
     if args.peer:
-        put(dict(case="peer-hf-static-compile-merged", api="transformers", adapters=1,
-                 **peer_generate(model, adapters[0], args, dev, sync)))
+        row = dict(case="peer-hf-static-compile-merged", api="transformers", adapters=1,
+                   **peer_generate(model, adapters[0], args, dev, sync))
+        if 1 in engine:
+            row["lorakit_x"] = round(engine[1]["e2e_tok_s"] / row["e2e_tok_s"], 2)
+        put(row)
     if fh:
         fh.close()
     return 0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
