@@ -34,6 +34,7 @@ import datetime
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -220,8 +221,7 @@ def main(argv=None) -> int:
         engine[n] = row
         put(row)
 
-    for kind, n in cases:
-        t = time.perf_counter()
+    def run_case(kind, n):
         if kind == "engine":
             engine_case(n)
         elif kind == "stack2":
@@ -253,6 +253,16 @@ def main(argv=None) -> int:
             if n in engine:
                 row["lorakit_x"] = round(engine[n]["e2e_tok_s"] / row["e2e_tok_s"], 2)
             put(row)
+
+    failed = 0
+    for kind, n in cases:
+        t = time.perf_counter()
+        try:
+            run_case(kind, n)
+        except Exception as e:  # noqa: BLE001 - one case's failure is its row; the others still run
+            traceback.print_exc()
+            failed += 1
+            put(dict(case=f"{kind}-{n}", error=f"{type(e).__name__}: {e}"[:2000]))
         log(f"# {kind}-{n}: {time.perf_counter() - t:.1f} s")
     if args.peer:
         row = dict(case="peer-hf-static-compile-merged", api="transformers", adapters=1,
@@ -262,7 +272,7 @@ def main(argv=None) -> int:
         put(row)
     if fh:
         fh.close()
-    return 0
+    return 1 if failed else 0
 
 
 def log(msg: str) -> None:

@@ -68,6 +68,7 @@ def zipf_case(model, n: int, args, log) -> list[dict]:
     Adapter load time: read (loader thread: the folder's files -> host tensors) and slot (engine thread: waiting
     for that read if unfinished, checking the tensors, writing them into the slot), per load."""
     from lorakit.adapters.peft_files import read_adapter
+    from lorakit.serve.decoder import BUCKETS
     from lorakit.serve.request import AdapterUse
 
     root, kind, write_s, one = write_many(model, n, log)
@@ -101,7 +102,10 @@ def zipf_case(model, n: int, args, log) -> list[dict]:
     out = []
     try:
         ref = [[use(i % args.zipf_ref)] for i in range(count)]
-        engine_pass(eng, prompts[:args.rows], ref[:args.rows], args.new)  # warm-up: graphs, the ref's loads
+        # warm-up: the ref's loads, and a graph for every batch size a pass may decode at (requests whose files
+        # are still being read join later, so Zipf's batches take sizes the others never do)
+        for k in [b for b in BUCKETS if b < args.rows] + [args.rows]:
+            engine_pass(eng, prompts[:k], ref[:k], 2)
         for case, uses in ((f"zipf-ref-{args.zipf_ref}", ref), (f"zipf-{n}", [[use(p)] for p in picks])):
             reads.clear()
             slots.clear()
