@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU round on the device machine, from the repository root: bash bench/gpu_round.sh NAME:SECONDS [...]
-# Installs the carried wheels (.whl/*.whl: bitsandbytes, liger-kernel, torchao; the device has no network) into
+# Installs the carried wheels (.whl/*.whl: bitsandbytes, liger-kernel, torchao, and for the engine round's http case
+# fastapi, uvicorn, openai and what they import: scripts/gpu_wheels.sh; the device has no network) into
 # /tmp/site, then runs bench/gpu_rounds/NAME.sh for each NAME under its own timeout with OUT=$OUT/NAME.
 # Carry: .whl and .cache/tok (scripts/gpu_stage.sh makes the tokenizer folder from the embedded model's cache).
 cd "$(dirname "$0")/.."

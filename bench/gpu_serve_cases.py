@@ -104,8 +104,8 @@ def zipf_case(model, n: int, args, log) -> list[dict]:
         ref = [[use(i % args.zipf_ref)] for i in range(count)]
         # warm-up: the ref's loads, and a graph for every batch size a pass may decode at (requests whose files
         # are still being read join later, so Zipf's batches take sizes the others never do)
-        for k in [b for b in BUCKETS if b < args.rows] + [args.rows]:
-            engine_pass(eng, prompts[:k], ref[:k], 2)
+        for k in [b for b in BUCKETS if b < args.rows] + [min(count, max(args.rows, args.zipf_ref))]:
+            engine_pass(eng, prompts[:k], ref[:k], 2)  # the last: every ref adapter loaded
         for case, uses in ((f"zipf-ref-{args.zipf_ref}", ref), (f"zipf-{n}", [[use(p)] for p in picks])):
             reads.clear()
             slots.clear()

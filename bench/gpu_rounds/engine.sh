@@ -1,7 +1,45 @@
 #!/usr/bin/env bash
-# engine: GPU tests (graph decode parity, kernels), a profile of a decode step, the engine bench with its peer
+# engine (issue 25): bench/gpu_serve.py's cases, most important first, each step its own process under its own
+# timeout (at most what is left of BUDGET seconds, default 300: the round's), so a slow or broken step leaves the
+# later ones their time. Rows: $OUT/gpu_serve.jsonl (one JSON line per case, an "error" row for a failed case);
+# console: $OUT/log. STEPS picks and orders the steps; default:
+#   main    0,1,8,32 mixed adapters + transformers' compiled static-cache generate (--peer)
+#   stacks  two-adapter stacks of 32 adapters vs base-only
+#   zipf    1,000 adapters, Zipf(1.0) traffic through 64 slots vs the same requests over 8 adapters
+#   http    8 adapters through the real HTTP server and the openai client vs the engine API
+#   peft    PEFT's mixed-batch generate(adapter_names=...) with the same 8 adapters vs the engine
+#   8b      the llama-8b shape: base-only and 32 mixed adapters
+# also: tests (tests/gpu/test_engine_gpu.py), profile (a decode step's kernels at 0 and 32 adapters).
+# EXTRA: more arguments for every bench step (e.g. "--rows 32").
 PY=${PY:-python}
+STEPS=${STEPS:-"main stacks zipf http peft 8b"}
+BUDGET=${BUDGET:-300}
+J=$OUT/gpu_serve.jsonl
+T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>&1 | tee -a $OUT/log
-timeout 70 $PY -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py $TESTARGS 2>&1 | tail -15 | tee -a $OUT/log
-timeout 70 $PY bench/gpu_serve.py --profile 0,32 --cases "" $EXTRA 2>&1 | tee -a $OUT/profile.txt | tail -80 | tee -a $OUT/log
-timeout 150 $PY bench/gpu_serve.py --cases 0,1,8,32 --peer --out $OUT/gpu_serve.jsonl $EXTRA 2>&1 | tee -a $OUT/log
+
+step() {  # step NAME CAP COMMAND...: run COMMAND under min(CAP, what is left - 10) seconds, or skip it
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) - 10 ))
+  local secs=$(( cap < left ? cap : left ))
+  if (( secs < 20 )); then echo "=== step $name skipped: ${left}s left" | tee -a $OUT/log; return; fi
+  echo "=== step $name (${secs}s) $(date +%T)" | tee -a $OUT/log
+  timeout -k 5 $secs "$@" 2>&1 | tee -a $OUT/log | tail -40
+  echo "=== step $name rc=${PIPESTATUS[0]} $(date +%T)" | tee -a $OUT/log
+}
+
+B="$PY bench/gpu_serve.py --out $J $EXTRA"
+for s in $STEPS; do
+  case $s in
+    tests)   step tests 70 $PY -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py $TESTARGS ;;
+    profile) step profile 70 $PY bench/gpu_serve.py --profile 0,32 --cases "" $EXTRA ;;
+    main)    step main 130 $B --cases 0,1,8,32 --peer ;;
+    stacks)  step stacks 45 $B --cases 0,stack2-32 ;;
+    zipf)    step zipf 100 $B --cases zipf-1000 --zipf-slots 64 --zipf-ref 8
+             rm -rf /dev/shm/lorakit-bench-* /tmp/lorakit-bench-* ;;  # its adapter folder, if it was cut off
+    http)    step http 60 $B --cases 8,http-8 ;;
+    peft)    step peft 80 $B --cases 8,peft-8 ;;
+    8b)      step 8b 90 $B --shape llama-8b --cases 0,32 ;;
+    *)       echo "unknown step $s" | tee -a $OUT/log ;;
+  esac
+done
