@@ -3,9 +3,13 @@ openai client, PEFT), one JSON line per case whose numbers agree with each other
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+import lorakit
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu_serve.py")
 ROWS, NEW, REQUESTS, SLOTS, ZIPF = 4, 8, 12, 4, 30
@@ -36,12 +40,18 @@ def ratio(a, b, nd):
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
+    """The dry run in its own process (as the GPU round runs it): the server, the client and PEFT stay out of
+    this one, whose later timing tests a garbage collection over their objects would disturb."""
     out = tmp_path_factory.mktemp("gs") / "s.jsonl"
-    bench = load_bench()
-    assert bench.main(["--dry-run", "--rows", str(ROWS), "--prompt", "16", "--new", str(NEW), "--cases",
-                       f"0,2,stack2-2,zipf-{ZIPF},http-2,peft-2", "--zipf-slots", str(SLOTS), "--zipf-requests",
-                       str(REQUESTS), "--zipf-ref", "2", "--out", str(out)]) == 0
+    src = os.path.dirname(os.path.dirname(lorakit.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, BENCH, "--dry-run", "--rows", str(ROWS), "--prompt", "16", "--new", str(NEW),
+                        "--cases", f"0,2,stack2-2,zipf-{ZIPF},http-2,peft-2", "--zipf-slots", str(SLOTS),
+                        "--zipf-requests", str(REQUESTS), "--zipf-ref", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got == [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     return {r["case"]: r for r in got}, got
 
 
