@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="", help="JSONL file for the results (also printed)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference only")
-    ap.add_argument("--iters", type=int, default=0, help="timed calls per case (default 20, dry run 2)")
+    ap.add_argument("--iters", type=int, default=0, help="timed calls per case (default 20, dry run 5)")
     ap.add_argument("--cases", default="", help="comma-separated mode:adapters[:k], e.g. decode:32,prefill:8")
     args = ap.parse_args(argv)
     from lorakit.kernels import reference
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         raise SystemExit("no CUDA device (use --dry-run on a CPU)")
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     d = DIMS["tiny" if args.dry_run else "llama-1b"]
-    iters = args.iters or (2 if args.dry_run else 20)
+    iters = args.iters or (5 if args.dry_run else 20)
     impls = {"reference": reference.lora_delta}
     meta = dict(tool="lorakit", bench="gpu_serve_kernels", shape="tiny" if args.dry_run else "llama-1b",
                 dtype=str(dtype)[6:], r=d["r"], slots=d["slots"], torch=torch.__version__,
