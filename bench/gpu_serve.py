@@ -44,10 +44,8 @@ from gpu_serve_lib import (SHAPES, build_model, make_adapter, make_prompts, run_
                            summarize)
 
 
-
-
-def copy_rate(dev) -> float:
-    """Device memory bytes/s moved by a large copy (read + write counted)."""
+def copy_rate(dev) -> float | None:
+    """Device memory bytes/s moved by a large copy (read + write counted); None on the CPU."""
     if dev != "cuda":
         return None
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gpu_serve_lib import (adapter_bytes, engine_pass, make_adapter, make_prompts, ms, run_engine_case,
-                           start_engine, summarize, write_adapter)
+                           scratch_dir, start_engine, summarize, write_adapter)
 
 
 def uses_for(adapters, n: int, rows: int, stack: int = 1, weights=(1.0, 0.5)):
@@ -41,8 +41,6 @@ def stack_case(model, adapters, n: int, args) -> dict:
 def write_many(model, n: int, log) -> tuple[Path, str, float, int]:
     """n random adapters written to a folder as PEFT writes them (drawn on the device, written by 8 threads).
     -> (folder, "tmpfs" | "disk", seconds, bytes per adapter)."""
-    from gpu_serve_lib import scratch_dir
-
     one = adapter_bytes(make_adapter(model, 10_000))
     root, kind = scratch_dir(n * one)
     t = time.perf_counter()
