@@ -87,6 +87,28 @@ def test_broken_adapter_or_prompt_fails_its_request_only(adapters, tmp_path, sta
     assert good.done.wait(30) and good.tokens == offline(ref, "c", [7, 8, 9], 4)
 
 
+def test_adapters_are_checked_on_the_loader_thread(adapters, tmp_path, start_engine):
+    """validate_adapter (every tensor scanned) runs where the file is read, not on the engine thread that decodes
+    everyone's rows; a file that fails the check still fails its request alone."""
+    root, ref = adapters
+    eng = start_engine(max_slots=2, max_batch=4)
+    threads, prepare = [], eng.bank.prepare
+
+    def recorded(af):
+        threads.append(threading.current_thread().name)
+        return prepare(af)
+    eng.bank.prepare = recorded
+    af = read_adapter(root / "a")
+    af.tensors[next(k for k in af.tensors if k.endswith("lora_B.weight"))][0, 0] = float("nan")
+    bad, good = Collect(), Collect()
+    eng.submit(GenRequest([5, 6], [AdapterUse("nan@1", lambda: af)], 4, sink=bad))
+    eng.submit(GenRequest([5, 6], [use(root, "b")], 4, sink=good))
+    assert bad.done.wait(30) and bad.end[0] == "error" and "non-finite" in bad.end[1]
+    assert good.done.wait(30) and good.tokens == offline(ref, "b", [5, 6], 4)
+    assert len(threads) == 2 and all(n.startswith("lorakit-adapter-load") for n in threads), threads
+    assert "nan@1" not in eng.bank.resident and "b@1" in eng.bank.resident
+
+
 def test_sampling_is_seeded(adapters, start_engine):
     root, _ = adapters
     eng = start_engine(max_slots=1, max_batch=4)

@@ -1,7 +1,8 @@
 """The engine's adapters: which are resident in the slot bank, which are being read from disk, and their labels.
 
-A request's adapter files are read on a loader thread as soon as it is submitted (`prefetch`), so the engine
-thread never waits on a disk while others decode; a request is admitted once every file it needs is read or
+A request's adapter files are read and checked on a loader thread as soon as it is submitted (`prefetch`:
+the file's checks and split, `SlotBank.prepare`), so the engine thread never waits on a disk or a check while
+others decode; a request is admitted once every file it needs is read or
 resident (`files_ready`), and `acquire` then pins its adapters (and its mixture's gates) in the bank for as long
 as it runs. `release` unpins them. The engine's lock (a threading.Condition) guards the prefetch table, and the
 engine is woken whenever a read finishes.
@@ -44,7 +45,7 @@ class Residency:
         """Start reading adapter `a` from disk on the loader thread unless resident or under way (holds the lock)."""
         if a.key in self.bank.resident or a.key in self._prefetch:
             return
-        fut = self._loader.submit(a.load)
+        fut = self._loader.submit(lambda: self.bank.prepare(a.load()))  # read and checked off the engine thread
         self._prefetch[a.key] = fut
         fut.add_done_callback(lambda _: self._wake())
 
@@ -58,11 +59,11 @@ class Residency:
             ready = ready and self._prefetch[a.key].done()
         return ready
 
-    def _file(self, key: str, load: Callable[[], AdapterFile]) -> Callable[[], AdapterFile]:
+    def _file(self, key: str, load: Callable[[], AdapterFile]) -> Callable[[], dict]:
         def get():
             with self._lock:
                 fut = self._prefetch.pop(key, None)
-            return fut.result() if fut is not None else load()
+            return fut.result() if fut is not None else self.bank.prepare(load())
         return get
 
     def acquire(self, req: GenRequest | ScoreRequest) -> tuple[list[int], str | None]:

@@ -102,13 +102,22 @@ class SlotBank:
         self._routing_on = False
 
     # ---------------------------------------------------------------- residency
+    def prepare(self, af: AdapterFile) -> dict:
+        """An adapter file checked (validate_adapter against the base, the rank cap) and split into per-module
+        (A, B, scale, magnitude): what `acquire` writes into a slot. Reads only what never changes after start-up
+        (the base's fingerprint, the rank cap), so the loader thread runs it, off the engine thread."""
+        mods = adapter_scales(self._checked(af))
+        self.check_rank(mods)
+        return mods
+
     def acquire(self, key: str, load) -> int:
-        """The slot holding adapter `key`, loading it (`load()` -> AdapterFile) if needed; pins it."""
+        """The slot holding adapter `key`, loading it if needed (`load()` -> an AdapterFile, checked here, or the
+        modules `prepare` made of one on the loader thread); pins it."""
         if key in self.resident:
             self.resident.move_to_end(key)
         else:
-            mods = adapter_scales(self._checked(load()))
-            self.check_rank(mods)
+            got = load()
+            mods = got if isinstance(got, dict) else self.prepare(got)
             slot = self._free_slot()
             self._write(slot, mods)
             self.resident[key] = slot
