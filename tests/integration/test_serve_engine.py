@@ -4,26 +4,13 @@ import time
 
 import pytest
 
-from lorakit import set_active
 from lorakit.adapters.peft_files import read_adapter
-from lorakit.generate import generate_ids
 from lorakit.serve.engine import AdapterUse, Engine, GenRequest
-from engine_helpers import TOK, Collect, save_tiny_adapters
+from engine_helpers import TOK, Collect, offline, save_tiny_adapters, use
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     return save_tiny_adapters(tmp_path_factory.mktemp("eng"))
-
-
-def use(root, n, w=1.0):
-    return AdapterUse(f"{n}@1", lambda: read_adapter(root / n), w)
-
-
-def offline(m, name, prompt, n):
-    set_active(m, name)
-    out = generate_ids(m, TOK, [prompt], max_new_tokens=n)[0]
-    set_active(m, None)
-    return out
 
 
 def test_new_request_joins_running_batch(adapters, start_engine):

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from lorakit import set_active
-from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
-from lorakit.serve.engine import AdapterUse, GenRequest
+from lorakit.serve.engine import GenRequest
 from lorakit.serve.request import sample
-from engine_helpers import TOK, Collect, save_tiny_adapters
+from engine_helpers import Collect, offline, save_tiny_adapters, use
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
@@ -24,17 +23,6 @@ def adapters(tmp_path_factory):
 @pytest.fixture
 def eng(start_engine):
     return start_engine(max_slots=3)
-
-
-def use(root, n, w=1.0):
-    return AdapterUse(f"{n}@1", lambda: read_adapter(root / n), w, f"{n}@1")
-
-
-def offline(m, name, prompt, n):
-    set_active(m, name)
-    out = generate_ids(m, TOK, [prompt], max_new_tokens=n)[0]
-    set_active(m, None)
-    return out
 
 
 def held(eng, *reqs):

@@ -11,7 +11,7 @@ from lorakit.adapters.peft_files import read_adapter
 from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.engine import AdapterUse, GenRequest, ScoreRequest
-from engine_helpers import TOK, Collect
+from engine_helpers import TOK, Collect, use
 
 PROMPT, ANSWER = [5, 6, 7, 8, 9], [11, 3, 40, 17, 17, 2, 60, 8]
 
@@ -29,10 +29,6 @@ def adapters(tmp_path_factory):
                     p.normal_(0, 1.0)
         save_adapter(m, root / n, n)
     return root, m
-
-
-def use(root, n, w=1.0):
-    return AdapterUse(f"{n}@1", lambda: read_adapter(root / n), w)
 
 
 def direct(model, active, prompt, answer):

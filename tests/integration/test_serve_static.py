@@ -7,30 +7,16 @@ import threading
 import pytest
 import torch
 
-from lorakit import set_active
-from lorakit.adapters.peft_files import read_adapter
-from lorakit.generate import generate_ids
 from lorakit.models import tiny_llama
 from lorakit.serve.decoder import cache_bytes
-from lorakit.serve.engine import AdapterUse, GenRequest
+from lorakit.serve.engine import GenRequest
 from lorakit.serve.fast import CacheFull, StaticEngine
-from engine_helpers import TOK, Collect, save_tiny_adapters
+from engine_helpers import TOK, Collect, offline, save_tiny_adapters, use
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     return save_tiny_adapters(tmp_path_factory.mktemp("static"))
-
-
-def use(root, n, w=1.0):
-    return AdapterUse(f"{n}@1", lambda: read_adapter(root / n), w)
-
-
-def offline(m, name, prompt, n):
-    set_active(m, name)
-    out = generate_ids(m, TOK, [prompt], max_new_tokens=n)[0]
-    set_active(m, None)
-    return out
 
 
 def run_all(eng, reqs, timeout=120):
