@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import doc_markers  # noqa: E402
+
 DOC = ROOT / "docs" / "distributed.md"
 RESULTS = "bench/results/estimate_70b_fsdp.jsonl"
 BEGIN, END = "<!-- fsdp-70b-estimate:begin -->", "<!-- fsdp-70b-estimate:end -->"
@@ -82,10 +85,7 @@ def table(rel: str = RESULTS, root: Path = ROOT) -> str:
 
 
 def render(text: str, body: str) -> str:
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"{DOC} must hold one {BEGIN} ... {END} pair")
-    head, rest = text.split(BEGIN)
-    return f"{head}{BEGIN}\n{body}\n{END}{rest.split(END)[1]}"
+    return doc_markers.render(text, BEGIN, END, body, str(DOC))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compute:
         (ROOT / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in compute()))
     body = table()
-    if not (args.write or args.check):
-        print(body)
-        return 0
-    text = DOC.read_text()
-    new = render(text, body)
-    if args.check:
-        return 0 if new == text else 1
-    DOC.write_text(new)
-    return 0
+    return doc_markers.emit(DOC, BEGIN, END, body, args.write, args.check)
 
 
 if __name__ == "__main__":

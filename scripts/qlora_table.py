@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import doc_markers  # noqa: E402
+
 DOC = ROOT / "docs" / "variants.md"
 RESULTS = "bench/results/qlora_quality_cpu-2core_2026-12-05.jsonl"  # the run the doc shows
 BEGIN, END = "<!-- qlora-quality:begin -->", "<!-- qlora-quality:end -->"
@@ -61,10 +64,7 @@ def table(rel: str, root: Path = ROOT) -> str:
 
 
 def render(text: str, body: str) -> str:
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"{DOC} must hold one {BEGIN} ... {END} pair")
-    head, rest = text.split(BEGIN)
-    return f"{head}{BEGIN}\n{body}\n{END}{rest.split(END)[1]}"
+    return doc_markers.render(text, BEGIN, END, body, str(DOC))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,15 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     body = table(Path(args.results).resolve().relative_to(ROOT).as_posix())
-    if not (args.write or args.check):
-        print(body)
-        return 0
-    text = DOC.read_text()
-    new = render(text, body)
-    if args.check:
-        return 0 if new == text else 1
-    DOC.write_text(new)
-    return 0
+    return doc_markers.emit(DOC, BEGIN, END, body, args.write, args.check)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
 """docs/distributed.md's 70b memory-model table equals what scripts/fsdp_offload_table.py renders from the committed
 result file, and that file equals the memory model as it computes now (lorakit.lab.estimate on the 70b shape)."""
-import importlib.util
 import json
 from pathlib import Path
+
+from script_files import load
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("fsdp_offload_table", ROOT / "scripts" / "fsdp_offload_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("scripts/fsdp_offload_table.py")
 
 
 def test_result_file_is_the_current_memory_model_and_the_doc_shows_it(tmp_path):

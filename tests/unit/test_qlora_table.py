@@ -1,17 +1,15 @@
 """docs/variants.md's QLoRA quality table equals what scripts/qlora_table.py generates from the committed result
 file, and a changed number in that file changes the table."""
-import importlib.util
 import json
 from pathlib import Path
+
+from script_files import load
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("qlora_table", ROOT / "scripts" / "qlora_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("scripts/qlora_table.py")
 
 
 def test_doc_table_matches_the_result_file(tmp_path):

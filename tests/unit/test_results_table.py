@@ -1,19 +1,17 @@
 """The README's Results table (and docs/experiments.md's estimate examples) equal what
 scripts/results_table.py generates from the committed result files: a drifted number fails here."""
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
+from script_files import load
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("scripts/results_table.py")
 
 
 def test_readme_results_table_matches_the_files():

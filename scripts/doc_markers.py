@@ -1,0 +1,26 @@
+"""What the doc-table scripts share: a generated block between a doc's begin/end markers, written (`--write`),
+checked (`--check`: exit 1 if the doc differs) or printed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def render(text: str, begin: str, end: str, body: str, where: str = "the doc") -> str:
+    """`text` with `body` as the only thing between its one `begin` ... `end` pair."""
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{where} must hold one {begin} ... {end} pair")
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end)[1]}"
+
+
+def emit(doc: Path, begin: str, end: str, body: str, write: bool, check: bool) -> int:
+    """Print `body`, or write it between the markers of `doc`, or check that `doc` already holds it."""
+    if not (write or check):
+        print(body)
+        return 0
+    text = doc.read_text()
+    new = render(text, begin, end, body, str(doc))
+    if check:
+        return 0 if new == text else 1
+    doc.write_text(new)
+    return 0
