@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -185,6 +186,8 @@ def main(argv=None) -> int:
                 prompt=args.prompt, new=args.new, r=16, torch=torch.__version__,
                 device=torch.cuda.get_device_name() if cuda else "cpu", date=datetime.date.today().isoformat(),
                 copy_gbs=None if rate is None else round(rate / 1e9, 1), weight_bytes=wbytes)
+    if os.environ.get("LORAKIT_DECODE_COMPILE") == "1":  # the decoder's experimental torch.compile knob
+        meta["decode_compile"] = True
     profiled = [int(c) for c in args.profile.split(",") if c]
     need = [n for kind, n in cases if kind != "zipf"] + profiled + [1]
     adapters = [make_adapter(model, i) for i in range(max(need))]

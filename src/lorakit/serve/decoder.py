@@ -28,6 +28,8 @@ arch.attn_softcap); so greedy tokens in fp32 match offline generation.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -87,6 +89,11 @@ class Decoder:
         self._layout = None
         self._pool = None
         self.captures = 0
+        # experimental, off by default: LORAKIT_DECODE_COMPILE=1 has torch.compile fuse a decode step's small kernels
+        # (norms, rotary, residuals) before its graphs are captured; measured in bench/gpu_serve.py, not yet trusted
+        self._body = self._decode_body
+        if self.graphs and os.environ.get("LORAKIT_DECODE_COMPILE") == "1":
+            self._body = torch.compile(self._decode_body, dynamic=True)
 
     # ---------------------------------------------------------------- the layers
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, attend, lengths: list[int] | None = None,
@@ -179,7 +186,7 @@ class Decoder:
             if not eager:
                 self.bank.bind(None if routing is None else routing[0].to(self.device),
                                None if routing is None else routing[1].to(self.device))
-            return self._decode_body(n)
+            return self._body(n)
         if routing is not None:
             idx, coef = self._buffers(k)
             idx[:n].copy_(routing[0], non_blocking=True)
@@ -216,13 +223,13 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_body(bucket)
+                self._body(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode_body(bucket)
+            out = self._body(bucket)
         self._tok.copy_(tok)
         self._rows.copy_(rows)
         self._pos.copy_(pos)
