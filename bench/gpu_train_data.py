@@ -73,11 +73,13 @@ def summarize(case: str, tool: str, variant: dict, times: list, losses: list, to
 
 
 class StepProfile:
-    """variant prof=1: the device time of one step (the last warm step, outside the timed ones) by kernel family."""
+    """variant prof=1: the device time of one warm step (the second-last: outside the timed ones) by kernel family.
+    Stopping the profiler lands in the last warm step's time and the export waits for the end of the run (finish),
+    so neither delays a timed step."""
 
     def __init__(self, case: str, variant: dict, out: str):
         self.on = variant.get("prof") == "1"
-        self.at, self.prof, self.res = CASES[case][4] - 1, None, None  # the last warm step: not timed
+        self.at, self.prof, self.res = max(CASES[case][4] - 2, 1), None, None
         self.path = os.path.join(out, f"profile_{case}_{variant['tool']}.txt")
 
     def step(self, done: int) -> None:
@@ -92,7 +94,12 @@ class StepProfile:
         elif done == self.at + 1 and self.prof is not None:
             gt.sync()
             self.prof.stop()
+
+    def finish(self):
+        """After the run: the profiled step's kernel families (None without prof=1)."""
+        if self.prof is not None and self.res is None:
             self.res = gt.profile_families(self.prof, self.path)
+        return self.res
 
 
 def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
@@ -134,7 +141,7 @@ def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
         prof.step(step + 1)
     res = summarize(case, variant["tool"], variant, times, losses, tokens, peaks, reserved,
                     {"padded_tokens": sum(int(mb.get(s)["input_ids"].numel()) for s in range(total)),
-                     "profile": prof.res})
+                     "profile": prof.finish()})
     del model, opt
     return res
 
@@ -162,7 +169,7 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
     toks = [b - a for a, b in zip([0] + [r["tokens"] for r in rows], [r["tokens"] for r in rows])]
     peaks = [r.get("cuda_peak_alloc_gib", 0.0) for r in rows]
     reserved = [r.get("cuda_peak_reserved_gib", 0.0) for r in rows]
-    extra = {"backend": rows[0]["backend"], "setup_s": round(wall - secs[-1], 1), "profile": prof.res,
+    extra = {"backend": rows[0]["backend"], "setup_s": round(wall - secs[-1], 1), "profile": prof.finish(),
              "train_config": json.load(open(os.path.join(work, "train_config.json"))).get("backend_reason")}
     del model, res
     return summarize(case, "lorakit", variant, times, [r["loss"] for r in rows], toks, peaks, reserved, extra)
