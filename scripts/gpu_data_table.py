@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_markers  # noqa: E402
 
 LABEL = {"lorakit": "lorakit loop (`lorakit train`)", "peft-liger": "PEFT bf16 adapters + Liger, padded",
          "peft": "PEFT defaults, padded"}
@@ -63,13 +65,6 @@ def read(files: list[str]) -> list[dict]:
     return rows
 
 
-def render(text: str, name: str, md: str) -> str:
-    pat = re.compile(rf"(<!-- gpu-data:{name}:begin -->\n).*?(<!-- gpu-data:{name}:end -->)", re.S)
-    if not pat.search(text):
-        raise SystemExit(f"no <!-- gpu-data:{name}:begin/end --> markers")
-    return pat.sub(lambda m: m.group(1) + md + "\n" + m.group(2), text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
@@ -80,9 +75,8 @@ def main() -> int:
     if not a.write:
         print(md)
         return 0
-    path = Path(a.write)
-    path.write_text(render(path.read_text(), a.name, md))
-    return 0
+    return doc_markers.emit(Path(a.write), f"<!-- gpu-data:{a.name}:begin -->", f"<!-- gpu-data:{a.name}:end -->",
+                            md, write=True, check=False)
 
 
 if __name__ == "__main__":

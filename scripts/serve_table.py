@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Markdown table of the GPU serving runs (bench/gpu_serve.py), from committed bench/results/gpu_serve_*.jsonl files
+(never typed by hand). `--write` replaces the text between <!-- gpu-serve:NAME:begin --> and
+<!-- gpu-serve:NAME:end --> of docs/serving.md; `--check` exits 1 where the doc differs.
+
+    python scripts/serve_table.py bench/results/gpu_serve_h200_2026-12-05.jsonl [--write|--check] [--name r1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_markers  # noqa: E402
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "serving.md"
+
+RATIOS = (("vs_base", "base-only engine"), ("vs_ref", "8 adapters, same requests"),
+          ("vs_engine", "engine API, same adapters"))  # each case against its reference row
+
+
+def ms(r: dict, key: str) -> str:
+    a, b = r.get(f"{key}_p50_ms"), r.get(f"{key}_p99_ms")
+    return "-" if a is None else f"{a:.1f} / {b:.1f}"
+
+
+def case_label(r: dict) -> str:
+    name = r["case"] + (" (compiled step)" if r.get("decode_compile") else "")
+    return f"{name}, {r['api']}" + (f" ({r['client']} client)" if r.get("client") else "")
+
+
+def ratio(r: dict) -> str:
+    for key, what in RATIOS:
+        if r.get(key) is not None:
+            return f"{r[key]:.2f}x {what}"
+    return "-"
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| case | adapters | decode tok/s | end-to-end tok/s | share of bandwidth limit | ratio | TTFT p50 / p99 ms "
+           "| ITL p50 / p99 ms | adapter loads (p99 ms) | file |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('case')} | | error: {r['error'][:80]} | | | | | | | {r['_file']} |")
+            continue
+        share = "-" if r.get("share_of_limit") is None else f"{r['share_of_limit']:.1%}"
+        loads = "-" if not r.get("loads") else f"{r['loads']} ({r['load_ms_p99']:.1f})"
+        out.append(f"| {case_label(r)} | {r.get('adapters', 0)} | {r['decode_tok_s']:,.0f} | {r['e2e_tok_s']:,.0f} | "
+                   f"{share} | {ratio(r)} | {ms(r, 'ttft')} | {ms(r, 'itl')} | {loads} | {r['_file']} |")
+    first = rows[0] if rows else {}
+    out.append("")
+    out.append(f"{first.get('device', '?')}, torch {first.get('torch', '?')}, shape {first.get('shape', '?')} "
+               f"{first.get('dtype', '?')}, {first.get('rows', '?')} concurrent rows, {first.get('prompt', '?')}-token "
+               f"prompts, {first.get('new', '?')} new tokens, rank {first.get('r', '?')}; measured copy rate "
+               f"{first.get('copy_gbs', '?')} GB/s.")
+    return "\n".join(out)
+
+
+GOALS = (  # (what, case, field, goal): issue 25's goals, each read from the named case's row
+    ("base-only decode, share of the bandwidth limit", "engine-0", "share_of_limit", 0.5),
+    ("32 mixed adapters, decode x base-only", "engine-32", "vs_base", 0.9),
+    ("two-adapter stacks of 32, decode x base-only", "stack2-32", "vs_base", 0.8),
+    ("1,000 adapters under Zipf traffic x 8 adapters", "zipf-1000", "vs_ref", 0.8),
+)
+
+
+def goals(rows: list[dict]) -> str:
+    """One line per goal: the best row of its case (the table may hold repeats) against the goal."""
+    out = ["| goal | measured | target | met |", "|---|---|---|---|"]
+    for what, case, field, target in GOALS:
+        got = [r[field] for r in rows if r.get("case") == case and r.get(field) is not None
+               and not r.get("decode_compile")]
+        if not got:
+            out.append(f"| {what} | not run | {target:.2f} | - |")
+            continue
+        best = max(got)
+        out.append(f"| {what} | {best:.2f} | {target:.2f} | {'yes' if best >= target else 'no'} |")
+    return "\n".join(out)
+
+
+def read(files: list[str]) -> list[dict]:
+    rows = []
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line)
+            if r.get("bench") == "gpu_serve":
+                r["_file"] = Path(f).name
+                rows.append(r)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--name", default="r1")
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    return doc_markers.emit(DOC, f"<!-- gpu-serve:{a.name}:begin -->", f"<!-- gpu-serve:{a.name}:end -->",
+                            (lambda rows: table(rows) + "\n\n" + goals(rows))(read(a.files)), a.write, a.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The GPU result tables in docs/serving.md (scripts/serve_table.py) and docs/gpu.md round 5
+(scripts/gpu_data_table.py) equal what their scripts generate from the committed result files, and a changed
+number in a result file changes the table."""
+import json
+from pathlib import Path
+
+from script_files import load
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE = ROOT / "bench/results/gpu_serve_h200_2026-12-05.jsonl"
+DATA = ROOT / "bench/results/gpu_train_data_h200_2026-12-05.jsonl"
+
+
+def _between(text: str, begin: str, end: str) -> str:
+    return text.split(begin)[1].split(end)[0].strip("\n")
+
+
+def test_serving_table_matches_and_follows_the_file(tmp_path):
+    st = load("scripts/serve_table.py")
+    doc = st.DOC.read_text()
+    body = lambda rows: st.table(rows) + "\n\n" + st.goals(rows)  # noqa: E731  (what main writes)
+    rows = st.read([str(SERVE)])
+    assert _between(doc, "<!-- gpu-serve:r1:begin -->", "<!-- gpu-serve:r1:end -->") == body(rows), \
+        "docs/serving.md drifted: python scripts/serve_table.py bench/results/gpu_serve_h200_2026-12-05.jsonl --write"
+    changed = [json.loads(x) for x in SERVE.read_text().splitlines()]
+    engine32 = next(r for r in changed if r["case"] == "engine-32")
+    engine32["vs_base"] = 0.95  # the goal line flips to met, the table row changes
+    f = tmp_path / SERVE.name
+    f.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    new = body(st.read([str(f)]))
+    assert new != body(rows)
+    assert "| 32 mixed adapters, decode x base-only | 0.95 | 0.90 | yes |" in new
+
+
+def test_real_data_table_matches_and_follows_the_file(tmp_path):
+    gt = load("scripts/gpu_data_table.py")
+    doc = (ROOT / "docs/gpu.md").read_text()
+    rows = gt.read([str(DATA)])
+    assert _between(doc, "<!-- gpu-data:r5:begin -->", "<!-- gpu-data:r5:end -->") == gt.table(rows), \
+        "docs/gpu.md drifted: python scripts/gpu_data_table.py ... --write docs/gpu.md --name r5"
+    changed = [json.loads(x) for x in DATA.read_text().splitlines()]
+    changed[1]["tokens_per_s"] *= 2
+    f = tmp_path / DATA.name
+    f.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    assert gt.table(gt.read([str(f)])) != gt.table(rows)
