@@ -112,6 +112,7 @@ def test_graph_decode_windows_and_softcap_greedy_equals_generate(kind, tmp_path)
         eng.stop()
     assert [s.tokens for s in sinks] == want
     assert info["graphs"] >= 1 and info["max_rows"] == len(prompts)
+    assert info["graph_failures"] == 0  # no step fell back to eager decode (which hides a failed capture)
 
 
 def test_graph_decode_greedy_equals_offline_fp32(tmp_path):
@@ -140,4 +141,4 @@ def test_graph_decode_greedy_equals_offline_fp32(tmp_path):
     finally:
         eng.stop()
     assert [s.tokens for s in sinks] == want
-    assert info["graphs"] >= 1  # decode ran from captured graphs
+    assert info["graphs"] >= 1 and info["graph_failures"] == 0  # decode ran from captured graphs, none failed

@@ -104,3 +104,35 @@ def test_sampling_depends_on_the_rows_own_seed(adapters):
     alone, crowded = sample([11, 12], 0), sample([11, 12], 2)
     assert alone == crowded  # other rows in the batch change nothing
     assert alone[0] != alone[1]  # seeds do
+
+
+def test_a_failed_graph_capture_runs_that_shape_eagerly_and_is_not_retried(adapters):
+    """A capture that raises (injected at the named point `decoder.capture`, where the GPU engine captures a decode
+    step) costs that batch shape its graph, not its tokens: greedy output still equals offline generate, each shape
+    is tried once (not at every step), and info() counts the failures."""
+    from lorakit import faults
+
+    root, ref = adapters
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [9, 10, 11], [40, 41, 42, 43, 44, 45]]
+    names = ["a", None, "b"]
+    n = 10
+    want = [offline(ref, name, p, n) for name, p in zip(names, prompts)]
+    tried = []
+
+    def fail(bucket):
+        tried.append(bucket)
+        raise RuntimeError("injected: capture failed")
+
+    eng = StaticEngine(tiny_llama(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=7, graphs=True)
+    assert eng.decoder.graphs  # the CPU engine asked for graphs: every decode step goes through a capture first
+    with faults.hook("decoder.capture", fail):
+        eng.start()
+        try:
+            sinks = run_all(eng, [GenRequest(p, [use(root, name)] if name else [], max_tokens=n)
+                                  for name, p in zip(names, prompts)])
+            info = eng.info()
+        finally:
+            eng.stop()
+    assert [s.tokens for s in sinks] == want
+    assert info["graphs"] == 0 and info["graph_failures"] == len(tried) == len(eng.decoder.uncapturable) >= 1
+    assert info["decode_steps"] >= n - 1 > len(tried)  # one try per (bucket, stack) shape, not one per step

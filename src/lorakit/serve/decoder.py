@@ -28,14 +28,17 @@ arch.attn_softcap); so greedy tokens in fp32 match offline generation.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.nn as nn
 
-from lorakit import arch
+from lorakit import arch, faults
 from lorakit.kernels.attention import causal_mask, decode_attention, dense_attention
 from lorakit.serve.slots import SlotBank
+
+log = logging.getLogger("lorakit.serve")
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -89,6 +92,8 @@ class Decoder:
         self._layout = None
         self._pool = None
         self.captures = 0
+        self.capture_failures = 0  # captures that raised: their (bucket, k) runs eagerly from then on
+        self.uncapturable: set[tuple[int, int]] = set()
         # experimental, off by default: LORAKIT_DECODE_COMPILE=1 has torch.compile fuse a decode step's small kernels
         # (norms, rotary, residuals) before its graphs are captured; measured in bench/gpu_serve.py, not yet trusted
         self._body = self._decode_body
@@ -182,7 +187,16 @@ class Decoder:
         self._pos[:n].copy_(torch.tensor(positions), non_blocking=True)
         self._rows[n:bucket].fill_(self.cache.scratch)
         self._pos[n:bucket].zero_()
-        if eager or not self.graphs:
+        graph = None
+        if self.graphs and not eager and (bucket, k) not in self.uncapturable:
+            try:
+                graph, out = self._graph(bucket, k)
+            except Exception:  # noqa: BLE001 - a step that cannot be captured runs eagerly, never the capture again
+                log.exception("CUDA graph capture failed (bucket %d, %d adapters a row); that batch shape runs "
+                              "without a graph from now on", bucket, k)
+                self.uncapturable.add((bucket, k))
+                self.capture_failures += 1
+        if graph is None:
             if not eager:
                 self.bank.bind(None if routing is None else routing[0].to(self.device),
                                None if routing is None else routing[1].to(self.device))
@@ -192,7 +206,6 @@ class Decoder:
             idx[:n].copy_(routing[0], non_blocking=True)
             coef[:n].copy_(routing[1], non_blocking=True)
             coef[n:bucket].zero_()
-        graph, out = self._graph(bucket, k)
         graph.replay()
         return out[:n]
 
@@ -215,23 +228,29 @@ class Decoder:
         return self._routing[k]
 
     def _capture(self, bucket: int, k: int):
+        """Capture the decode step of `bucket` rows with stacks of k into a graph. Captured in thread-local mode:
+        what other threads do meanwhile (the loader, the HTTP handlers) cannot invalidate it. The step buffers
+        are restored whether or not the capture succeeds."""
         idx, coef = self._buffers(k) if k else (None, None)
         self.bank.bind(idx[:bucket] if k else None, coef[:bucket] if k else None)
         tok, rows, pos = self._tok.clone(), self._rows.clone(), self._pos.clone()
         self._rows[:bucket].fill_(self.cache.scratch)  # warm-up and capture write the scratch row only
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._body(bucket)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._body(bucket)
-        self._tok.copy_(tok)
-        self._rows.copy_(rows)
-        self._pos.copy_(pos)
+        try:
+            faults.point("decoder.capture", bucket)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._body(bucket)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._body(bucket)
+        finally:
+            self._tok.copy_(tok)
+            self._rows.copy_(rows)
+            self._pos.copy_(pos)
         self.captures += 1
         return graph, out
