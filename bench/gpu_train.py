@@ -305,7 +305,7 @@ def run_cli(case: str, variant: dict, args, env: dict) -> dict:
     with open(os.path.join(work, "data.jsonl"), "w") as f:  # one batch of rows: every step trains on the bench's batch
         for row in ids.tolist():
             f.write(json.dumps({"input_ids": row}) + "\n")
-    rec = variant.get("rec", "0")
+    rec = variant.get("rec", "all" if mode == "qlora" else "0")  # QLoRA: every layer recomputed, as the peer
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", model_dir, "--data",
            os.path.join(work, "data.jsonl"), "-o", os.path.join(work, "out"), "--r", str(R), "--alpha", str(ALPHA),
            "--dropout", "0", "--targets", "all-linear", "--lr", "1e-4", "--batch-size", str(batch),

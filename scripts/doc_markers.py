@@ -2,7 +2,9 @@
 checked (`--check`: exit 1 if the doc differs) or printed."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable
 
 
 def render(text: str, begin: str, end: str, body: str, where: str = "the doc") -> str:
@@ -24,3 +26,15 @@ def emit(doc: Path, begin: str, end: str, body: str, write: bool, check: bool) -
         return 0 if new == text else 1
     doc.write_text(new)
     return 0
+
+
+def read_rows(files: list[str], keep: Callable[[dict], bool] = lambda r: "tool" in r) -> list[dict]:
+    """The JSON lines of result `files` that `keep` accepts, each with `_file` (its file's name) for the table."""
+    rows = []
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line)
+            if keep(r):
+                r["_file"] = Path(f).name
+                rows.append(r)
+    return rows

@@ -8,7 +8,6 @@ bench/results/gpu_train_data_*.jsonl files (never typed by hand). `--write FILE`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -55,14 +54,7 @@ def table(rows: list[dict]) -> str:
 
 
 def read(files: list[str]) -> list[dict]:
-    rows = []
-    for f in files:
-        for line in Path(f).read_text().splitlines():
-            r = json.loads(line)
-            if "tool" in r:
-                r["_file"] = Path(f).name
-                rows.append(r)
-    return rows
+    return doc_markers.read_rows(files)
 
 
 def main() -> int:

@@ -7,10 +7,11 @@ hand). `--write FILE` replaces the text between <!-- gpu-table:NAME:begin --> an
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_markers  # noqa: E402
 
 LABEL = {"lorakit": "lorakit fast module", "cli": "`lorakit train` (CLI)", "peft": "PEFT"}
 
@@ -18,6 +19,8 @@ LABEL = {"lorakit": "lorakit fast module", "cli": "`lorakit train` (CLI)", "peft
 def label(r: dict) -> str:
     v = r.get("variant") or {}
     name = LABEL.get(r["tool"], r["tool"])
+    if r["tool"] == "lorakit" and r.get("mode") == "qlora":  # bench/gpu_train.py setup_lorakit_qlora
+        name = "lorakit loop, plain backend, in process"
     if r["tool"] == "peft":
         name += " bf16 adapters" if v.get("bf16") == "1" else " defaults (fp32 adapters)"
         name += " + Liger" if v.get("liger") == "1" else ""
@@ -45,25 +48,17 @@ def main() -> int:
     ap.add_argument("--write")
     ap.add_argument("--name", default="main")
     a = ap.parse_args()
-    rows = []
-    for f in a.files:
-        for line in Path(f).read_text().splitlines():
-            r = json.loads(line)
-            if "tool" in r:
-                r["_file"] = Path(f).name
-                rows.append(r)
+    rows = read(a.files)
     md = table(rows)
     if not a.write:
         print(md)
         return 0
-    path = Path(a.write)
-    text = path.read_text()
-    begin, end = f"<!-- gpu-table:{a.name}:begin -->", f"<!-- gpu-table:{a.name}:end -->"
-    if begin not in text:
-        raise SystemExit(f"{path}: no {begin} marker")
-    new = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: f"{begin}\n{md}\n{end}", text, flags=re.S)
-    path.write_text(new)
-    return 0
+    return doc_markers.emit(Path(a.write), f"<!-- gpu-table:{a.name}:begin -->", f"<!-- gpu-table:{a.name}:end -->",
+                            md, write=True, check=False)
+
+
+def read(files: list[str]) -> list[dict]:
+    return doc_markers.read_rows(files)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -81,14 +80,7 @@ def goals(rows: list[dict]) -> str:
 
 
 def read(files: list[str]) -> list[dict]:
-    rows = []
-    for f in files:
-        for line in Path(f).read_text().splitlines():
-            r = json.loads(line)
-            if r.get("bench") == "gpu_serve":
-                r["_file"] = Path(f).name
-                rows.append(r)
-    return rows
+    return doc_markers.read_rows(files, lambda r: r.get("bench") == "gpu_serve")
 
 
 def main() -> int:

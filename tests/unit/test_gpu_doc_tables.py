@@ -43,3 +43,17 @@ def test_real_data_table_matches_and_follows_the_file(tmp_path):
     f = tmp_path / DATA.name
     f.write_text("".join(json.dumps(r) + "\n" for r in changed))
     assert gt.table(gt.read([str(f)])) != gt.table(rows)
+
+
+def test_qlora_round_table_matches_and_follows_the_file(tmp_path):
+    tt = load("scripts/gpu_tables.py")
+    f = ROOT / "bench/results/gpu_qlora_h100_2026-12-05.jsonl"
+    doc = (ROOT / "docs/gpu.md").read_text()
+    rows = tt.read([str(f)])
+    assert _between(doc, "<!-- gpu-table:r5q:begin -->", "<!-- gpu-table:r5q:end -->") == tt.table(rows), \
+        "docs/gpu.md drifted: python scripts/gpu_tables.py ... --write docs/gpu.md --name r5q"
+    changed = [json.loads(x) for x in f.read_text().splitlines()]
+    changed[1]["peak_gib"] += 1.0
+    g = tmp_path / f.name
+    g.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    assert tt.table(tt.read([str(g)])) != tt.table(rows)
