@@ -57,9 +57,10 @@ def _split(q_ptr, k_ptr, v_ptr, rows_ptr, len_ptr, o_ptr, ml_ptr, scale, W, cap,
             pos = s0 + tl.arange(0, BN)
             pm = pos < end
             k = tl.load(kb + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (GP, BN)
+            # scores in fp32 whoever launches (torch.compile passes the Python floats scale and cap as fp64)
+            s = (tl.dot(q, tl.trans(k), input_precision=PREC) * scale).to(tl.float32)  # (GP, BN)
             if SOFTCAP:
-                s = cap * _tanh(s / cap)
+                s = (cap * _tanh(s / cap)).to(tl.float32)
             s = tl.where(pm[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])

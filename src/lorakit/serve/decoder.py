@@ -200,7 +200,7 @@ class Decoder:
             if not eager:
                 self.bank.bind(None if routing is None else routing[0].to(self.device),
                                None if routing is None else routing[1].to(self.device))
-            return self._body(n)
+            return self._decode_body(n)  # never the compiled step (compiled for captures only)
         if routing is not None:
             idx, coef = self._buffers(k)
             idx[:n].copy_(routing[0], non_blocking=True)
