@@ -31,6 +31,7 @@ import gpu_train as gt  # noqa: E402  (build, setup_peft, SHAPES)
 CASES = {  # name: (rows source, batch, epochs or None, max steps or 0, warm steps excluded, max_len)
     "classify": ("data/classify/train.jsonl", 32, 3.0, 0, 20, 512),
     "long": ("long", 8, 1.0, 0, 5, 4096),
+    "classify40": ("data/classify/train.jsonl", 32, 3.0, 40, 10, 512),  # the chat rows, 40 steps (an 8b base)
     "classify-tiny": ("data/classify/train.jsonl", 8, 1.0, 12, 3, 512),  # CPU dry run
     "long-tiny": ("long", 2, 1.0, 6, 2, 4096),
 }
@@ -110,8 +111,9 @@ def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
     _, batch, *_ = CASES[case]
     torch.manual_seed(0)
     model = gt.build(shape)
-    model, opt, _, _ = gt.setup_peft(model, "lora", False, {"bf16": "1", "liger": "1"} if variant["tool"] ==
-                                     "peft-liger" else {})
+    q4 = variant.get("q4") == "1"  # the 4-bit base (bitsandbytes NF4) with gradient checkpointing: PEFT's QLoRA
+    model, opt, _, _ = gt.setup_peft(model, "qlora" if q4 else "lora", q4, {"bf16": "1", "liger": "1"} if
+                                     variant["tool"] == "peft-liger" else {})
     cfg = TrainConfig(batch_size=batch, group_by_length=False)
     mb = MicroBatches(exs, batch, cfg.seed, tok.pad_token_id, False)
     total = steps_of(case, len(exs))
@@ -154,9 +156,14 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
     _, batch, epochs, max_steps, *_ = CASES[case]
     torch.manual_seed(0)
     model = gt.build(shape)
+    q4 = variant.get("q4") == "1"  # the base in NF4 as `lorakit train --quantize nf4` holds it, every layer recomputed
+    if q4:
+        from lorakit.core.nf4 import quantize_model
+
+        quantize_model(model, "all-linear")
     cfg = TrainConfig(lr=1e-4, batch_size=batch, epochs=epochs, max_steps=max_steps, warmup_ratio=0.0,
                       max_grad_norm=0.0, group_by_length=False, pack=variant.get("pack", "1") == "1",
-                      backend=variant.get("backend", "auto"))
+                      backend=variant.get("backend", "auto"), recompute="all" if q4 else 0)
     work = tempfile.mkdtemp(prefix="lorakit-bench-", dir=out)
     prof = StepProfile(case, variant, out)
     t0 = time.perf_counter()
