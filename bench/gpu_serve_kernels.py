@@ -65,7 +65,18 @@ def make_batch(d: dict, mode: str, n: int, k: int, dtype, dev):
 
 
 def layer_fn(layer, xs, idx, coef, impl):
-    """The seven projections of one layer; impl None = base only."""
+    """The seven projections of one layer; impl None = base only; impl "folded": each projection as one matmul
+    with the slots' A folded under W plus one expand launch (triton_lora.folded_decode, decode only)."""
+    if impl == "folded":
+        from lorakit.kernels import triton_lora
+
+        ext = {name: triton_lora.fold_weight(W, A) for name, (W, A, B) in layer.items()}
+
+        def run_folded():
+            return [triton_lora.folded_decode(xs[W.shape[1]][:, 0], ext[name], W.shape[0], B, idx, coef)
+                    for name, (W, A, B) in layer.items()]
+        return run_folded
+
     def run():
         outs = []
         for W, A, B in layer.values():
@@ -119,6 +130,19 @@ def time_graph(fn, iters: int, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def gather_with(triton_lora, cfg: dict):
+    """triton_lora.lora_delta with the decode kernels' GATHER config replaced by `cfg` for the call (a graph
+    captured from it keeps the launches that config made)."""
+    def impl(*a, **kw):
+        saved = triton_lora.GATHER
+        triton_lora.GATHER = cfg
+        try:
+            return triton_lora.lora_delta(*a, **kw)
+        finally:
+            triton_lora.GATHER = saved
+    return impl
+
+
 def lora_bytes(layer, idx, coef) -> int:
     used = torch.unique(idx[(idx > 0) & (coef != 0)]).numel()
     return sum(used * (A[0].numel() + B[0].numel()) * A.element_size() for _, A, B in layer.values())
@@ -140,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference only")
     ap.add_argument("--iters", type=int, default=0, help="timed calls per case (default 20, dry run 5)")
     ap.add_argument("--cases", default="", help="comma-separated mode:adapters[:k], e.g. decode:32,prefill:8")
+    ap.add_argument("--folded", action="store_true", help="also the folded decode experiment (decode cases)")
+    ap.add_argument("--gather", default="", help="extra decode kernel configs to time, ';'-separated, each "
+                    "comma-separated GATHER keys, e.g. 'BK=128,BM=8,BO=128,target=2048;BK=64,target=4096'")
     args = ap.parse_args(argv)
     from lorakit.kernels import reference
 
@@ -159,6 +186,9 @@ def main(argv=None) -> int:
         from lorakit.kernels import triton_lora
         impls["triton"] = triton_lora.lora_delta
         meta["triton"] = triton.__version__
+        for spec in filter(None, args.gather.split(";")):
+            cfg = dict(triton_lora.GATHER, **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+            impls[f"triton[{spec}]"] = gather_with(triton_lora, cfg)
     cases = CASES
     if args.cases:
         cases = [(c.split(":")[0], int(c.split(":")[1]), int((c.split(":") + ["1"])[2])) for c in args.cases.split(",")]
@@ -169,7 +199,8 @@ def main(argv=None) -> int:
     try:
         for mode, n, k in cases:
             xs, idx, coef, (b, s) = make_batch(d, mode, n, k, dtype, dev)
-            for name, impl in ([("base", None)] if n == 0 else list(impls.items())):
+            extra = [("folded", "folded")] if args.folded and cuda and mode == "decode" and n else []
+            for name, impl in ([("base", None)] if n == 0 else list(impls.items()) + extra):
                 fn = layer_fn(layer, xs, idx, coef, impl)
                 eager = time_eager(fn, iters, cuda)
                 graph = time_graph(fn, iters) if cuda else None
@@ -184,7 +215,7 @@ def main(argv=None) -> int:
                                vs_base_graph=None if graph is None else round(bg / graph, 3))
                     added = (graph if graph is not None else eager) - (bg if graph is not None else be)
                     row["lora_gbs"] = round(lora_bytes(layer, idx, coef) / added / 1e6, 1) if added > 0 else None
-                if name == "triton":
+                if name.startswith("triton"):
                     row["err"] = rel_err(layer, xs, idx, coef, impl, reference.lora_delta)
                 line = json.dumps(row)
                 print(line, flush=True)

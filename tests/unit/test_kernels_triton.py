@@ -64,6 +64,19 @@ CHECK = textwrap.dedent("""
         # several tiles of every kind: `in` split over shrink programs, out blocks, token blocks (s = 70)
         out[f"tiles_s{s}"] = case(3, 14 * s, 600, 200, 6, 16, [[1, 5], [3, -1], [2, 4]],
                                   [[0.5, 0.5], [1.0, 0.0], [-1.0, 0.2]], ranks={4: 11}, dora=True)
+    def folded(T, din, dout, S, r, idx, coef, ranks=None):  # the folded decode experiment: matmul + one expand
+        A, B, g = bank(S, r, din, dout, ranks, seed=3)
+        W, x = torch.randn(dout, din, generator=g) * 0.2, torch.randn(T, din, generator=g)
+        idx, coef = torch.tensor(idx), torch.tensor(coef)
+        want = x @ W.T + lora_delta(x[:, None], A, B, idx, coef)[:, 0]
+        got = triton_lora.folded_decode(x, triton_lora.fold_weight(W, A), dout, B, idx, coef)
+        return dict(err=float((got - want).abs().max()), scale=float(want.abs().max()),
+                    delta=float((want - x @ W.T).abs().max()))
+
+    out["folded_mixed"] = folded(6, 32, 24, 5, 8, [[1], [3], [0], [4], [-1], [1]],
+                                 [[1.0], [0.5], [1.0], [-2.0], [1.0], [0.25]], ranks={3: 5})
+    out["folded_stack_tiles"] = folded(9, 40, 150, 6, 16, [[1, 5], [3, -1], [2, 4]] * 3,
+                                       [[0.5, 0.5], [1.0, 0.0], [-1.0, 0.2]] * 3, ranks={4: 11})
     splits = {m: triton_lora._split(600, cfg["BK"], 3, cfg["target"])[1]
               for m, cfg in (("gather", triton_lora.GATHER), ("segment", triton_lora.SEGMENT))}
     out["tiles_s1"]["splits"] = splits
@@ -99,6 +112,16 @@ def test_triton_lora_matches_reference_in_interpreter(interpreted, name):
         assert len(interpreted["no_adapter_s1"]["zero_rows"]) == 4  # rows 0 and 2, both variants
     if name == "tiles":
         assert min(interpreted["tiles_s1"]["splits"].values()) > 1, interpreted["tiles_s1"]  # split-K path ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["folded_mixed", "folded_stack_tiles"])
+def test_folded_decode_matches_base_plus_reference_in_interpreter(interpreted, name):
+    """x [W; A_slots]^T then one expand = x W^T + the reference delta: odd ranks, no-adapter rows, stacks of 2,
+    several row and out tiles (9 rows, 150 outputs). fp32 throughout: sums of <= 40 products, 1e-5 relative."""
+    c = interpreted[name]
+    assert c["delta"] > 0.1 * c["scale"], c  # the adapters change the output: the case tests the expand
+    assert c["err"] <= 1e-5 * max(1.0, c["scale"]), c
 
 
 def test_slot_minus_one_and_zero_coef_add_nothing():

@@ -28,8 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-GATHER = dict(BK=128, BM=4, BO=64, target=512)      # shrink chunk of `in`, rows x out per expand program
-SEGMENT = dict(BK=64, BM=64, BO=128, target=256)    # target: shrink programs wanted (SMs x 2)
+# BK: shrink chunk of `in`; BM x BO: rows x outputs per expand program; target: shrink programs wanted (SMs x 2);
+# blocks: at least this many BK chunks per shrink program
+GATHER = dict(BK=128, BM=4, BO=64, target=512, blocks=4)
+SEGMENT = dict(BK=64, BM=64, BO=128, target=256, blocks=4)
 
 
 @triton.jit
@@ -158,9 +160,10 @@ def _expand_segment(h_ptr, b_ptr, idx_ptr, coef_ptr, d_ptr, base_ptr, out_ptr, T
     tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def _split(n_in: int, bk: int, programs: int, target: int) -> tuple[int, int]:
-    """(chunk of `in` per shrink program, number of chunks): about `target` programs in all."""
-    want = max(1, min(triton.cdiv(n_in, 4 * bk), triton.cdiv(target, max(programs, 1))))
+def _split(n_in: int, bk: int, programs: int, target: int, blocks: int = 4) -> tuple[int, int]:
+    """(chunk of `in` per shrink program, number of chunks): about `target` programs in all, chunks of at least
+    `blocks` x bk."""
+    want = max(1, min(triton.cdiv(n_in, blocks * bk), triton.cdiv(target, max(programs, 1))))
     chunk = triton.cdiv(triton.cdiv(n_in, want), bk) * bk
     return chunk, triton.cdiv(n_in, chunk)
 
@@ -221,7 +224,7 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
     if mode == "gather":
         cfg = GATHER
         RP = triton.next_power_of_2(max(r, 1))
-        chunk, nsplit = _split(n_in, cfg["BK"], T * k, cfg["target"])
+        chunk, nsplit = _split(n_in, cfg["BK"], T * k, cfg["target"], cfg.get("blocks", 4))
         h = torch.empty(nsplit, T, k, RP, dtype=torch.float32, device=x.device)
         _shrink_gather[(T, k, nsplit)](x2, A, idx, coef, h, T, s, n_in, k, r, x2.stride(0), A.stride(0),
                                        A.stride(1), CHUNK=chunk, RP=RP, BK=cfg["BK"])
@@ -235,7 +238,7 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
     BM = min(cfg["BM"], max(16, triton.next_power_of_2(s)))
     blocks = b * triton.cdiv(s, BM)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    chunk, nsplit = _split(n_in, cfg["BK"], blocks * k, cfg["target"])
+    chunk, nsplit = _split(n_in, cfg["BK"], blocks * k, cfg["target"], cfg.get("blocks", 4))
     h = torch.empty(nsplit, T, k, RP, dtype=torch.float32, device=x.device)
     _shrink_segment[(blocks, k, nsplit)](x2, A, idx, coef, h, T, s, n_in, k, r, x2.stride(0), A.stride(0),
                                          A.stride(1), CHUNK=chunk, RP=RP, BM=BM, BK=cfg["BK"], PREC=prec)
@@ -244,3 +247,62 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
                           sd, sbase, out2.stride(0), NSPLIT=nsplit, RP=RP, BM=BM, BO=cfg["BO"], PREC=prec,
                           DORA=has_dora, ACC=acc)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- folded decode
+# An experiment for the serving decode step (measured in bench/gpu_serve_kernels.py, `folded`; not used by the
+# engine yet): the shrink of every resident slot rides in the base matmul, y_ext = x @ [W; A_0; ..; A_{S-1}]^T,
+# so a projection is one cuBLAS matmul and one expand launch instead of a matmul and two launches. The expand
+# reads each row's slot columns of y_ext's tail, h = y_ext[t, out + slot * R : out + slot * R + r].
+
+
+@triton.jit
+def _expand_folded(y_ptr, b_ptr, idx_ptr, coef_ptr, T, OUT, K, R, sy, sb_s, sb_o,
+                   RP: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr):
+    t = tl.program_id(0) * BM + tl.arange(0, BM)  # (BM,) rows (one token each)
+    tm = t < T
+    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    om = o < OUT
+    rr = tl.arange(0, RP)
+    acc = tl.zeros((BM, BO), dtype=tl.float32)
+    for j in range(K):
+        slot = tl.load(idx_ptr + t * K + j, mask=tm, other=-1)
+        c = tl.load(coef_ptr + t * K + j, mask=tm, other=0.0)
+        ok = tm & (slot >= 0) & (c != 0)
+        s64 = tl.where(ok, slot, 0).to(tl.int64)
+        hp = y_ptr + t.to(tl.int64)[:, None] * sy + OUT + s64[:, None] * R + rr[None, :]  # (BM, RP)
+        h = tl.load(hp, mask=ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32) * c[:, None]
+        bp = b_ptr + s64[:, None, None] * sb_s + o[None, :, None] * sb_o + rr[None, None, :]  # (BM, BO, RP)
+        bv = tl.load(bp, mask=ok[:, None, None] & om[None, :, None] & (rr[None, None, :] < R), other=0.0)
+        acc += tl.sum(bv.to(tl.float32) * h[:, None, :], axis=2)
+    yp = y_ptr + t.to(tl.int64)[:, None] * sy + o[None, :]
+    m2 = tm[:, None] & om[None, :]
+    acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
+    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+def fold_weight(W: torch.Tensor, A_slots: torch.Tensor) -> torch.Tensor:
+    """[W; A_0; ..; A_{S-1}] (out + S * r, in): the base weight with every slot's A under it."""
+    S, r, n_in = A_slots.shape
+    return torch.cat([W, A_slots.reshape(S * r, n_in)], 0)
+
+
+def folded_decode(x: torch.Tensor, W_ext: torch.Tensor, n_out: int, B_slots: torch.Tensor, idx: torch.Tensor,
+                  coef: torch.Tensor) -> torch.Tensor:
+    """x (T, in) one token a row -> x W^T + each row's sum_j coef[t, j] B[idx[t, j]] A[idx[t, j]] x, (T, out),
+    from one matmul with W_ext = fold_weight(W, A_slots) and one expand launch. Returns a view of the matmul's
+    output (rows of out + S * r)."""
+    T = x.shape[0]
+    S, _, R = B_slots.shape
+    if W_ext.shape[0] != n_out + S * R or idx.shape[0] != T or coef.shape != idx.shape:
+        raise ValueError(f"W_ext {tuple(W_ext.shape)}, B {tuple(B_slots.shape)}, idx {tuple(idx.shape)}, "
+                         f"coef {tuple(coef.shape)} do not agree with out={n_out}, {T} rows")
+    y = x @ W_ext.T  # (T, out + S * R)
+    B = B_slots if B_slots.stride(2) == 1 else B_slots.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    cfg = GATHER
+    grid = (triton.cdiv(T, cfg["BM"]), triton.cdiv(n_out, cfg["BO"]))
+    _expand_folded[grid](y, B, idx, coef, T, n_out, idx.shape[1], R, y.stride(0), B.stride(0), B.stride(1),
+                         RP=triton.next_power_of_2(max(R, 1)), BM=cfg["BM"], BO=cfg["BO"])
+    return y[:, :n_out]
