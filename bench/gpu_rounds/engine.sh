@@ -9,7 +9,9 @@
 #   http    8 adapters through the real HTTP server and the openai client vs the engine API
 #   peft    PEFT's mixed-batch generate(adapter_names=...) with the same 8 adapters vs the engine
 #   8b      the llama-8b shape: base-only and 32 mixed adapters
-# also: tests (tests/gpu/test_engine_gpu.py), profile (a decode step's kernels at 0 and 32 adapters).
+# also: tests (tests/gpu/test_engine_gpu.py), profile (a decode step's kernels at 0 and 32 adapters), compile (0 and
+# 32 adapters with LORAKIT_DECODE_COMPILE=1: the step through torch.compile before capture), peer (base-only and
+# transformers' compiled static-cache generate alone, which main's budget did not reach on 2026-12-05).
 # EXTRA: more arguments for every bench step (e.g. "--rows 32").
 PY=${PY:-python}
 STEPS=${STEPS:-"main stacks zipf http peft 8b"}
@@ -40,6 +42,8 @@ for s in $STEPS; do
     http)    step http 60 $B --cases 8,http-8 ;;
     peft)    step peft 80 $B --cases 8,peft-8 ;;
     8b)      step 8b 90 $B --shape llama-8b --cases 0,32 ;;
+    compile) step compile 150 env LORAKIT_DECODE_COMPILE=1 $B --cases 0,32 ;;
+    peer)    step peer 150 $B --cases 0 --peer ;;
     *)       echo "unknown step $s" | tee -a $OUT/log ;;
   esac
 done
