@@ -29,7 +29,7 @@ def test_serving_table_matches_and_follows_the_file(tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in changed))
     new = body(st.read([str(f)]))
     assert new != body(rows)
-    assert "| 32 mixed adapters, decode x base-only | 0.95 | 0.90 | yes |" in new
+    assert "| 32 mixed adapters, decode x base-only | 0.95 | 0.90 | yes | 0.84 |" in new
 
 
 def test_real_data_table_matches_and_follows_the_file(tmp_path):
