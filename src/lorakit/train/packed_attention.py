@@ -33,21 +33,28 @@ def rows_attention(module, query, key, value, attention_mask, dropout: float = 0
     p = key.shape[2] - s
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
-    outs, at = [], 0
-    for n in lens:
-        q = query[:, :, at:at + n]                                            # (1, h, n, d)
-        k, v = key[:, :, p + at:p + at + n], value[:, :, p + at:p + at + n]  # (1, kvh, n, d)
+    # torch.split, not slicing: the backward of a split is one concatenation, where every slice's backward would
+    # write its gradient into a zeroed full-size tensor and add it up (a zero-fill and an add per row and layer)
+    lens = [int(n) for n in lens]
+    qs = torch.split(query, lens, dim=2)                                      # each (1, h, n, d)
+    ks = torch.split(key[:, :, p:] if p else key, lens, dim=2)              # each (1, kvh, n, d)
+    vs = torch.split(value[:, :, p:] if p else value, lens, dim=2)
+    kp, vp = (key[:, :, :p], value[:, :, :p]) if p else (None, None)
+    masks: dict[int, torch.Tensor] = {}
+    outs = []
+    for q, k, v in zip(qs, ks, vs):
+        n = q.shape[2]
         if p:
-            k = torch.cat([key[:, :, :p], k], dim=2)                         # (1, kvh, p + n, d)
-            v = torch.cat([value[:, :, :p], v], dim=2)
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # prefix, then causal
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling,
+            k = torch.cat([kp, k], dim=2)                                     # (1, kvh, p + n, d)
+            v = torch.cat([vp, v], dim=2)
+            if n not in masks:                                                # the prefix, then causal
+                masks[n] = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[n], dropout_p=drop, scale=scaling,
                                                enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling,
                                                enable_gqa=gqa)
         outs.append(o)
-        at += n
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
