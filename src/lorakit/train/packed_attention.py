@@ -22,17 +22,24 @@ _registered = False
 
 def rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                    is_causal=None, **kwargs):
-    """query (1, h, s, d), key/value (1, kvh, p + s, d) (p: a shared prefix's cached positions) -> (1, s, h, d)."""
+    """query (1, h, s, d), key/value (1, kvh, p + s, d) (p: a shared prefix's cached positions) -> (1, s, h, d).
+    With `prefix_len` = p (and no cache) the first p positions of the call are the shared prefix itself: query
+    and key/value are both (.., p + s, d), and the output covers the prefix's positions too."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     lens = kwargs.pop("row_lens", None)
     if lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    s = query.shape[2]
-    p = key.shape[2] - s
+    head = int(kwargs.pop("prefix_len", 0) or 0)  # a shared prefix run in the same call, before the rows
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
+    p = key.shape[2] - query.shape[2]
+    outs = []
+    if head:  # the prefix attends causally to itself; every row then sees it as it would see a cached prefix
+        outs.append(F.scaled_dot_product_attention(query[:, :, :head], key[:, :, :head], value[:, :, :head],
+                                                   is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa))
+        query, p = query[:, :, head:], head
     # torch.split, not slicing: the backward of a split is one concatenation, where every slice's backward would
     # write its gradient into a zeroed full-size tensor and add it up (a zero-fill and an add per row and layer)
     lens = [int(n) for n in lens]
@@ -41,7 +48,6 @@ def rows_attention(module, query, key, value, attention_mask, dropout: float = 0
     vs = torch.split(value[:, :, p:] if p else value, lens, dim=2)
     kp, vp = (key[:, :, :p], value[:, :, :p]) if p else (None, None)
     masks: dict[int, torch.Tensor] = {}
-    outs = []
     for q, k, v in zip(qs, ks, vs):
         n = q.shape[2]
         if p:

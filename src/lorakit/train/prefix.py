@@ -106,8 +106,10 @@ def packed_body(body, batch: dict, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     for n in lens:
         keep[at:at + p] = False
         at += n
-    arg = arch.cache_keyword(type(body))
-    head = body(input_ids=ids[:, :p], use_cache=True)
-    hidden = body(input_ids=ids[:, keep], position_ids=pos[:, keep], use_cache=True,
-                  row_lens=tuple(n - p for n in lens), **{arg: getattr(head, arg)}).last_hidden_state
-    return hidden, labels[:, keep]
+    # one call: the prefix once, then every row's own tokens, each row attending to the prefix and to itself
+    # (packed_attention.rows_attention's prefix_len); larger matrix products than a prefix call and a row call
+    keep[:p] = True
+    hidden = body(input_ids=ids[:, keep], position_ids=pos[:, keep], use_cache=False, prefix_len=p,
+                  row_lens=tuple(n - p for n in lens)).last_hidden_state
+    keep[:p] = False
+    return hidden[:, p:], labels[:, keep]
