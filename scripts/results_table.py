@@ -25,8 +25,8 @@ from lorakit.train.evaluate import wilson  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DEMO = "bench/results/demo_output_cpu-2core_2026-11-29_r2.txt"
-SPEED = "bench/results/train_speed_cpu-2core_2026-11-29.jsonl"
-TASK = "bench/results/train_task_cpu-2core_2026-11-29.jsonl"
+SPEED = "bench/results/train_speed_cpu-2core_2026-12-05_r3.jsonl"
+TASK = "bench/results/train_task_cpu-2core_2026-12-05_r2.jsonl"
 DEFAULTS = "bench/results/defaults_cpu-2core_2026-11-29.jsonl"
 GPU_R5 = "bench/results/gpu_train_h200_2026-11-29_r5.jsonl"
 GPU_R1 = "bench/results/gpu_train_h200_2026-11-29_r1.jsonl"
@@ -96,13 +96,15 @@ def cpu_speed(root: Path) -> tuple[str, str, str]:
     by = {c: [r for r in rows if r["case"] == c] for c in ("lorakit", "lorakit-noshare", "peft")}
     tps = {c: _mean(r["tokens_per_s"] for r in rs) for c, rs in by.items() if rs}
     rss = {c: _mean(r["peak_rss_mib"] for r in rs) / 1024 for c, rs in by.items() if rs}
-    rounds = len({r["round"] for r in rows})
+    rounds = sorted({r["round"] for r in rows})
+    ratios = [_mean(r["tokens_per_s"] for r in rows if r["round"] == k and r["case"] == "lorakit")
+              / _mean(r["tokens_per_s"] for r in rows if r["round"] == k and r["case"] == "peft") for k in rounds]
     peft = re.search(r'"peft==([\d.]+)"', (root / "pyproject.toml").read_text()).group(1)
     r0 = rows[0]
     what = (f"CPU training speed vs PEFT {peft} (demo rows, r={r0['r']} {r0['targets']}, batch {r0['batch']}, "
             f"{r0['threads']} cores)")
     result = (f"the training loop {tps['lorakit']:.1f} tokens/s vs PEFT {tps['peft']:.1f} "
-              f"({tps['lorakit'] / tps['peft']:.2f}x, {rounds} interleaved rounds), peak RSS {rss['lorakit']:.2f} vs "
+              f"({tps['lorakit'] / tps['peft']:.2f}x, {len(rounds)} interleaved rounds: {min(ratios):.2f}-{max(ratios):.2f}x a round), peak RSS {rss['lorakit']:.2f} vs "
               f"{rss['peft']:.2f} GiB ({100 * (rss['lorakit'] / rss['peft'] - 1):+.0f}%)")
     if "lorakit-noshare" in tps:
         result += (f"; without the shared-prefix forward {tps['lorakit-noshare']:.1f} tokens/s "
