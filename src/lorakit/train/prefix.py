@@ -7,7 +7,8 @@ the rows' remaining tokens with the whole attention mask. The hidden states of t
 as the plain forward's (the same attention over the same keys, the same rotary positions), and so are the
 gradients: the prefix's keys and values are used by every row, so their gradient is the sum over the rows,
 exactly what the plain forward sums over its copies. Only the work differs: 65 + 8 x 25 token-passes instead
-of 8 x 90 for a batch of 8 classification rows.
+of 8 x 90 for a batch of 8 classification rows. Packed rows (`packed_body`) need no cache: the prefix and the
+rows' own tokens run in one call, each row attending to the prefix and to itself.
 
 Where it applies: the plain backend, a Llama-family body with a plain head (arch.body_and_head), no
 recompute (Hugging Face checkpointing drops the cache), no sliding window, one process (DDP/FSDP keep the
