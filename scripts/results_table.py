@@ -97,14 +97,15 @@ def cpu_speed(root: Path) -> tuple[str, str, str]:
     tps = {c: _mean(r["tokens_per_s"] for r in rs) for c, rs in by.items() if rs}
     rss = {c: _mean(r["peak_rss_mib"] for r in rs) / 1024 for c, rs in by.items() if rs}
     rounds = sorted({r["round"] for r in rows})
-    ratios = [_mean(r["tokens_per_s"] for r in rows if r["round"] == k and r["case"] == "lorakit")
-              / _mean(r["tokens_per_s"] for r in rows if r["round"] == k and r["case"] == "peft") for k in rounds]
+    ratios = [_mean(r["tokens_per_s"] for r in by["lorakit"] if r["round"] == k)
+              / _mean(r["tokens_per_s"] for r in by["peft"] if r["round"] == k) for k in rounds]
     peft = re.search(r'"peft==([\d.]+)"', (root / "pyproject.toml").read_text()).group(1)
     r0 = rows[0]
     what = (f"CPU training speed vs PEFT {peft} (demo rows, r={r0['r']} {r0['targets']}, batch {r0['batch']}, "
             f"{r0['threads']} cores)")
     result = (f"the training loop {tps['lorakit']:.1f} tokens/s vs PEFT {tps['peft']:.1f} "
-              f"({tps['lorakit'] / tps['peft']:.2f}x, {len(rounds)} interleaved rounds: {min(ratios):.2f}-{max(ratios):.2f}x a round), peak RSS {rss['lorakit']:.2f} vs "
+              f"({tps['lorakit'] / tps['peft']:.2f}x, {len(rounds)} interleaved rounds: "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x a round), peak RSS {rss['lorakit']:.2f} vs "
               f"{rss['peft']:.2f} GiB ({100 * (rss['lorakit'] / rss['peft'] - 1):+.0f}%)")
     if "lorakit-noshare" in tps:
         result += (f"; without the shared-prefix forward {tps['lorakit-noshare']:.1f} tokens/s "

@@ -5,9 +5,9 @@ SDPA it then builds a dense (s, s) mask over the whole packed row and attends ac
 8 chat rows of 90 tokens that is 8x the attention work of the rows alone. Here an attention function is
 registered with transformers' AttentionInterface (its documented extension point) under NAME: given the rows'
 lengths (`row_lens`, passed through the model's forward like its other attention keyword arguments) it runs
-causal SDPA on each row's own keys and values (and, after a shared prefix in the cache, on the prefix's keys as
-well); without them it is exactly transformers' SDPA attention, so padded batches (eval, --no-pack) and the
-shared prefix's own forward are unchanged. Its mask function is SDPA's.
+causal SDPA on each row's own keys and values (and, given `prefix_len`, first on a shared prefix at the head of
+the call, whose keys every row then sees as well); without them it is exactly transformers' SDPA attention, so
+padded batches (eval, --no-pack) and the padded shared-prefix forward are unchanged. Its mask function is SDPA's.
 """
 from __future__ import annotations
 
@@ -22,33 +22,29 @@ _registered = False
 
 def rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                    is_causal=None, **kwargs):
-    """query (1, h, s, d), key/value (1, kvh, p + s, d) (p: a shared prefix's cached positions) -> (1, s, h, d).
-    With `prefix_len` = p (and no cache) the first p positions of the call are the shared prefix itself: query
-    and key/value are both (.., p + s, d), and the output covers the prefix's positions too."""
+    """query (1, h, p + s, d), key/value (1, kvh, p + s, d) -> (1, p + s, h, d). p = `prefix_len` (default 0):
+    the first p positions are a prefix the rows share, attending causally to itself; then the rows (`row_lens`,
+    summing to s), each attending to the prefix and causally to itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     lens = kwargs.pop("row_lens", None)
     if lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    head = int(kwargs.pop("prefix_len", 0) or 0)  # a shared prefix run in the same call, before the rows
+    p = int(kwargs.pop("prefix_len", 0) or 0)
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
-    p = key.shape[2] - query.shape[2]
+    kp, vp = key[:, :, :p], value[:, :, :p]  # sliced once: one slice backward, the prefix's gradients summed first
     outs = []
-    if head:  # the prefix attends causally to itself; every row then sees it as it would see a cached prefix
-        outs.append(F.scaled_dot_product_attention(query[:, :, :head], key[:, :, :head], value[:, :, :head],
-                                                   is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa))
-        query, p = query[:, :, head:], head
+    if p:
+        outs.append(F.scaled_dot_product_attention(query[:, :, :p], kp, vp, is_causal=True, dropout_p=drop,
+                                                   scale=scaling, enable_gqa=gqa))
     # torch.split, not slicing: the backward of a split is one concatenation, where every slice's backward would
     # write its gradient into a zeroed full-size tensor and add it up (a zero-fill and an add per row and layer)
     lens = [int(n) for n in lens]
-    qs = torch.split(query, lens, dim=2)                                      # each (1, h, n, d)
-    ks = torch.split(key[:, :, p:] if p else key, lens, dim=2)              # each (1, kvh, n, d)
-    vs = torch.split(value[:, :, p:] if p else value, lens, dim=2)
-    kp, vp = (key[:, :, :p], value[:, :, :p]) if p else (None, None)
+    qs, ks, vs = (torch.split(t[:, :, p:] if p else t, lens, dim=2) for t in (query, key, value))
     masks: dict[int, torch.Tensor] = {}
-    for q, k, v in zip(qs, ks, vs):
+    for q, k, v in zip(qs, ks, vs):                                           # (1, h | kvh, n, d)
         n = q.shape[2]
         if p:
             k = torch.cat([kp, k], dim=2)                                     # (1, kvh, p + n, d)

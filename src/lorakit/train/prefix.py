@@ -102,15 +102,13 @@ def packed_body(body, batch: dict, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not p:
         hidden = body(input_ids=ids, position_ids=pos, use_cache=False, row_lens=tuple(lens)).last_hidden_state
         return hidden, labels
-    keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+    keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)   # each row's own tokens
     at = 0
     for n in lens:
         keep[at:at + p] = False
         at += n
-    # one call: the prefix once, then every row's own tokens, each row attending to the prefix and to itself
-    # (packed_attention.rows_attention's prefix_len); larger matrix products than a prefix call and a row call
-    keep[:p] = True
-    hidden = body(input_ids=ids[:, keep], position_ids=pos[:, keep], use_cache=False, prefix_len=p,
+    run = keep.clone()
+    run[:p] = True  # one call: the prefix once (the first row's copy), then every row's own tokens
+    hidden = body(input_ids=ids[:, run], position_ids=pos[:, run], use_cache=False, prefix_len=p,
                   row_lens=tuple(n - p for n in lens)).last_hidden_state
-    keep[:p] = False
     return hidden[:, p:], labels[:, keep]
