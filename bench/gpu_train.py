@@ -453,6 +453,68 @@ def profile_families(prof, path: str) -> dict:
     return {k: round(v, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
 
 
+class MemTrace:
+    """Variant snap=1: every CUDA allocation of a run recorded with its Python stack
+    (torch.cuda.memory._record_memory_history); `report()` replays the trace and lists what was live at the run's
+    highest allocated moment, grouped by the innermost frame in our code or a library's (lorakit, peft, liger,
+    transformers, bench, torch.optim, inductor's generated code). Costs host time: timings of such a run don't count."""
+    KEEP = ("lorakit", "peft", "liger", "transformers", "bench/", "torch/optim", "torchinductor", "bitsandbytes",
+            "torchao")
+
+    def __init__(self, on: bool, path: str, max_entries: int = 4_000_000):
+        self.on = on and DEV == "cuda"
+        self.path, self.max_entries = path, max_entries
+
+    def start(self) -> None:
+        if self.on:
+            torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
+
+    def site(self, frames: list) -> str:
+        for f in frames:  # innermost first
+            name = f.get("filename", "")
+            if any(k in name for k in self.KEEP):
+                return f"{'/'.join(name.split('/')[-2:])}:{f.get('line')} {f.get('name')}"
+        return "other"
+
+    def report(self, top: int = 25) -> dict | None:
+        if not self.on:
+            return None
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        ev = snap["device_traces"][torch.cuda.current_device()]
+        frees = ("free_requested", "free_completed")
+
+        def replay(stop: int | None):
+            live, cur, best, at = {}, 0, -1, -1
+            for i, e in enumerate(ev):
+                if e["action"] == "alloc":
+                    live[e["addr"]] = e
+                    cur += e["size"]
+                elif e["action"] in frees and e["addr"] in live:
+                    cur -= live.pop(e["addr"])["size"]
+                if cur > best:
+                    best, at = cur, i
+                if i == stop:
+                    break
+            return live, best, at
+        _, best, at = replay(None)
+        live, _, _ = replay(at)
+        sites: dict[str, list] = {}
+        for e in live.values():
+            s = sites.setdefault(self.site(e.get("frames", [])), [0, 0])
+            s[0] += e["size"]
+            s[1] += 1
+        rows = sorted(sites.items(), key=lambda kv: -kv[1][0])
+        with open(self.path, "w") as fh:
+            fh.write(f"peak of the replayed trace {best / 2**30:.3f} GiB at event {at} of {len(ev)}; "
+                     f"the allocation that reached it: {self.site(ev[at].get('frames', []))}\n")
+            for k, (b, n) in rows:
+                fh.write(f"{b / 2**30:9.4f} GiB {n:6d}  {k}\n")
+        return {"peak_gib": round(best / 2**30, 3), "events": len(ev), "truncated": len(ev) >= self.max_entries,
+                "reached_by": self.site(ev[at].get("frames", [])),
+                "top": [[k, round(b / 2**30, 4), n] for k, (b, n) in rows[:top]]}
+
+
 # ---------------------------------------------------------------- ceilings
 def micro() -> dict:
     """Measured bf16 matmul rate, copy bandwidth, and SDPA forward+backward by backend."""

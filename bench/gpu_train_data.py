@@ -10,6 +10,8 @@ Tools: `lorakit` (lorakit.train.loop.train, backend auto: fast on CUDA, packed r
 pack=0), `peft-liger` (PEFT with bf16 adapters and Liger kernels, rows padded to the batch's longest), `peft`
 (PEFT defaults: fp32 adapters, no Liger). Tokens are real tokens (padding not counted); tokens/s, the median and
 worst step are over the steps after the first `warm` (per case); peaks (allocated, reserved) over those steps.
+Variant snap=1 (either tool): the run's CUDA allocations recorded and what was live at its peak, by source line
+(gpu_train.MemTrace; OUT/mem_CASE_TOOL.txt); prof=1: one warm step's kernels by family.
 One JSON line per run on stdout and in OUT/gpu_train_data.jsonl.
 """
 from __future__ import annotations
@@ -109,6 +111,8 @@ def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
     from lorakit.train.loop import lr_at
 
     _, batch, *_ = CASES[case]
+    trace = gt.MemTrace(variant.get("snap") == "1", os.path.join(out, f"mem_{case}_{variant['tool']}.txt"))
+    trace.start()
     torch.manual_seed(0)
     model = gt.build(shape)
     q4 = variant.get("q4") == "1"  # the 4-bit base (bitsandbytes NF4) with gradient checkpointing: PEFT's QLoRA
@@ -143,7 +147,7 @@ def run_peft(case: str, variant: dict, tok, exs, shape: str, out: str) -> dict:
         prof.step(step + 1)
     res = summarize(case, variant["tool"], variant, times, losses, tokens, peaks, reserved,
                     {"padded_tokens": sum(int(mb.get(s)["input_ids"].numel()) for s in range(total)),
-                     "profile": prof.finish()})
+                     "profile": prof.finish(), "mem_trace": trace.report()})
     del model, opt
     return res
 
@@ -154,6 +158,8 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
     from lorakit.train.loop import train
 
     _, batch, epochs, max_steps, *_ = CASES[case]
+    trace = gt.MemTrace(variant.get("snap") == "1", os.path.join(out, f"mem_{case}_lorakit.txt"))
+    trace.start()
     torch.manual_seed(0)
     model = gt.build(shape)
     q4 = variant.get("q4") == "1"  # the base in NF4 as `lorakit train --quantize nf4` holds it, every layer recomputed
@@ -177,6 +183,7 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
     peaks = [r.get("cuda_peak_alloc_gib", 0.0) for r in rows]
     reserved = [r.get("cuda_peak_reserved_gib", 0.0) for r in rows]
     extra = {"backend": rows[0]["backend"], "setup_s": round(wall - secs[-1], 1), "profile": prof.finish(),
+             "mem_trace": trace.report(),
              "train_config": json.load(open(os.path.join(work, "train_config.json"))).get("backend_reason")}
     del model, res
     return summarize(case, "lorakit", variant, times, [r["loss"] for r in rows], toks, peaks, reserved, extra)
