@@ -24,6 +24,24 @@ from engine_helpers import TOK, Collect, save_tiny_adapters  # noqa: E402
 pytest.importorskip("triton")
 
 
+def run_gated(eng: StaticEngine, requests: list[dict]) -> tuple[list[list[int]], dict]:
+    """Start `eng`, hold its thread while every request (GenRequest's fields) is submitted, so they are admitted
+    together, wait for all, stop it. -> each request's tokens, the engine's info() after the last."""
+    eng.start()
+    try:
+        sinks = [Collect() for _ in requests]
+        gate = threading.Event()
+        eng.call(gate.wait)
+        for r, s in zip(requests, sinks):
+            eng.submit(GenRequest(**r, sink=s))
+        gate.set()
+        for s in sinks:
+            assert s.done.wait(120)
+        return [s.tokens for s in sinks], eng.info()
+    finally:
+        eng.stop()
+
+
 def test_lora_add_in_place_matches_reference():
     g = torch.Generator(device="cuda").manual_seed(0)
     for b, s in ((64, 1), (4, 96)):
@@ -95,22 +113,10 @@ def test_graph_decode_windows_and_softcap_greedy_equals_generate(kind, tmp_path)
         want.append(out[0, len(p):].tolist())
     set_active(base, None)
     assert want[3] != want[4]  # the adapter changes what the model says
-    eng = StaticEngine(tiny_decoder(kind).cuda(), TOK, max_slots=2, max_batch=8, max_len=64,
-                       prefill_chunk=7).start()
-    try:
-        sinks = [Collect() for _ in prompts]
-        gate = threading.Event()
-        eng.call(gate.wait)
-        for name, p, s in zip(names, prompts, sinks):
-            eng.submit(GenRequest(p, [AdapterUse(f"{name}@1", lambda: read_adapter(tmp_path / "a"))] if name else [],
-                                  max_tokens=n, ignore_eos=True, sink=s))
-        gate.set()
-        for s in sinks:
-            assert s.done.wait(120)
-        info = eng.info()
-    finally:
-        eng.stop()
-    assert [s.tokens for s in sinks] == want
+    eng = StaticEngine(tiny_decoder(kind).cuda(), TOK, max_slots=2, max_batch=8, max_len=64, prefill_chunk=7)
+    got, info = run_gated(eng, [dict(prompt=p, adapters=[AdapterUse(f"{name}@1", lambda: read_adapter(tmp_path / "a"))]
+                                     if name else [], max_tokens=n, ignore_eos=True) for name, p in zip(names, prompts)])
+    assert got == want
     assert info["graphs"] >= 1 and info["max_rows"] == len(prompts)
     assert info["graph_failures"] == 0  # no step fell back to eager decode (which hides a failed capture)
 
@@ -126,19 +132,9 @@ def test_graph_decode_greedy_equals_offline_fp32(tmp_path):
         set_active(ref, name)
         want.append(generate_ids(ref, TOK, [p], max_new_tokens=n)[0])
     set_active(ref, None)
-    eng = StaticEngine(tiny_llama().cuda(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=7).start()
-    try:
-        sinks = [Collect() for _ in prompts]
-        gate = threading.Event()
-        eng.call(gate.wait)
-        for name, p, s in zip(names, prompts, sinks):
-            eng.submit(GenRequest(p, [AdapterUse(f"{name}@1", lambda name=name: read_adapter(root / name))]
-                                  if name else [], max_tokens=n, sink=s))
-        gate.set()
-        for s in sinks:
-            assert s.done.wait(120)
-        info = eng.info()
-    finally:
-        eng.stop()
-    assert [s.tokens for s in sinks] == want
+    eng = StaticEngine(tiny_llama().cuda(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=7)
+    got, info = run_gated(eng, [dict(prompt=p, adapters=[AdapterUse(f"{name}@1", lambda name=name:
+                                                                    read_adapter(root / name))] if name else [],
+                                     max_tokens=n) for name, p in zip(names, prompts)])
+    assert got == want
     assert info["graphs"] >= 1 and info["graph_failures"] == 0  # decode ran from captured graphs, none failed

@@ -195,17 +195,22 @@ def test_fsdp_qlora_shards_the_4bit_base_and_two_processes_train_what_one_does(q
 def test_fsdp_qlora_killed_on_two_processes_resumes_on_one(tiny_dir, data, qlora_one, tmp_path):
     """Both ranks killed (SIGKILL) in step 3, after the step-2 checkpoint: the run resumes on one process (twice
     the per-rank batch) with the uninterrupted run's next losses and final adapter."""
+    killed_in_step_3_then_resumed_on_one(tiny_dir, data, qlora_one, tmp_path / "two")
+
+
+def killed_in_step_3_then_resumed_on_one(tiny_dir, data, qlora_one, out, *fsdp_args):
+    """Two FSDP ranks (with `fsdp_args`) killed in step 3: the step-2 checkpoint is there with the one-process run's
+    first losses, and resuming it on one process (twice the per-rank batch) gives that run's losses and adapter."""
     one, init = qlora_one
     args = ["--model", tiny_dir, "--data", data / "train.jsonl", *QLORA]
-    p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", "-o", tmp_path / "two",
+    p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", *fsdp_args, "-o", out,
                     LORAKIT_FAULT="train.micro_batch@5:kill")
     assert p.returncode != 0
-    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 2
-    assert_close(losses(tmp_path / "two"), losses(one)[:2])
-    one_process(*args, "--batch-size", "4", "-o", tmp_path / "two", "--resume")
-    assert_close(losses(tmp_path / "two"), losses(one))
-    assert_same_training(tmp_path / "two" / "adapter_model.safetensors", one / "adapter_model.safetensors", init,
-                         steps=4)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert_close(losses(out), losses(one)[:2])
+    one_process(*args, "--batch-size", "4", "-o", out, "--resume")
+    assert_close(losses(out), losses(one))
+    assert_same_training(out / "adapter_model.safetensors", one / "adapter_model.safetensors", init, steps=4)
 
 
 def test_fsdp_qlora_replicated_adapters_train_what_one_process_and_sharded_adapters_do(tiny_dir, data, qlora_one,
@@ -241,14 +246,5 @@ def test_fsdp_qlora_offloaded_shards_train_what_one_process_does(tiny_dir, data,
 def test_fsdp_qlora_replicated_offloaded_run_killed_resumes_on_one(tiny_dir, data, qlora_one, tmp_path):
     """Replicated adapters and offloaded shards together, both ranks killed in step 3: the step-2 checkpoint (whole
     adapters from rank 0, no gather) resumes on one process with the uninterrupted run's next losses and adapter."""
-    one, init = qlora_one
-    args = ["--model", tiny_dir, "--data", data / "train.jsonl", *QLORA]
-    p, _ = torchrun("train", *args, "--batch-size", "2", "--parallel", "fsdp", "--adapter-state", "replicate",
-                    "--offload", "params", "-o", tmp_path / "two", LORAKIT_FAULT="train.micro_batch@5:kill")
-    assert p.returncode != 0
-    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 2
-    assert_close(losses(tmp_path / "two"), losses(one)[:2])
-    one_process(*args, "--batch-size", "4", "-o", tmp_path / "two", "--resume")
-    assert_close(losses(tmp_path / "two"), losses(one))
-    assert_same_training(tmp_path / "two" / "adapter_model.safetensors", one / "adapter_model.safetensors", init,
-                         steps=4)
+    killed_in_step_3_then_resumed_on_one(tiny_dir, data, qlora_one, tmp_path / "two", "--adapter-state", "replicate",
+                                         "--offload", "params")

@@ -188,11 +188,15 @@ def test_no_pack_says_why(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_compiled_run_never_recompiles_after_warm_up(tmp_path, caplog):
+def test_compiled_run_never_recompiles_after_warm_up(tmp_path, caplog, monkeypatch):
     """torch.compile on the CPU (the fast path's graphs, a dense document mask) over rows of 5-120 tokens: the
-    loop compiles its few packed widths before step 1 and not one frame after it."""
+    loop compiles its few packed widths (2 here, to keep the compile time down) before step 1 and not one frame
+    after it."""
     from torch._dynamo.utils import counters
 
+    from lorakit.train import packing
+
+    monkeypatch.setattr(packing, "MAX_SHAPES", 2)
     caplog.set_level("INFO", logger="lorakit.train")
     m = model()
     be = FastBackend(m, device=torch.device("cpu"), compile=True)
@@ -205,5 +209,5 @@ def test_compiled_run_never_recompiles_after_warm_up(tmp_path, caplog):
     assert len({sum(len(e.input_ids) for e in ex[i:i + 4]) for i in range(0, 40, 4)}) > 4  # many batch sizes
     train(m, None, ex, tmp_path, LoraConfig(r=4, alpha=8, targets="all-linear"), cfg, progress=False,
           save_final=False, on_step=on_step, backend=be)
-    assert "compiled" in caplog.text and max(frames) == 20
+    assert "compiled 2 packed widths" in caplog.text and max(frames) == 20
     assert frames[1] > 0 and frames[1] == frames[20], frames
