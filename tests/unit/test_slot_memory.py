@@ -75,3 +75,35 @@ def test_eviction_shrinks_the_banks_to_what_stays(files):
     bank.release(bank.acquire("wide", lambda: read_adapter(d / "wide")))
     bank.release(bank.acquire("small", lambda: read_adapter(d / "small")))  # evicts wide
     assert list(bank.resident) == ["small"] and bank.layers[Q0].A.shape[1] == 4
+
+
+def test_a_reused_slot_holds_exactly_its_new_adapter(tmp_path):
+    """One slot reused by adapters on different layers (one with a per-layer alpha, one DoRA): after each
+    eviction the slot is non-zero on exactly the new adapter's layers (zeroing only what the last one wrote leaves
+    nothing behind), and the rows of both slots give their adapters' offline logits."""
+    src = tiny_llama()
+    cfgs = {"keep": LoraConfig(r=4, alpha=8, targets="all-linear", init_lora_weights=False),
+            "qv": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], alpha_pattern={"v_proj": 2.0},
+                             init_lora_weights=False),
+            "dora": LoraConfig(r=2, alpha=4, targets=["down_proj", "q_proj"], use_dora=True,
+                               init_lora_weights=False),
+            "wide": LoraConfig(r=32, alpha=32, targets=[Q0], init_lora_weights=False)}
+    for name, cfg in cfgs.items():
+        add_adapter(src, cfg, name)
+        save_adapter(src, tmp_path / name, name)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    model = tiny_llama()
+    bank = SlotBank(model, max_slots=2, base_fp=fingerprint(model), max_rank=64)
+    keep = bank.acquire("keep", lambda: read_adapter(tmp_path / "keep"))  # pinned: the other slot is reused
+    for name in ("wide", "qv", "dora", "qv", "wide"):
+        slot = bank.acquire(name, lambda: read_adapter(tmp_path / name))
+        assert slot != keep and list(bank.resident) == ["keep", name]
+        mine = set(read_adapter(tmp_path / name).modules())
+        for path, ls in bank.layers.items():
+            written = bool(ls.A[slot].any()) or bool(ls.B[slot].any()) or (ls.dora is not None and
+                                                                             bool(ls.dora[slot].any()))
+            assert written == (path in mine), (name, path)
+        for s, adapter in ((slot, name), (keep, "keep")):
+            set_active(src, adapter)
+            torch.testing.assert_close(_logits(model, bank, s, ids), src(ids).logits, rtol=1e-4, atol=1e-5)
+        bank.release(slot)

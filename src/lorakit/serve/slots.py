@@ -16,7 +16,9 @@ Each layer's rank is zero-padded to the largest rank a resident adapter has on t
 columns of B add exactly nothing), never above `max_rank` (--max-lora-rank: an adapter of a larger rank is
 refused with the number), so memory is bounded by layers x S x max_rank x (in + out) and one high-rank adapter on
 one layer grows that layer alone. Loading an adapter writes its tensors into a free slot (evicting the least
-recently used unpinned adapter if none is free); unloading zeroes the slot and gives memory back: each layer
+recently used unpinned adapter if none is free): the loader thread has already made the file into one host
+buffer in the bank's dtype (`staged`, pinned on CUDA), so the engine thread only queues the copies and never waits
+on the device for them; unloading zeroes what the slot's adapter wrote and gives memory back: each layer
 shrinks to the largest rank still resident on it, a layer no resident adapter adapts is dropped. The base
 weights are never written: each layer's output gets `kernels.lora_delta(x, A, B, idx, coef)` added through
 `LoraLinear.routing`, with the per-row slot index and coefficients of the current batch.
@@ -76,6 +78,35 @@ def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tenso
     return out
 
 
+@dataclass
+class Prepared:
+    """An adapter as a slot holds it: module path -> (A (r, in), B (out, r), scale, DoRA magnitude or None), and
+    the slot's scale `common` (the adapter's most frequent alpha / r). Plain modules are staged: A and B in the
+    bank's dtype, B times scale / common where a module's scale differs, on CUDA in one pinned host buffer."""
+    mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
+    common: float
+
+
+def staged(mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]], dtype: torch.dtype,
+           pin: bool) -> Prepared:
+    """`adapter_scales`' modules made into a Prepared (loader thread): one host buffer for every plain module's
+    A and B (pinned when `pin`, so the engine thread's copies to the device are queued, not waited for); DoRA
+    modules as they are (their slot needs the base weight, on the device)."""
+    scales = [m[2] for m in mods.values()]
+    common = max(sorted(set(scales)), key=scales.count)
+    plain = [(p, m) for p, m in mods.items() if m[3] is None]
+    buf = torch.empty(sum(m[0].numel() + m[1].numel() for _, m in plain), dtype=dtype, pin_memory=pin)
+    out, at = dict(mods), 0
+    for path, (A, B, scale, _) in plain:
+        a = buf[at:at + A.numel()].view(A.shape)
+        b = buf[at + A.numel():at + A.numel() + B.numel()].view(B.shape)
+        at += A.numel() + B.numel()
+        a.copy_(A)
+        b.copy_(B if scale == common else B.float() * (scale / common))
+        out[path] = (a, b, common, None)
+    return Prepared(out, common)
+
+
 MAX_RANK = 64  # the default --max-lora-rank
 
 
@@ -102,13 +133,13 @@ class SlotBank:
         self._routing_on = False
 
     # ---------------------------------------------------------------- residency
-    def prepare(self, af: AdapterFile) -> dict:
-        """An adapter file checked (validate_adapter against the base, the rank cap) and split into per-module
-        (A, B, scale, magnitude): what `acquire` writes into a slot. Reads only what never changes after start-up
-        (the base's fingerprint, the rank cap), so the loader thread runs it, off the engine thread."""
+    def prepare(self, af: AdapterFile) -> Prepared:
+        """An adapter file checked (validate_adapter against the base, the rank cap) and made into what `acquire`
+        writes into a slot (`Prepared`). Reads only what never changes after start-up (the base's fingerprint, the
+        rank cap, the bank's dtype and device), so the loader thread runs it, off the engine thread."""
         mods = adapter_scales(self._checked(af))
         self.check_rank(mods)
-        return mods
+        return staged(mods, self.dtype, pin=self.device.type == "cuda")
 
     def acquire(self, key: str, load) -> int:
         """The slot holding adapter `key`, loading it if needed (`load()` -> an AdapterFile, checked here, or the
@@ -117,9 +148,9 @@ class SlotBank:
             self.resident.move_to_end(key)
         else:
             got = load()
-            mods = got if isinstance(got, dict) else self.prepare(got)
+            prep = got if isinstance(got, Prepared) else self.prepare(got)
             slot = self._free_slot()
-            self._write(slot, mods)
+            self._write(slot, prep)
             self.resident[key] = slot
         slot = self.resident[key]
         self.pins[slot] += 1
@@ -246,33 +277,39 @@ class SlotBank:
             _trim_heap()
 
     @torch.no_grad()
-    def _write(self, slot: int, mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
-               ) -> None:
+    def _write(self, slot: int, prep: Prepared) -> None:
+        """The prepared adapter into `slot` (already zero where it writes: see `_zero`). Plain modules' tensors
+        are copied as they are; from pinned host memory the copies are only queued on the stream (the engine
+        thread does not wait for the device). DoRA modules' slots are computed on the device from the base."""
+        mods = prep.mods
         for path, m in mods.items():
             self._layer(path, m[0].shape[0])
         self._zero(slot)
         self.slot_layers[slot] = {path: (m[0].shape[0], m[3] is not None) for path, m in mods.items()}
-        scales = [m[2] for m in mods.values()]
-        common = max(set(scales), key=scales.count)
         for path, (A, B, scale, magnitude) in mods.items():
             ls, r = self.layers[path], A.shape[0]
-            ls.A[slot, :r].copy_(A)
-            if magnitude is None:
-                ls.B[slot, :, :r].copy_(B if scale == common else B.float() * (scale / common))
+            if magnitude is None:  # staged: B already carries scale / prep.common
+                ls.A[slot, :r].copy_(A, non_blocking=A.is_pinned())
+                ls.B[slot, :, :r].copy_(B, non_blocking=B.is_pinned())
                 continue
             layer = self.model.get_submodule(path)
             W = layer.base_weight()
-            B_slot, d = dora_slot(W, A.to(W.device), B.to(W.device), magnitude.to(W.device), scale, common)
+            B_slot, d = dora_slot(W, A.to(W.device), B.to(W.device), magnitude.to(W.device), scale, prep.common)
+            ls.A[slot, :r].copy_(A)
             ls.B[slot, :, :r].copy_(B_slot)
             if ls.dora is None:
                 ls.dora = torch.zeros(self.max_slots + 1, B.shape[0], dtype=torch.float32, device=self.device)
             ls.dora[slot].copy_(d)
-        self.slot_scale[slot] = common
+        self.slot_scale[slot] = prep.common
 
     @torch.no_grad()
     def _zero(self, slot: int) -> None:
-        self.slot_layers.pop(slot, None)
-        for ls in self.layers.values():
+        """Zero what the slot's last adapter wrote (`slot_layers`): every other part of a slot is zero already
+        (banks are made of zeros, grown with zeros, and only `_write` writes, recording where)."""
+        for path in self.slot_layers.pop(slot, {}):
+            ls = self.layers.get(path)
+            if ls is None:  # dropped by _shrink: nothing of it left
+                continue
             ls.A[slot].zero_()
             ls.B[slot].zero_()
             if ls.dora is not None:
