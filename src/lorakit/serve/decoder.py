@@ -84,9 +84,10 @@ class Decoder:
         self.graphs = (self.device.type == "cuda" if graphs is None else graphs) and not self.row_rope
         self.buckets = [b for b in BUCKETS if b < rows] + [rows]
         n, dev = self.buckets[-1], self.device
-        self._tok = torch.zeros(n, dtype=torch.long, device=dev)
-        self._rows = torch.full((n,), self.cache.scratch, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(n, dtype=torch.long, device=dev)
+        # a step's inputs, one buffer (one copy a step): tokens, cache rows, positions
+        self._io = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self._tok, self._rows, self._pos = self._io[0], self._io[1], self._io[2]
+        self._rows.fill_(self.cache.scratch)
         self._routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> idx, coef buffers (n, k)
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._layout = None
@@ -182,11 +183,10 @@ class Decoder:
         n = len(rows)
         bucket = next(b for b in self.buckets if b >= n)
         k = 0 if routing is None else routing[0].shape[1]
-        self._tok[:n].copy_(torch.tensor(tokens), non_blocking=True)
-        self._rows[:n].copy_(torch.tensor(rows), non_blocking=True)
-        self._pos[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self._rows[n:bucket].fill_(self.cache.scratch)
-        self._pos[n:bucket].zero_()
+        pad = bucket - n  # the bucket's padding entries: the scratch row at position 0
+        io = torch.tensor([list(tokens) + [0] * pad, list(rows) + [self.cache.scratch] * pad,
+                           list(positions) + [0] * pad], dtype=torch.long)
+        self._io[:, :bucket].copy_(self._staged(io), non_blocking=True)
         graph = None
         if self.graphs and not eager and (bucket, k) not in self.uncapturable:
             try:
@@ -203,11 +203,17 @@ class Decoder:
             return self._decode_body(n)  # never the compiled step (compiled for captures only)
         if routing is not None:
             idx, coef = self._buffers(k)
-            idx[:n].copy_(routing[0], non_blocking=True)
-            coef[:n].copy_(routing[1], non_blocking=True)
-            coef[n:bucket].zero_()
+            idx[:bucket].copy_(self._staged(torch.nn.functional.pad(routing[0], (0, 0, 0, pad))), non_blocking=True)
+            coef[:bucket].copy_(self._staged(torch.nn.functional.pad(routing[1], (0, 0, 0, pad))), non_blocking=True)
         graph.replay()
         return out[:n]
+
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        """A step's host tensor as its copy to the device reads it: pinned on CUDA, so the copy is queued behind
+        the work before it instead of the host waiting for that work (PyTorch keeps the pinned block until the
+        copy is done)."""
+        on_host = t.device.type == "cpu" and not t.is_pinned()
+        return t.pin_memory() if self.device.type == "cuda" and on_host else t
 
     def _graph(self, bucket: int, k: int):
         layout = self.bank.layout()

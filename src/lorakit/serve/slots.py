@@ -341,23 +341,12 @@ class SlotBank:
     def batch(self, rows: list[tuple[list[int], list[float], str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx (b, k) long, coef (b, k) float32 = stack weight x the slot's scale) on the CPU from each row's
         (slots, stack weights, mixture key or None); padding entries are slot 0 with coefficient 0."""
-        k = max(1, max(len(slots) for slots, _, _ in rows))
-        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (b, k); padding: slot 0, weight 0
-        coef = torch.zeros(len(rows), k)
-        for i, (slots, weights, _) in enumerate(rows):
-            for j, (s, w) in enumerate(zip(slots, weights)):
-                idx[i, j], coef[i, j] = s, w
+        idx, coef = routing_table(rows)
         return idx, coef * self.slot_scale[idx]
 
     def set_rows(self, rows: list[tuple[list[int], list[float], str | None]]) -> None:
         """set_batch from each row's (slots, stack weights, mixture key or None)."""
-        k = max(1, max(len(slots) for slots, _, _ in rows))
-        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (b, k); padding: slot 0, weight 0
-        coef = torch.zeros(len(rows), k)
-        for i, (slots, weights, _) in enumerate(rows):
-            for j, (s, w) in enumerate(zip(slots, weights)):
-                idx[i, j], coef[i, j] = s, w
-        self.set_batch(idx, coef, [mix for _, _, mix in rows])
+        self.set_batch(*routing_table(rows), [mix for _, _, mix in rows])
 
     def bind(self, idx: torch.Tensor | None, coef: torch.Tensor | None) -> None:
         """Route every adapted layer with these device tensors as they are (idx (b, k), coef (b, k) already
@@ -412,6 +401,18 @@ class SlotBank:
             g = gate_probs(x3.index_select(0, rows), gate[0], gate[1], mix.temperature)  # (n, s, K)
             coef[rows, :, :mix.k] = g * self.coef[rows, None, :mix.k]  # gate x the slot's alpha / r
         return coef
+
+
+def routing_table(rows: list[tuple[list[int], list[float], str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx (b, k) long, coef (b, k) float32) from each row's (slots, stack weights, ...): k the longest stack,
+    shorter rows padded with slot 0 and weight 0. Built as lists, one tensor each (a decode step's host work)."""
+    k = max(1, max(len(slots) for slots, _, _ in rows))
+    idx, coef = [], []
+    for slots, weights, _ in rows:
+        n = min(len(slots), len(weights))
+        idx.append(list(slots[:n]) + [0] * (k - n))
+        coef.append([float(w) for w in weights[:n]] + [0.0] * (k - n))
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(coef, dtype=torch.float32)
 
 
 def _trim_heap() -> None:
