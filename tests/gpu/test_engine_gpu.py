@@ -114,8 +114,9 @@ def test_graph_decode_windows_and_softcap_greedy_equals_generate(kind, tmp_path)
     set_active(base, None)
     assert want[3] != want[4]  # the adapter changes what the model says
     eng = StaticEngine(tiny_decoder(kind).cuda(), TOK, max_slots=2, max_batch=8, max_len=64, prefill_chunk=7)
-    got, info = run_gated(eng, [dict(prompt=p, adapters=[AdapterUse(f"{name}@1", lambda: read_adapter(tmp_path / "a"))]
-                                     if name else [], max_tokens=n, ignore_eos=True) for name, p in zip(names, prompts)])
+    a = [AdapterUse("a@1", lambda: read_adapter(tmp_path / "a"))]
+    got, info = run_gated(eng, [dict(prompt=p, adapters=a if name else [], max_tokens=n, ignore_eos=True)
+                                for name, p in zip(names, prompts)])
     assert got == want
     assert info["graphs"] >= 1 and info["max_rows"] == len(prompts)
     assert info["graph_failures"] == 0  # no step fell back to eager decode (which hides a failed capture)
