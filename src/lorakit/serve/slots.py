@@ -17,8 +17,8 @@ columns of B add exactly nothing), never above `max_rank` (--max-lora-rank: an a
 refused with the number), so memory is bounded by layers x S x max_rank x (in + out) and one high-rank adapter on
 one layer grows that layer alone. Loading an adapter writes its tensors into a free slot (evicting the least
 recently used unpinned adapter if none is free): the loader thread has already made the file into one host
-buffer in the bank's dtype (`staged`, pinned on CUDA), so the engine thread only queues the copies and never waits
-on the device for them; unloading zeroes what the slot's adapter wrote and gives memory back: each layer
+buffer in the bank's dtype (`staged`), which reaches the device in one copy, then each tensor is copied on the
+device; unloading zeroes what the slot's adapter wrote and gives memory back: each layer
 shrinks to the largest rank still resident on it, a layer no resident adapter adapts is dropped. The base
 weights are never written: each layer's output gets `kernels.lora_delta(x, A, B, idx, coef)` added through
 `LoraLinear.routing`, with the per-row slot index and coefficients of the current batch.
@@ -82,20 +82,21 @@ def adapter_scales(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tenso
 class Prepared:
     """An adapter as a slot holds it: module path -> (A (r, in), B (out, r), scale, DoRA magnitude or None), and
     the slot's scale `common` (the adapter's most frequent alpha / r). Plain modules are staged: A and B in the
-    bank's dtype, B times scale / common where a module's scale differs, on CUDA in one pinned host buffer."""
+    bank's dtype, B times scale / common where a module's scale differs, all of them views of one host buffer
+    `buf`, which reaches the device in one copy."""
     mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
     common: float
+    buf: torch.Tensor | None = None
 
 
-def staged(mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]], dtype: torch.dtype,
-           pin: bool) -> Prepared:
-    """`adapter_scales`' modules made into a Prepared (loader thread): one host buffer for every plain module's
-    A and B (pinned when `pin`, so the engine thread's copies to the device are queued, not waited for); DoRA
-    modules as they are (their slot needs the base weight, on the device)."""
+def staged(mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]],
+           dtype: torch.dtype) -> Prepared:
+    """`adapter_scales`' modules made into a Prepared (on the loader thread): every plain module's A and B in one
+    host buffer; DoRA modules as they are (their slot needs the base weight, on the device)."""
     scales = [m[2] for m in mods.values()]
     common = max(sorted(set(scales)), key=scales.count)
     plain = [(p, m) for p, m in mods.items() if m[3] is None]
-    buf = torch.empty(sum(m[0].numel() + m[1].numel() for _, m in plain), dtype=dtype, pin_memory=pin)
+    buf = torch.empty(sum(m[0].numel() + m[1].numel() for _, m in plain), dtype=dtype)
     out, at = dict(mods), 0
     for path, (A, B, scale, _) in plain:
         a = buf[at:at + A.numel()].view(A.shape)
@@ -104,7 +105,7 @@ def staged(mods: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor
         a.copy_(A)
         b.copy_(B if scale == common else B.float() * (scale / common))
         out[path] = (a, b, common, None)
-    return Prepared(out, common)
+    return Prepared(out, common, buf if plain else None)
 
 
 MAX_RANK = 64  # the default --max-lora-rank
@@ -139,7 +140,7 @@ class SlotBank:
         rank cap, the bank's dtype and device), so the loader thread runs it, off the engine thread."""
         mods = adapter_scales(self._checked(af))
         self.check_rank(mods)
-        return staged(mods, self.dtype, pin=self.device.type == "cuda")
+        return staged(mods, self.dtype)
 
     def acquire(self, key: str, load) -> int:
         """The slot holding adapter `key`, loading it if needed (`load()` -> an AdapterFile, checked here, or the
@@ -278,10 +279,12 @@ class SlotBank:
 
     @torch.no_grad()
     def _write(self, slot: int, prep: Prepared) -> None:
-        """The prepared adapter into `slot` (already zero where it writes: see `_zero`). Plain modules' tensors
-        are copied as they are; from pinned host memory the copies are only queued on the stream (the engine
-        thread does not wait for the device). DoRA modules' slots are computed on the device from the base."""
+        """The prepared adapter into `slot` (zeroed first where its last adapter wrote: see `_zero`). Plain
+        modules: their host buffer reaches the device in one copy (one wait of the engine thread, where a copy
+        per tensor was one wait each), then each tensor is copied on the device from its view of it. DoRA
+        modules' slots are computed on the device from the base weight."""
         mods = prep.mods
+        dev_buf = None if prep.buf is None else prep.buf.to(self.device)
         for path, m in mods.items():
             self._layer(path, m[0].shape[0])
         self._zero(slot)
@@ -289,8 +292,8 @@ class SlotBank:
         for path, (A, B, scale, magnitude) in mods.items():
             ls, r = self.layers[path], A.shape[0]
             if magnitude is None:  # staged: B already carries scale / prep.common
-                ls.A[slot, :r].copy_(A, non_blocking=A.is_pinned())
-                ls.B[slot, :, :r].copy_(B, non_blocking=B.is_pinned())
+                ls.A[slot, :r].copy_(_view(dev_buf, A))
+                ls.B[slot, :, :r].copy_(_view(dev_buf, B))
                 continue
             layer = self.model.get_submodule(path)
             W = layer.base_weight()
@@ -401,6 +404,11 @@ class SlotBank:
             g = gate_probs(x3.index_select(0, rows), gate[0], gate[1], mix.temperature)  # (n, s, K)
             coef[rows, :, :mix.k] = g * self.coef[rows, None, :mix.k]  # gate x the slot's alpha / r
         return coef
+
+
+def _view(buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The part of `buf` (a copy of t's base buffer, possibly on another device) that `t` views."""
+    return buf[t.storage_offset():t.storage_offset() + t.numel()].view(t.shape)
 
 
 def routing_table(rows: list[tuple[list[int], list[float], str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
