@@ -75,7 +75,7 @@ def weight_bytes(model) -> int:
 def peer_generate(model, adapter, args, dev, sync):
     """transformers generate, static cache, torch.compile (reduce-overhead), one adapter merged into the weights."""
     from lorakit.core.inject import unload
-    from lorakit.serve.slots import adapter_scales
+    from lorakit.serve.staging import adapter_scales
 
     unload(model)  # plain nn.Linear modules, as transformers built them (the engines wrap them for slot routing)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from lorakit.cli.main import main
 from lorakit.config import MAX_PATTERN_CHARS, match_pattern
 from lorakit.models import tiny_llama
 from lorakit.serve.resolve import resolve_stack
-from lorakit.serve.slots import adapter_scales
+from lorakit.serve.staging import adapter_scales
 
 EVIL = "([a-z_.0-9]+)+X"  # nested repetition: each character of a module path doubles the work of a failed match
 PATHS = [f"model.layers.{i}.{m}" for i in range(4) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
