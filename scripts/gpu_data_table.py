@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Markdown table of the real-data GPU training runs (bench/gpu_train_data.py), from committed
 bench/results/gpu_train_data_*.jsonl files (never typed by hand). `--write FILE` replaces the text between
-<!-- gpu-data:NAME:begin --> and <!-- gpu-data:NAME:end -->.
+<!-- gpu-data:NAME:begin --> and <!-- gpu-data:NAME:end -->. Runs that recorded their allocations (variant
+snap=1: slowed by the recording) are left out of the speed table; where there are any, a second table gives each
+one's peak and the sources of what was live at that peak (gpu_train.MemTrace).
 
     python scripts/gpu_data_table.py bench/results/gpu_train_data_h200_2026-12-05.jsonl [--write docs/gpu.md --name r1]
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -37,7 +40,7 @@ def losses_at(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    ok = [r for r in rows if "tokens_per_s" in r]
+    ok = [r for r in rows if "tokens_per_s" in r and not r.get("mem_trace")]
     peer = {r["case"]: r for r in ok if r["tool"] == PEER}
     out = ["| case | tool | real tokens/s | x PEFT+Liger | peak allocated / reserved GiB | median step ms | "
            "worst step ms (x median) | loss | file |", "|---|---|---|---|---|---|---|---|---|"]
@@ -48,9 +51,36 @@ def table(rows: list[dict]) -> str:
                    f"{r['peak_reserved_gib']:.2f} | {r['step_ms_median']:.1f} | {r['step_ms_worst']:.1f} "
                    f"({r['worst_over_median']:.2f}) | {losses_at(r)} | {r['_file']} |")
     for r in rows:
-        if "tokens_per_s" not in r:
+        if "tokens_per_s" not in r and not r.get("mem_trace"):
             out.append(f"| {r['case']} | {label(r)} | {r.get('error') or r.get('skipped')} | | | | | | {r['_file']} |")
     return "\n".join(out)
+
+
+def source(site: str) -> str:
+    """A trace's source line, with inductor's generated file names (hash-named) shortened to `compiled graph`."""
+    return re.sub(r"^\w+/c\w{40,}\.py:(\d+) call$", r"compiled graph (line \1)", site)
+
+
+def mem_table(rows: list[dict], top: int = 6) -> str:
+    """The runs with a memory trace: peak allocated (the run's and the replayed trace's) and the `top` sources of
+    what was live at the trace's peak, GiB (count of allocations); "" where no run has one."""
+    snap = [r for r in rows if r.get("mem_trace")]
+    if not snap:
+        return ""
+    out = [f"| case | tool | peak allocated GiB (run / trace) | live at the trace's peak, by source: GiB (allocations), "
+           f"top {top} | file |", "|---|---|---|---|---|"]
+    for r in snap:
+        m = r["mem_trace"]
+        srcs = "; ".join(f"{source(site)} {gib:.3f} ({n})" for site, gib, n in m["top"][:top])
+        out.append(f"| {r['case']} | {label(r)} | {r['peak_alloc_gib']:.3f} / {m['peak_gib']:.3f} | {srcs} | "
+                   f"{r['_file']} |")
+    return "\n".join(out)
+
+
+def body(rows: list[dict]) -> str:
+    """What --write puts between the markers: the speed table, and the memory table where there is one."""
+    mem = mem_table(rows)
+    return table(rows) + (f"\n\n{mem}" if mem else "")
 
 
 def read(files: list[str]) -> list[dict]:
@@ -63,7 +93,7 @@ def main() -> int:
     ap.add_argument("--write")
     ap.add_argument("--name", default="main")
     a = ap.parse_args()
-    md = table(read(a.files))
+    md = body(read(a.files))
     if not a.write:
         print(md)
         return 0

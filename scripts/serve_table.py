@@ -30,10 +30,16 @@ def case_label(r: dict) -> str:
     return f"{name}, {r['api']}" + (f" ({r['client']} client)" if r.get("client") else "")
 
 
-def ratio(r: dict) -> str:
+def ratio(r: dict, rows: list[dict] = ()) -> str:
     for key, what in RATIOS:
         if r.get(key) is not None:
             return f"{r[key]:.2f}x {what}"
+    if r.get("decode_compile") and r.get("adapters") and r["case"].startswith("engine-"):
+        # a compiled-step case run in its own process: against the compiled base-only row of the same file
+        base = next((b for b in rows if b.get("decode_compile") and b.get("case") == "engine-0"
+                     and b.get("_file") == r.get("_file") and b.get("device") == r.get("device")), None)
+        if base:
+            return f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x base-only engine (compiled step, another process)"
     return "-"
 
 
@@ -47,7 +53,7 @@ def table(rows: list[dict]) -> str:
         share = "-" if r.get("share_of_limit") is None else f"{r['share_of_limit']:.1%}"
         loads = "-" if not r.get("loads") else f"{r['loads']} ({r['load_ms_p99']:.1f})"
         out.append(f"| {case_label(r)} | {r.get('adapters', 0)} | {r['decode_tok_s']:,.0f} | {r['e2e_tok_s']:,.0f} | "
-                   f"{share} | {ratio(r)} | {ms(r, 'ttft')} | {ms(r, 'itl')} | {loads} | {r['_file']} |")
+                   f"{share} | {ratio(r, rows)} | {ms(r, 'ttft')} | {ms(r, 'itl')} | {loads} | {r['_file']} |")
     first = rows[0] if rows else {}
     out.append("")
     out.append(f"{first.get('device', '?')}, torch {first.get('torch', '?')}, shape {first.get('shape', '?')} "

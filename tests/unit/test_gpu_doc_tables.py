@@ -57,3 +57,24 @@ def test_qlora_round_table_matches_and_follows_the_file(tmp_path):
     g = tmp_path / f.name
     g.write_text("".join(json.dumps(r) + "\n" for r in changed))
     assert tt.table(tt.read([str(g)])) != tt.table(rows)
+
+
+def test_second_round_tables_match_their_files_and_keep_traced_runs_out_of_the_speed_table():
+    """docs/serving.md r2 and docs/gpu.md r6 are what their scripts make of the 2026-12-06 files; in gpu.md the runs
+    that recorded their allocations (slowed by it) are only in the memory table, and the compiled 32-adapter row
+    is put against the compiled base-only row of its file."""
+    st, gt = load("scripts/serve_table.py"), load("scripts/gpu_data_table.py")
+    serve = st.read([str(ROOT / "bench/results/gpu_serve_h100_2026-12-06.jsonl")])
+    doc = st.DOC.read_text()
+    assert _between(doc, "<!-- gpu-serve:r2:begin -->", "<!-- gpu-serve:r2:end -->") == \
+        st.table(serve) + "\n\n" + st.goals(serve)
+    base = next(r for r in serve if r["case"] == "engine-0" and r.get("decode_compile"))
+    e32 = next(r for r in serve if r["case"] == "engine-32")
+    assert f"{e32['decode_tok_s'] / base['decode_tok_s']:.2f}x base-only engine (compiled step" in st.table(serve)
+    rows = gt.read([str(ROOT / "bench/results/gpu_train_data_h100_2026-12-06.jsonl")])
+    gdoc = (ROOT / "docs/gpu.md").read_text()
+    assert _between(gdoc, "<!-- gpu-data:r6:begin -->", "<!-- gpu-data:r6:end -->") == gt.body(rows)
+    speed, mem = gt.table(rows), gt.mem_table(rows)
+    traced = [r for r in rows if r.get("mem_trace")]
+    assert len(traced) == 2 and all(f"{r['tokens_per_s']:,.0f}" not in speed for r in traced)
+    assert all(f"{r['peak_alloc_gib']:.3f} / {r['mem_trace']['peak_gib']:.3f}" in mem for r in traced)
