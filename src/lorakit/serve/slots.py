@@ -239,7 +239,8 @@ class SlotBank:
     def _write(self, slot: int, prep: Prepared) -> None:
         """The prepared adapter into `slot` (zeroed first where its last adapter wrote: see `_zero`). Plain
         modules: their host buffer reaches the device in one copy (one wait of the engine thread, where a copy
-        per tensor was one wait each), then each tensor is copied on the device from its view of it. DoRA
+        per tensor was one wait each), then every tensor is copied on the device from its view of it, in one
+        call (torch._foreach_copy_). DoRA
         modules' slots are computed on the device from the base weight."""
         mods = prep.mods
         dev_buf = None if prep.buf is None else prep.buf.to(self.device)
@@ -247,11 +248,12 @@ class SlotBank:
             self._layer(path, m[0].shape[0])
         self._zero(slot)
         self.slot_layers[slot] = {path: (m[0].shape[0], m[3] is not None) for path, m in mods.items()}
+        dst, src = [], []  # plain modules: every copy in one call
         for path, (A, B, scale, magnitude) in mods.items():
             ls, r = self.layers[path], A.shape[0]
             if magnitude is None:  # staged: B already carries scale / prep.common
-                ls.A[slot, :r].copy_(view_of(dev_buf, A))
-                ls.B[slot, :, :r].copy_(view_of(dev_buf, B))
+                dst += [ls.A[slot, :r], ls.B[slot, :, :r]]
+                src += [view_of(dev_buf, A), view_of(dev_buf, B)]
                 continue
             layer = self.model.get_submodule(path)
             W = layer.base_weight()
@@ -261,20 +263,22 @@ class SlotBank:
             if ls.dora is None:
                 ls.dora = torch.zeros(self.max_slots + 1, B.shape[0], dtype=torch.float32, device=self.device)
             ls.dora[slot].copy_(d)
+        if dst:
+            torch._foreach_copy_(dst, src)
         self.slot_scale[slot] = prep.common
 
     @torch.no_grad()
     def _zero(self, slot: int) -> None:
         """Zero what the slot's last adapter wrote (`slot_layers`): every other part of a slot is zero already
         (banks are made of zeros, grown with zeros, and only `_write` writes, recording where)."""
+        parts = []
         for path in self.slot_layers.pop(slot, {}):
             ls = self.layers.get(path)
             if ls is None:  # dropped by _shrink: nothing of it left
                 continue
-            ls.A[slot].zero_()
-            ls.B[slot].zero_()
-            if ls.dora is not None:
-                ls.dora[slot].zero_()
+            parts += [ls.A[slot], ls.B[slot]] + ([ls.dora[slot]] if ls.dora is not None else [])
+        if parts:
+            torch._foreach_zero_(parts)
         self.slot_scale[slot] = 0.0
 
     def nbytes(self) -> int:
