@@ -139,6 +139,7 @@ def test_graph_decode_greedy_equals_offline_fp32(tmp_path, monkeypatch, compiled
         want.append(generate_ids(ref, TOK, [p], max_new_tokens=n)[0])
     set_active(ref, None)
     eng = StaticEngine(tiny_llama().cuda(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=7)
+    assert (eng.decoder._body != eng.decoder._decode_body) == compiled  # the step that gets captured
     got, info = run_gated(eng, [dict(prompt=p, adapters=[AdapterUse(f"{name}@1", lambda name=name:
                                                                     read_adapter(root / name))] if name else [],
                                      max_tokens=n) for name, p in zip(names, prompts)])
