@@ -186,7 +186,7 @@ class Decoder:
         pad = bucket - n  # the bucket's padding entries: the scratch row at position 0
         io = torch.tensor([list(tokens) + [0] * pad, list(rows) + [self.cache.scratch] * pad,
                            list(positions) + [0] * pad], dtype=torch.long)
-        self._io[:, :bucket].copy_(self._staged(io), non_blocking=True)
+        self._io[:, :bucket].copy_(self._pinned(io), non_blocking=True)
         graph = None
         if self.graphs and not eager and (bucket, k) not in self.uncapturable:
             try:
@@ -202,13 +202,12 @@ class Decoder:
                                None if routing is None else routing[1].to(self.device))
             return self._decode_body(n)  # never the compiled step (compiled for captures only)
         if routing is not None:
-            idx, coef = self._buffers(k)
-            idx[:bucket].copy_(self._staged(torch.nn.functional.pad(routing[0], (0, 0, 0, pad))), non_blocking=True)
-            coef[:bucket].copy_(self._staged(torch.nn.functional.pad(routing[1], (0, 0, 0, pad))), non_blocking=True)
+            for buf, t in zip(self._buffers(k), routing):  # idx, coef: padding rows slot 0, coefficient 0
+                buf[:bucket].copy_(self._pinned(torch.nn.functional.pad(t, (0, 0, 0, pad))), non_blocking=True)
         graph.replay()
         return out[:n]
 
-    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
         """A step's host tensor as its copy to the device reads it: pinned on CUDA, so the copy is queued behind
         the work before it instead of the host waiting for that work (PyTorch keeps the pinned block until the
         copy is done)."""

@@ -240,8 +240,7 @@ class SlotBank:
         """The prepared adapter into `slot` (zeroed first where its last adapter wrote: see `_zero`). Plain
         modules: their host buffer reaches the device in one copy (one wait of the engine thread, where a copy
         per tensor was one wait each), then every tensor is copied on the device from its view of it, in one
-        call (torch._foreach_copy_). DoRA
-        modules' slots are computed on the device from the base weight."""
+        call (torch._foreach_copy_). DoRA modules' slots are computed on the device from the base weight."""
         mods = prep.mods
         dev_buf = None if prep.buf is None else prep.buf.to(self.device)
         for path, m in mods.items():
