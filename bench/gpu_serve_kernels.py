@@ -77,6 +77,25 @@ def layer_fn(layer, xs, idx, coef, impl):
                     for name, (W, A, B) in layer.items()]
         return run_folded
 
+    if impl in ("inplace", "grouped"):
+        from lorakit import kernels
+
+        groups = [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]] if impl == "grouped" else [[n] for n in layer]
+
+        def run_grouped():
+            outs = {}
+            for names in groups:
+                x = xs[layer[names[0]][0].shape[1]]
+                ys = [x @ layer[n][0].T for n in names]
+                if len(names) == 1:
+                    kernels.lora_add(ys[0], x, layer[names[0]][1], layer[names[0]][2], idx, coef)
+                else:
+                    kernels.lora_add_group([y[:, 0] for y in ys], x[:, 0], [layer[n][1] for n in names],
+                                           [layer[n][2] for n in names], idx, coef)
+                outs.update(zip(names, ys))
+            return [outs[n] for n in layer]
+        return run_grouped
+
     def run():
         outs = []
         for W, A, B in layer.values():
@@ -165,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=0, help="timed calls per case (default 20, dry run 5)")
     ap.add_argument("--cases", default="", help="comma-separated mode:adapters[:k], e.g. decode:32,prefill:8")
     ap.add_argument("--folded", action="store_true", help="also the folded decode experiment (decode cases)")
+    ap.add_argument("--grouped", action="store_true", help="also the in-place adds (lora_add per projection, as "
+                    "the engine runs) and the grouped kernels (q/k/v and gate/up in one shrink and one expand)")
     ap.add_argument("--gather", default="", help="extra decode kernel configs to time, ';'-separated, each "
                     "comma-separated GATHER keys, e.g. 'BK=128,BM=8,BO=128,target=2048;BK=64,target=4096'")
     args = ap.parse_args(argv)
@@ -200,6 +221,7 @@ def main(argv=None) -> int:
         for mode, n, k in cases:
             xs, idx, coef, (b, s) = make_batch(d, mode, n, k, dtype, dev)
             extra = [("folded", "folded")] if args.folded and cuda and mode == "decode" and n else []
+            extra += [(v, v) for v in ("inplace", "grouped") if args.grouped and mode == "decode" and n]
             for name, impl in ([("base", None)] if n == 0 else list(impls.items()) + extra):
                 fn = layer_fn(layer, xs, idx, coef, impl)
                 eager = time_eager(fn, iters, cuda)
@@ -217,6 +239,12 @@ def main(argv=None) -> int:
                     row["lora_gbs"] = round(lora_bytes(layer, idx, coef) / added / 1e6, 1) if added > 0 else None
                 if name.startswith("triton"):
                     row["err"] = rel_err(layer, xs, idx, coef, impl, reference.lora_delta)
+                elif name in ("inplace", "grouped"):  # outputs against base + reference, one rounding less
+                    want = layer_fn(layer, xs, idx, coef, reference.lora_delta)()
+                    num = sum(float((a.double() - w.double()).norm() ** 2) for a, w in zip(fn(), want))
+                    den = sum(float((w.double() - (xs[W.shape[1]] @ W.T).double()).norm() ** 2)
+                              for w, (W, _, _) in zip(want, layer.values()))
+                    row["err"] = (num / den) ** 0.5
                 line = json.dumps(row)
                 print(line, flush=True)
                 if fh:

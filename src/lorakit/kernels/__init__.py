@@ -5,6 +5,8 @@ triton_*.py module.
 
   lora_delta(x, A_slots, B_slots, idx, coef[, dora, base])   per-row multi-adapter LoRA (serving): triton_lora.py
   lora_add(out, x, A_slots, B_slots, idx, coef)              the same added into out in place (decode): triton_lora.py
+  lora_add_group(outs, x, As, Bs, idx, coef)                 lora_add for projections sharing an input (q/k/v,
+                                                             gate/up), one token a row: triton_lora_group.py
   ce_chunk(logits, targets, inv_n, ignore_index)             a chunk's cross-entropy and its gradient, the
                                                              gradient written over the logits: triton_ce.py
   swiglu_lora_fwd / swiglu_lora_bwd                          the SwiGLU middle of a LoRA MLP: triton_mlp.py
@@ -58,6 +60,22 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, A_slots: torch.Tensor, B_slots:
     if x.device.type == "cuda" and "cuda" in IMPLS and coef.dim() == 2 and rows_follow:
         return IMPLS["cuda"](x, A_slots, B_slots, idx, coef, out=out)
     return out.add_(lora_delta(x, A_slots, B_slots, idx, coef))
+
+
+def lora_add_group(outs: list[torch.Tensor], x: torch.Tensor, As: list[torch.Tensor], Bs: list[torch.Tensor],
+                   idx: torch.Tensor, coef: torch.Tensor) -> list[torch.Tensor]:
+    """For projections that read the same input x (T, in), one token a row (q, k, v; gate, up): outs[g] (T, out_g)
+    += lora_delta of member g, coef (T, k). On CUDA with Triton one shrink and one expand launch for all members
+    (triton_lora_group.py); elsewhere lora_add per member."""
+    grouped = x.device.type == "cuda" and "cuda" in IMPLS and coef.dim() == 2 and 1 <= len(outs) <= 3 and all(
+        A.is_contiguous() and B.is_contiguous() and o.stride(1) == 1 for o, A, B in zip(outs, As, Bs))
+    if grouped:
+        from lorakit.kernels.triton_lora_group import lora_add_group as kernel
+
+        return kernel(outs, x, As, Bs, idx, coef)
+    for o, A, B in zip(outs, As, Bs):
+        o.add_(lora_delta(x[:, None], A, B, idx, coef)[:, 0])
+    return outs
 
 
 def _triton_cuda(*args, **kwargs) -> torch.Tensor:
@@ -146,5 +164,5 @@ def _(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu):
             y.new_empty(bg.shape, dtype=f32), y.new_empty(bu.shape, dtype=f32), y.new_empty(a.shape, dtype=f32))
 
 
-__all__ = ["lora_delta", "IMPLS", "HAS_TRITON", "reference", "ce_chunk", "swiglu_lora_fwd", "swiglu_lora_bwd",
+__all__ = ["lora_delta", "lora_add", "lora_add_group", "IMPLS", "HAS_TRITON", "reference", "ce_chunk", "swiglu_lora_fwd", "swiglu_lora_bwd",
            "padded_rank", "pad_rows", "pad_cols", "triton_for"]
