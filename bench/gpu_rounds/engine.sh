@@ -11,7 +11,8 @@
 #   8b      the llama-8b shape: base-only and 32 mixed adapters
 # also: tests (tests/gpu/test_engine_gpu.py), profile (a decode step's kernels at 0 and 32 adapters), compile (0 and
 # 32 adapters with LORAKIT_DECODE_COMPILE=1: the step through torch.compile before capture), peer (base-only and
-# transformers' compiled static-cache generate alone, which main's budget did not reach on 2026-12-05).
+# transformers' compiled static-cache generate alone, which main's budget did not reach on 2026-12-05), ungrouped
+# (compile's 32-adapter case with LORAKIT_GROUPED=0: two adapter launches per projection, as before 2026-12-06).
 # EXTRA: more arguments for every bench step (e.g. "--rows 32").
 PY=${PY:-python}
 STEPS=${STEPS:-"main stacks zipf http peft 8b"}
@@ -44,6 +45,7 @@ for s in $STEPS; do
     8b)      step 8b 90 $B --shape llama-8b --cases 0,32 ;;
     compile) step compile 150 env LORAKIT_DECODE_COMPILE=1 $B --cases 0,32 ;;
     peer)    step peer 150 $B --cases 0 --peer ;;
+    ungrouped) step ungrouped 120 env LORAKIT_DECODE_COMPILE=1 LORAKIT_GROUPED=0 $B --cases 32 ;;
     *)       echo "unknown step $s" | tee -a $OUT/log ;;
   esac
 done

@@ -223,21 +223,30 @@ def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-def project_qkv(fam: Family, attn: nn.Module, x: torch.Tensor, sizes: tuple[int, int, int], proj=_call):
+def project_qkv(fam: Family, attn: nn.Module, x: torch.Tensor, sizes: tuple[int, int, int], proj=_call,
+                group=None):
     """x (b, s, hidden) -> q (b, s, heads, d), k and v (b, s, kv_heads, d) through the attention's own projection
     modules (where each row's adapter is added), split where they are fused; `sizes` from qkv_sizes. proj(module,
-    x) applies a projection (default: calls it; the static decoder adds its batch's adapters in place)."""
+    x) applies a projection (default: calls it; the static decoder adds its batch's adapters in place); group(mods,
+    x), where given, applies separate projections of one input together (the decoder's grouped adapter kernels)."""
     b, s, _ = x.shape
     mods = qkv_modules(fam, attn)
-    outs = [proj(m, x) for m in mods] if len(mods) == 3 else proj(mods[0], x).split(list(sizes), dim=-1)
+    if len(mods) == 3:
+        outs = group(mods, x) if group is not None else [proj(m, x) for m in mods]
+    else:
+        outs = proj(mods[0], x).split(list(sizes), dim=-1)
     return tuple(o.view(b, s, -1, attn.head_dim) for o in outs)
 
 
-def project_mlp(fam: Family, mlp: nn.Module, x: torch.Tensor, proj=_call) -> torch.Tensor:
-    """The MLP's output, each projection applied through proj (as in project_qkv): down(act(gate(x)) * up(x)), gate
-    and up split from one fused module where the family fuses them (the model's MLP computes the same)."""
+def project_mlp(fam: Family, mlp: nn.Module, x: torch.Tensor, proj=_call, group=None) -> torch.Tensor:
+    """The MLP's output, each projection applied through proj (and gate with up through group, as in project_qkv):
+    down(act(gate(x)) * up(x)), gate and up split from one fused module where the family fuses them (the model's
+    MLP computes the same)."""
     mods = gate_up_modules(fam, mlp)
-    gate, up = (proj(mods[0], x), proj(mods[1], x)) if len(mods) == 2 else proj(mods[0], x).chunk(2, dim=-1)
+    if len(mods) == 2:
+        gate, up = group(mods, x) if group is not None else (proj(mods[0], x), proj(mods[1], x))
+    else:
+        gate, up = proj(mods[0], x).chunk(2, dim=-1)
     act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3 names it activation_fn
     return proj(mlp.down_proj, act(gate) * up)
 

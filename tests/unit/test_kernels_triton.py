@@ -77,6 +77,22 @@ CHECK = textwrap.dedent("""
                                  [[1.0], [0.5], [1.0], [-2.0], [1.0], [0.25]], ranks={3: 5})
     out["folded_stack_tiles"] = folded(9, 40, 150, 6, 16, [[1, 5], [3, -1], [2, 4]] * 3,
                                        [[0.5, 0.5], [1.0, 0.0], [-1.0, 0.2]] * 3, ranks={4: 11})
+    def grouped(T, din, outs, ranks, S, idx, coef):  # lora_add_group: members of other widths and ranks
+        from lorakit.kernels.triton_lora_group import lora_add_group
+        g = torch.Generator().manual_seed(5)
+        banks = [bank(S, r, din, n, seed=7 + i)[:2] for i, (n, r) in enumerate(zip(outs, ranks))]
+        ys = [torch.randn(T, n, generator=g) for n in outs]
+        x, idx, coef = torch.randn(T, din, generator=g), torch.tensor(idx), torch.tensor(coef)
+        want = [y + lora_delta(x[:, None], A, B, idx, coef)[:, 0] for y, (A, B) in zip(ys, banks)]
+        got = lora_add_group([y.clone() for y in ys], x, [A for A, _ in banks], [B for _, B in banks], idx, coef)
+        return dict(err=max(float((a - w).abs().max()) for a, w in zip(got, want)),
+                    scale=max(float(w.abs().max()) for w in want),
+                    delta=min(float((w - y).abs().max()) for w, y in zip(want, ys)))
+
+    out["grouped_qkv"] = grouped(6, 600, [200, 24, 70], [16, 8, 5], 5, [[1, 2], [3, -1], [0, 0], [4, 1], [2, 2],
+                                 [1, 3]], [[0.5, 0.5], [1.0, 0.0], [1.0, 1.0], [-1.0, 0.2], [0.3, 0.1], [1.0, 1.0]])
+    out["grouped_pair_odd"] = grouped(5, 37, [23, 150], [3, 3], 4, [[1], [3], [-1], [2], [1]],
+                                      [[0.3], [1.0], [1.0], [-1.5], [0.0]])
     splits = {m: triton_lora._split(600, cfg["BK"], 3, cfg["target"])[1]
               for m, cfg in (("gather", triton_lora.GATHER), ("segment", triton_lora.SEGMENT))}
     out["tiles_s1"]["splits"] = splits
@@ -121,6 +137,17 @@ def test_folded_decode_matches_base_plus_reference_in_interpreter(interpreted, n
     several row and out tiles (9 rows, 150 outputs). fp32 throughout: sums of <= 40 products, 1e-5 relative."""
     c = interpreted[name]
     assert c["delta"] > 0.1 * c["scale"], c  # the adapters change the output: the case tests the expand
+    assert c["err"] <= 1e-5 * max(1.0, c["scale"]), c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grouped_qkv", "grouped_pair_odd"])
+def test_grouped_decode_kernels_match_the_reference_per_member_in_interpreter(interpreted, name):
+    """lora_add_group (one shrink and one expand launch for projections sharing an input) = each member's output
+    plus its reference delta: three members of widths 200 / 24 / 70 and ranks 16 / 8 / 5 (several out tiles, a
+    split `in`), stacks of 2, slot -1, zero coefficients; fp32, sums of <= 600 products, 1e-5 relative."""
+    c = interpreted[name]
+    assert c["delta"] > 0.1, c  # every member's output changes: the case tests each member's expand
     assert c["err"] <= 1e-5 * max(1.0, c["scale"]), c
 
 

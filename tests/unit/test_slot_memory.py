@@ -107,3 +107,25 @@ def test_a_reused_slot_holds_exactly_its_new_adapter(tmp_path):
             set_active(src, adapter)
             torch.testing.assert_close(_logits(model, bank, s, ids), src(ids).logits, rtol=1e-4, atol=1e-5)
         bank.release(slot)
+
+
+def test_grouped_projections_give_each_members_own_output(files):
+    """SlotBank.project_group (the decoder's q/k/v and gate/up path) equals `project` member by member for a decode
+    batch whose rows run different adapters, with a member that only one adapter adapts (q_proj at rank 32 beside
+    rank 4) and one that no adapter adapts (k_proj here): exactly, on the CPU."""
+    src, d = files
+    model = tiny_llama()
+    bank = SlotBank(model, max_slots=3, base_fp=fingerprint(model), max_rank=64)
+    small = bank.acquire("small", lambda: read_adapter(d / "small"))
+    wide = bank.acquire("wide", lambda: read_adapter(d / "wide"))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    del bank.layers["model.layers.0.self_attn.k_proj"], bank._by_module[attn.k_proj]  # k_proj: no slots
+    bank.set_batch(torch.tensor([[small], [wide], [0], [small]]), torch.tensor([[1.0], [0.5], [1.0], [2.0]]))
+    x = torch.randn(4, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for mods in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        got = bank.project_group(mods, x)
+        want = [bank.project(m, x) for m in mods]
+        base = [m.base_forward(x) for m in mods]
+        for g, w, b in zip(got, want, base):
+            assert torch.equal(g, w)
+        assert all(not torch.equal(w, b) for w, b, m in zip(want, base, mods) if m is not attn.k_proj)

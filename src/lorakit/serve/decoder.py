@@ -97,6 +97,9 @@ class Decoder:
         self.uncapturable: set[tuple[int, int]] = set()
         # experimental, off by default: LORAKIT_DECODE_COMPILE=1 has torch.compile fuse a decode step's small kernels
         # (norms, rotary, residuals) before its graphs are captured; measured in bench/gpu_serve.py, not yet trusted
+        # the adapters of projections sharing an input in one kernel pair (kernels.lora_add_group); LORAKIT_GROUPED=0:
+        # two launches per projection, as before (kept to compare in bench/gpu_serve.py)
+        self.grouped = os.environ.get("LORAKIT_GROUPED", "1") != "0"
         self._body = self._decode_body
         if self.graphs and os.environ.get("LORAKIT_DECODE_COMPILE") == "1":
             self._body = torch.compile(self._decode_body, dynamic=True)
@@ -108,18 +111,19 @@ class Decoder:
         final norm. ids, pos (b, s) -> hidden (b, s, hidden). lengths, seq_lens: where the RoPE tables depend on
         a sequence's length, each row's real tokens and the length its tables are chosen by (arch.rotary)."""
         m, fam, P = self.model, self.fam, self.bank.project  # P: each projection with the batch's adapters
+        G = self.bank.project_group if self.grouped else None  # q/k/v, gate/up: one kernel pair each
         h = arch.embed(m)(ids)
         tables = arch.rotary(m, h, pos, lengths, seq_lens)  # per layer (cos, sin)
         b, s, _ = h.shape
         for i, p in enumerate(self.parts):
-            q, k, v = arch.project_qkv(fam, p.attn, p.input_norm(h), self.sizes, P)  # (b, s, heads, d)
+            q, k, v = arch.project_qkv(fam, p.attn, p.input_norm(h), self.sizes, P, G)  # (b, s, heads, d)
             if p.q_norm is not None:
                 q, k = p.q_norm(q), p.k_norm(k)
             q, k = arch.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *tables[i])
             o = attend(i, p.attn, q, k, v.transpose(1, 2))
             o = P(p.attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
             h = h + (o if p.post_attn is None else p.post_attn(o))
-            o = arch.project_mlp(fam, p.mlp, p.pre_mlp(h), P)
+            o = arch.project_mlp(fam, p.mlp, p.pre_mlp(h), P, G)
             h = h + (o if p.post_mlp is None else p.post_mlp(o))
         return arch.final_norm(m)(h)
 

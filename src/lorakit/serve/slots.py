@@ -340,6 +340,20 @@ class SlotBank:
         kernels.lora_add(y3, x3, ls.A, ls.B, self.idx, self.coef)
         return y
 
+    def project_group(self, layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+        """[layer(x) for layer in layers] with the batch's adapters, for projections of one input x (b, 1, in) (a
+        decode step): the plain adapted ones through one grouped kernel pair (kernels.lora_add_group), the
+        others (DoRA slots, no slots, mixture rows, several tokens a row) as `project` runs them."""
+        on = self._routing_on and not self._mix_rows and x.dim() == 3 and x.shape[1] == 1
+        lss = [self._by_module.get(m) if on else None for m in layers]
+        plain = [i for i, ls in enumerate(lss) if ls is not None and ls.dora is None]
+        if len(plain) < 2:
+            return [self.project(m, x) for m in layers]
+        ys = [layers[i].base_forward(x) if i in plain else self.project(layers[i], x) for i in range(len(layers))]
+        kernels.lora_add_group([ys[i][:, 0] for i in plain], x[:, 0], [lss[i].A for i in plain],
+                               [lss[i].B for i in plain], self.idx, self.coef)
+        return ys
+
     def _route(self, layer: LoraLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ls = self._by_module[layer]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (b, s, in)
