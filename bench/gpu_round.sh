@@ -17,7 +17,7 @@ for spec in "$@"; do
   name=${spec%%:*}; secs=${spec##*:}
   mkdir -p $OUT/$name
   echo "=== $name ($secs s) $(date +%T)" | tee -a $OUT/rounds.log
-  OUT=$OUT/$name timeout -k 10 $secs bash bench/gpu_rounds/$name.sh > $OUT/$name/console.txt 2>&1
+  OUT=$OUT/$name ROUND_S=$(( secs - 5 )) timeout -k 10 $secs bash bench/gpu_rounds/$name.sh > $OUT/$name/console.txt 2>&1
   echo "=== $name rc=$? $(date +%T)" | tee -a $OUT/rounds.log
   tail -5 $OUT/$name/console.txt
   pack

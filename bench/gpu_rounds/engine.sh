@@ -16,7 +16,7 @@
 # EXTRA: more arguments for every bench step (e.g. "--rows 32").
 PY=${PY:-python}
 STEPS=${STEPS:-"main stacks zipf http peft 8b"}
-BUDGET=${BUDGET:-300}
+BUDGET=${BUDGET:-${ROUND_S:-300}}
 J=$OUT/gpu_serve.jsonl
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>&1 | tee -a $OUT/log

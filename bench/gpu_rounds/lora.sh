@@ -4,7 +4,7 @@
 # larger or more, smaller programs), and the folded experiment (the slots' A inside the base matmul, one expand
 # launch). Output: $OUT/gpu_serve_kernels.jsonl, one line per (case, implementation), base-only in the same run.
 mkdir -p $OUT
-timeout ${BENCH_S:-150} python bench/gpu_serve_kernels.py --out $OUT/gpu_serve_kernels.jsonl --folded --grouped \
+timeout ${BENCH_S:-${ROUND_S:-150}} python bench/gpu_serve_kernels.py --out $OUT/gpu_serve_kernels.jsonl --folded --grouped \
   --cases ${CASES:-decode:0,decode:1,decode:32,decode:32:2} \
   --gather "${GATHERS:-BK=128,blocks=1,target=2048;BK=256,blocks=1,target=1024;BM=8,BO=128;BM=2,BO=32;BM=16,BO=64,BK=64,blocks=1,target=4096}" \
   2>&1 | tee -a $OUT/log

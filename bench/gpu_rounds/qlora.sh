@@ -4,7 +4,7 @@
 # lorakit through each 4-bit library (bnb, torchao, own) and through `lorakit train`. Output: $OUT/gpu_train.jsonl.
 mkdir -p $OUT
 export LORAKIT_BENCH_TOKENIZER=${LORAKIT_BENCH_TOKENIZER:-$TOK}  # the cli case's tokenizer (the device has no embedded model)
-timeout ${BENCH_S:-290} python bench/gpu_train.py --out $OUT --no-micro --deadline $(( ${BENCH_S:-290} - 60 )) --runs \
+timeout ${BENCH_S:-${ROUND_S:-290}} python bench/gpu_train.py --out $OUT --no-micro --deadline $(( ${BENCH_S:-${ROUND_S:-290}} - 60 )) --runs \
   ${RUNS:-8b-q4/peft/bf16=1,liger=1 8b-q4/lorakit/lib=bnb,mem=1 8b-q4/lorakit/lib=torchao 8b-q4-b2/lorakit/lib=bnb \
   8b-q4-b2/peft/bf16=1,liger=1 8b-q4/cli 8b-q4/peft/kbit=1 8b-q4/lorakit/lib=own} 2>&1 | tee -a $OUT/log
 echo done | tee -a $OUT/log
