@@ -212,7 +212,8 @@ def main(argv=None) -> int:
 
         t0, times, info = run_engine_case(model, prompts, uses_for(adapters, n, args.rows), args, n)
         row = dict(case=f"engine-{n}", api="engine", adapters=n, **summarize(t0, times),
-                   graphs=info.get("graphs"), steps=info.get("decode_steps"))
+                   graphs=info.get("graphs"), steps=info.get("decode_steps"),
+                   measured=info.get("pass"))
         lora = n * sum(t.numel() * t.element_size() for t in adapters[0].tensors.values())
         step_bytes = wbytes + args.rows * (args.prompt + args.new / 2) * kv_tok + lora
         limit = args.rows * rate / step_bytes if rate else None
@@ -244,7 +245,8 @@ def main(argv=None) -> int:
 
             t0, times, info = http_case(model, adapters, n, args)
             row = dict(case=f"http-{n}", api="http", client="openai", adapters=n, **summarize(t0, times),
-                       graphs=info.get("graphs"), steps=info.get("decode_steps"))
+                       graphs=info.get("graphs"), steps=info.get("decode_steps"),
+                   measured=info.get("pass"))
             if n in engine:
                 row["vs_engine"] = round(row["decode_tok_s"] / engine[n]["decode_tok_s"], 3)
             put(row)

@@ -76,6 +76,10 @@ def test_engine_and_stack_cases_against_the_base(rows):
     for name in ("engine-2", "stack2-2"):
         assert by_case[name]["vs_base"] == ratio(by_case[name]["decode_tok_s"], base["decode_tok_s"], 3)
     assert by_case["engine-2"]["step_bytes"] > base["step_bytes"]  # the adapters' bytes are read too
+    for name in ("engine-0", "engine-2"):  # the measured pass: prompts prefilled in batches, every adapter resident
+        m = by_case[name]["measured"]
+        assert 0 < m["prefills"] <= ROWS and m["prefill_splits"] == 0 and m["adapter_loads"] == 0, m
+        assert m["prefill_s"] > 0 and m["acquire_s"] >= 0, m
 
 
 def test_zipf_against_the_round_robin_reference(rows):

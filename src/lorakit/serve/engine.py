@@ -73,7 +73,8 @@ class Engine:
         self._wake = False  # something changed that may let a waiting request in
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "errors": 0, "cancelled": 0, "tokens": 0, "scores": 0}
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "prefill_splits": 0,
+                      "errors": 0, "cancelled": 0, "tokens": 0, "scores": 0, "acquire_s": 0.0, "prefill_s": 0.0}
 
     # ---------------------------------------------------------------- public (any thread)
     def start(self) -> "Engine":
@@ -281,12 +282,15 @@ class Engine:
     def acquire(self, req: GenRequest | ScoreRequest) -> tuple[list[int], str | None] | None:
         """Pin req's adapters in slots (and its mixture's gates): (slots, mixture key). A broken adapter or
         mixture file fails this request alone: it gets the error, nothing stays pinned, None."""
+        t0 = time.perf_counter()
         try:
             return self.residency.acquire(req)
         except AdapterLoadError as e:
             self.stats["errors"] += 1
             _send(req, ("error", str(e)))
             return None
+        finally:
+            self.stats["acquire_s"] += time.perf_counter() - t0  # adapters written into slots: engine-thread time
 
     def _admit(self, budget: int) -> None:
         rows: list[Row] = []

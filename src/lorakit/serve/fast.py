@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,7 @@ class StaticEngine(Engine):
         self._retire()
 
     def _prefill_turn(self) -> None:
+        t0 = time.perf_counter()
         budget, groups = self.prefill_chunk, {}
         for r in self.running:
             if r.finished is None and r.done < len(r.req.prompt) and budget > 0:
@@ -123,6 +125,8 @@ class StaticEngine(Engine):
                 groups.setdefault(r.done, []).append((r, r.req.prompt[r.done:r.done + n]))
         for start, group in groups.items():
             self._prefill(group, start)
+        if groups:
+            self.stats["prefill_s"] += time.perf_counter() - t0  # engine-thread time, up to the first tokens read
 
     def _prefill(self, group: list[tuple[CacheRow, list[int]]], start: int) -> None:
         rows = [r for r, _ in group]
@@ -132,6 +136,9 @@ class StaticEngine(Engine):
                                           [len(r.req.prompt) for r in rows])
         except Exception as e:  # noqa: BLE001 - retry one by one, so only a bad request fails
             if len(group) > 1:
+                log.warning("a prefill of %d rows failed (%s: %s); running them one by one", len(group),
+                            type(e).__name__, e)
+                self.stats["prefill_splits"] += 1
                 for one in group:
                     self._prefill([one], start)
                 return
