@@ -93,7 +93,7 @@ CHECK = textwrap.dedent("""
                                  [1, 3]], [[0.5, 0.5], [1.0, 0.0], [1.0, 1.0], [-1.0, 0.2], [0.3, 0.1], [1.0, 1.0]])
     out["grouped_pair_odd"] = grouped(5, 37, [23, 150], [3, 3], 4, [[1], [3], [-1], [2], [1]],
                                       [[0.3], [1.0], [1.0], [-1.5], [0.0]])
-    splits = {m: triton_lora._split(600, cfg["BK"], 3, cfg["target"])[1]
+    splits = {m: triton_lora.split_in(600, cfg["BK"], 3, cfg["target"])[1]
               for m, cfg in (("gather", triton_lora.GATHER), ("segment", triton_lora.SEGMENT))}
     out["tiles_s1"]["splits"] = splits
     print(json.dumps(out))

@@ -160,7 +160,7 @@ def _expand_segment(h_ptr, b_ptr, idx_ptr, coef_ptr, d_ptr, base_ptr, out_ptr, T
     tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def _split(n_in: int, bk: int, programs: int, target: int, blocks: int = 4) -> tuple[int, int]:
+def split_in(n_in: int, bk: int, programs: int, target: int, blocks: int = 4) -> tuple[int, int]:
     """(chunk of `in` per shrink program, number of chunks): about `target` programs in all, chunks of at least
     `blocks` x bk."""
     want = max(1, min(triton.cdiv(n_in, blocks * bk), triton.cdiv(target, max(programs, 1))))
@@ -224,7 +224,7 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
     if mode == "gather":
         cfg = GATHER
         RP = triton.next_power_of_2(max(r, 1))
-        chunk, nsplit = _split(n_in, cfg["BK"], T * k, cfg["target"], cfg.get("blocks", 4))
+        chunk, nsplit = split_in(n_in, cfg["BK"], T * k, cfg["target"], cfg.get("blocks", 4))
         h = torch.empty(nsplit, T, k, RP, dtype=torch.float32, device=x.device)
         _shrink_gather[(T, k, nsplit)](x2, A, idx, coef, h, T, s, n_in, k, r, x2.stride(0), A.stride(0),
                                        A.stride(1), CHUNK=chunk, RP=RP, BK=cfg["BK"])
@@ -238,7 +238,7 @@ def lora_delta(x: torch.Tensor, A_slots: torch.Tensor, B_slots: torch.Tensor, id
     BM = min(cfg["BM"], max(16, triton.next_power_of_2(s)))
     blocks = b * triton.cdiv(s, BM)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    chunk, nsplit = _split(n_in, cfg["BK"], blocks * k, cfg["target"], cfg.get("blocks", 4))
+    chunk, nsplit = split_in(n_in, cfg["BK"], blocks * k, cfg["target"], cfg.get("blocks", 4))
     h = torch.empty(nsplit, T, k, RP, dtype=torch.float32, device=x.device)
     _shrink_segment[(blocks, k, nsplit)](x2, A, idx, coef, h, T, s, n_in, k, r, x2.stride(0), A.stride(0),
                                          A.stride(1), CHUNK=chunk, RP=RP, BM=BM, BK=cfg["BK"], PREC=prec)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorakit.kernels.triton_lora import GATHER, _split
+from lorakit.kernels.triton_lora import GATHER, split_in
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def lora_add_group(outs: list[torch.Tensor], x: torch.Tensor, As: list[torch.Ten
     ranks = [A.shape[1] for A in As]
     RP = triton.next_power_of_2(max(max(ranks), 1))
     cfg = GATHER
-    chunk, nsplit = _split(n_in, cfg["BK"], T * k * G, cfg["target"], cfg.get("blocks", 4))
+    chunk, nsplit = split_in(n_in, cfg["BK"], T * k * G, cfg["target"], cfg.get("blocks", 4))
     h = torch.empty(nsplit, T, k, G, RP, dtype=torch.float32, device=x.device)
     R = pad(ranks, ranks[0])
     _shrink_group[(T, k * G, nsplit)](x, *pad(As, As[0]), idx, coef, h, T, n_in, k, *R, x.stride(0),
