@@ -77,6 +77,20 @@ def layer_fn(layer, xs, idx, coef, impl):
                     for name, (W, A, B) in layer.items()]
         return run_folded
 
+    if isinstance(impl, str) and impl.startswith("grouped["):  # the grouped kernels with another GATHER config
+        from lorakit.kernels import triton_lora
+
+        cfg = dict(triton_lora.GATHER, **{k: int(v) for k, v in (kv.split("=") for kv in impl[8:-1].split(","))})
+        inner = layer_fn(layer, xs, idx, coef, "grouped")
+
+        def run_cfg():
+            saved = triton_lora.GATHER
+            triton_lora.GATHER = cfg
+            try:
+                return inner()
+            finally:
+                triton_lora.GATHER = saved
+        return run_cfg
     if impl in ("inplace", "grouped"):
         from lorakit import kernels
 
@@ -221,7 +235,8 @@ def main(argv=None) -> int:
         for mode, n, k in cases:
             xs, idx, coef, (b, s) = make_batch(d, mode, n, k, dtype, dev)
             extra = [("folded", "folded")] if args.folded and cuda and mode == "decode" and n else []
-            extra += [(v, v) for v in ("inplace", "grouped") if args.grouped and mode == "decode" and n]
+            grouped = ["inplace", "grouped"] + [f"grouped[{g}]" for g in filter(None, args.gather.split(";")) if cuda]
+            extra += [(v, v) for v in grouped if args.grouped and mode == "decode" and n]
             for name, impl in ([("base", None)] if n == 0 else list(impls.items()) + extra):
                 fn = layer_fn(layer, xs, idx, coef, impl)
                 eager = time_eager(fn, iters, cuda)
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
                     row["lora_gbs"] = round(lora_bytes(layer, idx, coef) / added / 1e6, 1) if added > 0 else None
                 if name.startswith("triton"):
                     row["err"] = rel_err(layer, xs, idx, coef, impl, reference.lora_delta)
-                elif name in ("inplace", "grouped"):  # outputs against base + reference, one rounding less
+                elif name == "inplace" or name.startswith("grouped"):  # outputs against base + reference, one rounding less
                     want = layer_fn(layer, xs, idx, coef, reference.lora_delta)()
                     num = sum(float((a.double() - w.double()).norm() ** 2) for a, w in zip(fn(), want))
                     den = sum(float((w.double() - (xs[W.shape[1]] @ W.T).double()).norm() ** 2)
