@@ -104,7 +104,7 @@ def layer_fn(layer, xs, idx, coef, impl):
                 if len(names) == 1:
                     kernels.lora_add(ys[0], x, layer[names[0]][1], layer[names[0]][2], idx, coef)
                 else:
-                    kernels.lora_add_group([y[:, 0] for y in ys], x[:, 0], [layer[n][1] for n in names],
+                    kernels.lora_add_group(ys, x, [layer[n][1] for n in names],
                                            [layer[n][2] for n in names], idx, coef)
                 outs.update(zip(names, ys))
             return [outs[n] for n in layer]

@@ -64,17 +64,18 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, A_slots: torch.Tensor, B_slots:
 
 def lora_add_group(outs: list[torch.Tensor], x: torch.Tensor, As: list[torch.Tensor], Bs: list[torch.Tensor],
                    idx: torch.Tensor, coef: torch.Tensor) -> list[torch.Tensor]:
-    """For projections that read the same input x (T, in), one token a row (q, k, v; gate, up): outs[g] (T, out_g)
-    += lora_delta of member g, coef (T, k). On CUDA with Triton one shrink and one expand launch for all members
-    (triton_lora_group.py); elsewhere lora_add per member."""
+    """For projections that read the same input x (T, in) or (T, 1, in), one token a row (q, k, v; gate, up):
+    outs[g] (x's layout, out_g wide) += lora_delta of member g, coef (T, k). On CUDA with Triton one shrink and one
+    expand launch for all members (triton_lora_group.py); elsewhere lora_add per member."""
     grouped = x.device.type == "cuda" and "cuda" in IMPLS and coef.dim() == 2 and 1 <= len(outs) <= 3 and all(
-        A.is_contiguous() and B.is_contiguous() and o.stride(1) == 1 for o, A, B in zip(outs, As, Bs))
+        A.is_contiguous() and B.is_contiguous() and o.stride(-1) == 1 for o, A, B in zip(outs, As, Bs))
     if grouped:
         from lorakit.kernels.triton_lora_group import lora_add_group as kernel
 
         return kernel(outs, x, As, Bs, idx, coef)
+    x3 = x if x.dim() == 3 else x[:, None]
     for o, A, B in zip(outs, As, Bs):
-        o.add_(lora_delta(x[:, None], A, B, idx, coef)[:, 0])
+        o.add_(lora_delta(x3, A, B, idx, coef).view(o.shape))
     return outs
 
 

@@ -101,23 +101,26 @@ def _expand_group(h_ptr, b0, b1, b2, o0, o1, o2, idx_ptr, coef_ptr, T, K, R0, R1
 def lora_add_group(outs: list[torch.Tensor], x: torch.Tensor, As: list[torch.Tensor], Bs: list[torch.Tensor],
                    idx: torch.Tensor, coef: torch.Tensor) -> list[torch.Tensor]:
     """outs[g] (T, out_g) += lora_delta(x, As[g], Bs[g], idx, coef) for each member, x (T, in) one token a row,
-    idx and coef (T, k); two launches in all. Returns outs."""
+    idx and coef (T, k); two launches in all. x and outs may also be (T, 1, n) (a decode step's tensors, passed
+    as they are: no views to write through). Returns outs."""
     G = len(outs)
     if not 1 <= G <= 3 or len(As) != G or len(Bs) != G:
         raise ValueError(f"1 to 3 members, as many A and B as outputs; got {G}, {len(As)}, {len(Bs)}")
-    T, n_in = x.shape
+    T, n_in = x.shape[0], x.shape[-1]
     k = idx.shape[1]
     for o, A, B in zip(outs, As, Bs):
         if not (A.is_contiguous() and B.is_contiguous()) or A.shape[2] != n_in or B.shape[2] != A.shape[1] \
-                or B.shape[0] != A.shape[0] or o.shape != (T, B.shape[1]) or o.stride(1) != 1 \
-                or not (x.dtype == A.dtype == B.dtype == o.dtype):
+                or B.shape[0] != A.shape[0] or tuple(o.shape) not in ((T, B.shape[1]), (T, 1, B.shape[1])) \
+                or o.stride(-1) != 1 or x.dim() != o.dim() or not (x.dtype == A.dtype == B.dtype == o.dtype):
             raise ValueError(f"member shapes do not agree: x {tuple(x.shape)}, A {tuple(A.shape)}, "
                              f"B {tuple(B.shape)}, out {tuple(o.shape)} (contiguous banks, one dtype)")
+    if x.dim() == 3 and x.shape[1] != 1:
+        raise ValueError(f"one token a row: x must be (T, in) or (T, 1, in), got {tuple(x.shape)}")
     if idx.shape != (T, k) or coef.shape != (T, k):
         raise ValueError(f"idx and coef must be ({T}, k), got {tuple(idx.shape)}, {tuple(coef.shape)}")
     if T == 0 or k == 0:
         return outs
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     idx = idx.to(torch.int64).contiguous()
     coef = coef.to(torch.float32).contiguous()
     pad = lambda seq, fill: list(seq) + [fill] * (3 - G)  # noqa: E731  unused members repeat the first

@@ -350,7 +350,7 @@ class SlotBank:
         if len(plain) < 2:
             return [self.project(m, x) for m in layers]
         ys = [layers[i].base_forward(x) if i in plain else self.project(layers[i], x) for i in range(len(layers))]
-        kernels.lora_add_group([ys[i][:, 0] for i in plain], x[:, 0], [lss[i].A for i in plain],
+        kernels.lora_add_group([ys[i] for i in plain], x, [lss[i].A for i in plain],
                                [lss[i].B for i in plain], self.idx, self.coef)
         return ys
 
