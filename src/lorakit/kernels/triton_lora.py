@@ -30,7 +30,10 @@ import triton.language as tl
 
 # BK: shrink chunk of `in`; BM x BO: rows x outputs per expand program; target: shrink programs wanted (SMs x 2);
 # blocks: at least this many BK chunks per shrink program
-GATHER = dict(BK=128, BM=4, BO=64, target=512, blocks=4)
+# GATHER: the best of six configs for a llama-1b layer at 64 rows, grouped and per projection alike
+# (bench/results/gpu_serve_kernels_h100_2026-12-06.jsonl: many small shrink programs, 16 rows an expand program;
+# it was BK=128, BM=4, BO=64, target=512, blocks=4)
+GATHER = dict(BK=64, BM=16, BO=64, target=4096, blocks=1)
 SEGMENT = dict(BK=64, BM=64, BO=128, target=256, blocks=4)
 
 

@@ -25,6 +25,27 @@ from lorakit.kernels.triton_lora import split_in
 
 
 @triton.jit
+def _pick(g, p0, p1, p2, G: tl.constexpr):
+    """Member g's pointer. Members past G are None (never the same tensor twice: torch.compile's functional
+    wrapper of a Triton kernel cannot take one mutated tensor as two arguments)."""
+    if G == 1:
+        p = p0
+    elif G == 2:
+        if g == 0:
+            p = p0
+        else:
+            p = p1
+    else:
+        if g == 0:
+            p = p0
+        elif g == 1:
+            p = p1
+        else:
+            p = p2
+    return p
+
+
+@triton.jit
 def _shrink_group(x_ptr, a0, a1, a2, idx_ptr, coef_ptr, h_ptr, T, IN, K, R0, R1, R2, sx,
                   G: tl.constexpr, CHUNK: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
     t = tl.program_id(0)
@@ -32,12 +53,7 @@ def _shrink_group(x_ptr, a0, a1, a2, idx_ptr, coef_ptr, h_ptr, T, IN, K, R0, R1,
     j = tl.program_id(1) % K
     sp = tl.program_id(2)
     R = tl.where(g == 0, R0, tl.where(g == 1, R1, R2))
-    if g == 0:
-        a_ptr = a0
-    elif g == 1:
-        a_ptr = a1
-    else:
-        a_ptr = a2
+    a_ptr = _pick(g, a0, a1, a2, G)
     slot = tl.load(idx_ptr + t * K + j)
     c = tl.load(coef_ptr + t * K + j)
     if (slot >= 0) & (c != 0):
@@ -67,15 +83,8 @@ def _expand_group(h_ptr, b0, b1, b2, o0, o1, o2, idx_ptr, coef_ptr, T, K, R0, R1
     R = tl.where(g == 0, R0, tl.where(g == 1, R1, R2))
     N = tl.where(g == 0, N0, tl.where(g == 1, N1, N2))
     so = tl.where(g == 0, so0, tl.where(g == 1, so1, so2))
-    if g == 0:
-        b_ptr = b0
-        out_ptr = o0
-    elif g == 1:
-        b_ptr = b1
-        out_ptr = o1
-    else:
-        b_ptr = b2
-        out_ptr = o2
+    b_ptr = _pick(g, b0, b1, b2, G)
+    out_ptr = _pick(g, o0, o1, o2, G)
     o = ob * BO + tl.arange(0, BO)
     om = o < N
     rr = tl.arange(0, RP)
@@ -120,21 +129,25 @@ def lora_add_group(outs: list[torch.Tensor], x: torch.Tensor, As: list[torch.Ten
         raise ValueError(f"idx and coef must be ({T}, k), got {tuple(idx.shape)}, {tuple(coef.shape)}")
     if T == 0 or k == 0:
         return outs
+    # 2-D views (T, n) for the kernels: torch.compile's functional wrapper of a Triton kernel fails on mutated
+    # arguments with a size-1 dimension under dynamic shapes (pytorch/pytorch#181735), and lora_delta does the same
+    x = x.reshape(T, n_in)
     x = x if x.stride(-1) == 1 else x.contiguous()
+    flat = [o.view(T, o.shape[-1]) for o in outs]
     idx = idx.to(torch.int64).contiguous()
     coef = coef.to(torch.float32).contiguous()
-    pad = lambda seq, fill: list(seq) + [fill] * (3 - G)  # noqa: E731  unused members repeat the first
+    pad = lambda seq, fill: list(seq) + [fill] * (3 - G)  # noqa: E731  members past G: None or 0
     ranks = [A.shape[1] for A in As]
     RP = triton.next_power_of_2(max(max(ranks), 1))
     cfg = triton_lora.GATHER  # read at the call: the kernel bench times other configs by replacing it
     chunk, nsplit = split_in(n_in, cfg["BK"], T * k * G, cfg["target"], cfg.get("blocks", 4))
     h = torch.empty(nsplit, T, k, G, RP, dtype=torch.float32, device=x.device)
-    R = pad(ranks, ranks[0])
-    _shrink_group[(T, k * G, nsplit)](x, *pad(As, As[0]), idx, coef, h, T, n_in, k, *R, x.stride(0),
+    R = pad(ranks, 0)
+    _shrink_group[(T, k * G, nsplit)](x, *pad(As, None), idx, coef, h, T, n_in, k, *R, x.stride(0),
                                       G=G, CHUNK=chunk, RP=RP, BK=cfg["BK"])
     N = pad([B.shape[1] for B in Bs], 0)
     blocks = sum(triton.cdiv(n, cfg["BO"]) for n in N)
     _expand_group[(triton.cdiv(T, cfg["BM"]), blocks)](
-        h, *pad(Bs, Bs[0]), *pad(outs, outs[0]), idx, coef, T, k, *R, *N, *pad([o.stride(0) for o in outs], 0),
+        h, *pad(Bs, None), *pad(flat, None), idx, coef, T, k, *R, *N, *pad([o.stride(0) for o in flat], 0),
         G=G, NSPLIT=nsplit, RP=RP, BM=cfg["BM"], BO=cfg["BO"])
     return outs
