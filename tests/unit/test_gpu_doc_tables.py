@@ -78,3 +78,28 @@ def test_second_round_tables_match_their_files_and_keep_traced_runs_out_of_the_s
     traced = [r for r in rows if r.get("mem_trace")]
     assert len(traced) == 2 and all(f"{r['tokens_per_s']:,.0f}" not in speed for r in traced)
     assert all(f"{r['peak_alloc_gib']:.3f} / {r['mem_trace']['peak_gib']:.3f}" in mem for r in traced)
+
+
+def test_kernel_and_qlora_repeat_tables_match_their_files_and_follow_them(tmp_path):
+    """docs/serving.md k1 (scripts/kernel_table.py) and docs/gpu.md r6q (scripts/gpu_tables.py) are what their
+    scripts make of the 2026-12-06 files; rows the QLoRA round skipped at its deadline are not in the table, and a
+    changed time in the kernel file changes the kernel table."""
+    kt, tt = load("scripts/kernel_table.py"), load("scripts/gpu_tables.py")
+    kf = ROOT / "bench/results/gpu_serve_kernels_h100_2026-12-06.jsonl"
+    keep = lambda r: r.get("bench") == "gpu_serve_kernels" and r.get("ms_graph")  # noqa: E731  (what main reads)
+    rows = kt.doc_markers.read_rows([str(kf)], keep)
+    assert _between(kt.DOC.read_text(), "<!-- gpu-kernels:k1:begin -->", "<!-- gpu-kernels:k1:end -->") == \
+        kt.table(rows), "docs/serving.md drifted: python scripts/kernel_table.py ... --write --name k1"
+    grouped = next(r for r in rows if r["case"] == "decode-32" and r["impl"].startswith("grouped["))
+    assert f"| decode-32 | grouped[{grouped['impl'][8:-1]}] | {grouped['ms_graph']:.4f} |" in kt.table(rows)
+    changed = [json.loads(x) for x in kf.read_text().splitlines()]
+    changed[-1]["ms_graph"] *= 2
+    g = tmp_path / kf.name
+    g.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    assert kt.table(kt.doc_markers.read_rows([str(g)], keep)) != kt.table(rows)
+    qf = ROOT / "bench/results/gpu_qlora_h100_2026-12-06.jsonl"
+    q = tt.read([str(qf)])
+    assert _between((ROOT / "docs/gpu.md").read_text(), "<!-- gpu-table:r6q:begin -->",
+                    "<!-- gpu-table:r6q:end -->") == tt.table(q)
+    skipped = [json.loads(x) for x in qf.read_text().splitlines() if "skipped" in json.loads(x)]
+    assert len(skipped) == 3 and tt.table(q).count("\n") == 1 + sum(1 for r in q if r.get("tokens_per_s"))
