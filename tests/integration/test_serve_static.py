@@ -136,3 +136,36 @@ def test_a_failed_graph_capture_runs_that_shape_eagerly_and_is_not_retried(adapt
     assert [s.tokens for s in sinks] == want
     assert info["graphs"] == 0 and info["graph_failures"] == len(tried) == len(eng.decoder.uncapturable) >= 1
     assert info["decode_steps"] >= n - 1 > len(tried)  # one try per (bucket, stack) shape, not one per step
+
+
+def test_a_compiled_step_that_fails_to_capture_is_given_up_for_the_plain_step(adapters):
+    """LORAKIT_DECODE_COMPILE's step (stood in for here by a wrapper of the plain step) that raises at capture
+    (injected at `decoder.capture`) is dropped once for the plain step, which is tried at once for the same shape
+    (and here fails too, as every capture on the CPU does): tokens still equal offline generate, the compiled step
+    is given up once, not per shape."""
+    from lorakit import faults
+
+    root, ref = adapters
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10, 11]]
+    names = ["a", "b"]
+    n = 6
+    want = [offline(ref, name, p, n) for name, p in zip(names, prompts)]
+    tried = []
+
+    def fail(bucket):
+        tried.append(bucket)
+        raise RuntimeError("injected: capture failed")
+
+    eng = StaticEngine(tiny_llama(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=16, graphs=True)
+    dec = eng.decoder
+    dec._body = lambda rows: dec._decode_body(rows)  # a step other than the plain one, as the compiled step is
+    with faults.hook("decoder.capture", fail):
+        eng.start()
+        try:
+            sinks = run_all(eng, [GenRequest(p, [use(root, name)], max_tokens=n) for name, p in zip(names, prompts)])
+            info = eng.info()
+        finally:
+            eng.stop()
+    assert [s.tokens for s in sinks] == want
+    assert dec._body == dec._decode_body and info["compile_failures"] == 1
+    assert tried[0] == tried[1] and len(tried) == info["graph_failures"] + 1  # the same shape, plain, at once

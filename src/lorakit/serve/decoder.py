@@ -95,6 +95,7 @@ class Decoder:
         self.captures = 0
         self.capture_failures = 0  # captures that raised: their (bucket, k) runs eagerly from then on
         self.uncapturable: set[tuple[int, int]] = set()
+        self.compile_failures = 0  # compiled-step captures that raised (the plain step is captured after one)
         # experimental, off by default: LORAKIT_DECODE_COMPILE=1 has torch.compile fuse a decode step's small kernels
         # (norms, rotary, residuals) before its graphs are captured; measured in bench/gpu_serve.py, not yet trusted
         # the adapters of projections sharing an input in one kernel pair (kernels.lora_add_group); LORAKIT_GROUPED=0:
@@ -193,13 +194,7 @@ class Decoder:
         self._io[:, :bucket].copy_(self._pinned(io), non_blocking=True)
         graph = None
         if self.graphs and not eager and (bucket, k) not in self.uncapturable:
-            try:
-                graph, out = self._graph(bucket, k)
-            except Exception:  # noqa: BLE001 - a step that cannot be captured runs eagerly, never the capture again
-                log.exception("CUDA graph capture failed (bucket %d, %d adapters a row); that batch shape runs "
-                              "without a graph from now on", bucket, k)
-                self.uncapturable.add((bucket, k))
-                self.capture_failures += 1
+            graph, out = self._try_graph(bucket, k)
         if graph is None:
             if not eager:
                 self.bank.bind(None if routing is None else routing[0].to(self.device),
@@ -210,6 +205,26 @@ class Decoder:
                 buf[:bucket].copy_(self._pinned(torch.nn.functional.pad(t, (0, 0, 0, pad))), non_blocking=True)
         graph.replay()
         return out[:n]
+
+    def _try_graph(self, bucket: int, k: int):
+        """The graph of (bucket, k), captured now if need be; (None, None) where it cannot be captured: that batch
+        shape runs eagerly from then on. A compiled step that fails to capture is given up for the plain step
+        (every later capture too), which is tried at once."""
+        try:
+            return self._graph(bucket, k)
+        except Exception:  # noqa: BLE001 - a step that cannot be captured runs eagerly, never the capture again
+            if self._body != self._decode_body:  # (bound methods: equal, never identical)
+                log.exception("the compiled decode step failed to capture (bucket %d, %d adapters a row); the "
+                              "plain step is captured from now on", bucket, k)
+                self._body = self._decode_body
+                self.compile_failures += 1
+                self._captured.clear()
+                return self._try_graph(bucket, k)
+            log.exception("CUDA graph capture failed (bucket %d, %d adapters a row); that batch shape runs "
+                          "without a graph from now on", bucket, k)
+            self.uncapturable.add((bucket, k))
+            self.capture_failures += 1
+            return None, None
 
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
         """A step's host tensor as its copy to the device reads it: pinned on CUDA, so the copy is queued behind

@@ -79,7 +79,8 @@ class StaticEngine(Engine):
     def info(self) -> dict:
         return {**super().info(), "kv_bytes": self.decoder.cache.nbytes(), "max_len": self.max_len,
                 "graphs": self.decoder.captures,
-                "graph_failures": self.decoder.capture_failures}
+                "graph_failures": self.decoder.capture_failures,
+                "compile_failures": self.decoder.compile_failures}
 
     # ---------------------------------------------------------------- admission
     def _admit(self, budget: int = 0) -> None:
