@@ -188,7 +188,8 @@ def main(argv=None) -> int:
                 copy_gbs=None if rate is None else round(rate / 1e9, 1), weight_bytes=wbytes)
     if os.environ.get("LORAKIT_DECODE_COMPILE") == "1":  # the decoder's experimental torch.compile knob
         meta["decode_compile"] = True
-    meta["grouped"] = os.environ.get("LORAKIT_GROUPED", "1") != "0"  # q/k/v and gate/up adapters: one kernel pair
+    # q/k/v and gate/up adapters through one kernel pair (serve/decoder.py: not in the compiled step)
+    meta["grouped"] = os.environ.get("LORAKIT_GROUPED", "1") != "0" and not meta.get("decode_compile")
     profiled = [int(c) for c in args.profile.split(",") if c]
     need = [n for kind, n in cases if kind != "zipf"] + profiled + [1]
     adapters = [make_adapter(model, i) for i in range(max(need))]
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
         t0, times, info = run_engine_case(model, prompts, uses_for(adapters, n, args.rows), args, n)
         row = dict(case=f"engine-{n}", api="engine", adapters=n, **summarize(t0, times),
                    graphs=info.get("graphs"), steps=info.get("decode_steps"),
-                   measured=info.get("pass"))
+                   measured=info.get("pass"), compile_failures=info.get("compile_failures"))
         lora = n * sum(t.numel() * t.element_size() for t in adapters[0].tensors.values())
         step_bytes = wbytes + args.rows * (args.prompt + args.new / 2) * kv_tok + lora
         limit = args.rows * rate / step_bytes if rate else None
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
             t0, times, info = http_case(model, adapters, n, args)
             row = dict(case=f"http-{n}", api="http", client="openai", adapters=n, **summarize(t0, times),
                        graphs=info.get("graphs"), steps=info.get("decode_steps"),
-                   measured=info.get("pass"))
+                   measured=info.get("pass"), compile_failures=info.get("compile_failures"))
             if n in engine:
                 row["vs_engine"] = round(row["decode_tok_s"] / engine[n]["decode_tok_s"], 3)
             put(row)

@@ -35,7 +35,7 @@ def stack_case(model, adapters, n: int, args) -> dict:
     t0, times, info = run_engine_case(model, prompts, uses_for(adapters, n, args.rows, stack=2), args, n)
     return dict(api="engine", adapters=n, stack=2, stack_weights=[1.0, 0.5], **summarize(t0, times),
                 graphs=info.get("graphs"), steps=info.get("decode_steps"),
-                   measured=info.get("pass"))
+                   measured=info.get("pass"), compile_failures=info.get("compile_failures"))
 
 
 # ---------------------------------------------------------------- many adapters, Zipf traffic

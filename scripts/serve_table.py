@@ -26,7 +26,9 @@ def ms(r: dict, key: str) -> str:
 
 
 def case_label(r: dict) -> str:
-    name = r["case"] + (" (compiled step)" if r.get("decode_compile") else "")
+    compiled = r.get("decode_compile") and not r.get("compile_failures")  # a failed compile ran the plain step
+    name = r["case"] + (" (compiled step)" if compiled else " (compile failed: plain step)" if r.get("decode_compile")
+                        else "")
     name += " (grouped kernels off)" if r.get("grouped") is False and r.get("adapters") else ""
     return f"{name}, {r['api']}" + (f" ({r['client']} client)" if r.get("client") else "")
 

@@ -103,3 +103,14 @@ def test_kernel_and_qlora_repeat_tables_match_their_files_and_follow_them(tmp_pa
                     "<!-- gpu-table:r6q:end -->") == tt.table(q)
     skipped = [json.loads(x) for x in qf.read_text().splitlines() if "skipped" in json.loads(x)]
     assert len(skipped) == 3 and tt.table(q).count("\n") == 1 + sum(1 for r in q if r.get("tokens_per_s"))
+
+
+def test_h200_chat_rows_table_matches_its_file_and_shows_the_deadline_row():
+    """docs/gpu.md r7 is what scripts/gpu_data_table.py makes of the H200 2026-12-06 file: the amb=0.9 run is
+    labelled as such, and the default run the deadline skipped is shown as skipped, not dropped."""
+    gt = load("scripts/gpu_data_table.py")
+    rows = gt.read([str(ROOT / "bench/results/gpu_train_data_h200_2026-12-06.jsonl")])
+    body = gt.body(rows)
+    assert _between((ROOT / "docs/gpu.md").read_text(), "<!-- gpu-data:r7:begin -->", "<!-- gpu-data:r7:end -->") == body
+    amb = next(r for r in rows if r.get("variant", {}).get("amb") == "0.9")
+    assert f"packed (amb=0.9) | {amb['tokens_per_s']:,.0f} |" in body and "| deadline |" in body
