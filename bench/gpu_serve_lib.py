@@ -186,8 +186,9 @@ def run_engine_case(model, prompts, uses, args, max_slots: int):
         t0, times = engine_pass(eng, prompts, uses, args.new)
         info = eng.info()
         # the measured pass's own counts and engine-thread seconds (prefill turns, adapter writes, loads)
-        info["pass"] = {k: round(info[k] - before[k], 4) for k in ("prefills", "prefill_splits", "prefill_s",
-                                                                    "acquire_s", "adapter_loads") if k in info}
+        keys = ("prefills", "prefill_splits", "prefill_s", "acquire_s", "admit_s", "decode_s", "decode_steps",
+                "adapter_loads")
+        info["pass"] = {k: round(info[k] - before[k], 4) for k in keys if k in info}
         return t0, times, info
     finally:
         eng.stop()

@@ -74,7 +74,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "prefill_splits": 0,
-                      "errors": 0, "cancelled": 0, "tokens": 0, "scores": 0, "acquire_s": 0.0, "prefill_s": 0.0}
+                      "errors": 0, "cancelled": 0, "tokens": 0, "scores": 0, "acquire_s": 0.0, "prefill_s": 0.0,
+                      "admit_s": 0.0, "decode_s": 0.0}
 
     # ---------------------------------------------------------------- public (any thread)
     def start(self) -> "Engine":

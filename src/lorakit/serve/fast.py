@@ -84,6 +84,13 @@ class StaticEngine(Engine):
 
     # ---------------------------------------------------------------- admission
     def _admit(self, budget: int = 0) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._admit_ready()
+        finally:
+            self.stats["admit_s"] += time.perf_counter() - t0
+
+    def _admit_ready(self) -> None:
         for req in self._take_admissible():
             got = self.acquire(req)
             if got is None:
@@ -155,6 +162,13 @@ class StaticEngine(Engine):
             self._emit([rows[i] for i in finished], logits[finished])
 
     def _decode(self, rows: list[CacheRow]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._decode_step(rows)
+        finally:
+            self.stats["decode_s"] += time.perf_counter() - t0  # engine-thread seconds, tokens read back included
+
+    def _decode_step(self, rows: list[CacheRow]) -> None:
         try:
             logits = self._decode_rows(rows, eager=False)
         except Exception:  # noqa: BLE001 - find the row at fault: run them one by one
