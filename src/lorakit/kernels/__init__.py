@@ -165,5 +165,6 @@ def _(y, dhb, dsha, a, sxa_g, sxa_u, bg, bu):
             y.new_empty(bg.shape, dtype=f32), y.new_empty(bu.shape, dtype=f32), y.new_empty(a.shape, dtype=f32))
 
 
-__all__ = ["lora_delta", "lora_add", "lora_add_group", "IMPLS", "HAS_TRITON", "reference", "ce_chunk", "swiglu_lora_fwd", "swiglu_lora_bwd",
+__all__ = ["lora_delta", "lora_add", "lora_add_group", "IMPLS", "HAS_TRITON", "reference", "ce_chunk",
+           "swiglu_lora_fwd", "swiglu_lora_bwd",
            "padded_rank", "pad_rows", "pad_cols", "triton_for"]
