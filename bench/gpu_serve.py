@@ -188,8 +188,7 @@ def main(argv=None) -> int:
                 copy_gbs=None if rate is None else round(rate / 1e9, 1), weight_bytes=wbytes)
     if os.environ.get("LORAKIT_DECODE_COMPILE") == "1":  # the decoder's experimental torch.compile knob
         meta["decode_compile"] = True
-    # q/k/v and gate/up adapters through one kernel pair (serve/decoder.py: not in the compiled step)
-    meta["grouped"] = os.environ.get("LORAKIT_GROUPED", "1") != "0" and not meta.get("decode_compile")
+    meta["grouped"] = os.environ.get("LORAKIT_GROUPED", "1") != "0"  # q/k/v and gate/up adapters: one kernel pair
     profiled = [int(c) for c in args.profile.split(",") if c]
     need = [n for kind, n in cases if kind != "zipf"] + profiled + [1]
     adapters = [make_adapter(model, i) for i in range(max(need))]

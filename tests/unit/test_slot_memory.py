@@ -129,3 +129,37 @@ def test_grouped_projections_give_each_members_own_output(files):
         for g, w, b in zip(got, want, base):
             assert torch.equal(g, w)
         assert all(not torch.equal(w, b) for w, b, m in zip(want, base, mods) if m is not attn.k_proj)
+
+
+def test_the_grouped_op_compiles_and_adds_what_each_member_adds():
+    """lorakit::lora_add_group (the custom op the decoder's grouped path calls on CUDA, opaque to torch.compile)
+    through torch.compile(dynamic=True) on the CPU: each member's output gets exactly what lora_add per member adds,
+    for two and three members, stacks of two, a slot of -1, and a second batch size (no recompile needed)."""
+    from lorakit import kernels
+
+    g = torch.Generator().manual_seed(3)
+    d, outs, r, S = 16, (24, 8, 40), 4, 4
+    Ws = [torch.randn(n, d, generator=g) for n in outs]
+    As = [torch.randn(S, r, d, generator=g) for _ in outs]
+    Bs = [torch.randn(S, n, r, generator=g) for n in outs]
+
+    def step(x, idx, coef, m):
+        ys = [x @ W.T for W in Ws[:m]]
+        third = (As[2], Bs[2], ys[2]) if m == 3 else (None, None, None)
+        torch.ops.lorakit.lora_add_group(x, idx, coef, As[0], Bs[0], ys[0], As[1], Bs[1], ys[1], *third)
+        return [torch.relu(y) * 2 for y in ys]
+
+    compiled = torch.compile(step, dynamic=True)
+    for T in (6, 3):
+        x = torch.randn(T, 1, d, generator=g)
+        idx = torch.randint(-1, S, (T, 2), generator=g)
+        coef = torch.rand(T, 2, generator=g)
+        for m in (2, 3):
+            want = []
+            for W, A, B in zip(Ws[:m], As, Bs):
+                y = x @ W.T
+                kernels.lora_add(y, x, A, B, idx, coef)
+                want.append(torch.relu(y) * 2)
+            got = compiled(x, idx, coef, m)
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max())) for a, b in zip(got, want))
+            assert any(not torch.equal(w, torch.relu(x @ W.T) * 2) for w, W in zip(want, Ws))  # adapters add something

@@ -66,17 +66,41 @@ def lora_add_group(outs: list[torch.Tensor], x: torch.Tensor, As: list[torch.Ten
                    idx: torch.Tensor, coef: torch.Tensor) -> list[torch.Tensor]:
     """For projections that read the same input x (T, in) or (T, 1, in), one token a row (q, k, v; gate, up):
     outs[g] (x's layout, out_g wide) += lora_delta of member g, coef (T, k). On CUDA with Triton one shrink and one
-    expand launch for all members (triton_lora_group.py); elsewhere lora_add per member."""
-    grouped = x.device.type == "cuda" and "cuda" in IMPLS and coef.dim() == 2 and 1 <= len(outs) <= 3 and all(
+    expand launch for all members (triton_lora_group.py), through the custom op lorakit::lora_add_group (opaque to
+    torch.compile: Inductor failed on the kernels' own call, bench/results/gpu_engine_log_h200_2026-12-06.txt);
+    elsewhere lora_add per member."""
+    grouped = x.device.type == "cuda" and "cuda" in IMPLS and coef.dim() == 2 and 2 <= len(outs) <= 3 and all(
         A.is_contiguous() and B.is_contiguous() and o.stride(-1) == 1 for o, A, B in zip(outs, As, Bs))
     if grouped:
-        from lorakit.kernels.triton_lora_group import lora_add_group as kernel
+        third = (As[2], Bs[2], outs[2]) if len(outs) == 3 else (None, None, None)
+        _lora_add_group_op(x, idx, coef, As[0], Bs[0], outs[0], As[1], Bs[1], outs[1], *third)
+        return outs
+    _add_each(outs, x, As, Bs, idx, coef)
+    return outs
 
-        return kernel(outs, x, As, Bs, idx, coef)
+
+def _add_each(outs, x, As, Bs, idx, coef) -> None:
     x3 = x if x.dim() == 3 else x[:, None]
     for o, A, B in zip(outs, As, Bs):
         o.add_(lora_delta(x3, A, B, idx, coef).view(o.shape))
-    return outs
+
+
+@torch.library.custom_op("lorakit::lora_add_group", mutates_args=("o0", "o1", "o2"))
+def _lora_add_group_op(x: Tensor, idx: Tensor, coef: Tensor, a0: Tensor, b0: Tensor, o0: Tensor, a1: Tensor,
+                       b1: Tensor, o1: Tensor, a2: Tensor | None, b2: Tensor | None, o2: Tensor | None) -> None:
+    members = [(a, b, o) for a, b, o in ((a0, b0, o0), (a1, b1, o1), (a2, b2, o2)) if o is not None]
+    As, Bs, outs = (list(t) for t in zip(*members))
+    if x.device.type == "cuda" and HAS_TRITON:
+        from lorakit.kernels.triton_lora_group import lora_add_group as kernel
+
+        kernel(outs, x, As, Bs, idx, coef)
+    else:
+        _add_each(outs, x, As, Bs, idx, coef)
+
+
+@_lora_add_group_op.register_fake
+def _(x, idx, coef, a0, b0, o0, a1, b1, o1, a2, b2, o2):
+    return None
 
 
 def _triton_cuda(*args, **kwargs) -> torch.Tensor:

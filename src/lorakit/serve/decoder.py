@@ -99,12 +99,13 @@ class Decoder:
         # experimental, off by default: LORAKIT_DECODE_COMPILE=1 has torch.compile fuse a decode step's small kernels
         # (norms, rotary, residuals) before its graphs are captured; measured in bench/gpu_serve.py, not yet trusted
         # the adapters of projections sharing an input in one kernel pair (kernels.lora_add_group); LORAKIT_GROUPED=0:
-        # two launches per projection, as before (kept to compare in bench/gpu_serve.py). Not in the compiled step:
-        # Inductor fails on the grouped kernels' call (bench/results/gpu_engine_log_h200_2026-12-06.txt)
+        # two launches per projection, as before (kept to compare in bench/gpu_serve.py). In the compiled step they
+        # go through a custom op, opaque to Inductor, which failed on the kernels' own call
+        # (bench/results/gpu_engine_log_h200_2026-12-06.txt); should the compiled step still fail to capture, the
+        # plain step is captured instead (_try_graph)
         self.grouped = os.environ.get("LORAKIT_GROUPED", "1") != "0"
         self._body = self._decode_body
         if self.graphs and os.environ.get("LORAKIT_DECODE_COMPILE") == "1":
-            self.grouped = False
             self._body = torch.compile(self._decode_body, dynamic=True)
 
     # ---------------------------------------------------------------- the layers
