@@ -187,7 +187,7 @@ def run_engine_case(model, prompts, uses, args, max_slots: int):
         info = eng.info()
         # the measured pass's own counts and engine-thread seconds (prefill turns, adapter writes, loads)
         keys = ("prefills", "prefill_splits", "prefill_s", "acquire_s", "admit_s", "decode_s", "decode_steps",
-                "adapter_loads")
+                "queue_s", "adapter_loads")  # queue_s: submitted -> admitted, summed over the pass's requests
         info["pass"] = {k: round(info[k] - before[k], 4) for k in keys if k in info}
         return t0, times, info
     finally:

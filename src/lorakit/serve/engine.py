@@ -75,7 +75,7 @@ class Engine:
         self._stopping = False
         self.stats = {"decode_steps": 0, "decode_rows": 0, "max_rows": 0, "prefills": 0, "prefill_splits": 0,
                       "errors": 0, "cancelled": 0, "tokens": 0, "scores": 0, "acquire_s": 0.0, "prefill_s": 0.0,
-                      "admit_s": 0.0, "decode_s": 0.0}
+                      "admit_s": 0.0, "decode_s": 0.0, "queue_s": 0.0}
 
     # ---------------------------------------------------------------- public (any thread)
     def start(self) -> "Engine":
@@ -106,6 +106,8 @@ class Engine:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             self.residency.note(req)
+            if not is_score:
+                req.submitted = time.perf_counter()
             (self.scoring if is_score else self.waiting).append(req)
             self._wake = True
             self._cv.notify_all()

@@ -102,6 +102,7 @@ class StaticEngine(Engine):
                 self.stats["errors"] += 1
                 send(req, ("error", f"invalid seed {req.seed!r}: must be an integer in [0, 2^63)"))
                 continue
+            self.stats["queue_s"] += time.perf_counter() - req.submitted  # submitted -> admitted, summed
             row = self.decoder.cache.take()
             for t in self.decoder.cache.k + self.decoder.cache.v:
                 t[row].zero_()  # nothing of an earlier request stays

@@ -49,6 +49,7 @@ class GenRequest:
     mixture: MixtureUse | None = None  # set: `adapters` are gated per token by this mixture's router
     sink: Callable[[tuple], None] = lambda ev: None
     cancelled: bool = False
+    submitted: float = 0.0  # time.perf_counter() when the engine took it (Engine.submit)
 
     def cancel(self) -> None:
         self.cancelled = True
