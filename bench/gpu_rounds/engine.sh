@@ -43,7 +43,7 @@ for s in $STEPS; do
     http)    step http 60 $B --cases 8,http-8 ;;
     peft)    step peft 80 $B --cases 8,peft-8 ;;
     8b)      step 8b 90 $B --shape llama-8b --cases 0,32 ;;
-    compile) step compile 150 env LORAKIT_DECODE_COMPILE=1 $B --cases 0,32 ;;
+    compile) step compile 150 env LORAKIT_DECODE_COMPILE=1 TORCH_LOGS=graph_breaks,recompiles $B --cases 0,32 ;;
     peer)    step peer 150 $B --cases 0 --peer ;;
     ungrouped) step ungrouped 120 env LORAKIT_DECODE_COMPILE=1 LORAKIT_GROUPED=0 $B --cases 32 ;;
     *)       echo "unknown step $s" | tee -a $OUT/log ;;
