@@ -12,7 +12,8 @@ pack=0), `peft-liger` (PEFT with bf16 adapters and Liger kernels, rows padded to
 worst step are over the steps after the first `warm` (per case); peaks (allocated, reserved) over those steps.
 Variant snap=1 (either tool): the run's CUDA allocations recorded and what was live at its peak, by source line
 (gpu_train.MemTrace; OUT/mem_CASE_TOOL.txt); prof=1: one warm step's kernels by family; amb=X (lorakit): the
-compile partitioner's activation memory budget (torch._functorch.config, default 1.0; lower recomputes more).
+compile partitioner's activation memory budget, `lorakit train --activation-memory-budget X` (default 1.0; lower
+recomputes more).
 One JSON line per run on stdout and in OUT/gpu_train_data.jsonl.
 """
 from __future__ import annotations
@@ -161,10 +162,6 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
     _, batch, epochs, max_steps, *_ = CASES[case]
     trace = gt.MemTrace(variant.get("snap") == "1", os.path.join(out, f"mem_{case}_lorakit.txt"))
     trace.start()
-    import torch._functorch.config as fc
-
-    amb = fc.activation_memory_budget  # variant amb: the compile partitioner's budget for this run only
-    fc.activation_memory_budget = float(variant.get("amb", amb))
     torch.manual_seed(0)
     model = gt.build(shape)
     q4 = variant.get("q4") == "1"  # the base in NF4 as `lorakit train --quantize nf4` holds it, every layer recomputed
@@ -174,14 +171,14 @@ def run_lorakit(case: str, variant: dict, tok, exs, shape: str, out: str) -> dic
         quantize_model(model, "all-linear")
     cfg = TrainConfig(lr=1e-4, batch_size=batch, epochs=epochs, max_steps=max_steps, warmup_ratio=0.0,
                       max_grad_norm=0.0, group_by_length=False, pack=variant.get("pack", "1") == "1",
-                      backend=variant.get("backend", "auto"), recompute="all" if q4 else 0)
+                      backend=variant.get("backend", "auto"), recompute="all" if q4 else 0,
+                      activation_memory_budget=float(variant.get("amb", 1.0)))  # `--activation-memory-budget`
     work = tempfile.mkdtemp(prefix="lorakit-bench-", dir=out)
     prof = StepProfile(case, variant, out)
     t0 = time.perf_counter()
     res = train(model, tok, exs, work, LoraConfig(r=gt.R, alpha=gt.ALPHA, dropout=0.0, targets="all-linear"), cfg,
                 progress=False, save_final=False, on_step=lambda step, loss: prof.step(step))
     wall = time.perf_counter() - t0
-    fc.activation_memory_budget = amb
     rows = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl")) if '"loss"' in x]
     secs = [r["seconds"] for r in rows]
     times = [b - a for a, b in zip([0.0] + secs, secs)]

@@ -240,6 +240,9 @@ class TrainConfig(_FromDict):
     parallel: str = "auto"  # under torchrun: auto | ddp | fsdp (train/distributed.py); ignored in one process
     offload: str = "none"  # fsdp: none | params (sharded weights, grads and AdamW state in host memory; train/fsdp.py)
     adapter_state: str = "shard"  # fsdp: shard | replicate (adapters and their AdamW state whole on every rank)
+    # compiled layers: the share of the saved activations torch.compile's partitioner may keep (1.0: all it
+    # would; lower: it recomputes cheap ops in backward instead). torch._functorch.config, for this run only
+    activation_memory_budget: float = 1.0
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -258,6 +261,8 @@ class TrainConfig(_FromDict):
             raise ValueError(f"offload must be none or params, got {self.offload!r}")
         if self.adapter_state not in ("shard", "replicate"):
             raise ValueError(f"adapter_state must be shard or replicate, got {self.adapter_state!r}")
+        if not 0 < self.activation_memory_budget <= 1:
+            raise ValueError(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
         if isinstance(self.recompute, str) and self.recompute != "all":
             if not self.recompute.isdigit():
                 raise ValueError(f"recompute must be a number of layers or 'all', got {self.recompute!r}")

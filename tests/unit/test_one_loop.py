@@ -127,3 +127,21 @@ def test_fast_backend_names_a_quantized_base_as_the_reason():
     assert "LoraNF4Linear" in fast_unsupported(m)
     with pytest.raises(ValueError, match="LoraNF4Linear"):
         choose_backend(m, "fast")
+
+
+def test_activation_memory_budget_changes_no_number_and_is_this_runs_only(tmp_path):
+    """cfg.activation_memory_budget (`--activation-memory-budget`) is torch.compile's partitioner budget while the
+    run sets up and steps (seen from inside each step), given back after, and refused outside (0, 1]. The fast
+    backend compiles only on CUDA, so here it shows the setting reaches the run and leaves the loss curve the
+    plain backend's; what the budget saves and costs compiled is measured on a GPU (bench/gpu_train_data.py amb=)."""
+    fc = torch._functorch.config
+    before, seen = fc.activation_memory_budget, []
+    model = tiny_llama(init_std=0.2)
+    cfg = TrainConfig(lr=2e-2, max_steps=12, batch_size=8, backend="fast", activation_memory_budget=0.5)
+    half = train(model, None, _examples(), tmp_path / "half", LoraConfig(r=4, alpha=8, targets="all-linear"), cfg,
+                 progress=False, on_step=lambda step, loss: seen.append(fc.activation_memory_budget))
+    assert set(seen) == {0.5} and len(seen) == 12 and fc.activation_memory_budget == before
+    plain, _ = _run(tmp_path, "plain", "plain")
+    assert max(abs(a - b) / abs(a) for a, b in zip(plain.losses, half.losses)) < 1e-4
+    with pytest.raises(ValueError, match="activation_memory_budget"):
+        TrainConfig(activation_memory_budget=0.0)

@@ -22,7 +22,9 @@ TRAIN_FLAGS = (("lr", float, "peak learning rate"), ("epochs", float, "passes ov
                ("seed", int, "data order and adapter init"), ("eval-every", int, "steps between held-out losses"),
                ("save-every", int, "steps between checkpoints"), ("warmup-ratio", float, "share of steps warming up"),
                ("weight-decay", float, "AdamW weight decay"), ("max-grad-norm", float, "gradient clipping (0: off)"),
-               ("threads", int, "torch CPU threads (0: the cores this process may use)"))
+               ("threads", int, "torch CPU threads (0: the cores this process may use)"),
+               ("activation-memory-budget", float, "compiled layers: share of saved activations kept (lower: "
+                "recompute cheap ops in backward, less memory)"))
 
 
 def _train_config(args, file_cfg: dict):

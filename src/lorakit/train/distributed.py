@@ -155,13 +155,14 @@ def place_model(model: nn.Module, requested: str, ctx: Context, routing: bool = 
     return mode
 
 
-PLACEMENT = ("parallel", "offload", "adapter_state")  # where tensors live, not what is computed
+# where tensors live or which are recomputed, not what is computed: a run resumes under other settings of these
+PLACEMENT = ("parallel", "offload", "adapter_state", "activation_memory_budget")
 
 
 def echo(train: dict, ctx: Context) -> dict:
     """A run's train settings as its checkpoint records them: the rows of a global micro-batch instead of the
-    per-rank batch size, and no placement (parallel mode, offload, adapter state), so the run resumes on another
-    number of processes or placement."""
+    per-rank batch size, and no placement (parallel mode, offload, adapter state, the compiled layers' memory
+    budget), so the run resumes on another number of processes or placement."""
     return {**{k: v for k, v in train.items() if k not in PLACEMENT}, "batch_size": train["batch_size"] * ctx.world}
 
 

@@ -17,6 +17,7 @@ fine-tuning, a Hugging Face model directory; the metrics, the configuration, the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -81,7 +82,26 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
     cfg, lora = cfg or TrainConfig(), lora or LoraConfig()
     if len(train_examples) == 0:  # rows, or a tensor of items (images) for a given backend
         raise ValueError("no training examples")
-    run = TrainRun(model, tok, Path(out_dir), cfg, lora, router)
+    with _memory_budget(cfg.activation_memory_budget):  # compiled layers' saved activations (compiled in setup)
+        run = TrainRun(model, tok, Path(out_dir), cfg, lora, router)
+        _run(run, backend, eval_examples, train_examples, resume, progress, on_step)
+    save_outputs(run, save_final, base_name, metadata)
+    return run.result
+
+
+@contextlib.contextmanager
+def _memory_budget(budget: float):
+    """torch.compile's partitioner keeps at most `budget` of what it would save for backward, for this run."""
+    fc = torch._functorch.config
+    saved = fc.activation_memory_budget
+    fc.activation_memory_budget = budget
+    try:
+        yield
+    finally:
+        fc.activation_memory_budget = saved
+
+
+def _run(run: TrainRun, backend, eval_examples, train_examples, resume, progress, on_step) -> None:
     setup_model(run)                              # processes, threads, seed, where the weights live
     setup_adapters(run)                           # what trains: the adapter, the router or every weight
     setup_backend(run, backend, eval_examples)    # how a micro-batch's loss is computed (and run under DDP/FSDP)
@@ -94,8 +114,6 @@ def train(model, tok, train_examples: list[Example], out_dir: str | Path, lora: 
         run_steps(run, eval_examples, progress, on_step)
     finally:
         release_backend(run)
-    save_outputs(run, save_final, base_name, metadata)
-    return run.result
 
 
 # ---------------------------------------------------------------- the step loop
