@@ -2,6 +2,7 @@
 checked (`--check`: exit 1 if the doc differs) or printed."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Callable
@@ -38,3 +39,16 @@ def read_rows(files: list[str], keep: Callable[[dict], bool] = lambda r: "tool" 
                 r["_file"] = Path(f).name
                 rows.append(r)
     return rows
+
+
+def cli(doc: Path, tag: str, default_name: str, body: Callable[[list[str]], str], argv: list[str] | None = None) -> int:
+    """A table script's command line: FILES [--name NAME] [--write | --check]; body(files) is the block between
+    <!-- TAG:NAME:begin --> and <!-- TAG:NAME:end --> of `doc` (emit)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--name", default=default_name)
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args(argv)
+    return emit(doc, f"<!-- {tag}:{a.name}:begin -->", f"<!-- {tag}:{a.name}:end -->", body(a.files), a.write,
+                a.check)

@@ -8,7 +8,6 @@ replaces the text between <!-- gpu-kernels:NAME:begin --> and <!-- gpu-kernels:N
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -44,16 +43,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def read(files: list[str]) -> list[dict]:
+    return doc_markers.read_rows(files, lambda r: r.get("bench") == "gpu_serve_kernels" and r.get("ms_graph"))
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--name", default="k1")
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--check", action="store_true")
-    a = ap.parse_args()
-    rows = doc_markers.read_rows(a.files, lambda r: r.get("bench") == "gpu_serve_kernels" and r.get("ms_graph"))
-    return doc_markers.emit(DOC, f"<!-- gpu-kernels:{a.name}:begin -->", f"<!-- gpu-kernels:{a.name}:end -->",
-                            table(rows), a.write, a.check)
+    return doc_markers.cli(DOC, "gpu-kernels", "k1", lambda files: table(read(files)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -99,14 +98,8 @@ def read(files: list[str]) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--name", default="r1")
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--check", action="store_true")
-    a = ap.parse_args()
-    return doc_markers.emit(DOC, f"<!-- gpu-serve:{a.name}:begin -->", f"<!-- gpu-serve:{a.name}:end -->",
-                            (lambda rows: table(rows) + "\n\n" + goals(rows))(read(a.files)), a.write, a.check)
+    return doc_markers.cli(DOC, "gpu-serve", "r1", lambda files: (lambda rows: table(rows) + "\n\n" + goals(rows))(
+        read(files)))
 
 
 if __name__ == "__main__":

@@ -106,16 +106,13 @@ def test_sampling_depends_on_the_rows_own_seed(adapters):
     assert alone[0] != alone[1]  # seeds do
 
 
-def test_a_failed_graph_capture_runs_that_shape_eagerly_and_is_not_retried(adapters):
-    """A capture that raises (injected at the named point `decoder.capture`, where the GPU engine captures a decode
-    step) costs that batch shape its graph, not its tokens: greedy output still equals offline generate, each shape
-    is tried once (not at every step), and info() counts the failures."""
+def _with_failing_captures(adapters, names, prompts, n, compiled_stand_in=False):
+    """Run requests (adapter name or None, prompt) on a CPU engine that asks for graphs, with every capture raising
+    at the named point `decoder.capture`; compiled_stand_in: the step is a wrapper of the plain one, as the compiled
+    step is. -> (each request's tokens, offline generate's, the buckets tried, info(), the decoder)."""
     from lorakit import faults
 
     root, ref = adapters
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [9, 10, 11], [40, 41, 42, 43, 44, 45]]
-    names = ["a", None, "b"]
-    n = 10
     want = [offline(ref, name, p, n) for name, p in zip(names, prompts)]
     tried = []
 
@@ -124,7 +121,10 @@ def test_a_failed_graph_capture_runs_that_shape_eagerly_and_is_not_retried(adapt
         raise RuntimeError("injected: capture failed")
 
     eng = StaticEngine(tiny_llama(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=7, graphs=True)
-    assert eng.decoder.graphs  # the CPU engine asked for graphs: every decode step goes through a capture first
+    dec = eng.decoder
+    assert dec.graphs  # the CPU engine asked for graphs: every decode step goes through a capture first
+    if compiled_stand_in:
+        dec._body = lambda rows: dec._decode_body(rows)
     with faults.hook("decoder.capture", fail):
         eng.start()
         try:
@@ -133,39 +133,28 @@ def test_a_failed_graph_capture_runs_that_shape_eagerly_and_is_not_retried(adapt
             info = eng.info()
         finally:
             eng.stop()
-    assert [s.tokens for s in sinks] == want
-    assert info["graphs"] == 0 and info["graph_failures"] == len(tried) == len(eng.decoder.uncapturable) >= 1
-    assert info["decode_steps"] >= n - 1 > len(tried)  # one try per (bucket, stack) shape, not one per step
+    return [s.tokens for s in sinks], want, tried, info, dec
+
+
+def test_a_failed_graph_capture_runs_that_shape_eagerly_and_is_not_retried(adapters):
+    """A capture that raises (injected at the named point `decoder.capture`, where the GPU engine captures a decode
+    step) costs that batch shape its graph, not its tokens: greedy output still equals offline generate, each shape
+    is tried once (not at every step), and info() counts the failures."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [9, 10, 11], [40, 41, 42, 43, 44, 45]]
+    got, want, tried, info, dec = _with_failing_captures(adapters, ["a", None, "b"], prompts, 10)
+    assert got == want
+    assert info["graphs"] == 0 and info["graph_failures"] == len(tried) == len(dec.uncapturable) >= 1
+    assert info["decode_steps"] >= 10 - 1 > len(tried)  # one try per (bucket, stack) shape, not one per step
+    assert info["compile_failures"] == 0
 
 
 def test_a_compiled_step_that_fails_to_capture_is_given_up_for_the_plain_step(adapters):
-    """LORAKIT_DECODE_COMPILE's step (stood in for here by a wrapper of the plain step) that raises at capture
-    (injected at `decoder.capture`) is dropped once for the plain step, which is tried at once for the same shape
-    (and here fails too, as every capture on the CPU does): tokens still equal offline generate, the compiled step
-    is given up once, not per shape."""
-    from lorakit import faults
-
-    root, ref = adapters
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10, 11]]
-    names = ["a", "b"]
-    n = 6
-    want = [offline(ref, name, p, n) for name, p in zip(names, prompts)]
-    tried = []
-
-    def fail(bucket):
-        tried.append(bucket)
-        raise RuntimeError("injected: capture failed")
-
-    eng = StaticEngine(tiny_llama(), TOK, max_slots=3, max_batch=4, max_len=64, prefill_chunk=16, graphs=True)
-    dec = eng.decoder
-    dec._body = lambda rows: dec._decode_body(rows)  # a step other than the plain one, as the compiled step is
-    with faults.hook("decoder.capture", fail):
-        eng.start()
-        try:
-            sinks = run_all(eng, [GenRequest(p, [use(root, name)], max_tokens=n) for name, p in zip(names, prompts)])
-            info = eng.info()
-        finally:
-            eng.stop()
-    assert [s.tokens for s in sinks] == want
+    """LORAKIT_DECODE_COMPILE's step (stood in for here by a wrapper of the plain step) that raises at capture is
+    dropped once for the plain step, which is tried at once for the same shape (and here fails too, as every
+    capture on the CPU does): tokens still equal offline generate, the compiled step is given up once, not per
+    shape."""
+    got, want, tried, info, dec = _with_failing_captures(adapters, ["a", "b"], [[5, 6, 7, 8, 9, 10, 11], [9, 10, 11]],
+                                                         6, compiled_stand_in=True)
+    assert got == want
     assert dec._body == dec._decode_body and info["compile_failures"] == 1
     assert tried[0] == tried[1] and len(tried) == info["graph_failures"] + 1  # the same shape, plain, at once

@@ -86,8 +86,7 @@ def test_kernel_and_qlora_repeat_tables_match_their_files_and_follow_them(tmp_pa
     changed time in the kernel file changes the kernel table."""
     kt, tt = load("scripts/kernel_table.py"), load("scripts/gpu_tables.py")
     kf = ROOT / "bench/results/gpu_serve_kernels_h100_2026-12-06.jsonl"
-    keep = lambda r: r.get("bench") == "gpu_serve_kernels" and r.get("ms_graph")  # noqa: E731  (what main reads)
-    rows = kt.doc_markers.read_rows([str(kf)], keep)
+    rows = kt.read([str(kf)])
     assert _between(kt.DOC.read_text(), "<!-- gpu-kernels:k1:begin -->", "<!-- gpu-kernels:k1:end -->") == \
         kt.table(rows), "docs/serving.md drifted: python scripts/kernel_table.py ... --write --name k1"
     grouped = next(r for r in rows if r["case"] == "decode-32" and r["impl"].startswith("grouped["))
@@ -96,7 +95,7 @@ def test_kernel_and_qlora_repeat_tables_match_their_files_and_follow_them(tmp_pa
     changed[-1]["ms_graph"] *= 2
     g = tmp_path / kf.name
     g.write_text("".join(json.dumps(r) + "\n" for r in changed))
-    assert kt.table(kt.doc_markers.read_rows([str(g)], keep)) != kt.table(rows)
+    assert kt.table(kt.read([str(g)])) != kt.table(rows)
     qf = ROOT / "bench/results/gpu_qlora_h100_2026-12-06.jsonl"
     q = tt.read([str(qf)])
     assert _between((ROOT / "docs/gpu.md").read_text(), "<!-- gpu-table:r6q:begin -->",
